@@ -1,0 +1,1 @@
+"""Embedded default configuration, installed as the ``cortex.conf`` package."""

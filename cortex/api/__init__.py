@@ -1,0 +1,1 @@
+"""The HTTP front: Falcon resources served by gunicorn. Stateless; the leader owns all state."""

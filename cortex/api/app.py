@@ -1,0 +1,35 @@
+"""The WSGI app gunicorn serves: ``cortex.api.app:create_app()``.
+
+Its settings come from the leader through one environment variable (CORTEX_FRONT, JSON), so
+gunicorn workers never read config files themselves and always agree with the leader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import falcon
+
+from cortex.api import errors
+from cortex.api.engine_client import EngineClient
+from cortex.api.health import Health
+from cortex.api.models import Models
+from cortex.api.openai import ChatCompletions
+
+ENV = "CORTEX_FRONT"
+
+
+def create_app(settings: dict | None = None) -> falcon.App:
+    s = settings or json.loads(os.environ[ENV])
+    engine = EngineClient(s["engine"], s["event_timeout_s"])
+    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    app.req_options.strip_url_path_trailing_slash = True
+    errors.install(app)
+    models = Models(engine, int(time.time()), s.get("node", "cortex"))
+    app.add_route("/v1/chat/completions", ChatCompletions(engine, s["max_body_bytes"]))
+    app.add_route("/v1/models", models)
+    app.add_route("/v1/models/{model_id:path}", models, suffix="one")
+    app.add_route("/health", Health(engine))
+    return app

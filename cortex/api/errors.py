@@ -1,0 +1,89 @@
+"""One error type for the API and its OpenAI envelope.
+
+Resources raise ``ApiError``; Falcon's own errors (unknown route, wrong method) are rendered in the
+same envelope, so a client never sees a body in another shape.
+"""
+
+from __future__ import annotations
+
+import json
+
+import falcon
+
+# leader failure kind -> (HTTP status, OpenAI error type, code)
+FAILURES = {
+    "model_not_found": (404, "invalid_request_error", "model_not_found"),
+    "model_loading": (503, "service_unavailable", "model_loading"),
+    "model_failed": (503, "service_unavailable", "model_load_failed"),
+    "context_length_exceeded": (400, "invalid_request_error", "context_length_exceeded"),
+    "invalid_request": (400, "invalid_request_error", None),
+    "worker_failed": (503, "service_unavailable", "worker_failed"),
+    "overloaded": (503, "service_unavailable", "overloaded"),
+    "shutting_down": (503, "service_unavailable", "shutting_down"),
+    "engine_unavailable": (503, "service_unavailable", "engine_unavailable"),
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.param, self.retry_after = param, retry_after
+
+    @classmethod
+    def from_failure(cls, kind: str, message: str, retry_after: int | None = None) -> ApiError:
+        status, type_, code = FAILURES.get(kind, (500, "server_error", kind))
+        return cls(status, message, type_, code, retry_after=retry_after)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_field(param: str, message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", "invalid_value", param=param)
+
+
+def _render(resp: falcon.Response, err: ApiError) -> None:
+    resp.status = err.status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(err.body())
+    if err.retry_after is not None:
+        resp.set_header("Retry-After", str(err.retry_after))
+
+
+def handle_api_error(req, resp, err: ApiError, params) -> None:
+    _render(resp, err)
+
+
+def handle_http_error(req, resp, err: falcon.HTTPError, params) -> None:
+    status = err.status_code
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    message = err.description or err.title or "error"
+    if status == 404:
+        message = f"Unknown request URL: {req.method} {req.path}."
+    elif status == 405:
+        message = f"Method {req.method} is not allowed on {req.path}."
+    _render(resp, ApiError(status, message, type_, None))
+    for name, value in (err.headers or {}).items():
+        resp.set_header(name, value)
+
+
+def handle_unexpected(req, resp, exc: Exception, params) -> None:
+    import logging
+
+    logging.getLogger("cortex.front").exception("unhandled error on %s %s", req.method, req.path)
+    _render(resp, ApiError(500, "internal server error", "server_error", None))
+
+
+def install(app: falcon.App) -> None:
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, handle_http_error)
+    app.add_error_handler(ApiError, handle_api_error)

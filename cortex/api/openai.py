@@ -1,0 +1,186 @@
+"""OpenAI dialect: POST /v1/chat/completions, non-streamed and server-sent events."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+
+from cortex.api import sse
+from cortex.api.engine_client import EngineClient
+from cortex.api.errors import ApiError, bad_field
+from cortex.api.validation import field, read_json
+from rpc.engine import Delta, Finished, Submit
+from rpc.messages import SamplingParams
+
+log = logging.getLogger("cortex.front")
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _content_text(content: Any, where: str) -> str:
+    """OpenAI content: a string, or an array of parts of which we take the text ones."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise bad_field(
+                    f"{where}[{j}]", f"Invalid content part at '{where}[{j}]': expected an object with a 'type'."
+                )
+            if part["type"] != "text":
+                raise bad_field(f"{where}[{j}]", f"Content part type '{part['type']}' is not supported by this model.")
+            if not isinstance(part.get("text"), str):
+                raise bad_field(f"{where}[{j}].text", f"Missing or invalid 'text' in '{where}[{j}]'.")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_field(where, f"Invalid type for '{where}': expected a string or an array of content parts.")
+
+
+def parse_messages(body: dict) -> list[dict[str, Any]]:
+    messages = field(body, "messages", list, required=True)
+    if not messages:
+        raise bad_field("messages", "'messages' must contain at least one message.")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_field(where, f"Invalid type for '{where}': expected an object.")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad_field(f"{where}.role", f"Invalid value for '{where}.role': expected one of {', '.join(ROLES)}.")
+        msg = {
+            "role": "system" if role == "developer" else role,
+            "content": _content_text(m.get("content"), f"{where}.content"),
+        }
+        for extra in ("name", "tool_call_id", "tool_calls"):
+            if extra in m:
+                msg[extra] = m[extra]
+        out.append(msg)
+    return out
+
+
+def parse_stop(body: dict) -> list[str] | None:
+    stop = field(body, "stop", (str, list))
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+        raise bad_field("stop", "'stop' must be a string or an array of at most 4 strings.")
+    return stops
+
+
+def parse_sampling(body: dict) -> SamplingParams:
+    return SamplingParams(
+        temperature=float(field(body, "temperature", (int, float), default=1.0, lo=0, hi=2)),
+        top_p=float(field(body, "top_p", (int, float), default=1.0, lo=0, hi=1)),
+        top_k=field(body, "top_k", int, default=0, lo=0),
+        seed=field(body, "seed", int),
+    )
+
+
+class ChatCompletions:
+    def __init__(self, engine: EngineClient, max_body_bytes: int):
+        self.engine, self.max_body_bytes = engine, max_body_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req, self.max_body_bytes)
+        model = field(body, "model", str, required=True)
+        messages = parse_messages(body)
+        stream = field(body, "stream", bool, default=False)
+        n = field(body, "n", int, default=1, lo=1)
+        if n != 1:
+            raise bad_field("n", "Only n=1 is supported.")
+        max_tokens = field(body, "max_completion_tokens", int, lo=1)
+        if max_tokens is None:
+            max_tokens = field(body, "max_tokens", int, lo=1)
+        options = field(body, "stream_options", dict, default={})
+        include_usage = bool(options.get("include_usage", False))
+        submit = Submit(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=model,
+            messages=messages,
+            sampling=parse_sampling(body),
+            max_tokens=max_tokens,
+            stop=parse_stop(body),
+            template_kwargs=field(body, "chat_template_kwargs", dict),
+        )
+        gen = self.engine.submit(submit)  # raises ApiError (404, 503 loading, 400 too long) up front
+        created = int(time.time())
+        if stream:
+            resp.content_type = "text/event-stream"
+            resp.set_headers(sse.HEADERS)
+            resp.stream = self._stream(gen, submit, created, include_usage)
+            return
+        text, finish = [], None
+        for ev in gen.events():
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+            else:
+                finish = ev
+        resp.media = {
+            "id": submit.request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "logprobs": None,
+                    "finish_reason": finish.finish_reason,
+                }
+            ],
+            "usage": _usage(finish),
+        }
+
+    def _stream(self, gen, submit: Submit, created: int, include_usage: bool) -> Iterator[bytes]:
+        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+            return sse.event(
+                {
+                    "id": submit.request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": submit.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                }
+            )
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            for ev in gen.events():
+                if isinstance(ev, Delta):
+                    yield chunk({"content": ev.text})
+                elif isinstance(ev, Finished):
+                    yield chunk({}, ev.finish_reason)
+                    if include_usage:
+                        yield sse.event(
+                            {
+                                "id": submit.request_id,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": submit.model,
+                                "choices": [],
+                                "usage": _usage(ev),
+                            }
+                        )
+            yield sse.DONE
+        except ApiError as err:  # mid-stream: OpenAI sends the error object as one more event
+            yield sse.event(err.body())
+        finally:
+            gen.close()  # a client that went away cancels its request
+
+
+def _usage(f: Finished) -> dict:
+    return {
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+    }

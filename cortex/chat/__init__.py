@@ -1,0 +1,1 @@
+"""Everything between chat messages and token ids: tokenizers, chat templates, detokenization."""

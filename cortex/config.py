@@ -1,0 +1,352 @@
+"""cortex.toml and models.toml: read with tomllib into typed, validated objects.
+
+One loader for both files. Every problem (missing file, TOML syntax, unknown key, wrong type,
+impossible value) raises ConfigError naming the file, the key and what was expected; ``cortex serve``
+prints it and exits with status 2. With no ``--config``, the embedded defaults in ``conf/`` apply.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import socket
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STRATEGIES = ("lru", "priority")
+
+
+class ConfigError(ValueError):
+    def __init__(self, file: str | Path, key: str, problem: str):
+        self.file, self.key, self.problem = str(file), key, problem
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        super().__init__(where + problem)
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    devices: list[str] | str  # "auto" or an explicit list
+    run_dir: Path
+    models_config: Path
+    memory_budget_mb: int
+    threads: int  # torch threads per CPU worker; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: HostPort
+    metrics_listen: HostPort
+    workers: int
+    threads: int
+    max_body_mb: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    step_timeout_s: float
+    load_timeout_s: float
+    max_waiting: int
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    strategy: str
+    defrag_after_cycles: int
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    path: Path | None
+    source: str | None
+    tensor_parallel: int
+    devices: list[str] | None
+    dtype: str
+    residency_priority: int
+    pinned: bool
+    preload: bool
+    max_context: int  # 0 = the model's own
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    models: list[ModelEntry]
+    aliases: dict[str, str]
+
+    def resolve(self, name: str) -> ModelEntry | None:
+        name = self.aliases.get(name, name)
+        return next((m for m in self.models if m.id == name), None)
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path  # where cortex.toml came from (the embedded one when no --config)
+    node: NodeConfig
+    gateway: GatewayConfig
+    engine: EngineConfig
+    eviction: EvictionConfig
+    peers: list[PeerConfig]
+    catalogue: Catalogue
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- the schema -----------------------------------------------------------------------------------
+# Each key: (python type(s), default or REQUIRED, validator returning an error string or None)
+
+REQUIRED = object()
+
+
+def _port(v: str) -> str | None:
+    try:
+        _host_port(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _host_port(v: str) -> HostPort:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected 'host:port', got {v!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected a port between 1 and 65535, got {port!r}")
+    return HostPort(host.strip("[]"), int(port))
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"expected a number > 0, got {v}"
+
+
+def _non_negative(v: int) -> str | None:
+    return None if v >= 0 else f"expected an integer >= 0, got {v}"
+
+
+def _one_of(*options: str) -> Callable[[str], str | None]:
+    return lambda v: None if v in options else f"expected one of {', '.join(options)}; got {v!r}"
+
+
+def _devices(v: Any) -> str | None:
+    if v == "auto":
+        return None
+    if isinstance(v, list) and v and all(isinstance(d, str) and _device_ok(d) for d in v):
+        return None
+    return f'expected "auto" or a non-empty list like ["cuda:0", "cuda:1"] or ["cpu", "cpu"]; got {v!r}'
+
+
+def _device_ok(d: str) -> bool:
+    kind, _, idx = d.partition(":")
+    return kind == "cpu" and not idx or kind == "cuda" and (not idx or idx.isdigit())
+
+
+NODE = {
+    "name": (str, "", None),
+    "devices": ((str, list), "auto", _devices),
+    "run_dir": (str, "", None),
+    "models_config": (str, "models.toml", None),
+    "memory_budget_mb": (int, 0, _non_negative),
+    "threads": (int, 0, _non_negative),
+}
+GATEWAY = {
+    "listen": (str, "127.0.0.1:31313", _port),
+    "metrics_listen": (str, "127.0.0.1:31314", _port),
+    "workers": (int, 2, _positive),
+    "threads": (int, 16, _positive),
+    "max_body_mb": (int, 8, _positive),
+}
+ENGINE = {
+    "step_timeout_s": ((int, float), 120.0, _positive),
+    "load_timeout_s": ((int, float), 900.0, _positive),
+    "max_waiting": (int, 256, _positive),
+}
+EVICTION = {
+    "strategy": (str, "lru", _one_of(*STRATEGIES)),
+    "defrag_after_cycles": (int, 50, _non_negative),
+}
+PEER = {"name": (str, REQUIRED, None), "endpoint": (str, REQUIRED, None)}
+LOGGING = {"level": (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))}
+MODEL = {
+    "id": (str, REQUIRED, lambda v: None if v.strip() else "expected a non-empty model id"),
+    "path": (str, None, None),
+    "source": (str, None, None),
+    "tensor_parallel": (int, 1, _positive),
+    "devices": (list, None, _devices),
+    "dtype": (str, "auto", _one_of(*DTYPES)),
+    "residency_priority": (int, 100, None),
+    "pinned": (bool, False, None),
+    "preload": (bool, False, None),
+    "max_context": (int, 0, _non_negative),
+}
+
+
+def _section(file: Path, where: str, data: Any, schema: dict) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(file, where, f"expected a table, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise ConfigError(file, f"{where} {unknown[0]}", f"unknown key (known keys: {', '.join(schema)})")
+    out = {}
+    for key, (types, default, check) in schema.items():
+        label = f"{where} {key}".strip()
+        if key not in data:
+            if default is REQUIRED:
+                raise ConfigError(file, label, "required key is missing")
+            out[key] = default
+            continue
+        value = data[key]
+        types = types if isinstance(types, tuple) else (types,)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            names = " or ".join(_type_name(t) for t in types)
+            raise ConfigError(file, label, f"expected {names}, got {_type_name(type(value))} {value!r}")
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(file, label, problem)
+        out[key] = value
+    return out
+
+
+def _type_name(t: type) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }.get(t, t.__name__)
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"TOML syntax error: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read: {exc.strerror}") from None
+
+
+def embedded_config_path() -> Path:
+    return Path(str(importlib.resources.files("cortex.conf").joinpath("cortex.toml")))
+
+
+def default_run_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "cortex" if base else Path(f"/tmp/cortex-{os.getuid()}")
+
+
+def load(file: str | Path | None = None) -> Config:
+    """Load cortex.toml (``file``, or the embedded defaults) and the models.toml it names."""
+    path = Path(file) if file is not None else embedded_config_path()
+    data = _read_toml(path)
+    top = {"node", "gateway", "engine", "eviction", "peers", "neurons", "logging"}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise ConfigError(path, unknown[0], f"unknown section (known: {', '.join(sorted(top))})")
+    node = _section(path, "[node]", data.get("node", {}), NODE)
+    gw = _section(path, "[gateway]", data.get("gateway", {}), GATEWAY)
+    eng = _section(path, "[engine]", data.get("engine", {}), ENGINE)
+    ev = _section(path, "[eviction]", data.get("eviction", {}), EVICTION)
+    logging_cfg = _section(path, "[logging]", data.get("logging", {}), LOGGING)
+    peer_list = data.get("peers", []) + data.get("neurons", [])  # [[neurons]]: the upstream name
+    if not isinstance(peer_list, list):
+        raise ConfigError(path, "[[peers]]", "expected an array of tables")
+    peers = [PeerConfig(**_section(path, f"[[peers]] #{i + 1}", p, PEER)) for i, p in enumerate(peer_list)]
+
+    models_path = Path(node["models_config"])
+    if not models_path.is_absolute():
+        models_path = path.parent / models_path
+    catalogue = load_catalogue(models_path)
+
+    node_cfg = NodeConfig(
+        name=node["name"] or socket.gethostname(),
+        devices=node["devices"],
+        run_dir=Path(node["run_dir"]) if node["run_dir"] else default_run_dir(),
+        models_config=models_path,
+        memory_budget_mb=node["memory_budget_mb"],
+        threads=node["threads"],
+    )
+    gateway = GatewayConfig(
+        listen=_host_port(gw["listen"]),
+        metrics_listen=_host_port(gw["metrics_listen"]),
+        workers=gw["workers"],
+        threads=gw["threads"],
+        max_body_mb=gw["max_body_mb"],
+    )
+    if isinstance(node_cfg.devices, list):
+        for m in catalogue.models:
+            if m.tensor_parallel > len(node_cfg.devices):
+                raise ConfigError(
+                    models_path,
+                    f"[[models]] {m.id} tensor_parallel",
+                    f"{m.tensor_parallel} is larger than the {len(node_cfg.devices)} device(s) in {path}"
+                    f" [node] devices {node_cfg.devices}",
+                )
+    return Config(
+        file=path,
+        node=node_cfg,
+        gateway=gateway,
+        engine=EngineConfig(float(eng["step_timeout_s"]), float(eng["load_timeout_s"]), eng["max_waiting"]),
+        eviction=EvictionConfig(**ev),
+        peers=peers,
+        catalogue=catalogue,
+        log_level=logging_cfg["level"],
+    )
+
+
+def load_catalogue(path: Path) -> Catalogue:
+    data = _read_toml(path)
+    unknown = sorted(set(data) - {"models", "aliases"})
+    if unknown:
+        raise ConfigError(path, unknown[0], "unknown section (known: models, aliases)")
+    raw = data.get("models", [])
+    if not isinstance(raw, list):
+        raise ConfigError(path, "[[models]]", "expected an array of tables")
+    models, seen = [], set()
+    for i, entry in enumerate(raw):
+        m = _section(path, f"[[models]] #{i + 1}", entry, MODEL)
+        label = f"[[models]] {m['id']}"
+        if m["id"] in seen:
+            raise ConfigError(path, f"{label} id", "duplicate model id")
+        seen.add(m["id"])
+        if (m["path"] is None) == (m["source"] is None):
+            raise ConfigError(path, label, "expected exactly one of 'path' or 'source'")
+        if m["devices"] is not None and len(m["devices"]) != m["tensor_parallel"]:
+            raise ConfigError(
+                path,
+                f"{label} devices",
+                f"expected {m['tensor_parallel']} device(s) (tensor_parallel), got {m['devices']}",
+            )
+        p = Path(m["path"]).expanduser() if m["path"] else None
+        if p is not None and not p.is_absolute():
+            p = path.parent / p
+        models.append(ModelEntry(**{**m, "path": p}))
+    aliases = data.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ConfigError(path, "[aliases]", 'expected a table of alias = "model id"')
+    for alias, target in aliases.items():
+        if target not in seen:
+            raise ConfigError(path, f"[aliases] {alias}", f"points at unknown model {target!r}")
+    return Catalogue(models, dict(aliases))

@@ -1,0 +1,1 @@
+"""The leader's engine: sequences, scheduling of steps, stop handling, token events."""

@@ -1,0 +1,491 @@
+"""The leader: the one owner of state on a host.
+
+A single-threaded event loop over ZeroMQ sockets and worker pidfds:
+- the front's requests (Submit / Cancel / Query) arrive on the engine socket;
+- worker replies complete calls (loads, steps) that were sent without blocking;
+- a worker that exits wakes the loop through its pidfd, fails its requests and is respawned.
+Nothing here blocks on a worker, so the front is answered (e.g. 503 while loading) at all times.
+Reading model files (tokenizer, GGUF metadata) runs on a helper thread for the same reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from cortex.chat.detokenizer import IncrementalDecoder
+from cortex.chat.template import TemplateRenderError
+from cortex.config import Config
+from cortex.engine.sequence import Sequence
+from cortex.models import source
+from cortex.models.registry import ModelState, Registry
+from cortex.supervisor import WorkerHandle, resolve_devices
+from rpc.engine import Answer, Cancel, Delta, Failure, Finished, Query, Started, Submit
+from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Loaded, Ping, Pong, SeqInput, StepResult
+from rpc.transport import RpcServer
+
+log = logging.getLogger("cortex.leader")
+
+PING_TIMEOUT_S = 120.0  # a fresh worker imports torch before it answers
+RETRY_AFTER_LOADING_S = 5
+
+
+@dataclass
+class Call:
+    """A request fanned out to one or more workers, complete when every rank has replied."""
+
+    ranks: list[int]
+    deadline: float
+    on_done: Callable[[dict[int, object] | None, str | None], None]  # (replies by rank, error)
+    ids: dict[int, int] = field(default_factory=dict)  # rank -> message id
+    replies: dict[int, object] = field(default_factory=dict)
+
+
+class Leader:
+    def __init__(self, cfg: Config, ctx: zmq.Context | None = None):
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        run_dir = cfg.node.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.engine_endpoint = f"ipc://{run_dir}/engine.sock"
+        self.devices = resolve_devices(cfg.node.devices)
+        self.registry = Registry(cfg.catalogue)
+        self.workers = [
+            WorkerHandle(r, d, run_dir, self.ctx, cfg.node.threads, cfg.log_level) for r, d in enumerate(self.devices)
+        ]
+        self.frontend: RpcServer | None = None
+        self.calls: list[Call] = []
+        self.waiting: dict[str, collections.deque[Sequence]] = collections.defaultdict(collections.deque)
+        self.running: dict[str, Sequence] = {}  # model id -> the sequence being generated
+        self.stepping: set[str] = set()  # models with a GenerateStep in flight
+        self.requests: dict[str, Sequence] = {}  # request id -> sequence (waiting or running)
+        self.file_reads: dict[concurrent.futures.Future, ModelState] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-files")
+        self.stopping = threading.Event()
+        self.started = time.time()
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.frontend = RpcServer(self.engine_endpoint, self.ctx, mode=0o600)
+        for w in self.workers:
+            self._start_worker(w)
+        for state in self.registry.models.values():
+            if state.entry.preload:
+                self.load(state)
+
+    def run(self) -> None:
+        """The event loop; returns once ``stop()`` was called."""
+        while not self.stopping.is_set():
+            self.poll_once()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def shutdown(self) -> None:
+        for seq in list(self.requests.values()):
+            self._fail(seq, "shutting_down", "the server is shutting down", retry_after=15)
+        for w in self.workers:
+            w.stop()
+        if self.frontend:
+            self.frontend.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def poll_once(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend.socket, zmq.POLLIN)
+        by_socket, by_fd = {}, {}
+        for w in self.workers:
+            if w.client:
+                poller.register(w.client.socket, zmq.POLLIN)
+                by_socket[w.client.socket] = w
+            if w.pidfd is not None:
+                poller.register(w.pidfd, zmq.POLLIN)
+                by_fd[w.pidfd] = w
+        ready = dict(poller.poll(self._poll_timeout_ms()))
+        for w in list(by_fd.values()):
+            if w.pidfd in ready:
+                self._on_worker_exit(w)
+        for sock, w in by_socket.items():
+            if sock in ready and w.client and w.client.socket is sock:
+                self._drain_worker(w)
+        if self.frontend.socket in ready:
+            for _ in range(64):  # bounded, so a flood of requests cannot starve the workers
+                got = self.frontend.recv(0)
+                if got is None:
+                    break
+                peer, _, msg = got
+                if msg is not None:
+                    self._on_front(peer, msg)
+        self._check_file_reads()
+        self._check_deadlines()
+        self._schedule()
+
+    def _poll_timeout_ms(self) -> int:
+        if self.file_reads:
+            return 20
+        return 100  # wake regularly for deadlines and stop requests
+
+    # -- worker calls ---------------------------------------------------------------------------------
+
+    def _call(
+        self,
+        ranks: list[int],
+        msg_for_rank: Callable[[int], object],
+        timeout_s: float,
+        on_done: Callable[[dict[int, object] | None, str | None], None],
+    ) -> None:
+        call = Call(ranks, time.monotonic() + timeout_s, on_done)
+        for i, r in enumerate(ranks):
+            w = self.workers[r]
+            if not w.client or not w.alive():
+                on_done(None, f"worker {r} ({w.device}) is not running")
+                return
+            call.ids[r] = w.client.send(msg_for_rank(i))
+        self.calls.append(call)
+
+    def _drain_worker(self, w: WorkerHandle) -> None:
+        while True:
+            got = w.client.recv(0)
+            if got is None:
+                return
+            msg_id, reply = got
+            for call in self.calls:
+                if call.ids.get(w.rank) == msg_id:
+                    self._complete(call, w.rank, reply)
+                    break
+            # a reply no call waits for is stale (its call timed out or failed): dropped
+
+    def _complete(self, call: Call, rank: int, reply: object) -> None:
+        if isinstance(reply, Error):
+            self._finish_call(call, None, f"worker {rank}: {reply.kind}: {reply.message}")
+            return
+        call.replies[rank] = reply
+        if len(call.replies) == len(call.ranks):
+            self._finish_call(call, call.replies, None)
+
+    def _finish_call(self, call: Call, replies: dict | None, error: str | None) -> None:
+        if call in self.calls:
+            self.calls.remove(call)
+            call.on_done(replies, error)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for call in [c for c in self.calls if c.deadline < now]:
+            self._finish_call(call, None, f"no reply from worker(s) {call.ranks} within the timeout")
+
+    # -- workers --------------------------------------------------------------------------------------
+
+    def _start_worker(self, w: WorkerHandle) -> None:
+        w.start()
+
+        def on_pong(replies, error):
+            if error:
+                log.error("worker %d did not come up: %s", w.rank, error)
+                return
+            pong = replies[w.rank]
+            if isinstance(pong, Pong):
+                w.ready = True
+                log.info("worker %d ready (pid %d, %s)", w.rank, pong.pid, pong.device)
+
+        self._call([w.rank], lambda _: Ping(), PING_TIMEOUT_S, on_pong)
+
+    def _on_worker_exit(self, w: WorkerHandle) -> None:
+        how = w.reap()
+        log.error("worker %d (%s, pid %s) died: %s", w.rank, w.device, w.pid, how)
+        for call in [c for c in self.calls if w.rank in c.ranks]:
+            self._finish_call(call, None, f"worker {w.rank} ({w.device}) died: {how}")
+        if self.stopping.is_set():
+            return
+        w.restarts += 1
+        self._start_worker(w)
+        for state in self.registry.models.values():
+            if w.rank in state.ranks and state.status in ("loaded", "loading", "recovering"):
+                state.error = f"worker {w.rank} died ({how}); reloading"
+                self._fail_model_requests(state, "worker_failed", f"worker for model {state.id!r} died ({how})")
+                self.load(state, recovering=True)
+
+    # -- model loading ----------------------------------------------------------------------------------
+
+    def load(self, state: ModelState, recovering: bool = False) -> None:
+        """Start loading (no-op while a load is under way). Files are read off the loop thread."""
+        if state.status == "loading" or (state.status == "recovering" and not recovering):
+            return
+        state.status = "recovering" if recovering else "loading"
+        state.ranks = self._place(state)
+        log.info("loading model %s on %s", state.id, [self.devices[r] for r in state.ranks])
+        if state.files is None:
+            self.file_reads[self.pool.submit(source.read, state.entry)] = state
+        else:
+            self._send_load(state)
+
+    def _place(self, state: ModelState) -> list[int]:
+        wanted = state.entry.devices
+        if wanted:
+            return [self.devices.index(d) for d in wanted]
+        return list(range(state.entry.tensor_parallel))
+
+    def _check_file_reads(self) -> None:
+        for fut in [f for f in self.file_reads if f.done()]:
+            state = self.file_reads.pop(fut)
+            try:
+                state.files = fut.result()
+            except Exception as exc:
+                self._load_failed(state, str(exc))
+                continue
+            self._send_load(state)
+
+    def _send_load(self, state: ModelState) -> None:
+        files = state.files
+        device = self.devices[state.ranks[0]]
+        dtype = state.entry.dtype
+        if dtype == "auto":
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        n = len(state.ranks)
+
+        def msg(i: int) -> LoadDenseShard:
+            return LoadDenseShard(
+                model_id=state.id,
+                format=files.format,
+                files=[str(f) for f in files.files],
+                config=files.config.to_dict(),
+                dtype=dtype,
+                rank=i,
+                world_size=n,
+                vocab_limit=files.tokenizer.vocab_size,
+            )
+
+        def done(replies, error):
+            if error:
+                self._load_failed(state, error)
+                return
+            loaded = replies[state.ranks[0]]
+            assert isinstance(loaded, Loaded)
+            state.status, state.error = "loaded", None
+            state.param_bytes = sum(r.param_bytes for r in replies.values())
+            state.loads += 1
+            log.info("model %s loaded in %.1fs", state.id, loaded.load_seconds)
+
+        self._call(state.ranks, msg, self.cfg.engine.load_timeout_s, done)
+
+    def _load_failed(self, state: ModelState, error: str) -> None:
+        log.error("loading %s failed: %s", state.id, error)
+        state.status, state.error = "failed", error
+        self._fail_model_requests(state, "model_failed", f"model {state.id!r} failed to load: {error}")
+
+    # -- front requests ------------------------------------------------------------------------------
+
+    def _on_front(self, peer: bytes, msg: object) -> None:
+        if isinstance(msg, Submit):
+            self._submit(peer, msg)
+        elif isinstance(msg, Cancel):
+            self._cancel(msg.request_id)
+        elif isinstance(msg, Query):
+            self.frontend.reply(peer, 0, Answer(data=self.query(msg.what)))
+        else:
+            self.frontend.reply(
+                peer, 0, Error(kind="bad_frame", message=f"{type(msg).__name__} is not a front request")
+            )
+
+    def _reject(self, peer: bytes, request_id: str, kind: str, message: str, retry_after: int | None = None) -> None:
+        self.frontend.reply(peer, 0, Failure(request_id, kind, message, retry_after))
+
+    def _submit(self, peer: bytes, req: Submit) -> None:
+        rid = req.request_id
+        if self.stopping.is_set():
+            return self._reject(peer, rid, "shutting_down", "the server is shutting down", 15)
+        state = self.registry.resolve(req.model)
+        if state is None:
+            return self._reject(peer, rid, "model_not_found", f"The model '{req.model}' does not exist")
+        if state.status != "loaded":
+            if state.status == "unloaded":
+                self.load(state)
+            if state.status == "failed":
+                return self._reject(peer, rid, "model_failed", f"model '{state.id}' failed to load: {state.error}")
+            return self._reject(
+                peer,
+                rid,
+                "model_loading",
+                f"model '{state.id}' is {state.status}; retry shortly",
+                RETRY_AFTER_LOADING_S,
+            )
+        files = state.files
+        try:
+            prompt_text = files.template.render(req.messages, **(req.template_kwargs or {}))
+        except TemplateRenderError as exc:
+            return self._reject(peer, rid, "invalid_request", str(exc))
+        prompt = files.tokenizer.encode(prompt_text)
+        ctx = state.context_length
+        if len(prompt) >= ctx:
+            return self._reject(
+                peer,
+                rid,
+                "context_length_exceeded",
+                f"This model's maximum context length is {ctx} tokens. However, your messages "
+                f"resulted in {len(prompt)} tokens. Please reduce the length of the messages.",
+            )
+        room = ctx - len(prompt)
+        if req.max_tokens is not None and req.max_tokens > room:
+            return self._reject(
+                peer,
+                rid,
+                "context_length_exceeded",
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{len(prompt) + req.max_tokens} tokens ({len(prompt)} in the messages, "
+                f"{req.max_tokens} in the completion). Please reduce the length of the messages "
+                "or completion.",
+            )
+        if sum(len(q) for q in self.waiting.values()) >= self.cfg.engine.max_waiting:
+            return self._reject(peer, rid, "overloaded", "too many requests are waiting; retry shortly", 2)
+        if rid in self.requests:
+            return self._reject(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
+        eos = set(files.config.eos_token_ids)
+        if files.tokenizer.eos_token is not None:
+            eos_id = files.tokenizer.tokenizer.token_to_id(files.tokenizer.eos_token)
+            if eos_id is not None:
+                eos.add(eos_id)
+        seq = Sequence(
+            request_id=rid,
+            peer=peer,
+            model_id=state.id,
+            prompt=prompt,
+            sampling=req.sampling,
+            max_tokens=req.max_tokens or room,
+            decoder=IncrementalDecoder(files.tokenizer.tokenizer, req.stop),
+            eos_ids=frozenset(eos),
+        )
+        self.registry.touch(state)
+        self.requests[rid] = seq
+        self.waiting[state.id].append(seq)
+        self.frontend.reply(peer, 0, Started(rid, len(prompt)))
+
+    def _cancel(self, request_id: str) -> None:
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return
+        seq.cancelled = True
+        queue = self.waiting.get(seq.model_id)
+        if queue and seq in queue:
+            queue.remove(seq)
+            self.requests.pop(request_id, None)
+        elif self.running.get(seq.model_id) is seq and seq.model_id not in self.stepping:
+            self._retire(seq)
+        # else: a step is in flight; the sequence is retired when it returns
+
+    # -- scheduling ---------------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Start the next step of every loaded model that has work and no step in flight."""
+        for model_id, queue in self.waiting.items():
+            if queue and model_id not in self.running:
+                self.running[model_id] = queue.popleft()
+        for model_id, seq in list(self.running.items()):
+            if model_id in self.stepping:
+                continue
+            state = self.registry.models[model_id]
+            if state.status != "loaded":
+                continue
+            self._step(state, seq)
+
+    def _step(self, state: ModelState, seq: Sequence) -> None:
+        tokens, start = seq.next_input()
+        step = GenerateStep(state.id, [SeqInput(seq.seq_id, tokens, start, seq.sampling)])
+        self.stepping.add(state.id)
+
+        def done(replies, error):
+            self.stepping.discard(state.id)
+            if error:
+                self._fail(seq, "worker_failed", f"generation failed: {error}")
+                return
+            result = replies[state.ranks[0]]
+            assert isinstance(result, StepResult)
+            self._on_token(seq, result.tokens[0])
+
+        self._call(state.ranks, lambda _: step, self.cfg.engine.step_timeout_s, done)
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        if seq.cancelled:
+            self._retire(seq)
+            return
+        text, finish = seq.append(token)
+        if text:
+            self.frontend.reply(seq.peer, 0, Delta(seq.request_id, text, len(seq.output)))
+        if finish:
+            self.frontend.reply(seq.peer, 0, Finished(seq.request_id, finish, len(seq.prompt), len(seq.output)))
+            self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Forget a sequence and free its KV on the workers."""
+        self.requests.pop(seq.request_id, None)
+        if self.running.get(seq.model_id) is seq:
+            del self.running[seq.model_id]
+        state = self.registry.models[seq.model_id]
+        if state.status == "loaded" and seq.output:
+            self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, lambda r, e: None)
+
+    def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
+        self.frontend.reply(seq.peer, 0, Failure(seq.request_id, kind, message, retry_after))
+        queue = self.waiting.get(seq.model_id)
+        if queue and seq in queue:
+            queue.remove(seq)
+        self.requests.pop(seq.request_id, None)
+        if self.running.get(seq.model_id) is seq:
+            del self.running[seq.model_id]
+
+    def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
+        for seq in [s for s in self.requests.values() if s.model_id == state.id]:
+            self._fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
+        self.stepping.discard(state.id)
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    def query(self, what: str) -> dict:
+        if what == "models":
+            return {
+                "models": [s.describe(self.devices) for s in self.registry.models.values()],
+                "aliases": self.registry.catalogue.aliases,
+            }
+        if what == "health":
+            return self.health()
+        return {"error": f"unknown query {what!r}"}
+
+    def health(self) -> dict:
+        workers = [
+            {
+                "rank": w.rank,
+                "device": w.device,
+                "pid": w.pid,
+                "alive": w.alive(),
+                "ready": w.ready,
+                "restarts": w.restarts,
+                "last_exit": w.last_exit,
+            }
+            for w in self.workers
+        ]
+        models = [s.describe(self.devices) for s in self.registry.models.values()]
+        wanted = [m for m in models if m["status"] != "unloaded" or self.registry.models[m["id"]].entry.preload]
+        if not all(w["alive"] for w in workers) or any(m["status"] in ("recovering", "failed") for m in wanted):
+            status = "degraded"
+        elif any(m["status"] == "loading" for m in wanted) or not all(w["ready"] for w in workers):
+            status = "loading"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "node": self.cfg.node.name,
+            "uptime_s": round(time.time() - self.started, 1),
+            "pid": os.getpid(),
+            "workers": workers,
+            "models": models,
+            "requests": {"running": len(self.running), "waiting": sum(len(q) for q in self.waiting.values())},
+        }

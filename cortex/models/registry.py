@@ -1,0 +1,56 @@
+"""What the leader knows about each catalogue model: its status, files and where it lives."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from cortex.config import Catalogue, ModelEntry
+from cortex.models.source import ModelFiles
+
+STATUSES = ("unloaded", "loading", "loaded", "recovering", "failed")
+
+
+@dataclass
+class ModelState:
+    entry: ModelEntry
+    status: str = "unloaded"
+    files: ModelFiles | None = None
+    ranks: list[int] = field(default_factory=list)  # worker ranks holding its shards, rank order
+    error: str | None = None
+    param_bytes: int = 0
+    loads: int = 0
+    last_used: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def context_length(self) -> int:
+        native = self.files.config.max_position_embeddings if self.files else 0
+        return min(self.entry.max_context or native, native) if native else self.entry.max_context
+
+    def describe(self, devices: list[str]) -> dict:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "devices": [devices[r] for r in self.ranks] if self.status in ("loaded", "recovering") else [],
+            "tensor_parallel": self.entry.tensor_parallel,
+            "context_length": self.context_length or None,
+            "param_bytes": self.param_bytes,
+            "error": self.error,
+        }
+
+
+class Registry:
+    def __init__(self, catalogue: Catalogue):
+        self.catalogue = catalogue
+        self.models = {m.id: ModelState(m) for m in catalogue.models}
+
+    def resolve(self, name: str) -> ModelState | None:
+        entry = self.catalogue.resolve(name)
+        return self.models.get(entry.id) if entry else None
+
+    def touch(self, state: ModelState) -> None:
+        state.last_used = time.monotonic()

@@ -1,0 +1,70 @@
+"""HTTP front <-> leader messages: requests in, token events out.
+
+The front sends one ``Submit`` per generation and then reads events for that request id until a
+``Finished`` or an ``Error``. Queries (models, health) get a single ``Answer``. The request is
+dialect-neutral: both the OpenAI and the Anthropic resources build the same ``Submit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rpc.codec import message
+from rpc.messages import SamplingParams
+
+
+@message
+class Submit:
+    request_id: str
+    model: str
+    messages: list[dict[str, Any]]  # chat messages, already validated by the front
+    sampling: SamplingParams
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    template_kwargs: dict[str, Any] | None = None
+
+
+@message
+class Cancel:
+    request_id: str
+
+
+@message
+class Query:
+    what: str  # "models" | "health"
+
+
+@message
+class Answer:
+    data: dict[str, Any]
+
+
+@message
+class Started:
+    request_id: str
+    prompt_tokens: int
+
+
+@message
+class Delta:
+    request_id: str
+    text: str
+    completion_tokens: int
+
+
+@message
+class Finished:
+    request_id: str
+    finish_reason: str  # stop | length
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@message
+class Failure:
+    """A request-level error; ``kind`` decides the HTTP status the front answers with."""
+
+    request_id: str
+    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down
+    message: str
+    retry_after: int | None = None

@@ -1,0 +1,104 @@
+"""Leader <-> worker messages: one request, one reply, matched by id.
+
+Errors are replies (``Error``), never silence. Only small tensors' worth of data travels: token ids
+in, sampled token ids out. Weights are read by each rank from the files named in ``LoadDenseShard``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rpc.codec import message
+
+
+@message
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+
+
+@message
+class Error:
+    kind: str  # bad_frame | unknown_model | load_failed | step_failed | internal | timeout | worker_died
+    message: str
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+@message
+class Ping:
+    pass
+
+
+@message
+class LoadDenseShard:
+    """Load this rank's slice of a model. ``config`` is the parsed ModelConfig as a map."""
+
+    model_id: str
+    format: str  # "safetensors" | "gguf"
+    files: list[str]
+    config: dict[str, Any]
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    rank: int = 0
+    world_size: int = 1
+    dist_address: str = ""  # "host:port" rendezvous when world_size > 1
+    vocab_limit: int = 0  # ids >= this are never sampled (the tokenizer's size); 0 = model vocab
+
+
+@message
+class SeqInput:
+    """One sequence's part of a step: ``tokens`` go at positions ``start_pos ..``."""
+
+    seq_id: int
+    tokens: list[int]
+    start_pos: int
+    sampling: SamplingParams
+    sample: bool = True  # False for a prefill chunk that is not the prompt's last
+
+
+@message
+class GenerateStep:
+    model_id: str
+    seqs: list[SeqInput]
+
+
+@message
+class ClearKvCache:
+    model_id: str
+    seq_ids: list[int] | None = None  # None = every sequence
+
+
+@message
+class Unload:
+    model_id: str
+
+
+# -- replies -------------------------------------------------------------------------------------
+
+
+@message
+class Pong:
+    pid: int
+    device: str
+    models: list[str]
+
+
+@message
+class Loaded:
+    model_id: str
+    param_bytes: int
+    load_seconds: float
+
+
+@message
+class StepResult:
+    model_id: str
+    tokens: list[int]  # one per SeqInput, -1 where nothing was sampled (or on ranks > 0)
+
+
+@message
+class Ack:
+    pass

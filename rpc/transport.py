@@ -1,0 +1,108 @@
+"""ZeroMQ transport: a ROUTER that serves, a DEALER that calls. Every call has a timeout.
+
+ROUTER/DEALER rather than REQ/REP: a REQ socket wedges after one lost reply, and the leader needs to
+stream many events back to one front request. Ids pair replies with calls; a reply whose id is not the
+one awaited is stale (its call timed out) and is dropped, so it can never be mistaken for the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from typing import Any
+
+import zmq
+
+from rpc.codec import DecodeError, decode, encode
+from rpc.messages import Error
+
+
+class RpcTimeout(TimeoutError):
+    pass
+
+
+class RpcServer:
+    """Binds ``endpoint``; receives ``(peer, id, message)`` and replies to a peer."""
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, mode: int | None = None):
+        self.ctx = ctx or zmq.Context.instance()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://") :]
+            if os.path.exists(path):
+                os.unlink(path)  # left by a process that died; binding over it would fail or mislead
+        self.socket.bind(endpoint)
+        if mode is not None and endpoint.startswith("ipc://"):
+            os.chmod(endpoint[len("ipc://") :], mode)
+        self.endpoint = endpoint
+
+    def recv(self, timeout_ms: int | None = None) -> tuple[bytes, int, Any] | None:
+        """Next request, or None on timeout. A malformed frame is answered here with an Error."""
+        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+            return None
+        frames = self.socket.recv_multipart()
+        peer, payload = frames[0], frames[-1]
+        try:
+            msg_id, msg = decode(payload)
+        except DecodeError as exc:
+            self.reply(peer, 0, Error(kind="bad_frame", message=str(exc)))
+            return peer, 0, None
+        return peer, msg_id, msg
+
+    def reply(self, peer: bytes, msg_id: int, msg: Any) -> None:
+        # NOBLOCK: a peer that is gone or not reading must not stall us; it owns its timeout
+        with contextlib.suppress(zmq.Again):
+            self.socket.send_multipart([peer, encode(msg, msg_id)], flags=zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class RpcClient:
+    """Connects to one server. ``call`` blocks with a timeout; ``send``/``recv`` let an event loop
+    keep one or more calls in flight and poll ``socket`` itself."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
+        self.ctx = ctx or zmq.Context.instance()
+        self.socket = self.ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.endpoint = endpoint
+
+    def send(self, msg: Any) -> int:
+        msg_id = next(self._ids)
+        self.socket.send(encode(msg, msg_id))
+        return msg_id
+
+    def recv(self, timeout_ms: int | None = None) -> tuple[int, Any] | None:
+        """Next reply as ``(id, message)``; None on timeout; an undecodable reply becomes an Error."""
+        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+            return None
+        payload = self.socket.recv_multipart()[-1]
+        try:
+            return decode(payload)
+        except DecodeError as exc:
+            return 0, Error(kind="bad_frame", message=str(exc))
+
+    def call(self, msg: Any, timeout_s: float) -> Any:
+        """Send ``msg`` and return its reply (an ``Error`` reply is returned, not raised)."""
+        msg_id = self.send(msg)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            got = self.recv(max(left_ms, 0))
+            if got is None:
+                raise RpcTimeout(f"{type(msg).__name__} to {self.endpoint}: no reply in {timeout_s:g}s")
+            reply_id, reply = got
+            if reply_id == msg_id or (reply_id == 0 and isinstance(reply, Error)):
+                return reply
+            # stale: the reply to a call that already timed out; drop it
+
+    def close(self) -> None:
+        self.socket.close(linger=0)

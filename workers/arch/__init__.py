@@ -1,0 +1,19 @@
+"""One module per architecture. ``build_model`` picks the class from ``ModelConfig.arch``."""
+
+from __future__ import annotations
+
+from workers.arch.config import ModelConfig, UnsupportedModel
+
+
+def model_class(cfg: ModelConfig):
+    from workers.arch.llama import LlamaModel
+    from workers.arch.qwen3 import Qwen3Model
+
+    classes = {"llama": LlamaModel, "qwen3": Qwen3Model}
+    try:
+        return classes[cfg.arch]
+    except KeyError:
+        raise UnsupportedModel(f"architecture {cfg.arch!r} is not supported (supported: {sorted(classes)})") from None
+
+
+__all__ = ["ModelConfig", "UnsupportedModel", "model_class"]

@@ -1,0 +1,205 @@
+"""Llama-family decoder: RMSNorm, GQA attention with NeoX-style RoPE, SwiGLU MLP.
+
+Parameter names equal the Hugging Face checkpoint names, so the loader maps files to modules by
+name. Each rank builds only its slice of the attention heads and MLP features (workers/parallel.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.arch.config import ModelConfig
+from workers.kv_cache import SequenceKV
+from workers.parallel import HeadLayout, TPGroup, column, row
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+        self.weight.shard = None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in fp32, then cast back *before* the weight multiply, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """NeoX-style rotary embedding (rotate halves), with linear and llama3 frequency scaling."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = cfg.rope_scaling or {}
+        kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        if kind == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x``: [T, heads, head_dim]; ``cos``/``sin``: [T, head_dim]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layout: HeadLayout, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        hd, hidden, bias = cfg.head_dim, cfg.hidden_size, cfg.attention_bias
+        self.head_dim, self.q_heads, self.kv_heads = hd, layout.q_heads, layout.kv_heads
+        self.q_proj = column(hidden, layout.q_heads * hd, layout.q_start * hd, tp, dtype, bias)
+        self.k_proj = column(hidden, layout.kv_heads * hd, layout.kv_start * hd, tp, dtype, bias)
+        self.v_proj = column(hidden, layout.kv_heads * hd, layout.kv_start * hd, tp, dtype, bias)
+        self.o_proj = row(layout.q_heads * hd, hidden, layout.q_start * hd, tp, dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: SequenceKV, layer: int
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.q_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head norm after projection, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        start = kv.length
+        end = start + T
+        kv.k[layer, :, start:end] = k.transpose(0, 1)
+        kv.v[layer, :, start:end] = v.transpose(0, 1)
+        keys, values = kv.k[layer, :, :end], kv.v[layer, :, :end]
+
+        mask, causal = None, False
+        if T > 1:
+            if start == 0:
+                causal = True
+            else:  # a chunk after cached tokens: query i sees keys up to start + i
+                qpos = torch.arange(start, end, device=x.device)[:, None]
+                mask = torch.arange(end, device=x.device)[None, :] <= qpos
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            keys[None],
+            values[None],
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.q_heads != self.kv_heads,
+        )
+        return self.o_proj(out[0].transpose(0, 1).reshape(T, self.q_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layout: HeadLayout, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.gate_proj = column(hidden, layout.inter, layout.inter_start, tp, dtype)
+        self.up_proj = column(hidden, layout.inter, layout.inter_start, tp, dtype)
+        self.down_proj = row(layout.inter, hidden, layout.inter_start, tp, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layout: HeadLayout, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, layout, tp, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, layout, tp, dtype)
+
+    def forward(self, x, cos, sin, kv: SequenceKV, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, layout: HeadLayout, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype),
+        )
+        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens.weight.shard = None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, layout, tp, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only causal LM. ``forward`` runs one sequence's new tokens against its KV cache."""
+
+    def __init__(
+        self, cfg: ModelConfig, tp: TPGroup | None = None, dtype: torch.dtype = torch.float32, name: str = "model"
+    ):
+        super().__init__()
+        self.cfg, self.tp = cfg, tp or TPGroup()
+        self.layout = HeadLayout.for_rank(cfg, self.tp, name)
+        self.model = Backbone(cfg, self.layout, self.tp, dtype)
+        self.rotary = Rotary(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            self.lm_head.weight.requires_grad_(False)
+            self.lm_head.weight.shard = None
+        self.dtype = dtype
+
+    def new_kv_args(self) -> tuple[int, int, int, torch.dtype]:
+        return self.cfg.num_layers, self.layout.kv_heads, self.cfg.head_dim, self.dtype
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, kv: SequenceKV, all_logits: bool = False) -> torch.Tensor:
+        """Append ``tokens`` ([T]) at ``kv.length``; return fp32 logits of the last position
+        ([vocab]), or of every position ([T, vocab]) when ``all_logits``."""
+        start = kv.length
+        positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)
+        cos, sin = self.rotary(positions, self.dtype)
+        x = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, kv, i)
+        kv.length = start + tokens.shape[0]
+        x = x if all_logits else x[-1:]
+        x = self.model.norm(x)
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head).float()
+        return logits if all_logits else logits[0]

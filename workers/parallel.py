@@ -1,0 +1,153 @@
+"""Tensor parallelism: which slice of each weight a rank holds, and the all-reduce that joins them.
+
+Column-parallel layers (q/k/v/gate/up) split their output features by attention head or by
+intermediate size; row-parallel layers (o/down) split their input features the same way and sum
+their partial outputs with an all-reduce. Everything else is replicated.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.arch.config import ModelConfig
+
+
+class ShardingError(ValueError):
+    """A model that cannot be split across this many ranks."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part ``[start, start + length)`` of dimension ``dim`` of a full checkpoint tensor."""
+
+    dim: int
+    start: int
+    length: int
+
+
+class TPGroup:
+    """This rank's place in a model's tensor-parallel group and its communicator.
+
+    One group per model (not torch.distributed's global default group), so a worker can hold
+    models with different groups at once.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, pg: object | None = None):
+        self.rank = rank
+        self.world_size = world_size
+        self._pg = pg
+
+    @classmethod
+    def connect(cls, rank: int, world_size: int, address: str, device: torch.device, timeout_s: float) -> TPGroup:
+        if world_size == 1:
+            return cls()
+        import torch.distributed as dist
+
+        host, port = address.rsplit(":", 1)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, int(port), world_size, is_master=rank == 0, timeout=timeout)
+        if device.type == "cuda":
+            pg = dist.ProcessGroupNCCL(store, rank, world_size)
+        else:
+            pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        return cls(rank, world_size, pg)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = dist.ReduceOp.SUM
+            self._pg.allreduce([t], opts).wait()
+        return t
+
+    def close(self) -> None:
+        self._pg = None
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How attention heads and MLP features are divided among ranks."""
+
+    q_heads: int  # local
+    kv_heads: int  # local
+    q_start: int
+    kv_start: int
+    inter: int
+    inter_start: int
+
+    @classmethod
+    def for_rank(cls, cfg: ModelConfig, tp: TPGroup, model_name: str = "model") -> HeadLayout:
+        n, r = tp.world_size, tp.rank
+        if cfg.num_heads % n:
+            raise ShardingError(
+                f"{model_name}: num_attention_heads={cfg.num_heads} is not divisible by tensor_parallel={n}"
+            )
+        if cfg.intermediate_size % n:
+            raise ShardingError(
+                f"{model_name}: intermediate_size={cfg.intermediate_size} is not divisible by tensor_parallel={n}"
+            )
+        kv = cfg.num_kv_heads
+        if kv >= n:
+            if kv % n:
+                raise ShardingError(f"{model_name}: num_key_value_heads={kv} is not divisible by tensor_parallel={n}")
+            kv_local, kv_start = kv // n, r * (kv // n)
+        else:
+            # Fewer KV heads than ranks: each rank keeps a copy of the one KV head its q heads use.
+            if n % kv:
+                raise ShardingError(f"{model_name}: tensor_parallel={n} is not a multiple of num_key_value_heads={kv}")
+            kv_local, kv_start = 1, r // (n // kv)
+        q_local = cfg.num_heads // n
+        inter = cfg.intermediate_size // n
+        return cls(q_local, kv_local, r * q_local, kv_start, inter, r * inter)
+
+
+class ParallelLinear(nn.Module):
+    """A linear layer holding one rank's slice; ``shard`` says which slice of the checkpoint it is.
+
+    Row-parallel layers (``reduce=True``) sum partial results across the group. Weights are
+    allocated uninitialised: the loader fills every one of them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        shard: Shard | None,
+        tp: TPGroup,
+        reduce: bool = False,
+        bias: bool = False,
+        bias_shard: Shard | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight.shard = shard
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.shard = bias_shard
+        self.reduce = reduce
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reduce:
+            y = self.tp.all_reduce(torch.nn.functional.linear(x, self.weight))
+            return y if self.bias is None else y + self.bias  # bias added once, after the sum
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def column(
+    in_f: int, out_local: int, start: int, tp: TPGroup, dtype: torch.dtype, bias: bool = False
+) -> ParallelLinear:
+    shard = Shard(0, start, out_local)
+    return ParallelLinear(in_f, out_local, shard, tp, bias=bias, bias_shard=shard, dtype=dtype)
+
+
+def row(in_local: int, out_f: int, start: int, tp: TPGroup, dtype: torch.dtype, bias: bool = False) -> ParallelLinear:
+    shard = Shard(1, start, in_local)
+    return ParallelLinear(in_local, out_f, shard, tp, reduce=True, bias=bias, dtype=dtype)

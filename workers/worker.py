@@ -1,0 +1,206 @@
+"""The worker process: one per device. Serves msgpack RPC on a ZeroMQ ROUTER socket.
+
+Single-threaded on purpose: one request at a time, each answered before the next is read, so the
+leader's view of what the worker holds is always exact. Every failure becomes an ``Error`` reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rpc.messages import (
+    Ack,
+    ClearKvCache,
+    Error,
+    GenerateStep,
+    LoadDenseShard,
+    Loaded,
+    Ping,
+    Pong,
+    StepResult,
+    Unload,
+)
+from rpc.transport import RpcServer
+
+log = logging.getLogger("cortex.worker")
+
+# Testing seam: slow every load by this many seconds so a test can observe "loading".
+LOAD_DELAY_ENV = "CORTEX_TEST_LOAD_DELAY_S"
+
+
+@dataclass
+class ResidentModel:
+    model: object
+    cache: object
+    tp: object
+    vocab_limit: int
+    generators: dict = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, device: str):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.models: dict[str, ResidentModel] = {}
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def handle(self, msg: object) -> object:
+        handler = {
+            Ping: self.ping,
+            LoadDenseShard: self.load,
+            GenerateStep: self.step,
+            ClearKvCache: self.clear,
+            Unload: self.unload,
+        }.get(type(msg))
+        if handler is None:
+            return Error(kind="bad_frame", message=f"{type(msg).__name__} is not a worker request")
+        try:
+            return handler(msg)
+        except Exception as exc:  # a failed request must never kill the worker
+            log.exception("%s failed", type(msg).__name__)
+            kind = {LoadDenseShard: "load_failed", GenerateStep: "step_failed"}.get(type(msg), "internal")
+            return Error(kind=kind, message=f"{type(exc).__name__}: {exc}")
+
+    def ping(self, msg: Ping) -> Pong:
+        return Pong(pid=os.getpid(), device=str(self.device), models=sorted(self.models))
+
+    def load(self, msg: LoadDenseShard) -> Loaded | Error:
+        from workers.arch import ModelConfig, model_class
+        from workers.kv_cache import KVCache
+        from workers.parallel import TPGroup
+        from workers.weights import load_weights
+
+        torch = self.torch
+        if msg.model_id in self.models:
+            return Error(kind="load_failed", message=f"model {msg.model_id!r} is already loaded on this worker")
+        delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        cfg = ModelConfig.from_dict(msg.config)
+        dtype = getattr(torch, msg.dtype)
+        t0 = time.monotonic()
+        tp = TPGroup.connect(msg.rank, msg.world_size, msg.dist_address, self.device, timeout_s=60)
+        with torch.device(self.device):
+            model = model_class(cfg)(cfg, tp, dtype, name=msg.model_id)
+        log.info("loading %s (%s, %d layers, %s) on %s", msg.model_id, cfg.arch, cfg.num_layers, msg.dtype, self.device)
+        load_weights(model, msg.format, msg.files, _progress_logger(msg.model_id))
+        model.eval()
+        cache = KVCache(*model.new_kv_args(), self.device)
+        self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit)
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        seconds = time.monotonic() - t0
+        log.info("loaded %s: %.1f MB of weights in %.1fs", msg.model_id, param_bytes / 1e6, seconds)
+        return Loaded(model_id=msg.model_id, param_bytes=param_bytes, load_seconds=seconds)
+
+    def _resident(self, model_id: str) -> ResidentModel:
+        rm = self.models.get(model_id)
+        if rm is None:
+            raise LookupError(f"model {model_id!r} is not loaded on this worker")
+        return rm
+
+    def step(self, msg: GenerateStep) -> StepResult | Error:
+        from workers.sampling import new_generator, sample
+
+        rm = self.models.get(msg.model_id)
+        if rm is None:
+            return Error(kind="unknown_model", message=f"model {msg.model_id!r} is not loaded on this worker")
+        torch = self.torch
+        out = []
+        for s in msg.seqs:
+            kv = rm.cache.for_step(s.seq_id, s.start_pos, len(s.tokens))
+            if s.start_pos == 0:
+                rm.generators[s.seq_id] = new_generator(s.sampling, self.device)
+            tokens = torch.tensor(s.tokens, dtype=torch.long, device=self.device)
+            logits = rm.model(tokens, kv)
+            if s.sample and rm.tp.rank == 0:
+                out.append(sample(logits, s.sampling, rm.generators.get(s.seq_id), rm.vocab_limit))
+            else:
+                out.append(-1)
+        return StepResult(model_id=msg.model_id, tokens=out)
+
+    def clear(self, msg: ClearKvCache) -> Ack:
+        rm = self._resident(msg.model_id)
+        rm.cache.drop(msg.seq_ids)
+        if msg.seq_ids is None:
+            rm.generators.clear()
+        else:
+            for s in msg.seq_ids:
+                rm.generators.pop(s, None)
+        return Ack()
+
+    def unload(self, msg: Unload) -> Ack:
+        rm = self.models.pop(msg.model_id, None)
+        if rm is None:
+            return Ack()  # idempotent: the leader may retry an unload after a timeout
+        rm.tp.close()
+        del rm
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+        return Ack()
+
+
+def _progress_logger(model_id: str):
+    last = [-1]
+
+    def report(done: int, total: int) -> None:
+        pct = done * 100 // total
+        if pct // 10 != last[0] // 10 or done == total:
+            last[0] = pct
+            log.info("loading %s: %d%% (%d/%d tensors)", model_id, pct, done, total)
+
+    return report
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the leader dies, so no worker outlives its leader."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def serve(endpoint: str, device: str, threads: int = 0) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the leader decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    worker = Worker(device)
+    if threads:
+        worker.torch.set_num_threads(threads)
+    server = RpcServer(endpoint)
+    log.info("worker %d serving %s on %s", os.getpid(), device, endpoint)
+    while True:
+        got = server.recv()
+        if got is None:
+            continue
+        peer, msg_id, msg = got
+        if msg is None:
+            continue  # malformed frame, already answered with an Error
+        server.reply(peer, msg_id, worker.handle(msg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="cortex-worker")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format=f"%(asctime)s %(levelname)s worker[{args.device}] %(message)s", stream=sys.stderr
+    )
+    serve(args.endpoint, args.device, args.threads)
+
+
+if __name__ == "__main__":
+    main()
