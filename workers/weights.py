@@ -53,7 +53,7 @@ def _index(files: list[Path]) -> dict[str, Path]:
     out = {}
     for f in files:
         with safe_open(str(f), framework="pt") as h:
-            for k in h:
+            for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
                 out[k] = f
     return out
 

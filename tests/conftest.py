@@ -1,0 +1,140 @@
+"""Shared fixtures: real checkpoints made locally and real `cortex serve` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.checkpoints import make_checkpoint, write_chatml_tokenizer_config
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_tiny_tokenizer(path: Path, vocab: int = 400) -> None:
+    """A real byte-level BPE, trained in-process (no download), smaller than the model's vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = ["The capital of France is Paris.", "Hello, world! How are you today?", "def f(x): return x * 2"] * 50
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 with a real tokenizer and ChatML template; eos = <|im_end|> (id 2)."""
+    d = tmp_path_factory.mktemp("tiny-qwen3")
+    make_checkpoint(d, "qwen3", tied=True)
+    train_tiny_tokenizer(d)
+    write_chatml_tokenizer_config(d)
+    return d
+
+
+class Server:
+    """`cortex serve` as a user runs it: a subprocess with its own config, run dir and port."""
+
+    def __init__(self, root: Path, models_toml: str, cortex_extra: str = "", env: dict | None = None):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (root / "run").mkdir(parents=True, exist_ok=True)
+        (root / "models.toml").write_text(models_toml)
+        (root / "cortex.toml").write_text(
+            f'[node]\nname = "test"\ndevices = ["cpu"]\nrun_dir = "{root / "run"}"\nthreads = 1\n'
+            f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nworkers = 1\nthreads = 8\n{cortex_extra}'
+        )
+        self.log = open(root / "serve.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cortex.cli", "serve", "--config", str(root / "cortex.toml")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_http(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"cortex serve exited early:\n{self.logs()}"
+            try:
+                httpx.get(self.url + "/health", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(f"no HTTP on {self.url}:\n{self.logs()}")
+
+    def wait_healthy(self, timeout: float = 120) -> dict:
+        self.wait_http(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = httpx.get(self.url + "/health", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+            time.sleep(0.2)
+        raise TimeoutError(f"not healthy: {r.text}\n{self.logs()}")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def logs(self) -> str:
+        self.log.flush()
+        return (self.root / "serve.log").read_text(errors="replace")[-4000:]
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self) -> float:
+        """SIGTERM; return seconds until the process tree is gone."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return time.monotonic() - t0
+
+
+def tiny_models_toml(model_dir: Path, extra: str = "", model_id: str = "tiny") -> str:
+    return f'[[models]]\nid = "{model_id}"\npath = "{model_dir}"\npreload = true\n{extra}\n[aliases]\nsmall = "{model_id}"\n'
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, tiny_qwen3):
+    root = tmp_path_factory.mktemp("srv")
+    srv = Server(root, tiny_models_toml(tiny_qwen3, "max_context = 256"), "max_body_mb = 1\n")
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def read_sse(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def json_events(lines: list[str]) -> list[dict]:
+    return [json.loads(x) for x in lines if x != "[DONE]"]

@@ -1,0 +1,284 @@
+"""The daemon as clients see it: `cortex serve` subprocesses, real HTTP, the official openai SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server, json_events, read_sse, tiny_models_toml
+
+HI = [{"role": "user", "content": "Hello, world!"}]
+
+
+@pytest.fixture
+def client(tiny_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+# -- chat completions ----------------------------------------------------------------------------
+
+
+def test_chat_completion_shape_and_usage(client, tiny_qwen3):
+    from cortex.chat.tokenizer import from_hf_dir
+
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=5, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.model == "tiny"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason == "length"
+    # the prompt is the model's chat template rendered and tokenized: count it independently
+    rendered = "<|im_start|>user\nHello, world!<|im_end|>\n<|im_start|>assistant\n"
+    assert r.usage.prompt_tokens == len(from_hf_dir(tiny_qwen3).encode(rendered))
+    assert r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+
+
+def test_alias_and_greedy_is_deterministic(client):
+    a = client.chat.completions.create(model="tiny", messages=HI, max_tokens=12, temperature=0)
+    b = client.chat.completions.create(model="small", messages=HI, max_tokens=12, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_seeded_sampling_is_reproducible_and_seed_matters(client):
+    def run(seed):
+        return (
+            client.chat.completions.create(model="tiny", messages=HI, max_tokens=16, temperature=1.0, seed=seed)
+            .choices[0]
+            .message.content
+        )
+
+    first = run(7)
+    assert run(7) == first
+    assert any(run(s) != first for s in (8, 9, 10))
+
+
+def test_streamed_chunks_match_the_non_streamed_answer(client, tiny_server):
+    full = client.chat.completions.create(model="tiny", messages=HI, max_tokens=10, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HI,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert len(chunks) > 3
+
+
+def test_stream_wire_format_ends_with_done(tiny_server):
+    body = {"model": "tiny", "messages": HI, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"
+        lines = read_sse(r)
+    assert lines[-1] == "[DONE]"
+    assert all(e["object"] == "chat.completion.chunk" for e in json_events(lines))
+
+
+def test_stop_string_is_not_emitted(client):
+    base = client.chat.completions.create(model="tiny", messages=HI, max_tokens=24, temperature=0)
+    text = base.choices[0].message.content
+    assert len(text) > 4, "the tiny model should produce some text"
+    stop = text[2:4]
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=24, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == text[: text.index(stop)]
+
+
+# -- listing and health -----------------------------------------------------------------------------
+
+
+def test_models_list_and_get(client):
+    ids = {m.id for m in client.models.list().data}
+    assert {"tiny", "small"} <= ids
+    m = client.models.retrieve("tiny")
+    assert m.id == "tiny" and m.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_health_reports_workers_and_models(tiny_server):
+    h = httpx.get(tiny_server.url + "/health").json()
+    assert h["status"] == "ok"
+    assert h["workers"][0]["alive"] and h["workers"][0]["device"] == "cpu"
+    assert h["models"][0]["status"] == "loaded"
+
+
+# -- errors, in the OpenAI envelope -----------------------------------------------------------------
+
+
+def _post(srv, body, **kw):
+    return httpx.post(srv.url + "/v1/chat/completions", timeout=30, **({"json": body} if body is not None else kw))
+
+
+def _error(r):
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    return err
+
+
+def test_malformed_json_is_400(tiny_server):
+    r = _post(
+        tiny_server, None, content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert _error(r)["code"] == "invalid_json"
+
+
+def test_body_must_be_an_object(tiny_server):
+    r = _post(tiny_server, None, content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": HI}, "model"),
+        ({"model": "tiny"}, "messages"),
+        ({"model": 5, "messages": HI}, "model"),
+        ({"model": "tiny", "messages": "hi"}, "messages"),
+        ({"model": "tiny", "messages": []}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"model": "tiny", "messages": HI, "temperature": "hot"}, "temperature"),
+        ({"model": "tiny", "messages": HI, "temperature": 9}, "temperature"),
+        ({"model": "tiny", "messages": HI, "max_tokens": 0}, "max_tokens"),
+        ({"model": "tiny", "messages": HI, "stream": "yes"}, "stream"),
+        ({"model": "tiny", "messages": HI, "stop": [1]}, "stop"),
+    ],
+)
+def test_bad_fields_are_400_naming_the_field(tiny_server, body, param):
+    r = _post(tiny_server, body)
+    assert r.status_code == 400, r.text
+    assert _error(r)["param"] == param
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=HI)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_oversized_body_is_413(tiny_server):
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]}
+    r = _post(tiny_server, big)
+    assert r.status_code == 413
+    assert _error(r)["code"] == "request_too_large"
+
+
+def test_prompt_over_the_context_is_400(client):
+    long = [{"role": "user", "content": "Hello world " * 300}]  # max_context = 256 in this server's catalogue
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=long)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=HI, max_tokens=1000)
+
+
+def test_unknown_route_and_method_use_the_envelope(tiny_server):
+    r = httpx.get(tiny_server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and _error(r)
+    r = httpx.delete(tiny_server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and _error(r)
+
+
+def test_server_keeps_serving_after_bad_input(client):
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+def test_concurrent_requests_all_complete(client):
+    results, errors = [], []
+
+    def go():
+        try:
+            r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0)
+            results.append(r.choices[0].message.content)
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 6 and len(set(results)) == 1
+
+
+# -- loading, crashes, shutdown --------------------------------------------------------------------
+
+
+def test_503_with_retry_after_while_the_model_loads(tmp_path, tiny_qwen3):
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), env={"CORTEX_TEST_LOAD_DELAY_S": "6"})
+    try:
+        srv.wait_http()
+        r = _post(srv, {"model": "tiny", "messages": HI})
+        assert r.status_code == 503, r.text
+        assert int(r.headers["retry-after"]) > 0
+        assert _error(r)["code"] == "model_loading"
+        h = httpx.get(srv.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        srv.wait_healthy()
+        assert _post(srv, {"model": "tiny", "messages": HI, "max_tokens": 2}).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_worker_crash_fails_the_request_then_recovers(tmp_path, tiny_qwen3):
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3))
+    try:
+        pid = srv.wait_healthy()["workers"][0]["pid"]
+        body = {"model": "tiny", "messages": HI, "max_tokens": 1500, "stream": True, "temperature": 1.0}
+        t0 = None
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                if len(events) == 3:
+                    os.kill(pid, signal.SIGKILL)
+                    t0 = time.monotonic()
+        assert time.monotonic() - t0 < 5
+        assert "error" in events[-1], events[-1]
+        assert events[-1]["error"]["code"] == "worker_failed"
+
+        h = srv.health()
+        assert h["workers"][0]["restarts"] == 1
+        assert h["workers"][0]["last_exit"] == "killed by SIGKILL"
+        assert h["status"] in ("degraded", "loading", "ok")
+
+        h = srv.wait_healthy()
+        assert h["workers"][0]["pid"] != pid and h["models"][0]["status"] == "loaded"
+        assert _post(srv, {"model": "tiny", "messages": HI, "max_tokens": 2}).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_sigterm_stops_everything_within_10s(tmp_path, tiny_qwen3):
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3))
+    srv.wait_healthy()
+    children = srv.children()
+    assert len(children) >= 2  # a worker and the gunicorn front
+    took = srv.stop()
+    assert took < 10
+    assert srv.proc.returncode == 0
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
