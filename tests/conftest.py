@@ -63,7 +63,7 @@ class Server:
             f'[node]\nname = "test"\ndevices = ["cpu"]\nrun_dir = "{root / "run"}"\nthreads = 1\n'
             f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nworkers = 1\nthreads = 8\n{cortex_extra}'
         )
-        self.log = open(root / "serve.log", "wb")
+        self.log = open(root / "serve.log", "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cortex.cli", "serve", "--config", str(root / "cortex.toml")],
             stdout=self.log,

