@@ -1,0 +1,175 @@
+"""Single-stream decode speed of the default model: cortex vs HF transformers, same weights, same threads.
+
+    .venv/bin/python bench/decode.py [--tokens 128] [--threads N] [--device cpu|cuda:0]
+
+Measures three things in one run and prints their ratios:
+- cortex model: the worker's forward + sampling in-process (no RPC, no HTTP);
+- cortex serve: end to end, streaming over HTTP through the leader and a worker (CPU runs only);
+- HF transformers: LlamaForCausalLM.generate (greedy, KV cache) on the very tensors cortex loaded.
+Decode rate excludes the prompt: (tokens - 1) / (time of last token - time of first token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cortex.config import load  # noqa: E402
+from cortex.models import source  # noqa: E402
+from workers.arch import model_class  # noqa: E402
+from workers.kv_cache import KVCache  # noqa: E402
+from workers.weights import load_weights  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_cortex_model(model, files, device, n: int) -> tuple[float, list[int]]:
+    prompt = files.tokenizer.encode(files.template.render(PROMPT))
+    cache = KVCache(*model.new_kv_args(), device)
+    kv = cache.for_step(1, 0, len(prompt))
+    logits = model(torch.tensor(prompt, device=device), kv)
+    out = [int(logits.argmax())]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        kv = cache.for_step(1, len(prompt) + len(out) - 1, 1)
+        logits = model(torch.tensor(out[-1:], device=device), kv)
+        out.append(int(logits.argmax()))
+    sync(device)
+    return (n - 1) / (time.perf_counter() - t0), out
+
+
+def bench_hf(model, files, device, n: int, dtype) -> tuple[float, list[int]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = files.config
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+    )
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    hf.tie_weights()
+    ids = torch.tensor([files.tokenizer.encode(files.template.render(PROMPT))], device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(k: int):
+        sync(device)
+        t = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=k, min_new_tokens=k, **kw)
+        sync(device)
+        return time.perf_counter() - t, out
+
+    run(2)  # warm-up
+    t1, _ = run(1)
+    tn, out = run(n)
+    return (n - 1) / (tn - t1), out[0, ids.shape[1] :].tolist()
+
+
+def bench_server(n: int, threads: int) -> float:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = Path(tempfile.mkdtemp())
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    (run / "cortex.toml").write_text(
+        f'[node]\nrun_dir = "{run}"\nthreads = {threads}\nmodels_config = "{conf / "models.toml"}"\n'
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nworkers = 1\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "cortex.cli", "serve", "--config", str(run / "cortex.toml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        body = {"model": "default", "messages": PROMPT, "max_tokens": n, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        best = 0.0
+        for _ in range(2):  # the first run warms up
+            times, usage = [], None
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    ev = json.loads(line[6:])
+                    if ev.get("usage"):
+                        usage = ev["usage"]
+                    elif ev["choices"] and ev["choices"][0]["delta"].get("content"):
+                        times.append(time.perf_counter())
+            tokens = usage["completion_tokens"]
+            best = max(best, (tokens - 1) / (times[-1] - times[0]))
+        return best
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--no-server", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+
+    entry = load().catalogue.models[0]
+    files = source.read(entry)
+    with torch.device(device):
+        model = model_class(files.config)(files.config, dtype=dtype)
+    load_weights(model, files.format, [str(f) for f in files.files])
+
+    bench_cortex_model(model, files, device, 8)  # warm-up
+    ours, our_ids = bench_cortex_model(model, files, device, args.tokens)
+    hf, hf_ids = bench_hf(model, files, device, args.tokens, dtype)
+    same = sum(a == b for a, b in zip(our_ids, hf_ids, strict=False))
+    served = None if args.no_server or device.type != "cpu" else bench_server(args.tokens, args.threads)
+
+    cpu = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        cpu = torch.cuda.get_device_name(device)
+    print(f"# {entry.id} ({files.format}, {dtype}) on {device} [{cpu}], {args.threads} threads, "
+          f"{args.tokens} tokens, torch {torch.__version__}")
+    print(f"cortex model (in-process)  {ours:8.1f} tok/s")
+    if served is not None:
+        print(f"cortex serve (HTTP, SSE)   {served:8.1f} tok/s")
+    print(f"HF transformers generate   {hf:8.1f} tok/s")
+    print(f"ratio cortex model / HF    {ours / hf:8.2f}x")
+    if served is not None:
+        print(f"ratio cortex serve / HF    {served / hf:8.2f}x")
+    print(f"greedy tokens identical to HF: {same}/{len(our_ids)}")
+
+
+if __name__ == "__main__":
+    main()
