@@ -29,6 +29,7 @@ def _start_front(cfg: Config, engine_endpoint: str, listen: HostPort) -> subproc
     settings = {
         "engine": engine_endpoint,
         "event_timeout_s": cfg.engine.step_timeout_s + 30,
+        "load_timeout_s": cfg.engine.load_timeout_s + 30,
         "max_body_bytes": cfg.gateway.max_body_mb * 1024 * 1024,
         "node": cfg.node.name,
     }

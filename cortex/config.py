@@ -59,6 +59,7 @@ class GatewayConfig:
 class EngineConfig:
     step_timeout_s: float
     load_timeout_s: float
+    group_timeout_s: float
     max_waiting: int
 
 
@@ -177,6 +178,7 @@ GATEWAY = {
 ENGINE = {
     "step_timeout_s": ((int, float), 120.0, _positive),
     "load_timeout_s": ((int, float), 900.0, _positive),
+    "group_timeout_s": ((int, float), 60.0, _positive),
     "max_waiting": (int, 256, _positive),
 }
 EVICTION = {
@@ -297,6 +299,11 @@ def load(file: str | Path | None = None) -> Config:
     )
     if isinstance(node_cfg.devices, list):
         for m in catalogue.models:
+            missing = [d for d in m.devices or [] if d not in node_cfg.devices]
+            if missing:
+                raise ConfigError(
+                    models_path, f"[[models]] {m.id} devices", f"{missing} are not among {path} [node] devices"
+                )
             if m.tensor_parallel > len(node_cfg.devices):
                 raise ConfigError(
                     models_path,
@@ -308,7 +315,12 @@ def load(file: str | Path | None = None) -> Config:
         file=path,
         node=node_cfg,
         gateway=gateway,
-        engine=EngineConfig(float(eng["step_timeout_s"]), float(eng["load_timeout_s"]), eng["max_waiting"]),
+        engine=EngineConfig(
+            float(eng["step_timeout_s"]),
+            float(eng["load_timeout_s"]),
+            float(eng["group_timeout_s"]),
+            eng["max_waiting"],
+        ),
         eviction=EvictionConfig(**ev),
         peers=peers,
         catalogue=catalogue,

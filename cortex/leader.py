@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,14 +29,33 @@ from cortex.engine.sequence import Sequence
 from cortex.models import source
 from cortex.models.registry import ModelState, Registry
 from cortex.supervisor import WorkerHandle, resolve_devices
-from rpc.engine import Answer, Cancel, Delta, Failure, Finished, Query, Started, Submit
-from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Loaded, Ping, Pong, SeqInput, StepResult
+from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit
+from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Ping, SeqInput, StepResult, Unload
 from rpc.transport import RpcServer
+from workers.sharding import ShardingError, check_split
 
 log = logging.getLogger("cortex.leader")
 
 PING_TIMEOUT_S = 120.0  # a fresh worker imports torch before it answers
 RETRY_AFTER_LOADING_S = 5
+UNLOAD_TIMEOUT_S = 10.0  # a rank slower than this to unload is wedged and gets restarted
+
+
+def _ignore(_replies: object, _error: object) -> None:
+    pass
+
+
+def free_port() -> int:
+    """A free loopback port for a tensor-parallel group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class CallError:
+    kind: str  # error (the worker answered Error) | died | timeout
+    message: str
 
 
 @dataclass
@@ -44,7 +64,7 @@ class Call:
 
     ranks: list[int]
     deadline: float
-    on_done: Callable[[dict[int, object] | None, str | None], None]  # (replies by rank, error)
+    on_done: Callable[[dict[int, object] | None, CallError | None], None]  # (replies by rank, error)
     ids: dict[int, int] = field(default_factory=dict)  # rank -> message id
     replies: dict[int, object] = field(default_factory=dict)
 
@@ -143,13 +163,15 @@ class Leader:
         ranks: list[int],
         msg_for_rank: Callable[[int], object],
         timeout_s: float,
-        on_done: Callable[[dict[int, object] | None, str | None], None],
+        on_done: Callable[[dict[int, object] | None, CallError | None], None],
     ) -> None:
+        """Send one message to each rank (``msg_for_rank(i)`` for the i-th); ``on_done`` runs once,
+        with every reply, or with the first error, death or timeout."""
         call = Call(ranks, time.monotonic() + timeout_s, on_done)
         for i, r in enumerate(ranks):
             w = self.workers[r]
             if not w.client or not w.alive():
-                on_done(None, f"worker {r} ({w.device}) is not running")
+                on_done(None, CallError("died", f"worker {r} ({w.device}) is not running"))
                 return
             call.ids[r] = w.client.send(msg_for_rank(i))
         self.calls.append(call)
@@ -168,13 +190,13 @@ class Leader:
 
     def _complete(self, call: Call, rank: int, reply: object) -> None:
         if isinstance(reply, Error):
-            self._finish_call(call, None, f"worker {rank}: {reply.kind}: {reply.message}")
+            self._finish_call(call, None, CallError("error", f"worker {rank}: {reply.message}"))
             return
         call.replies[rank] = reply
         if len(call.replies) == len(call.ranks):
             self._finish_call(call, call.replies, None)
 
-    def _finish_call(self, call: Call, replies: dict | None, error: str | None) -> None:
+    def _finish_call(self, call: Call, replies: dict | None, error: CallError | None) -> None:
         if call in self.calls:
             self.calls.remove(call)
             call.on_done(replies, error)
@@ -182,7 +204,7 @@ class Leader:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for call in [c for c in self.calls if c.deadline < now]:
-            self._finish_call(call, None, f"no reply from worker(s) {call.ranks} within the timeout")
+            self._finish_call(call, None, CallError("timeout", f"no reply from worker(s) {call.ranks} in time"))
 
     # -- workers --------------------------------------------------------------------------------------
 
@@ -191,38 +213,49 @@ class Leader:
 
         def on_pong(replies, error):
             if error:
-                log.error("worker %d did not come up: %s", w.rank, error)
+                log.error("worker %d did not come up: %s", w.rank, error.message)
+                w.kill()  # its exit is handled like any death: restarted
                 return
             pong = replies[w.rank]
-            if isinstance(pong, Pong):
-                w.ready = True
-                log.info("worker %d ready (pid %d, %s)", w.rank, pong.pid, pong.device)
+            w.ready = True
+            log.info("worker %d ready (pid %d, %s)", w.rank, pong.pid, pong.device)
+            self._send_pending_loads()
 
         self._call([w.rank], lambda _: Ping(), PING_TIMEOUT_S, on_pong)
 
     def _on_worker_exit(self, w: WorkerHandle) -> None:
         how = w.reap()
-        log.error("worker %d (%s, pid %s) died: %s", w.rank, w.device, w.pid, how)
-        for call in [c for c in self.calls if w.rank in c.ranks]:
-            self._finish_call(call, None, f"worker {w.rank} ({w.device}) died: {how}")
+        cause = f"worker {w.rank} ({w.device}) died: {how}"
+        log.error("%s", cause)
         if self.stopping.is_set():
             return
-        w.restarts += 1
-        self._start_worker(w)
         for state in self.registry.models.values():
             if w.rank in state.ranks and state.status in ("loaded", "loading", "recovering"):
-                state.error = f"worker {w.rank} died ({how}); reloading"
-                self._fail_model_requests(state, "worker_failed", f"worker for model {state.id!r} died ({how})")
-                self.load(state, recovering=True)
+                self._recover(state, cause, dead_rank=w.rank)
+        for call in [c for c in self.calls if w.rank in c.ranks]:
+            self._finish_call(call, None, CallError("died", cause))
+        w.restarts += 1
+        self._start_worker(w)
+
+    def _kill_group(self, state: ModelState, cause: str) -> None:
+        """A wedged group (watchdog): kill its workers; their deaths drive the recovery."""
+        log.error("model %s: %s; restarting its worker(s) %s", state.id, cause, state.ranks)
+        for r in state.ranks:
+            self.workers[r].kill()
 
     # -- model loading ----------------------------------------------------------------------------------
 
-    def load(self, state: ModelState, recovering: bool = False) -> None:
-        """Start loading (no-op while a load is under way). Files are read off the loop thread."""
-        if state.status == "loading" or (state.status == "recovering" and not recovering):
+    def load(self, state: ModelState) -> None:
+        """Start loading (no-op while a load or recovery is under way). Files are read off the loop."""
+        if state.status in ("loading", "recovering", "loaded"):
             return
-        state.status = "recovering" if recovering else "loading"
-        state.ranks = self._place(state)
+        try:
+            state.ranks = self._place(state)
+        except ValueError as exc:
+            self._load_failed(state, str(exc))
+            return
+        state.status, state.error = "loading", None
+        state.load_gen += 1
         log.info("loading model %s on %s", state.id, [self.devices[r] for r in state.ranks])
         if state.files is None:
             self.file_reads[self.pool.submit(source.read, state.entry)] = state
@@ -230,10 +263,26 @@ class Leader:
             self._send_load(state)
 
     def _place(self, state: ModelState) -> list[int]:
-        wanted = state.entry.devices
-        if wanted:
-            return [self.devices.index(d) for d in wanted]
-        return list(range(state.entry.tensor_parallel))
+        """Ranks of the workers that will hold the model: its configured devices, else the least
+        busy ones. Devices may repeat (["cpu", "cpu"]): each entry takes a distinct worker."""
+        n = state.entry.tensor_parallel
+        if n > len(self.devices):
+            raise ValueError(f"{state.id}: tensor_parallel={n} needs {n} devices; this node has {self.devices}")
+        if state.entry.devices:
+            free = list(range(len(self.devices)))
+            ranks = []
+            for d in state.entry.devices:
+                match = next((r for r in free if self.devices[r] == d), None)
+                if match is None:
+                    raise ValueError(f"{state.id}: device {d} is not among this node's devices {self.devices}")
+                free.remove(match)
+                ranks.append(match)
+            return ranks
+        busy = {
+            r: sum(r in s.ranks for s in self.registry.models.values() if s is not state and s.status != "unloaded")
+            for r in range(len(self.devices))
+        }
+        return sorted(sorted(busy, key=lambda r: (busy[r], r))[:n])
 
     def _check_file_reads(self) -> None:
         for fut in [f for f in self.file_reads if f.done()]:
@@ -245,13 +294,31 @@ class Leader:
                 continue
             self._send_load(state)
 
+    def _refusal(self, state: ModelState) -> str | None:
+        """Why this model cannot be loaded as configured, checked before any worker is asked."""
+        n = len(state.ranks)
+        if n > 1 and state.files.format == "gguf":
+            return f"{state.id}: tensor parallelism is not supported for GGUF files; use safetensors or tensor_parallel = 1"
+        try:
+            check_split(state.files.config, n, state.id)
+        except ShardingError as exc:
+            return str(exc)
+        return None
+
     def _send_load(self, state: ModelState) -> None:
-        files = state.files
+        refusal = self._refusal(state)
+        if refusal:
+            self._load_failed(state, refusal)
+            return
+        if not all(self.workers[r].ready for r in state.ranks):
+            return  # sent by _send_pending_loads once every rank's worker answers
+        files, n, gen = state.files, len(state.ranks), state.load_gen
         device = self.devices[state.ranks[0]]
         dtype = state.entry.dtype
         if dtype == "auto":
             dtype = "float32" if device == "cpu" else "bfloat16"
-        n = len(state.ranks)
+        address = f"127.0.0.1:{free_port()}" if n > 1 else ""
+        state.load_in_flight = True
 
         def msg(i: int) -> LoadDenseShard:
             return LoadDenseShard(
@@ -262,26 +329,106 @@ class Leader:
                 dtype=dtype,
                 rank=i,
                 world_size=n,
+                dist_address=address,
+                group_timeout_s=self.cfg.engine.group_timeout_s,
                 vocab_limit=files.tokenizer.vocab_size,
             )
 
         def done(replies, error):
+            if gen != state.load_gen:
+                return  # a newer load or recovery superseded this one
+            state.load_in_flight = False
             if error:
-                self._load_failed(state, error)
+                self._unload_ranks(state, state.ranks)  # leave no half-loaded group behind
+                self._load_failed(state, error.message)
                 return
-            loaded = replies[state.ranks[0]]
-            assert isinstance(loaded, Loaded)
+            loaded = [replies[r] for r in state.ranks]
             state.status, state.error = "loaded", None
-            state.param_bytes = sum(r.param_bytes for r in replies.values())
+            state.rank_bytes = [r.param_bytes for r in loaded]
             state.loads += 1
-            log.info("model %s loaded in %.1fs", state.id, loaded.load_seconds)
+            log.info(
+                "model %s loaded in %.1fs (%.1f MB per rank)",
+                state.id,
+                max(r.load_seconds for r in loaded),
+                max(state.rank_bytes) / 1e6,
+            )
+            self._answer_waiters(state)
 
         self._call(state.ranks, msg, self.cfg.engine.load_timeout_s, done)
 
     def _load_failed(self, state: ModelState, error: str) -> None:
         log.error("loading %s failed: %s", state.id, error)
         state.status, state.error = "failed", error
+        state.load_in_flight = False
         self._fail_model_requests(state, "model_failed", f"model {state.id!r} failed to load: {error}")
+        self._answer_waiters(state)
+
+    def _recover(self, state: ModelState, cause: str, dead_rank: int | None = None) -> None:
+        """Fail the model's requests, tear its group down and reload it once all its workers are up."""
+        log.warning("model %s: %s; recovering", state.id, cause)
+        state.status, state.error = "recovering", cause
+        state.load_gen += 1
+        state.load_in_flight = False
+        self._fail_model_requests(state, "worker_failed", f"model {state.id!r} failed: {cause}")
+        self._unload_ranks(state, [r for r in state.ranks if r != dead_rank])
+        self._send_pending_loads()
+
+    def _send_pending_loads(self) -> None:
+        """Loads that wait for workers to come up (at start-up, or after a crash)."""
+        for state in self.registry.models.values():
+            if state.status in ("loading", "recovering") and not state.load_in_flight and state.files is not None:
+                self._send_load(state)
+
+    def _unload_ranks(self, state: ModelState, ranks: list[int]) -> None:
+        """Free the model on these ranks. A rank that does not answer is wedged (e.g. blocked in a
+        collective with a dead peer) and is killed."""
+        for r in ranks:
+            if not self.workers[r].alive():
+                continue
+
+            def done(_replies, error, r=r):
+                if error and error.kind == "timeout":
+                    self._kill_group_rank(r, f"did not answer Unload({state.id})")
+
+            self._call([r], lambda _: Unload(state.id), UNLOAD_TIMEOUT_S, done)
+
+    def _kill_group_rank(self, rank: int, why: str) -> None:
+        log.error("worker %d %s; restarting it", rank, why)
+        self.workers[rank].kill()
+
+    def _answer_waiters(self, state: ModelState) -> None:
+        waiters, state.waiters = state.waiters, []
+        for peer in waiters:
+            if state.status == "loaded":
+                self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
+            else:
+                self.frontend.reply(peer, 0, Failure("", "model_failed", f"model {state.id!r}: {state.error}"))
+
+    def _model_op(self, peer: bytes, op: ModelOp) -> None:
+        state = self.registry.resolve(op.model)
+        if state is None:
+            return self._reject(peer, "", "model_not_found", f"The model '{op.model}' does not exist")
+        if op.op == "load":
+            if state.status == "loaded":
+                return self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
+            if state.status == "failed":
+                state.status = "unloaded"  # an explicit load retries a failed one
+            state.waiters.append(peer)  # single flight: every caller waits for the one load
+            self.load(state)
+        elif op.op == "unload":
+            busy = [s for s in self.requests.values() if s.model_id == state.id]
+            if busy:
+                return self._reject(peer, "", "conflict", f"model '{state.id}' has {len(busy)} request(s) in flight")
+            if state.status in ("loading", "recovering"):
+                return self._reject(peer, "", "conflict", f"model '{state.id}' is {state.status}")
+            if state.status == "loaded":
+                self._unload_ranks(state, state.ranks)
+                log.info("model %s unloaded from %s", state.id, [self.devices[r] for r in state.ranks])
+            state.status, state.error, state.rank_bytes, state.ranks = "unloaded", None, [], []
+            state.load_gen += 1
+            self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
+        else:
+            self._reject(peer, "", "invalid_request", f"unknown model operation {op.op!r}")
 
     # -- front requests ------------------------------------------------------------------------------
 
@@ -292,6 +439,8 @@ class Leader:
             self._cancel(msg.request_id)
         elif isinstance(msg, Query):
             self.frontend.reply(peer, 0, Answer(data=self.query(msg.what)))
+        elif isinstance(msg, ModelOp):
+            self._model_op(peer, msg)
         else:
             self.frontend.reply(
                 peer, 0, Error(kind="bad_frame", message=f"{type(msg).__name__} is not a front request")
@@ -402,10 +551,20 @@ class Leader:
         step = GenerateStep(state.id, [SeqInput(seq.seq_id, tokens, start, seq.sampling)])
         self.stepping.add(state.id)
 
+        gen = state.load_gen
+
         def done(replies, error):
             self.stepping.discard(state.id)
+            if gen != state.load_gen:
+                return  # the model was torn down meanwhile; its requests were already failed
             if error:
-                self._fail(seq, "worker_failed", f"generation failed: {error}")
+                self._fail(seq, "worker_failed", f"generation failed: {error.message}")
+                if error.kind == "timeout":
+                    self._kill_group(state, f"a step took longer than {self.cfg.engine.step_timeout_s:g}s")
+                elif len(state.ranks) > 1:
+                    self._recover(state, f"a step failed: {error.message}")  # ranks may disagree now
+                else:
+                    self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, _ignore)
                 return
             result = replies[state.ranks[0]]
             assert isinstance(result, StepResult)
@@ -431,7 +590,7 @@ class Leader:
             del self.running[seq.model_id]
         state = self.registry.models[seq.model_id]
         if state.status == "loaded" and seq.output:
-            self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, lambda r, e: None)
+            self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, _ignore)
 
     def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
         self.frontend.reply(seq.peer, 0, Failure(seq.request_id, kind, message, retry_after))
@@ -445,7 +604,6 @@ class Leader:
     def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
         for seq in [s for s in self.requests.values() if s.model_id == state.id]:
             self._fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
-        self.stepping.discard(state.id)
 
     # -- queries ----------------------------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ class WorkerHandle:
 
     def reap(self) -> str:
         """Collect an exited worker; return how it ended."""
+        self.ready = False
         code = self.proc.wait() if self.proc else None
         if self.pidfd is not None:
             os.close(self.pidfd)
@@ -86,6 +87,11 @@ class WorkerHandle:
         if self.client:
             self.client.close()
             self.client = None
+
+    def kill(self) -> None:
+        """SIGKILL; the leader's poll sees the exit and handles it like any other death."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -35,6 +35,14 @@ class Query:
 
 
 @message
+class ModelOp:
+    """Operator request: load or unload a catalogue model. Answered when done (Answer or Failure)."""
+
+    op: str  # load | unload
+    model: str
+
+
+@message
 class Answer:
     data: dict[str, Any]
 
@@ -65,6 +73,6 @@ class Failure:
     """A request-level error; ``kind`` decides the HTTP status the front answers with."""
 
     request_id: str
-    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down
+    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down | conflict
     message: str
     retry_after: int | None = None

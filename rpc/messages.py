@@ -45,6 +45,7 @@ class LoadDenseShard:
     rank: int = 0
     world_size: int = 1
     dist_address: str = ""  # "host:port" rendezvous when world_size > 1
+    group_timeout_s: float = 60.0  # the group must form within this, or the load fails
     vocab_limit: int = 0  # ids >= this are never sampled (the tokenizer's size); 0 = model vocab
 
 

@@ -53,14 +53,16 @@ def tiny_qwen3(tmp_path_factory) -> Path:
 class Server:
     """`cortex serve` as a user runs it: a subprocess with its own config, run dir and port."""
 
-    def __init__(self, root: Path, models_toml: str, cortex_extra: str = "", env: dict | None = None):
+    def __init__(
+        self, root: Path, models_toml: str, cortex_extra: str = "", env: dict | None = None, devices: str = '["cpu"]'
+    ):
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (root / "run").mkdir(parents=True, exist_ok=True)
         (root / "models.toml").write_text(models_toml)
         (root / "cortex.toml").write_text(
-            f'[node]\nname = "test"\ndevices = ["cpu"]\nrun_dir = "{root / "run"}"\nthreads = 1\n'
+            f'[node]\nname = "test"\ndevices = {devices}\nrun_dir = "{root / "run"}"\nthreads = 1\n'
             f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nworkers = 1\nthreads = 8\n{cortex_extra}'
         )
         self.log = open(root / "serve.log", "wb")  # noqa: SIM115 (closed in stop())

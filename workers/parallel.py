@@ -8,25 +8,11 @@ their partial outputs with an all-reduce. Everything else is replicated.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from workers.arch.config import ModelConfig
-
-
-class ShardingError(ValueError):
-    """A model that cannot be split across this many ranks."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    """The part ``[start, start + length)`` of dimension ``dim`` of a full checkpoint tensor."""
-
-    dim: int
-    start: int
-    length: int
+from workers.sharding import Shard
 
 
 class TPGroup:
@@ -67,43 +53,6 @@ class TPGroup:
 
     def close(self) -> None:
         self._pg = None
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """How attention heads and MLP features are divided among ranks."""
-
-    q_heads: int  # local
-    kv_heads: int  # local
-    q_start: int
-    kv_start: int
-    inter: int
-    inter_start: int
-
-    @classmethod
-    def for_rank(cls, cfg: ModelConfig, tp: TPGroup, model_name: str = "model") -> HeadLayout:
-        n, r = tp.world_size, tp.rank
-        if cfg.num_heads % n:
-            raise ShardingError(
-                f"{model_name}: num_attention_heads={cfg.num_heads} is not divisible by tensor_parallel={n}"
-            )
-        if cfg.intermediate_size % n:
-            raise ShardingError(
-                f"{model_name}: intermediate_size={cfg.intermediate_size} is not divisible by tensor_parallel={n}"
-            )
-        kv = cfg.num_kv_heads
-        if kv >= n:
-            if kv % n:
-                raise ShardingError(f"{model_name}: num_key_value_heads={kv} is not divisible by tensor_parallel={n}")
-            kv_local, kv_start = kv // n, r * (kv // n)
-        else:
-            # Fewer KV heads than ranks: each rank keeps a copy of the one KV head its q heads use.
-            if n % kv:
-                raise ShardingError(f"{model_name}: tensor_parallel={n} is not a multiple of num_key_value_heads={kv}")
-            kv_local, kv_start = 1, r // (n // kv)
-        q_local = cfg.num_heads // n
-        inter = cfg.intermediate_size // n
-        return cls(q_local, kv_local, r * q_local, kv_start, inter, r * inter)
 
 
 class ParallelLinear(nn.Module):

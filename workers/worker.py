@@ -89,7 +89,7 @@ class Worker:
         cfg = ModelConfig.from_dict(msg.config)
         dtype = getattr(torch, msg.dtype)
         t0 = time.monotonic()
-        tp = TPGroup.connect(msg.rank, msg.world_size, msg.dist_address, self.device, timeout_s=60)
+        tp = TPGroup.connect(msg.rank, msg.world_size, msg.dist_address, self.device, msg.group_timeout_s)
         with torch.device(self.device):
             model = model_class(cfg)(cfg, tp, dtype, name=msg.model_id)
         log.info("loading %s (%s, %d layers, %s) on %s", msg.model_id, cfg.arch, cfg.num_layers, msg.dtype, self.device)

@@ -15,6 +15,7 @@ import falcon
 from cortex.api import errors
 from cortex.api.engine_client import EngineClient
 from cortex.api.health import Health
+from cortex.api.manage import ModelLoad, ModelTable
 from cortex.api.models import Models
 from cortex.api.openai import ChatCompletions
 
@@ -32,4 +33,8 @@ def create_app(settings: dict | None = None) -> falcon.App:
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id:path}", models, suffix="one")
     app.add_route("/health", Health(engine))
+    body = s["max_body_bytes"]
+    app.add_route("/models", ModelTable(engine))
+    app.add_route("/models/load", ModelLoad(engine, body, s["load_timeout_s"], "load"))
+    app.add_route("/models/unload", ModelLoad(engine, body, 60.0, "unload"))
     return app

@@ -14,7 +14,7 @@ import zmq
 
 from cortex.api.errors import ApiError
 from rpc.codec import encode
-from rpc.engine import Answer, Cancel, Delta, Failure, Finished, Query, Started, Submit
+from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit
 from rpc.messages import Error
 from rpc.transport import RpcClient
 
@@ -46,6 +46,20 @@ class EngineClient:
                 503, "the engine is not answering", "service_unavailable", "engine_unavailable", retry_after=5
             )
         return reply.data
+
+    def model_op(self, op: str, model: str, timeout_s: float) -> dict:
+        """Load or unload a model; returns its description once done, raises ApiError otherwise."""
+        client = RpcClient(self.endpoint, self._context())
+        try:
+            client.send(ModelOp(op, model))
+            got = client.recv(int(timeout_s * 1000))
+        finally:
+            client.close()
+        if got is None:
+            raise ApiError(504, f"{op} of {model!r} did not finish within {timeout_s:g}s", "server_error", "timeout")
+        if isinstance(got[1], Answer):
+            return got[1].data
+        raise _as_api_error(got[1])
 
     def submit(self, req: Submit) -> Generation:
         gen = Generation(RpcClient(self.endpoint, self._context()), req, self.event_timeout_s)

@@ -21,6 +21,7 @@ FAILURES = {
     "overloaded": (503, "service_unavailable", "overloaded"),
     "shutting_down": (503, "service_unavailable", "shutting_down"),
     "engine_unavailable": (503, "service_unavailable", "engine_unavailable"),
+    "conflict": (409, "invalid_request_error", "conflict"),
 }
 
 

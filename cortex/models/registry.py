@@ -18,9 +18,12 @@ class ModelState:
     files: ModelFiles | None = None
     ranks: list[int] = field(default_factory=list)  # worker ranks holding its shards, rank order
     error: str | None = None
-    param_bytes: int = 0
+    rank_bytes: list[int] = field(default_factory=list)  # resident parameter bytes on each rank
     loads: int = 0
     last_used: float = 0.0
+    load_gen: int = 0  # bumped by every load, unload and recovery: replies to older ones are ignored
+    load_in_flight: bool = False
+    waiters: list[bytes] = field(default_factory=list)  # operators waiting on a load
 
     @property
     def id(self) -> str:
@@ -38,7 +41,8 @@ class ModelState:
             "devices": [devices[r] for r in self.ranks] if self.status in ("loaded", "recovering") else [],
             "tensor_parallel": self.entry.tensor_parallel,
             "context_length": self.context_length or None,
-            "param_bytes": self.param_bytes,
+            "param_bytes": sum(self.rank_bytes),
+            "rank_bytes": self.rank_bytes,
             "error": self.error,
         }
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from workers.arch.config import ModelConfig
 from workers.kv_cache import SequenceKV
-from workers.parallel import HeadLayout, TPGroup, column, row
+from workers.parallel import TPGroup, column, row
+from workers.sharding import HeadLayout
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +174,7 @@ class LlamaModel(nn.Module):
     ):
         super().__init__()
         self.cfg, self.tp = cfg, tp or TPGroup()
-        self.layout = HeadLayout.for_rank(cfg, self.tp, name)
+        self.layout = HeadLayout.for_rank(cfg, self.tp.rank, self.tp.world_size, name)
         self.model = Backbone(cfg, self.layout, self.tp, dtype)
         self.rotary = Rotary(cfg)
         if cfg.tie_word_embeddings:

