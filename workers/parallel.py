@@ -22,14 +22,19 @@ class TPGroup:
     models with different groups at once.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, pg: object | None = None):
+    def __init__(self, rank: int = 0, world_size: int = 1, pg: object | None = None, store: object | None = None):
         self.rank = rank
         self.world_size = world_size
         self._pg = pg
+        self._store = store  # the rendezvous store must outlive the group
 
     @classmethod
     def connect(cls, rank: int, world_size: int, address: str, device: torch.device, timeout_s: float) -> TPGroup:
-        if world_size == 1:
+        """Join the group that rendezvous at ``address`` (no address: a lone rank, no communicator).
+        Raises if the other ranks have not all arrived within ``timeout_s``."""
+        if not address:
+            if world_size != 1:
+                raise ValueError(f"a group of {world_size} ranks needs a rendezvous address")
             return cls()
         import torch.distributed as dist
 
@@ -40,10 +45,10 @@ class TPGroup:
             pg = dist.ProcessGroupNCCL(store, rank, world_size)
         else:
             pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
-        return cls(rank, world_size, pg)
+        return cls(rank, world_size, pg, store)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
+        if self._pg is not None:
             import torch.distributed as dist
 
             opts = dist.AllreduceOptions()
@@ -52,7 +57,7 @@ class TPGroup:
         return t
 
     def close(self) -> None:
-        self._pg = None
+        self._pg = self._store = None
 
 
 class ParallelLinear(nn.Module):
