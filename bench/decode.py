@@ -62,10 +62,17 @@ def bench_hf(model, files, device, n: int, dtype) -> tuple[float, list[int]]:
 
     c = files.config
     hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings,
     )
     with torch.device(device):
         hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
@@ -99,8 +106,11 @@ def bench_server(n: int, threads: int) -> float:
         f'[node]\nrun_dir = "{run}"\nthreads = {threads}\nmodels_config = "{conf / "models.toml"}"\n'
         f'[gateway]\nlisten = "127.0.0.1:{port}"\nworkers = 1\n'
     )
-    proc = subprocess.Popen([sys.executable, "-m", "cortex.cli", "serve", "--config", str(run / "cortex.toml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(run / "cortex.toml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -110,8 +120,14 @@ def bench_server(n: int, threads: int) -> float:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        body = {"model": "default", "messages": PROMPT, "max_tokens": n, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": "default",
+            "messages": PROMPT,
+            "max_tokens": n,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         best = 0.0
         for _ in range(2):  # the first run warms up
             times, usage = [], None
@@ -159,8 +175,10 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     if device.type == "cuda":
         cpu = torch.cuda.get_device_name(device)
-    print(f"# {entry.id} ({files.format}, {dtype}) on {device} [{cpu}], {args.threads} threads, "
-          f"{args.tokens} tokens, torch {torch.__version__}")
+    print(
+        f"# {entry.id} ({files.format}, {dtype}) on {device} [{cpu}], {args.threads} threads, "
+        f"{args.tokens} tokens, torch {torch.__version__}"
+    )
     print(f"cortex model (in-process)  {ours:8.1f} tok/s")
     if served is not None:
         print(f"cortex serve (HTTP, SSE)   {served:8.1f} tok/s")

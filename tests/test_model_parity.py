@@ -1,0 +1,137 @@
+"""The worker's model computes what HF transformers computes: fp32 logits on a prefill and 8 decode
+steps, for Llama and Qwen3, tied and untied lm_head, single-file and sharded safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.checkpoints import hf_model, make_checkpoint
+from workers.arch import ModelConfig, model_class
+from workers.kv_cache import KVCache
+from workers.weights import WeightsError, load_weights
+
+TOL = 1e-4
+
+
+def _load(path: Path):
+    cfg = ModelConfig.from_hf_dir(path)
+    model = model_class(cfg)(cfg)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.index.json"))
+    load_weights(model, "safetensors", [str(f) for f in files])
+    return model
+
+
+def _compare(path: Path, prompt_len: int, steps: int = 8) -> float:
+    ours, ref = _load(path), hf_model(path)
+    ids = torch.randint(3, 512, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+    cache = KVCache(*ours.new_kv_args(), torch.device("cpu"))
+    got = ours(torch.tensor(ids), cache.for_step(0, 0, len(ids)), all_logits=True)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    err = (got - want).abs().max().item()
+    for _ in range(steps):  # each decode step against HF's forward over the whole sequence
+        ids.append(int(got[-1].argmax()) if got.dim() == 2 else int(got.argmax()))
+        got = ours(torch.tensor(ids[-1:]), cache.for_step(0, len(ids) - 1, 1))
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0, -1]
+        err = max(err, (got - want).abs().max().item())
+    assert want.std() > 0.3, "logits are flat: the checkpoint was not re-randomised"
+    return err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("prompt_len", [1, 7, 33])
+def test_logits_match_transformers(tmp_path, arch, tied, prompt_len):
+    path = make_checkpoint(tmp_path, arch, tied)
+    assert _compare(path, prompt_len) < TOL
+
+
+def test_qwen3_head_dim_is_not_hidden_over_heads(tmp_path):
+    cfg = ModelConfig.from_hf_dir(make_checkpoint(tmp_path, "qwen3", True))
+    assert cfg.head_dim * cfg.num_heads != cfg.hidden_size and cfg.qk_norm
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    path = make_checkpoint(tmp_path, "qwen3", tied=False, shard_size="60KB")
+    assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 1
+    assert _compare(path, 7) < TOL
+
+
+def test_chunked_prefill_equals_one_prefill(tmp_path):
+    model = _load(make_checkpoint(tmp_path, "qwen3", True))
+    ids = torch.arange(3, 40)
+    cache = KVCache(*model.new_kv_args(), torch.device("cpu"))
+    whole = model(ids, cache.for_step(1, 0, len(ids)), all_logits=True)
+    model(ids[:20], cache.for_step(2, 0, 20))
+    rest = model(ids[20:], cache.for_step(2, 20, len(ids) - 20), all_logits=True)
+    assert (rest - whole[20:]).abs().max() < 1e-5
+
+
+def test_restarting_a_sequence_at_position_zero_forgets_its_past(tmp_path):
+    model = _load(make_checkpoint(tmp_path, "llama", True))
+    cache = KVCache(*model.new_kv_args(), torch.device("cpu"))
+    first = model(torch.tensor([5, 6, 7]), cache.for_step(1, 0, 3))
+    model(torch.tensor([9]), cache.for_step(1, 3, 1))
+    again = model(torch.tensor([5, 6, 7]), cache.for_step(1, 0, 3))
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError):
+        cache.for_step(1, 10, 1)  # a gap in positions is a leader bug, never silently accepted
+
+
+def test_rope_parameters_and_legacy_rope_theta_both_parse(tmp_path):
+    import json
+
+    path = make_checkpoint(tmp_path, "qwen3", True)
+    cfg = json.loads((path / "config.json").read_text())
+    assert ModelConfig.from_hf(cfg).rope_theta == 1e6
+    legacy = {k: v for k, v in cfg.items() if k != "rope_parameters"} | {"rope_theta": 5e5}
+    assert ModelConfig.from_hf(legacy).rope_theta == 5e5
+
+
+def test_a_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(tmp_path, "llama", tied=True)
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match="model.layers.1.mlp.up_proj.weight"):
+        _load(path)
+
+
+def test_unsupported_architecture_is_refused_by_name():
+    from workers.arch.config import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match="'gpt2'"):
+        ModelConfig.from_hf({"model_type": "gpt2"})
+
+
+def test_sampling_rules():
+    from rpc.messages import SamplingParams
+    from workers.sampling import new_generator, sample
+
+    logits = torch.tensor([0.0, 1.0, 5.0, 2.0, 9.0])
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, greedy, new_generator(greedy, torch.device("cpu")), 0) == 4
+    assert sample(logits, greedy, None, vocab_limit=4) == 2  # ids past the tokenizer are never chosen
+    hot = SamplingParams(temperature=1.5, seed=11)
+
+    def draws(params, n=50):
+        g = new_generator(params, torch.device("cpu"))
+        return [sample(logits, params, g, 0) for _ in range(n)]
+
+    assert draws(hot) == draws(hot)  # a seed reproduces the sequence of draws
+    assert len(set(draws(hot))) > 1
+    assert set(draws(SamplingParams(temperature=1.5, top_k=1, seed=3))) == {4}
+    assert set(draws(SamplingParams(temperature=5.0, top_k=2, seed=3))) <= {2, 4}
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.5, seed=3))) == {4}
+    # a very high temperature flattens the distribution: every id turns up
+    assert set(draws(SamplingParams(temperature=50.0, seed=3), 200)) == {0, 1, 2, 3, 4}
+    # sampled (not only greedy) draws also respect the vocabulary limit
+    p = SamplingParams(temperature=50.0, seed=1)
+    g = new_generator(p, torch.device("cpu"))
+    assert {sample(logits, p, g, vocab_limit=3) for _ in range(100)} == {0, 1, 2}
