@@ -146,7 +146,7 @@ class Leader:
                     break
                 peer, _, msg = got
                 if msg is not None:
-                    self._on_front(peer, msg)
+                    self._on_front_safely(peer, msg)
         self._check_file_reads()
         self._check_deadlines()
         self._schedule()
@@ -431,6 +431,19 @@ class Leader:
             self._reject(peer, "", "invalid_request", f"unknown model operation {op.op!r}")
 
     # -- front requests ------------------------------------------------------------------------------
+
+    def _on_front_safely(self, peer: bytes, msg: object) -> None:
+        """One request's bug must never take the loop (and every other request) down."""
+        try:
+            self._on_front(peer, msg)
+        except Exception as exc:
+            log.exception("handling %s failed", type(msg).__name__)
+            rid = getattr(msg, "request_id", "")
+            seq = self.requests.get(rid)
+            if seq is not None:
+                self._fail(seq, "internal", f"internal error: {type(exc).__name__}")
+            else:
+                self._reject(peer, rid, "internal", f"internal error: {type(exc).__name__}")
 
     def _on_front(self, peer: bytes, msg: object) -> None:
         if isinstance(msg, Submit):

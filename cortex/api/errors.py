@@ -22,6 +22,7 @@ FAILURES = {
     "shutting_down": (503, "service_unavailable", "shutting_down"),
     "engine_unavailable": (503, "service_unavailable", "engine_unavailable"),
     "conflict": (409, "invalid_request_error", "conflict"),
+    "internal": (500, "server_error", "internal_error"),
 }
 
 

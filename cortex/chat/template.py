@@ -52,6 +52,8 @@ class ChatTemplate:
             raise
         except TemplateError as exc:
             raise TemplateRenderError(f"chat template failed: {exc}") from None
+        except Exception as exc:  # templates are code from a model file; any error is the input's fault
+            raise TemplateRenderError(f"chat template failed: {type(exc).__name__}: {exc}") from None
 
 
 # Used when a model ships no template at all.
