@@ -84,7 +84,11 @@ def _read_gguf(path: Path) -> ModelFiles:
     f = GGUFFile(path)
     meta = f.metadata(include_bulk=True)
     tok = from_gguf_fields(meta)
-    cfg = ModelConfig.from_gguf_fields(meta, "output.weight" in f.tensors, len(meta["tokenizer.ggml.tokens"]))
+    embed = f.tensors.get("token_embd.weight")
+    if embed is None:
+        raise ModelFilesError(f"{path}: no token_embd.weight tensor")
+    # the embedding's rows, not the token list, are the model's vocabulary (token lists can be shorter)
+    cfg = ModelConfig.from_gguf_fields(meta, "output.weight" in f.tensors, int(embed.shape[-1]))
     template = ChatTemplate(meta.get("tokenizer.chat_template") or CHATML, tok.bos_token, tok.eos_token)
     return ModelFiles("gguf", [path], cfg, tok, template)
 

@@ -105,7 +105,7 @@ class ModelConfig:
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
             arch=arch,
-            vocab_size=key("vocab_size") or vocab_size,
+            vocab_size=vocab_size,
             hidden_size=hidden,
             intermediate_size=key("feed_forward_length"),
             num_layers=key("block_count"),
