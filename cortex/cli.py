@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 
 from cortex import __version__
-from cortex.config import Config, ConfigError, HostPort, load
+from cortex.config import Config, ConfigError, HostPort, load, parse_host_port
 
 log = logging.getLogger("cortex")
 
@@ -69,10 +69,9 @@ def serve(args: argparse.Namespace) -> int:
     listen = cfg.gateway.listen
     if args.listen:
         try:
-            host, _, port = args.listen.rpartition(":")
-            listen = HostPort(host, int(port))
-        except ValueError:
-            print(f"cortex: --listen: expected host:port, got {args.listen!r}", file=sys.stderr)
+            listen = parse_host_port(args.listen)
+        except ValueError as exc:
+            print(f"cortex: --listen: {exc}", file=sys.stderr)
             return 2
 
     from cortex.leader import Leader

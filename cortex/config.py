@@ -120,13 +120,13 @@ REQUIRED = object()
 
 def _port(v: str) -> str | None:
     try:
-        _host_port(v)
+        parse_host_port(v)
     except ValueError as exc:
         return str(exc)
     return None
 
 
-def _host_port(v: str) -> HostPort:
+def parse_host_port(v: str) -> HostPort:
     host, sep, port = v.rpartition(":")
     if not sep or not host:
         raise ValueError(f"expected 'host:port', got {v!r}")
@@ -291,8 +291,8 @@ def load(file: str | Path | None = None) -> Config:
         threads=node["threads"],
     )
     gateway = GatewayConfig(
-        listen=_host_port(gw["listen"]),
-        metrics_listen=_host_port(gw["metrics_listen"]),
+        listen=parse_host_port(gw["listen"]),
+        metrics_listen=parse_host_port(gw["metrics_listen"]),
         workers=gw["workers"],
         threads=gw["threads"],
         max_body_mb=gw["max_body_mb"],

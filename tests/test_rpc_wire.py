@@ -1,0 +1,267 @@
+"""The RPC layer: every message survives msgpack, every malformed frame gets an Error reply and never
+kills the receiver, every call has a timeout, and stale replies never answer the wrong call."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from rpc import engine, messages
+from rpc.codec import DecodeError, decode, encode
+from rpc.messages import (
+    Ack,
+    ClearKvCache,
+    Error,
+    GenerateStep,
+    LoadDenseShard,
+    Loaded,
+    Ping,
+    Pong,
+    SamplingParams,
+    SeqInput,
+    StepResult,
+    Unload,
+)
+from rpc.transport import RpcClient, RpcServer, RpcTimeout
+from tests.checkpoints import make_checkpoint
+from workers.arch.config import ModelConfig
+
+SAMPLES = [
+    Ping(),
+    Pong(pid=12, device="cuda:0", models=["a", "b"]),
+    LoadDenseShard(
+        model_id="m",
+        format="safetensors",
+        files=["/a", "/b"],
+        config={"arch": "qwen3", "x": [1, 2]},
+        dtype="bfloat16",
+        rank=1,
+        world_size=2,
+        dist_address="127.0.0.1:29500",
+        vocab_limit=151669,
+    ),
+    Loaded(model_id="m", param_bytes=10**10, load_seconds=1.5),
+    GenerateStep(
+        model_id="m",
+        seqs=[
+            SeqInput(seq_id=1, tokens=[1, 2, 3], start_pos=0, sampling=SamplingParams(0.7, 0.9, 20, 42)),
+            SeqInput(seq_id=2, tokens=[9], start_pos=17, sampling=SamplingParams(), sample=False),
+        ],
+    ),
+    StepResult(model_id="m", tokens=[5, -1]),
+    ClearKvCache(model_id="m", seq_ids=[1, 2]),
+    ClearKvCache(model_id="m"),
+    Unload(model_id="m"),
+    Ack(),
+    Error(kind="step_failed", message="boom"),
+    engine.Submit(
+        request_id="r",
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        sampling=SamplingParams(0.0),
+        max_tokens=5,
+        stop=["\n"],
+        template_kwargs={"enable_thinking": False},
+    ),
+    engine.Cancel(request_id="r"),
+    engine.Query(what="health"),
+    engine.ModelOp(op="load", model="m"),
+    engine.Answer(data={"models": [{"id": "m"}]}),
+    engine.Started(request_id="r", prompt_tokens=3),
+    engine.Delta(request_id="r", text="héllo 🤖", completion_tokens=2),
+    engine.Finished(request_id="r", finish_reason="length", prompt_tokens=3, completion_tokens=5),
+    engine.Failure(request_id="r", kind="model_loading", message="wait", retry_after=5),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg):
+    msg_id, back = decode(encode(msg, 77))
+    assert msg_id == 77 and back == msg and type(back) is type(msg)
+
+
+def test_the_samples_cover_every_message_type():
+    defined = {
+        c for m in (messages, engine) for c in vars(m).values() if isinstance(c, type) and c.__module__ == m.__name__
+    }
+    assert defined - {type(s) for s in SAMPLES} <= {SamplingParams, SeqInput}  # nested only
+
+
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        (b"\xc1\xff garbage", "not msgpack"),
+        (msgpack.packb([1, 2, 3]), "not a map"),
+        (msgpack.packb({"id": 1}), "unknown message type None"),
+        (msgpack.packb({"type": "Launch", "id": 1}), "unknown message type 'Launch'"),
+        (msgpack.packb({"type": "Unload", "id": 1, "model_id": "m", "force": True}), "unknown fields"),
+        (msgpack.packb({"type": "Unload", "id": 1}), "model_id"),
+        (msgpack.packb({"type": "Unload", "id": "one", "model_id": "m"}), "'id' must be an integer"),
+        (msgpack.packb({"type": "StepResult", "id": 1, "model_id": "m", "tokens": "123"}), "expected a list"),
+        (
+            msgpack.packb({"type": "SeqInput", "id": 1, "seq_id": True, "tokens": [], "start_pos": 0, "sampling": {}}),
+            "expected int, got bool",
+        ),
+        (msgpack.packb({"type": "GenerateStep", "id": 1, "model_id": "m", "seqs": [{"seq_id": 1}]}), "SeqInput"),
+    ],
+)
+def test_malformed_frames_are_decode_errors(frame, words):
+    with pytest.raises(DecodeError, match=words.replace("(", r"\(")):
+        decode(frame)
+
+
+@pytest.fixture
+def endpoint(tmp_path):
+    return f"ipc://{tmp_path}/rpc.sock"
+
+
+def _serve(endpoint, handler, stop):
+    server = RpcServer(endpoint)
+
+    def loop():
+        while not stop.is_set():
+            got = server.recv(50)
+            if got and got[2] is not None:
+                reply = handler(got[2])
+                if reply is not None:
+                    server.reply(got[0], got[1], reply)
+        server.close()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+def test_call_returns_the_reply(endpoint):
+    stop = threading.Event()
+    _serve(endpoint, lambda m: Pong(pid=1, device="cpu", models=[]), stop)
+    client = RpcClient(endpoint)
+    try:
+        assert client.call(Ping(), 5) == Pong(pid=1, device="cpu", models=[])
+    finally:
+        stop.set()
+        client.close()
+
+
+def test_a_silent_server_times_out(endpoint):
+    stop = threading.Event()
+    _serve(endpoint, lambda m: None, stop)
+    client = RpcClient(endpoint)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RpcTimeout, match="Ping"):
+            client.call(Ping(), 0.3)
+        assert 0.25 < time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+        client.close()
+
+
+def test_a_late_reply_never_answers_the_next_call(endpoint):
+    stop, first = threading.Event(), threading.Event()
+
+    def slow_then_fast(msg):
+        if isinstance(msg, Unload) and not first.is_set():
+            first.set()
+            time.sleep(0.5)  # answers after the caller gave up
+            return Error(kind="late", message="stale")
+        return Ack()
+
+    _serve(endpoint, slow_then_fast, stop)
+    client = RpcClient(endpoint)
+    try:
+        with pytest.raises(RpcTimeout):
+            client.call(Unload("m"), 0.1)
+        time.sleep(0.6)  # the stale Error is now waiting in the socket
+        assert client.call(Unload("m"), 5) == Ack()
+    finally:
+        stop.set()
+        client.close()
+
+
+def test_garbage_gets_an_error_reply_and_the_server_keeps_serving(endpoint):
+    stop = threading.Event()
+    _serve(endpoint, lambda m: Ack(), stop)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        sock.send(b"\x00\x01 not msgpack")
+        assert sock.poll(5000)
+        msg_id, reply = decode(sock.recv())
+        assert isinstance(reply, Error) and reply.kind == "bad_frame"
+        client = RpcClient(endpoint)
+        assert client.call(Ping(), 5) == Ack()
+        client.close()
+    finally:
+        stop.set()
+        sock.close(0)
+
+
+# -- the real worker process --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    sock = f"ipc://{tmp_path_factory.mktemp('w')}/w.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "workers.worker", "--endpoint", sock, "--device", "cpu"])
+    client = RpcClient(sock)
+    assert isinstance(client.call(Ping(), 90), Pong)
+    yield proc, client
+    client.close()
+    proc.kill()
+    proc.wait()
+
+
+def test_worker_answers_ping_with_its_pid(worker):
+    proc, client = worker
+    pong = client.call(Ping(), 10)
+    assert pong.pid == proc.pid and pong.device == "cpu"
+
+
+def test_worker_survives_garbage_and_wrong_requests(worker, tmp_path):
+    proc, client = worker
+    client.socket.send(b"garbage")
+    assert client.recv(5000)[1].kind == "bad_frame"
+    assert client.call(engine.Query(what="health"), 10).kind == "bad_frame"  # not a worker request
+    step = GenerateStep("absent", [SeqInput(1, [1], 0, SamplingParams())])
+    assert client.call(step, 10).kind == "unknown_model"
+    load = LoadDenseShard(
+        model_id="x", format="safetensors", files=[str(tmp_path / "none.safetensors")], config={}, dtype="float32"
+    )
+    reply = client.call(load, 30)
+    assert isinstance(reply, Error) and reply.kind == "load_failed"
+    assert proc.poll() is None and isinstance(client.call(Ping(), 10), Pong)
+
+
+def test_worker_load_generate_clear_unload(worker, tmp_path):
+    _, client = worker
+    path = make_checkpoint(tmp_path, "qwen3", tied=True)
+    load = LoadDenseShard(
+        model_id="tiny",
+        format="safetensors",
+        files=[str(p) for p in path.glob("*.safetensors")],
+        config=ModelConfig.from_hf_dir(path).to_dict(),
+        dtype="float32",
+        vocab_limit=400,
+    )
+    loaded = client.call(load, 60)
+    assert isinstance(loaded, Loaded) and loaded.param_bytes > 0
+    assert client.call(load, 10).kind == "load_failed"  # already loaded: refused, not duplicated
+    greedy = SamplingParams(temperature=0.0)
+    first = client.call(GenerateStep("tiny", [SeqInput(1, [3, 4, 5], 0, greedy)]), 30)
+    assert isinstance(first, StepResult) and 0 <= first.tokens[0] < 400
+    nxt = client.call(GenerateStep("tiny", [SeqInput(1, first.tokens, 3, greedy)]), 30)
+    again = client.call(GenerateStep("tiny", [SeqInput(2, [3, 4, 5], 0, greedy)]), 30)
+    assert again.tokens == first.tokens and isinstance(nxt, StepResult)
+    assert client.call(ClearKvCache("tiny", [1, 2]), 10) == Ack()
+    gap = client.call(GenerateStep("tiny", [SeqInput(1, [7], 4, greedy)]), 10)
+    assert gap.kind == "step_failed"  # its KV is gone: continuing it is an error, not garbage
+    assert client.call(Unload("tiny"), 10) == Ack()
+    assert client.call(Unload("tiny"), 10) == Ack()  # idempotent
+    assert client.call(Ping(), 10).models == []
