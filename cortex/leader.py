@@ -524,7 +524,7 @@ class Leader:
             sampling=req.sampling,
             max_tokens=req.max_tokens or room,
             decoder=IncrementalDecoder(files.tokenizer.tokenizer, req.stop),
-            eos_ids=frozenset(eos),
+            eos_ids=frozenset() if req.ignore_eos else frozenset(eos),
         )
         self.registry.touch(state)
         self.requests[rid] = seq

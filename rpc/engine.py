@@ -22,6 +22,7 @@ class Submit:
     max_tokens: int | None = None
     stop: list[str] | None = None
     template_kwargs: dict[str, Any] | None = None
+    ignore_eos: bool = False  # generate to max_tokens even past EOS (vLLM's extension; benchmarks)
 
 
 @message

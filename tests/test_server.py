@@ -245,7 +245,7 @@ def test_worker_crash_fails_the_request_then_recovers(tmp_path, tiny_qwen3):
     srv = Server(tmp_path, tiny_models_toml(tiny_qwen3))
     try:
         pid = srv.wait_healthy()["workers"][0]["pid"]
-        body = {"model": "tiny", "messages": HI, "max_tokens": 1500, "stream": True, "temperature": 1.0}
+        body = {"model": "tiny", "messages": HI, "max_tokens": 1500, "stream": True, "ignore_eos": True}
         t0 = None
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
             events = []
@@ -282,3 +282,8 @@ def test_sigterm_stops_everything_within_10s(tmp_path, tiny_qwen3):
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client):
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=40, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"

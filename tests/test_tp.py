@@ -111,8 +111,26 @@ def test_a_group_that_cannot_form_fails_the_load_and_the_worker_survives(tmp_pat
 # -- through the server -------------------------------------------------------------------------------
 
 
+def _three_head_checkpoint(path: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=32,
+    )
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    train_tiny_tokenizer(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory, qwen3_kv2, qwen3_kv1):
+    three_heads = _three_head_checkpoint(tmp_path_factory.mktemp("odd"))
     for d in (qwen3_kv2, qwen3_kv1):
         if not (d / "tokenizer.json").exists():
             train_tiny_tokenizer(d)
@@ -125,14 +143,29 @@ def tp_server(tmp_path_factory, qwen3_kv2, qwen3_kv1):
             ("kv1-tp1", qwen3_kv1, 1, True),
             ("kv1-tp2", qwen3_kv1, 2, True),
             ("spare", qwen3_kv1, 2, False),
+            ("odd-heads", three_heads, 2, True),
         ]
     )
     srv = Server(root, models, devices='["cpu", "cpu"]')
     try:
-        srv.wait_healthy()
+        srv.wait_http()
+        _wait_loaded(srv)
         yield srv
     finally:
         srv.stop()
+
+
+SERVED = ("kv2-tp1", "kv2-tp2", "kv1-tp1", "kv1-tp2")
+
+
+def _wait_loaded(srv: Server, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        models = {m["id"]: m for m in srv.health()["models"]}
+        if all(models[m]["status"] == "loaded" for m in SERVED) and models["odd-heads"]["status"] == "failed":
+            return models
+        time.sleep(0.3)
+    raise TimeoutError(f"{models}\n{srv.logs()}")
 
 
 def _chat(srv: Server, model: str, **kw) -> openai.types.chat.ChatCompletion:
@@ -170,6 +203,14 @@ def test_load_unload_load_again(tp_server):
     assert _chat(tp_server, "spare", max_tokens=4).usage.completion_tokens == 4
 
 
+def test_an_indivisible_model_is_refused_at_load_with_its_message(tp_server):
+    model = {m["id"]: m for m in tp_server.health()["models"]}["odd-heads"]
+    assert model["status"] == "failed"
+    assert model["error"] == "odd-heads: num_attention_heads=3 is not divisible by tensor_parallel=2"
+    r = httpx.post(tp_server.url + "/v1/chat/completions", json={"model": "odd-heads", "messages": HI})
+    assert r.status_code == 503 and "num_attention_heads=3" in r.json()["error"]["message"]
+
+
 def test_management_errors(tp_server):
     url = tp_server.url
     assert httpx.post(url + "/models/load", json={"model": "nope"}).status_code == 404
@@ -180,7 +221,7 @@ def test_management_errors(tp_server):
 def test_killing_one_tp_worker_mid_stream_fails_fast_then_recovers(tp_server):
     health = tp_server.health()
     victim = health["workers"][1]["pid"]
-    body = {"model": "kv1-tp2", "messages": HI, "max_tokens": 1500, "stream": True, "temperature": 1.0}
+    body = {"model": "kv1-tp2", "messages": HI, "max_tokens": 1500, "stream": True, "ignore_eos": True}
     events, t_kill = [], None
     with httpx.stream("POST", tp_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
         for line in r.iter_lines():
@@ -192,12 +233,7 @@ def test_killing_one_tp_worker_mid_stream_fails_fast_then_recovers(tp_server):
     assert time.monotonic() - t_kill < 5
     assert '"worker_failed"' in events[-1]
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        models = {m["id"]: m for m in tp_server.health()["models"]}
-        if all(m["status"] == "loaded" for k, m in models.items() if k != "spare"):
-            break
-        time.sleep(0.3)
+    models = _wait_loaded(tp_server)
     assert models["kv1-tp2"]["status"] == "loaded", models
     h = tp_server.health()
     assert h["workers"][1]["pid"] != victim and h["workers"][1]["restarts"] == 1
@@ -224,5 +260,35 @@ def test_tp_for_gguf_is_refused_with_a_clear_error(tmp_path):
         assert "tensor parallelism is not supported for GGUF" in m["error"]
         r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "g", "messages": HI})
         assert r.status_code == 503 and "GGUF" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+def test_a_step_past_the_watchdog_fails_fast_and_the_group_is_rebuilt(tmp_path, qwen3_kv2):
+    if not (qwen3_kv2 / "tokenizer.json").exists():
+        train_tiny_tokenizer(qwen3_kv2)
+    stall = tmp_path / "stall"
+    srv = Server(
+        tmp_path / "srv",
+        f'[[models]]\nid = "m"\npath = "{qwen3_kv2}"\ntensor_parallel = 2\npreload = true\n',
+        cortex_extra="[engine]\nstep_timeout_s = 2\n",
+        devices='["cpu", "cpu"]',
+        env={"CORTEX_TEST_STALL_FILE": str(stall)},
+    )
+    try:
+        before = [w["pid"] for w in srv.wait_healthy()["workers"]]
+        stall.write_text("")  # the next step on either rank stalls for 30 s
+        t0 = time.monotonic()
+        r = httpx.post(
+            srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4}, timeout=60
+        )
+        assert time.monotonic() - t0 < 10
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_failed"
+        after = srv.wait_healthy()
+        assert [w["pid"] for w in after["workers"]] != before  # the wedged group was restarted
+        assert after["models"][0]["status"] == "loaded"
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4})
+        assert r.status_code == 200
+        assert "took longer than 2s" in srv.logs()
     finally:
         srv.stop()

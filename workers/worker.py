@@ -31,8 +31,12 @@ from rpc.transport import RpcServer
 
 log = logging.getLogger("cortex.worker")
 
-# Testing seam: slow every load by this many seconds so a test can observe "loading".
+# Testing seams (mock only what cannot be made to happen on demand):
+# slow every load by this many seconds, so a test can observe "loading";
 LOAD_DELAY_ENV = "CORTEX_TEST_LOAD_DELAY_S"
+# stall one step for 30 s if this file exists (deleted first: one stall, even across restarts),
+# so a test can watch the step watchdog fire.
+STALL_FILE_ENV = "CORTEX_TEST_STALL_FILE"
 
 
 @dataclass
@@ -115,6 +119,7 @@ class Worker:
         if rm is None:
             return Error(kind="unknown_model", message=f"model {msg.model_id!r} is not loaded on this worker")
         torch = self.torch
+        _maybe_stall()
         out = []
         for s in msg.seqs:
             kv = rm.cache.for_step(s.seq_id, s.start_pos, len(s.tokens))
@@ -147,6 +152,13 @@ class Worker:
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()
         return Ack()
+
+
+def _maybe_stall() -> None:
+    path = os.environ.get(STALL_FILE_ENV)
+    if path and os.path.exists(path):
+        os.unlink(path)
+        time.sleep(30)
 
 
 def _progress_logger(model_id: str):

@@ -111,6 +111,7 @@ class ChatCompletions:
             max_tokens=max_tokens,
             stop=parse_stop(body),
             template_kwargs=field(body, "chat_template_kwargs", dict),
+            ignore_eos=field(body, "ignore_eos", bool, default=False),
         )
         gen = self.engine.submit(submit)  # raises ApiError (404, 503 loading, 400 too long) up front
         created = int(time.time())
