@@ -33,30 +33,22 @@ def _start_front(cfg: Config, engine_endpoint: str, listen: HostPort) -> subproc
         "max_body_bytes": cfg.gateway.max_body_mb * 1024 * 1024,
         "node": cfg.node.name,
     }
+    # fmt: off
     cmd = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        str(listen),
-        "--workers",
-        str(cfg.gateway.workers),
-        "--threads",
-        str(cfg.gateway.threads),
-        "--worker-class",
-        "gthread",
-        "--graceful-timeout",
-        str(int(SHUTDOWN_GRACE_S) - 1),
-        "--keep-alive",
-        "5",
-        "--log-level",
-        "warning",
-        "--name",
-        "cortex-front",
-        "cortex.api.app:create_app()",
+        sys.executable, "-m", "cortex.api.serve",
+        "--bind", str(listen),
+        "--workers", str(cfg.gateway.workers),
+        "--threads", str(cfg.gateway.threads),
+        "--worker-class", "gthread",
+        "--graceful-timeout", str(int(SHUTDOWN_GRACE_S) - 1),
+        "--keep-alive", "5",
+        "--log-level", "warning",
+        "--name", "cortex-front",
     ]
+    # fmt: on
     env = {**os.environ, "CORTEX_FRONT": json.dumps(settings)}
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    # its own process group: Ctrl-C in a terminal reaches the leader only, which stops the front in order
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, process_group=0)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -54,7 +54,13 @@ class Server:
     """`cortex serve` as a user runs it: a subprocess with its own config, run dir and port."""
 
     def __init__(
-        self, root: Path, models_toml: str, cortex_extra: str = "", env: dict | None = None, devices: str = '["cpu"]'
+        self,
+        root: Path,
+        models_toml: str,
+        cortex_extra: str = "",
+        env: dict | None = None,
+        devices: str = '["cpu"]',
+        start_new_session: bool = False,  # a process group of its own, as a terminal gives
     ):
         self.root = root
         self.port = free_port()
@@ -71,6 +77,7 @@ class Server:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            start_new_session=start_new_session,
         )
 
     def wait_http(self, timeout: float = 120) -> None:

@@ -287,3 +287,40 @@ def test_sigterm_stops_everything_within_10s(tmp_path, tiny_qwen3):
 def test_ignore_eos_generates_exactly_max_tokens(client):
     r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=40, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+
+
+def test_ctrl_c_to_the_process_group_stops_everything_in_order(tmp_path, tiny_qwen3):
+    """What a terminal does on Ctrl-C: SIGINT to every process of the foreground group."""
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), start_new_session=True)
+    srv.wait_healthy()
+    children = srv.children()
+    t0 = time.monotonic()
+    os.killpg(srv.proc.pid, signal.SIGINT)
+    srv.proc.wait(15)
+    assert time.monotonic() - t0 < 10 and srv.proc.returncode == 0
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "SIGKILL" not in srv.logs()  # nothing had to be killed
+
+
+def test_the_front_and_workers_never_outlive_a_killed_leader(tmp_path, tiny_qwen3):
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3))
+    srv.wait_healthy()
+    children = srv.children()
+    srv.proc.kill()  # no chance to clean up
+    srv.proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in children)
+    srv.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"  # a zombie is dead, only not yet reaped

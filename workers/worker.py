@@ -7,7 +7,6 @@ leader's view of what the worker holds is always exact. Every failure becomes an
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from rpc.messages import (
     StepResult,
     Unload,
 )
+from rpc.process import die_with_parent
 from rpc.transport import RpcServer
 
 log = logging.getLogger("cortex.worker")
@@ -173,17 +173,8 @@ def _progress_logger(model_id: str):
     return report
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when the leader dies, so no worker outlives its leader."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def serve(endpoint: str, device: str, threads: int = 0) -> None:
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)  # no worker outlives its leader
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the leader decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     worker = Worker(device)
