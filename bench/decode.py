@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cortex.config import load  # noqa: E402
 from cortex.models import source  # noqa: E402
 from workers.arch import model_class  # noqa: E402
-from workers.kv_cache import KVCache  # noqa: E402
+from workers.kv_cache import LocalRunner  # noqa: E402
 from workers.weights import load_weights  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
@@ -43,15 +43,13 @@ def sync(device: torch.device) -> None:
 
 def bench_cortex_model(model, files, device, n: int) -> tuple[float, list[int]]:
     prompt = files.tokenizer.encode(files.template.render(PROMPT))
-    cache = KVCache(*model.new_kv_args(), device)
-    kv = cache.for_step(1, 0, len(prompt))
-    logits = model(torch.tensor(prompt, device=device), kv)
+    run = LocalRunner(model, device, num_blocks=(len(prompt) + n) // 16 + 2)
+    logits = run.step(1, prompt, 0)
     out = [int(logits.argmax())]
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n - 1):
-        kv = cache.for_step(1, len(prompt) + len(out) - 1, 1)
-        logits = model(torch.tensor(out[-1:], device=device), kv)
+        logits = run.step(1, out[-1:], len(prompt) + len(out) - 1)
         out.append(int(logits.argmax()))
     sync(device)
     return (n - 1) / (time.perf_counter() - t0), out

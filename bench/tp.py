@@ -64,7 +64,7 @@ def _rank_bench(rank, world, port, device, shape, dtype_name, tokens, prompt_len
     import torch
 
     from workers.arch import model_class
-    from workers.kv_cache import KVCache
+    from workers.kv_cache import LocalRunner
     from workers.parallel import TPGroup
 
     torch.set_num_threads(threads)
@@ -93,22 +93,20 @@ def _rank_bench(rank, world, port, device, shape, dtype_name, tokens, prompt_len
         model = model_class(cfg)(cfg, tp, dtype)
     for p in model.parameters():  # same values on every rank for the replicated ones
         p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(dtype))
-    cache = KVCache(*model.new_kv_args(), dev)
-    prompt = torch.arange(prompt_len, device=dev) % cfg.vocab_size
+    run = LocalRunner(model, dev, num_blocks=(prompt_len + tokens + 16) // 16 + 2)
+    prompt = [i % cfg.vocab_size for i in range(prompt_len)]
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
     def decode(n):
-        kv = cache.for_step(0, 0, prompt_len)
-        tok = int(model(prompt, kv).argmax())
+        tok = int(run.step(0, prompt, 0).argmax())
         sync()
         comm[0] = 0.0
         t0 = time.perf_counter()
         for i in range(n):
-            kv = cache.for_step(0, prompt_len + i, 1)
-            tok = int(model(torch.tensor([tok], device=dev), kv).argmax())
+            tok = int(run.step(0, [tok], prompt_len + i).argmax())
         sync()
         return time.perf_counter() - t0
 

@@ -61,6 +61,12 @@ class EngineConfig:
     load_timeout_s: float
     group_timeout_s: float
     max_waiting: int
+    kv_cache_mb: int
+    max_batch_tokens: int
+    prefill_chunk: int
+    max_seqs: int
+    queue_timeout_s: float
+    max_requests_per_client: int
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,12 @@ ENGINE = {
     "load_timeout_s": ((int, float), 900.0, _positive),
     "group_timeout_s": ((int, float), 60.0, _positive),
     "max_waiting": (int, 256, _positive),
+    "kv_cache_mb": (int, 1024, _positive),
+    "max_batch_tokens": (int, 512, _positive),
+    "prefill_chunk": (int, 256, _positive),
+    "max_seqs": (int, 64, _positive),
+    "queue_timeout_s": ((int, float), 120.0, _positive),
+    "max_requests_per_client": (int, 64, _non_negative),
 }
 EVICTION = {
     "strategy": (str, "lru", _one_of(*STRATEGIES)),
@@ -316,10 +328,16 @@ def load(file: str | Path | None = None) -> Config:
         node=node_cfg,
         gateway=gateway,
         engine=EngineConfig(
-            float(eng["step_timeout_s"]),
-            float(eng["load_timeout_s"]),
-            float(eng["group_timeout_s"]),
-            eng["max_waiting"],
+            step_timeout_s=float(eng["step_timeout_s"]),
+            load_timeout_s=float(eng["load_timeout_s"]),
+            group_timeout_s=float(eng["group_timeout_s"]),
+            max_waiting=eng["max_waiting"],
+            kv_cache_mb=eng["kv_cache_mb"],
+            max_batch_tokens=eng["max_batch_tokens"],
+            prefill_chunk=eng["prefill_chunk"],
+            max_seqs=eng["max_seqs"],
+            queue_timeout_s=float(eng["queue_timeout_s"]),
+            max_requests_per_client=eng["max_requests_per_client"],
         ),
         eviction=EvictionConfig(**ev),
         peers=peers,

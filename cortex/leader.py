@@ -10,7 +10,6 @@ Reading model files (tokenizer, GGUF metadata) runs on a helper thread for the s
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import os
@@ -25,14 +24,18 @@ import zmq
 from cortex.chat.detokenizer import IncrementalDecoder
 from cortex.chat.template import TemplateRenderError
 from cortex.config import Config
+from cortex.engine.blocks import BlockManager
+from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
 from cortex.models import source
 from cortex.models.registry import ModelState, Registry
 from cortex.supervisor import WorkerHandle, resolve_devices
 from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit
-from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Ping, SeqInput, StepResult, Unload
+from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Ping, SeqInput, Unload
 from rpc.transport import RpcServer
-from workers.sharding import ShardingError, check_split
+from workers.sharding import ShardingError, check_split, kv_block_bytes
+
+BLOCK_SIZE = 16  # tokens per KV block
 
 log = logging.getLogger("cortex.leader")
 
@@ -83,9 +86,8 @@ class Leader:
         ]
         self.frontend: RpcServer | None = None
         self.calls: list[Call] = []
-        self.waiting: dict[str, collections.deque[Sequence]] = collections.defaultdict(collections.deque)
-        self.running: dict[str, Sequence] = {}  # model id -> the sequence being generated
-        self.stepping: set[str] = set()  # models with a GenerateStep in flight
+        self.schedulers: dict[str, Scheduler] = {}  # model id -> its batcher, while loaded
+        self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
         self.requests: dict[str, Sequence] = {}  # request id -> sequence (waiting or running)
         self.file_reads: dict[concurrent.futures.Future, ModelState] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-files")
@@ -149,6 +151,7 @@ class Leader:
                     self._on_front_safely(peer, msg)
         self._check_file_reads()
         self._check_deadlines()
+        self._check_queue_deadlines()
         self._schedule()
 
     def _poll_timeout_ms(self) -> int:
@@ -318,6 +321,7 @@ class Leader:
         if dtype == "auto":
             dtype = "float32" if device == "cpu" else "bfloat16"
         address = f"127.0.0.1:{free_port()}" if n > 1 else ""
+        kv_blocks = max(1, self.cfg.engine.kv_cache_mb * 2**20 // kv_block_bytes(files.config, n, dtype))
         state.load_in_flight = True
 
         def msg(i: int) -> LoadDenseShard:
@@ -332,6 +336,7 @@ class Leader:
                 dist_address=address,
                 group_timeout_s=self.cfg.engine.group_timeout_s,
                 vocab_limit=files.tokenizer.vocab_size,
+                kv_blocks=kv_blocks,
             )
 
         def done(replies, error):
@@ -343,6 +348,14 @@ class Leader:
                 self._load_failed(state, error.message)
                 return
             loaded = [replies[r] for r in state.ranks]
+            blocks = min(r.kv_blocks for r in loaded)
+            state.kv_tokens = blocks * BLOCK_SIZE
+            self.schedulers[state.id] = Scheduler(
+                BlockManager(blocks, BLOCK_SIZE),
+                self.cfg.engine.max_batch_tokens,
+                self.cfg.engine.prefill_chunk,
+                self.cfg.engine.max_seqs,
+            )
             state.status, state.error = "loaded", None
             state.rank_bytes = [r.param_bytes for r in loaded]
             state.loads += 1
@@ -370,6 +383,7 @@ class Leader:
         state.load_gen += 1
         state.load_in_flight = False
         self._fail_model_requests(state, "worker_failed", f"model {state.id!r} failed: {cause}")
+        self.schedulers.pop(state.id, None)
         self._unload_ranks(state, [r for r in state.ranks if r != dead_rank])
         self._send_pending_loads()
 
@@ -423,6 +437,7 @@ class Leader:
                 return self._reject(peer, "", "conflict", f"model '{state.id}' is {state.status}")
             if state.status == "loaded":
                 self._unload_ranks(state, state.ranks)
+                self.schedulers.pop(state.id, None)
                 log.info("model %s unloaded from %s", state.id, [self.devices[r] for r in state.ranks])
             state.status, state.error, state.rank_bytes, state.ranks = "unloaded", None, [], []
             state.load_gen += 1
@@ -481,7 +496,7 @@ class Leader:
                 f"model '{state.id}' is {state.status}; retry shortly",
                 RETRY_AFTER_LOADING_S,
             )
-        files = state.files
+        files, sched = state.files, self.schedulers[state.id]
         try:
             prompt_text = files.template.render(req.messages, **(req.template_kwargs or {}))
         except TemplateRenderError as exc:
@@ -507,10 +522,25 @@ class Leader:
                 f"{req.max_tokens} in the completion). Please reduce the length of the messages "
                 "or completion.",
             )
-        if sum(len(q) for q in self.waiting.values()) >= self.cfg.engine.max_waiting:
-            return self._reject(peer, rid, "overloaded", "too many requests are waiting; retry shortly", 2)
         if rid in self.requests:
             return self._reject(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
+        limit = self.cfg.engine.max_requests_per_client
+        if limit and req.client and sum(s.client == req.client for s in self.requests.values()) >= limit:
+            return self._reject(
+                peer,
+                rid,
+                "rate_limited",
+                f"this client already has {limit} requests in flight; retry when one finishes",
+                1,
+            )
+        if len(sched.waiting) >= self.cfg.engine.max_waiting:
+            return self._reject(
+                peer,
+                rid,
+                "overloaded",
+                f"model '{state.id}' has {len(sched.waiting)} requests waiting; retry shortly",
+                self._retry_after(sched),
+            )
         eos = set(files.config.eos_token_ids)
         if files.tokenizer.eos_token is not None:
             eos_id = files.tokenizer.tokenizer.token_to_id(files.tokenizer.eos_token)
@@ -520,115 +550,152 @@ class Leader:
             request_id=rid,
             peer=peer,
             model_id=state.id,
-            prompt=prompt,
+            prompt_len=len(prompt),
+            tokens=list(prompt),
             sampling=req.sampling,
             max_tokens=req.max_tokens or room,
             decoder=IncrementalDecoder(files.tokenizer.tokenizer, req.stop),
             eos_ids=frozenset() if req.ignore_eos else frozenset(eos),
+            client=req.client,
         )
         self.registry.touch(state)
         self.requests[rid] = seq
-        self.waiting[state.id].append(seq)
+        sched.add(seq)
         self.frontend.reply(peer, 0, Started(rid, len(prompt)))
+
+    def _retry_after(self, sched: Scheduler) -> int:
+        return max(1, min(60, len(sched.waiting) // max(len(sched.running), 1)))
 
     def _cancel(self, request_id: str) -> None:
         seq = self.requests.get(request_id)
         if seq is None:
             return
         seq.cancelled = True
-        queue = self.waiting.get(seq.model_id)
-        if queue and seq in queue:
-            queue.remove(seq)
-            self.requests.pop(request_id, None)
-        elif self.running.get(seq.model_id) is seq and seq.model_id not in self.stepping:
-            self._retire(seq)
-        # else: a step is in flight; the sequence is retired when it returns
+        if not self._in_step(seq):
+            self._retire(seq)  # else retired when its step returns: the worker is writing its blocks
+
+    def _in_step(self, seq: Sequence) -> bool:
+        return any(w.seq is seq for w in self.in_flight.get(seq.model_id, ()))
+
+    def _check_queue_deadlines(self) -> None:
+        limit = self.cfg.engine.queue_timeout_s
+        now = time.monotonic()
+        for sched in self.schedulers.values():
+            for seq in [s for s in sched.waiting if not s.admitted and now - s.arrived > limit]:
+                self._fail(
+                    seq,
+                    "overloaded",
+                    f"waited {limit:g}s in the queue without starting; retry later",
+                    self._retry_after(sched),
+                )
 
     # -- scheduling ---------------------------------------------------------------------------------------
 
     def _schedule(self) -> None:
         """Start the next step of every loaded model that has work and no step in flight."""
-        for model_id, queue in self.waiting.items():
-            if queue and model_id not in self.running:
-                self.running[model_id] = queue.popleft()
-        for model_id, seq in list(self.running.items()):
-            if model_id in self.stepping:
+        for model_id, sched in self.schedulers.items():
+            if model_id in self.in_flight or not sched.has_work():
                 continue
             state = self.registry.models[model_id]
             if state.status != "loaded":
                 continue
-            self._step(state, seq)
+            work = sched.plan()
+            if work:
+                self._step(state, work)
 
-    def _step(self, state: ModelState, seq: Sequence) -> None:
-        tokens, start = seq.next_input()
-        step = GenerateStep(state.id, [SeqInput(seq.seq_id, tokens, start, seq.sampling)])
-        self.stepping.add(state.id)
-
+    def _step(self, state: ModelState, work: list[Work]) -> None:
+        step = GenerateStep(
+            state.id,
+            [
+                SeqInput(w.seq.seq_id, w.tokens, w.start, w.seq.sampling, list(w.seq.block_table), w.samples)
+                for w in work
+            ],
+        )
+        self.in_flight[state.id] = work
         gen = state.load_gen
 
         def done(replies, error):
-            self.stepping.discard(state.id)
+            self.in_flight.pop(state.id, None)
             if gen != state.load_gen:
                 return  # the model was torn down meanwhile; its requests were already failed
             if error:
-                self._fail(seq, "worker_failed", f"generation failed: {error.message}")
+                for w in work:
+                    self._fail(w.seq, "worker_failed", f"generation failed: {error.message}")
                 if error.kind == "timeout":
                     self._kill_group(state, f"a step took longer than {self.cfg.engine.step_timeout_s:g}s")
-                elif len(state.ranks) > 1:
+                elif len(state.ranks) > 1 or error.kind == "died":
                     self._recover(state, f"a step failed: {error.message}")  # ranks may disagree now
-                else:
-                    self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, _ignore)
                 return
             result = replies[state.ranks[0]]
-            assert isinstance(result, StepResult)
-            self._on_token(seq, result.tokens[0])
+            self.schedulers[state.id].done(work)
+            for w, token in zip(work, result.tokens, strict=True):
+                if w.seq.cancelled:
+                    self._retire(w.seq)
+                elif w.samples:
+                    self._on_token(w.seq, token)
 
         self._call(state.ranks, lambda _: step, self.cfg.engine.step_timeout_s, done)
 
     def _on_token(self, seq: Sequence, token: int) -> None:
-        if seq.cancelled:
-            self._retire(seq)
-            return
         text, finish = seq.append(token)
         if text:
-            self.frontend.reply(seq.peer, 0, Delta(seq.request_id, text, len(seq.output)))
+            self.frontend.reply(seq.peer, 0, Delta(seq.request_id, text, seq.output_len))
         if finish:
-            self.frontend.reply(seq.peer, 0, Finished(seq.request_id, finish, len(seq.prompt), len(seq.output)))
+            self.frontend.reply(
+                seq.peer, 0, Finished(seq.request_id, finish, seq.prompt_len, seq.output_len, seq.cached_tokens)
+            )
             self._retire(seq)
 
     def _retire(self, seq: Sequence) -> None:
-        """Forget a sequence and free its KV on the workers."""
+        """Forget a sequence: its blocks go back to the pool (kept for the prefix cache), and the
+        workers drop its sampling state."""
         self.requests.pop(seq.request_id, None)
-        if self.running.get(seq.model_id) is seq:
-            del self.running[seq.model_id]
+        sched = self.schedulers.get(seq.model_id)
+        if sched is not None:
+            sched.remove(seq)
         state = self.registry.models[seq.model_id]
-        if state.status == "loaded" and seq.output:
+        if state.status == "loaded" and seq.admitted:
             self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, _ignore)
 
     def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
         self.frontend.reply(seq.peer, 0, Failure(seq.request_id, kind, message, retry_after))
-        queue = self.waiting.get(seq.model_id)
-        if queue and seq in queue:
-            queue.remove(seq)
         self.requests.pop(seq.request_id, None)
-        if self.running.get(seq.model_id) is seq:
-            del self.running[seq.model_id]
+        sched = self.schedulers.get(seq.model_id)
+        if sched is not None:
+            sched.remove(seq)
 
     def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
         for seq in [s for s in self.requests.values() if s.model_id == state.id]:
             self._fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
+        self.in_flight.pop(state.id, None)
 
     # -- queries ----------------------------------------------------------------------------------------
 
     def query(self, what: str) -> dict:
         if what == "models":
             return {
-                "models": [s.describe(self.devices) for s in self.registry.models.values()],
+                "models": [self._describe(s) for s in self.registry.models.values()],
                 "aliases": self.registry.catalogue.aliases,
             }
         if what == "health":
             return self.health()
         return {"error": f"unknown query {what!r}"}
+
+    def _describe(self, state: ModelState) -> dict:
+        out = state.describe(self.devices)
+        sched = self.schedulers.get(state.id)
+        if sched is not None:
+            b = sched.blocks
+            out["engine"] = {
+                "running": len(sched.running),
+                "waiting": len(sched.waiting),
+                "preemptions": sched.preemptions,
+                "kv_blocks_total": b.num_blocks,
+                "kv_blocks_used": b.used,
+                "kv_block_size": b.block_size,
+                "kv_blocks_cached": len(b.by_hash),
+            }
+        return out
 
     def health(self) -> dict:
         workers = [
@@ -643,7 +710,7 @@ class Leader:
             }
             for w in self.workers
         ]
-        models = [s.describe(self.devices) for s in self.registry.models.values()]
+        models = [self._describe(s) for s in self.registry.models.values()]
         wanted = [m for m in models if m["status"] != "unloaded" or self.registry.models[m["id"]].entry.preload]
         if not all(w["alive"] for w in workers) or any(m["status"] in ("recovering", "failed") for m in wanted):
             status = "degraded"
@@ -658,5 +725,8 @@ class Leader:
             "pid": os.getpid(),
             "workers": workers,
             "models": models,
-            "requests": {"running": len(self.running), "waiting": sum(len(q) for q in self.waiting.values())},
+            "requests": {
+                "running": sum(len(s.running) for s in self.schedulers.values()),
+                "waiting": sum(len(s.waiting) for s in self.schedulers.values()),
+            },
         }

@@ -23,6 +23,7 @@ class Submit:
     stop: list[str] | None = None
     template_kwargs: dict[str, Any] | None = None
     ignore_eos: bool = False  # generate to max_tokens even past EOS (vLLM's extension; benchmarks)
+    client: str = ""  # who is asking (API key or address), for per-client limits
 
 
 @message
@@ -67,6 +68,7 @@ class Finished:
     finish_reason: str  # stop | length
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @message
@@ -74,6 +76,6 @@ class Failure:
     """A request-level error; ``kind`` decides the HTTP status the front answers with."""
 
     request_id: str
-    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down | conflict
+    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down | conflict | rate_limited
     message: str
     retry_after: int | None = None

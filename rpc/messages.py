@@ -6,6 +6,7 @@ in, sampled token ids out. Weights are read by each rank from the files named in
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any
 
 from rpc.codec import message
@@ -47,16 +48,19 @@ class LoadDenseShard:
     dist_address: str = ""  # "host:port" rendezvous when world_size > 1
     group_timeout_s: float = 60.0  # the group must form within this, or the load fails
     vocab_limit: int = 0  # ids >= this are never sampled (the tokenizer's size); 0 = model vocab
+    kv_blocks: int = 0  # KV cache blocks to allocate (the leader's block manager hands them out)
 
 
 @message
 class SeqInput:
-    """One sequence's part of a step: ``tokens`` go at positions ``start_pos ..``."""
+    """One sequence's part of a step: ``tokens`` go at positions ``start_pos ..``; its KV lives in
+    ``block_table`` (block ids, in position order), which covers at least ``start_pos + len(tokens)``."""
 
     seq_id: int
     tokens: list[int]
     start_pos: int
     sampling: SamplingParams
+    block_table: list[int] = field(default_factory=list)
     sample: bool = True  # False for a prefill chunk that is not the prompt's last
 
 
@@ -92,6 +96,8 @@ class Loaded:
     model_id: str
     param_bytes: int
     load_seconds: float
+    kv_blocks: int = 0
+    kv_bytes: int = 0
 
 
 @message

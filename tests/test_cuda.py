@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _greedy(path, device: str, group: bool, n: int = 24) -> list[int]:
     from workers.arch import ModelConfig, model_class
-    from workers.kv_cache import KVCache
+    from workers.kv_cache import LocalRunner
     from workers.parallel import TPGroup
     from workers.weights import load_weights
 
@@ -29,12 +29,11 @@ def _greedy(path, device: str, group: bool, n: int = 24) -> list[int]:
     with torch.device(dev):
         model = model_class(cfg)(cfg, tp)
     load_weights(model, "safetensors", [str(p) for p in path.glob("*.safetensors")])
-    cache = KVCache(*model.new_kv_args(), dev)
+    run = LocalRunner(model, dev)
     prompt = [3, 17, 42, 99, 7, 250, 11]
-    out = [int(model(torch.tensor(prompt, device=dev), cache.for_step(0, 0, len(prompt))).argmax())]
+    out = [int(run.step(0, prompt, 0).argmax())]
     for i in range(n - 1):
-        kv = cache.for_step(0, len(prompt) + i, 1)
-        out.append(int(model(torch.tensor(out[-1:], device=dev), kv).argmax()))
+        out.append(int(run.step(0, out[-1:], len(prompt) + i).argmax()))
     assert tp._pg is not None or not group  # a real NCCL communicator, even for one rank
     return out
 

@@ -12,7 +12,7 @@ from tests.checkpoints import hf_model, make_checkpoint
 from tests.conftest import train_tiny_tokenizer
 from tests.gguf_writer import write_gguf
 from workers.arch import model_class
-from workers.kv_cache import KVCache
+from workers.kv_cache import LocalRunner
 from workers.weights import WeightsError, load_weights
 
 
@@ -45,8 +45,7 @@ def _gguf_model(gguf_path):
 
 
 def _logits(model, ids):
-    cache = KVCache(*model.new_kv_args(), torch.device("cpu"))
-    return model(torch.tensor(ids), cache.for_step(0, 0, len(ids)), all_logits=True)
+    return LocalRunner(model, torch.device("cpu")).step(0, ids, 0, all_logits=True)
 
 
 IDS = [5, 9, 100, 7, 2, 44, 300, 8, 17, 33, 250]
@@ -117,8 +116,8 @@ def test_smollm2_gguf_config_and_greedy_answer():
     prompt = files.tokenizer.encode(
         files.template.render([{"role": "user", "content": "What is the capital of France?"}])
     )
-    cache = KVCache(*model.new_kv_args(), torch.device("cpu"))
-    out = [int(model(torch.tensor(prompt), cache.for_step(0, 0, len(prompt))).argmax())]
+    run = LocalRunner(model, torch.device("cpu"))
+    out = [int(run.step(0, prompt, 0).argmax())]
     while out[-1] != 2 and len(out) < 24:
-        out.append(int(model(torch.tensor(out[-1:]), cache.for_step(0, len(prompt) + len(out) - 1, 1)).argmax()))
+        out.append(int(run.step(0, out[-1:], len(prompt) + len(out) - 1).argmax()))
     assert "Paris" in files.tokenizer.decode(out)

@@ -10,7 +10,7 @@ import torch
 
 from tests.checkpoints import hf_model, make_checkpoint
 from workers.arch import ModelConfig, model_class
-from workers.kv_cache import KVCache
+from workers.kv_cache import LocalRunner
 from workers.weights import WeightsError, load_weights
 
 TOL = 1e-4
@@ -27,14 +27,14 @@ def _load(path: Path):
 def _compare(path: Path, prompt_len: int, steps: int = 8) -> float:
     ours, ref = _load(path), hf_model(path)
     ids = torch.randint(3, 512, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
-    cache = KVCache(*ours.new_kv_args(), torch.device("cpu"))
-    got = ours(torch.tensor(ids), cache.for_step(0, 0, len(ids)), all_logits=True)
+    run = LocalRunner(ours, torch.device("cpu"))
+    got = run.step(0, ids, 0, all_logits=True)
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0]
     err = (got - want).abs().max().item()
     for _ in range(steps):  # each decode step against HF's forward over the whole sequence
         ids.append(int(got[-1].argmax()) if got.dim() == 2 else int(got.argmax()))
-        got = ours(torch.tensor(ids[-1:]), cache.for_step(0, len(ids) - 1, 1))
+        got = run.step(0, ids[-1:], len(ids) - 1)
         with torch.no_grad():
             want = ref(torch.tensor([ids])).logits[0, -1]
         err = max(err, (got - want).abs().max().item())
@@ -63,23 +63,25 @@ def test_sharded_checkpoint_with_index(tmp_path):
 
 def test_chunked_prefill_equals_one_prefill(tmp_path):
     model = _load(make_checkpoint(tmp_path, "qwen3", True))
-    ids = torch.arange(3, 40)
-    cache = KVCache(*model.new_kv_args(), torch.device("cpu"))
-    whole = model(ids, cache.for_step(1, 0, len(ids)), all_logits=True)
-    model(ids[:20], cache.for_step(2, 0, 20))
-    rest = model(ids[20:], cache.for_step(2, 20, len(ids) - 20), all_logits=True)
+    ids = list(range(3, 40))
+    run = LocalRunner(model, torch.device("cpu"))
+    whole = run.step(1, ids, 0, all_logits=True)
+    run.step(2, ids[:20], 0)
+    rest = run.step(2, ids[20:], 20, all_logits=True)
     assert (rest - whole[20:]).abs().max() < 1e-5
 
 
 def test_restarting_a_sequence_at_position_zero_forgets_its_past(tmp_path):
     model = _load(make_checkpoint(tmp_path, "llama", True))
-    cache = KVCache(*model.new_kv_args(), torch.device("cpu"))
-    first = model(torch.tensor([5, 6, 7]), cache.for_step(1, 0, 3))
-    model(torch.tensor([9]), cache.for_step(1, 3, 1))
-    again = model(torch.tensor([5, 6, 7]), cache.for_step(1, 0, 3))
+    run = LocalRunner(model, torch.device("cpu"))
+    first = run.step(1, [5, 6, 7], 0)
+    run.step(1, [9], 3)
+    again = run.step(1, [5, 6, 7], 0)  # the same blocks, overwritten: the old token 9 is not seen
     assert torch.equal(first, again)
-    with pytest.raises(ValueError):
-        cache.for_step(1, 10, 1)  # a gap in positions is a leader bug, never silently accepted
+    from workers.kv_cache import StepBatch
+
+    with pytest.raises(ValueError, match="block table"):  # positions past the blocks given: refused
+        StepBatch.build([([1], 40, [0, 1])], 16, torch.device("cpu"))
 
 
 def test_rope_parameters_and_legacy_rope_theta_both_parse(tmp_path):

@@ -229,7 +229,7 @@ def test_worker_survives_garbage_and_wrong_requests(worker, tmp_path):
     client.socket.send(b"garbage")
     assert client.recv(5000)[1].kind == "bad_frame"
     assert client.call(engine.Query(what="health"), 10).kind == "bad_frame"  # not a worker request
-    step = GenerateStep("absent", [SeqInput(1, [1], 0, SamplingParams())])
+    step = GenerateStep("absent", [SeqInput(1, [1], 0, SamplingParams(), [0])])
     assert client.call(step, 10).kind == "unknown_model"
     load = LoadDenseShard(
         model_id="x", format="safetensors", files=[str(tmp_path / "none.safetensors")], config={}, dtype="float32"
@@ -249,19 +249,22 @@ def test_worker_load_generate_clear_unload(worker, tmp_path):
         config=ModelConfig.from_hf_dir(path).to_dict(),
         dtype="float32",
         vocab_limit=400,
+        kv_blocks=8,
     )
     loaded = client.call(load, 60)
-    assert isinstance(loaded, Loaded) and loaded.param_bytes > 0
+    assert isinstance(loaded, Loaded) and loaded.param_bytes > 0 and loaded.kv_blocks == 8
     assert client.call(load, 10).kind == "load_failed"  # already loaded: refused, not duplicated
     greedy = SamplingParams(temperature=0.0)
-    first = client.call(GenerateStep("tiny", [SeqInput(1, [3, 4, 5], 0, greedy)]), 30)
+    first = client.call(GenerateStep("tiny", [SeqInput(1, [3, 4, 5], 0, greedy, [0])]), 30)
     assert isinstance(first, StepResult) and 0 <= first.tokens[0] < 400
-    nxt = client.call(GenerateStep("tiny", [SeqInput(1, first.tokens, 3, greedy)]), 30)
-    again = client.call(GenerateStep("tiny", [SeqInput(2, [3, 4, 5], 0, greedy)]), 30)
-    assert again.tokens == first.tokens and isinstance(nxt, StepResult)
+    # two sequences in one step: a decode of seq 1 and a new prompt, identical to seq 1's, in block 1
+    both = client.call(
+        GenerateStep("tiny", [SeqInput(1, first.tokens, 3, greedy, [0]), SeqInput(2, [3, 4, 5], 0, greedy, [1])]), 30
+    )
+    assert isinstance(both, StepResult) and both.tokens[1] == first.tokens[0]
+    no_room = client.call(GenerateStep("tiny", [SeqInput(3, list(range(20)), 0, greedy, [2])]), 10)
+    assert no_room.kind == "step_failed" and "block table" in no_room.message  # 20 tokens, one 16-slot block
     assert client.call(ClearKvCache("tiny", [1, 2]), 10) == Ack()
-    gap = client.call(GenerateStep("tiny", [SeqInput(1, [7], 4, greedy)]), 10)
-    assert gap.kind == "step_failed"  # its KV is gone: continuing it is an error, not garbage
     assert client.call(Unload("tiny"), 10) == Ack()
     assert client.call(Unload("tiny"), 10) == Ack()  # idempotent
     assert client.call(Ping(), 10).models == []

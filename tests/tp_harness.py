@@ -17,7 +17,7 @@ def _rank_main(rank: int, world: int, port: int, ckpt: str, prompt: list[int], s
     import torch
 
     from workers.arch import ModelConfig, model_class
-    from workers.kv_cache import KVCache
+    from workers.kv_cache import LocalRunner
     from workers.parallel import TPGroup
     from workers.weights import load_weights
 
@@ -27,11 +27,11 @@ def _rank_main(rank: int, world: int, port: int, ckpt: str, prompt: list[int], s
         cfg = ModelConfig.from_hf_dir(Path(ckpt))
         model = model_class(cfg)(cfg, tp)
         load_weights(model, "safetensors", [str(p) for p in sorted(Path(ckpt).glob("*.safetensors"))])
-        cache = KVCache(*model.new_kv_args(), torch.device("cpu"))
-        logits = [model(torch.tensor(prompt), cache.for_step(0, 0, len(prompt)), all_logits=True)]
+        run = LocalRunner(model, torch.device("cpu"))
+        logits = [run.step(0, prompt, 0, all_logits=True)]
         pos = len(prompt)
         for tok in steps:  # decode the given tokens one by one
-            logits.append(model(torch.tensor([tok]), cache.for_step(0, pos, 1))[None])
+            logits.append(run.step(0, [tok], pos)[None])
             pos += 1
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         out.put((rank, [t.tolist() for t in logits], param_bytes, None))

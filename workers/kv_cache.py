@@ -1,70 +1,120 @@
-"""Per-sequence KV cache: one contiguous block per sequence, grown by doubling.
+"""Paged KV cache: one pool of fixed-size blocks per model per rank; a sequence is a list of blocks.
 
-Simple and exact; memory is proportional to what each sequence really holds. Paged blocks come with
-continuous batching.
+Blocks (not one contiguous buffer per sequence) so sequences of any length share memory without
+fragmentation, capacity is a fixed budget allocated once, and sequences with a common prefix can
+share that prefix's blocks (the leader's prefix cache). The leader owns the block tables; the worker
+only reads and writes the slots it is told to.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+BLOCK_SIZE = 16
 
-class SequenceKV:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.shape = (layers, kv_heads, 0, head_dim)
-        self.k = torch.empty(layers, kv_heads, 0, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.length = 0  # positions holding valid keys/values
+
+def bytes_per_block(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+    return 2 * layers * kv_heads * head_dim * block_size * torch.empty(0, dtype=dtype).element_size()
+
+
+class PagedKVCache:
+    """K and V for every layer: [layers, num_blocks * block_size, kv_heads, head_dim] (slot-major)."""
+
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int = BLOCK_SIZE,
+    ):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.k = torch.zeros(layers, num_blocks * block_size, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a step, as the model needs it."""
+
+    start: int  # first row of this sequence's tokens in the flat batch
+    end: int
+    context: torch.Tensor  # KV slot of every position 0 .. start_pos + n_tokens - 1
 
     @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def reserve(self, total: int) -> None:
-        if total <= self.capacity:
-            return
-        cap = max(total, 2 * self.capacity, 64)
-        layers, heads, _, dim = self.k.shape
-        k = torch.empty(layers, heads, cap, dim, dtype=self.k.dtype, device=self.k.device)
-        v = torch.empty_like(k)
-        k[:, :, : self.length] = self.k[:, :, : self.length]
-        v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+    def n(self) -> int:
+        return self.end - self.start
 
 
-class KVCache:
-    """All sequences of one model on this rank."""
+@dataclass
+class StepBatch:
+    """The flat token batch of one step: prefill chunks and decode tokens of many sequences."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self._args = (layers, kv_heads, head_dim, dtype, device)
-        self.seqs: dict[int, SequenceKV] = {}
+    tokens: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] KV slot each new token writes
+    prefills: list[SeqSlice]  # sequences with several new tokens: attention one by one
+    decode_rows: torch.Tensor | None  # [B] rows of single-token sequences, batched together
+    decode_slots: torch.Tensor | None  # [B, Lmax] their context slots, padded
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where a padded slot is real
+    last_rows: torch.Tensor  # [S] the last row of every sequence (whose logits may be sampled)
 
-    def for_step(self, seq_id: int, start_pos: int, n_new: int) -> SequenceKV:
-        """The sequence's cache, ready to take ``n_new`` tokens at ``start_pos``.
+    @classmethod
+    def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device) -> StepBatch:
+        """``seqs``: (new tokens, start position, block table) for each sequence."""
+        tokens, positions, slots, prefills, last = [], [], [], [], []
+        decodes: list[tuple[int, list[int]]] = []
+        row = 0
+        for new, start, table in seqs:
+            n = len(new)
+            end_pos = start + n
+            if (end_pos + block_size - 1) // block_size > len(table):
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {end_pos} positions")
+            context = [table[p // block_size] * block_size + p % block_size for p in range(end_pos)]
+            tokens += new
+            positions += range(start, end_pos)
+            slots += context[start:]
+            if n == 1:
+                decodes.append((row, context))
+            else:
+                prefills.append(SeqSlice(row, row + n, torch.tensor(context, device=device)))
+            row += n
+            last.append(row - 1)
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        rows = slots_pad = mask = None
+        if decodes:
+            width = max(len(c) for _, c in decodes)
+            rows = t([r for r, _ in decodes])
+            slots_pad = t([c + [0] * (width - len(c)) for _, c in decodes])
+            mask = t([[1] * len(c) + [0] * (width - len(c)) for _, c in decodes]).bool()[:, None, None, :]
+        return cls(t(tokens), t(positions), t(slots), prefills, rows, slots_pad, mask, t(last))
 
-        ``start_pos`` below what is stored rewinds the sequence (0 restarts it), so a retried or
-        reused id never attends to stale positions.
-        """
-        seq = self.seqs.get(seq_id)
-        if seq is None:
-            if start_pos != 0:
-                raise KeyError(f"sequence {seq_id} has no KV cache; a new sequence must start at position 0")
-            seq = self.seqs[seq_id] = SequenceKV(*self._args)
-        if start_pos > seq.length:
-            raise ValueError(f"sequence {seq_id}: start_pos {start_pos} is past its {seq.length} cached tokens")
-        seq.length = start_pos
-        seq.reserve(start_pos + n_new)
-        return seq
 
-    def drop(self, seq_ids: list[int] | None) -> None:
-        if seq_ids is None:
-            self.seqs.clear()
-        else:
-            for s in seq_ids:
-                self.seqs.pop(s, None)
+class LocalRunner:
+    """Drive a model sequence by sequence without a leader: for tests and benchmarks. (In the
+    server, the leader's block manager owns block tables and batches many sequences per step.)"""
 
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self.seqs.values())
+    def __init__(self, model, device: torch.device, num_blocks: int = 256):
+        self.model, self.device = model, device
+        self.cache = PagedKVCache(*model.kv_shape(), device, num_blocks)
+        self.tables: dict[int, list[int]] = {}
+        self.next_block = 0
+
+    def step(self, seq_id: int, tokens: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Logits of the last token ([vocab]) or of every new token ([n, vocab])."""
+        table = self.tables.setdefault(seq_id, [])
+        while len(table) * BLOCK_SIZE < start_pos + len(tokens):
+            if self.next_block >= self.cache.num_blocks:
+                raise RuntimeError("LocalRunner: out of KV blocks")
+            table.append(self.next_block)
+            self.next_block += 1
+        batch = StepBatch.build([(tokens, start_pos, table)], BLOCK_SIZE, self.device)
+        logits = self.model(batch, self.cache, all_logits=all_logits)
+        return logits if all_logits else logits[0]

@@ -62,6 +62,15 @@ class HeadLayout:
         return cls(q_local, kv_local, r * q_local, kv_start, inter, r * inter)
 
 
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_block_bytes(cfg: ModelConfig, world_size: int, dtype: str, block_size: int = 16) -> int:
+    """Bytes one KV block takes on each rank (keys and values of every layer)."""
+    kv_heads = HeadLayout.for_rank(cfg, 0, world_size).kv_heads
+    return 2 * cfg.num_layers * kv_heads * cfg.head_dim * block_size * _DTYPE_BYTES[dtype]
+
+
 def check_split(cfg: ModelConfig, world_size: int, model_name: str) -> None:
     """Raise ShardingError if ``cfg`` cannot be split across ``world_size`` ranks."""
     HeadLayout.for_rank(cfg, 0, world_size, model_name)

@@ -80,7 +80,7 @@ class Worker:
 
     def load(self, msg: LoadDenseShard) -> Loaded | Error:
         from workers.arch import ModelConfig, model_class
-        from workers.kv_cache import KVCache
+        from workers.kv_cache import PagedKVCache
         from workers.parallel import TPGroup
         from workers.weights import load_weights
 
@@ -99,12 +99,18 @@ class Worker:
         log.info("loading %s (%s, %d layers, %s) on %s", msg.model_id, cfg.arch, cfg.num_layers, msg.dtype, self.device)
         load_weights(model, msg.format, msg.files, _progress_logger(msg.model_id))
         model.eval()
-        cache = KVCache(*model.new_kv_args(), self.device)
+        cache = PagedKVCache(*model.kv_shape(), self.device, max(msg.kv_blocks, 1))
         self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = time.monotonic() - t0
         log.info("loaded %s: %.1f MB of weights in %.1fs", msg.model_id, param_bytes / 1e6, seconds)
-        return Loaded(model_id=msg.model_id, param_bytes=param_bytes, load_seconds=seconds)
+        return Loaded(
+            model_id=msg.model_id,
+            param_bytes=param_bytes,
+            load_seconds=seconds,
+            kv_blocks=cache.num_blocks,
+            kv_bytes=cache.nbytes(),
+        )
 
     def _resident(self, model_id: str) -> ResidentModel:
         rm = self.models.get(model_id)
@@ -118,24 +124,25 @@ class Worker:
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Error(kind="unknown_model", message=f"model {msg.model_id!r} is not loaded on this worker")
-        torch = self.torch
+        from workers.kv_cache import StepBatch
+
         _maybe_stall()
+        batch = StepBatch.build(
+            [(s.tokens, s.start_pos, s.block_table) for s in msg.seqs], rm.cache.block_size, self.device
+        )
+        logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
         out = []
-        for s in msg.seqs:
-            kv = rm.cache.for_step(s.seq_id, s.start_pos, len(s.tokens))
-            if s.start_pos == 0:
-                rm.generators[s.seq_id] = new_generator(s.sampling, self.device)
-            tokens = torch.tensor(s.tokens, dtype=torch.long, device=self.device)
-            logits = rm.model(tokens, kv)
+        for i, s in enumerate(msg.seqs):
             if s.sample and rm.tp.rank == 0:
-                out.append(sample(logits, s.sampling, rm.generators.get(s.seq_id), rm.vocab_limit))
+                if s.seq_id not in rm.generators:  # its own generator: reproducible whatever else runs
+                    rm.generators[s.seq_id] = new_generator(s.sampling, self.device)
+                out.append(sample(logits[i], s.sampling, rm.generators[s.seq_id], rm.vocab_limit))
             else:
                 out.append(-1)
         return StepResult(model_id=msg.model_id, tokens=out)
 
     def clear(self, msg: ClearKvCache) -> Ack:
         rm = self._resident(msg.model_id)
-        rm.cache.drop(msg.seq_ids)
         if msg.seq_ids is None:
             rm.generators.clear()
         else:

@@ -23,6 +23,7 @@ FAILURES = {
     "engine_unavailable": (503, "service_unavailable", "engine_unavailable"),
     "conflict": (409, "invalid_request_error", "conflict"),
     "internal": (500, "server_error", "internal_error"),
+    "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -112,6 +113,7 @@ class ChatCompletions:
             stop=parse_stop(body),
             template_kwargs=field(body, "chat_template_kwargs", dict),
             ignore_eos=field(body, "ignore_eos", bool, default=False),
+            client=_client_id(req),
         )
         gen = self.engine.submit(submit)  # raises ApiError (404, 503 loading, 400 too long) up front
         created = int(time.time())
@@ -184,4 +186,13 @@ def _usage(f: Finished) -> dict:
         "prompt_tokens": f.prompt_tokens,
         "completion_tokens": f.completion_tokens,
         "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
     }
+
+
+def _client_id(req: falcon.Request) -> str:
+    """Who is asking, for per-client limits: a hash of the API key if one is sent, else the address."""
+    key = req.get_header("Authorization") or req.get_header("X-Api-Key")
+    if key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # never the key itself
+    return "addr:" + (req.remote_addr or "")

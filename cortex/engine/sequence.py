@@ -17,35 +17,38 @@ class Sequence:
     request_id: str
     peer: bytes  # the front connection that waits for this request's events
     model_id: str
-    prompt: list[int]
+    prompt_len: int
+    tokens: list[int]  # the prompt, then every sampled token
     sampling: SamplingParams
     max_tokens: int
     decoder: IncrementalDecoder
     eos_ids: frozenset[int]
+    client: str = ""
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
-    output: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose keys and values are in the KV cache
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    admitted: bool = False
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
     @property
-    def cached(self) -> int:
-        """Tokens the worker holds KV for: the prompt and every output token but the last."""
-        return len(self.prompt) + max(len(self.output) - 1, 0) if self.output else 0
+    def output_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
 
-    def next_input(self) -> tuple[list[int], int]:
-        """Tokens to feed in the next step and the position they start at."""
-        if not self.output:
-            return self.prompt, 0
-        return [self.output[-1]], len(self.prompt) + len(self.output) - 1
+    @property
+    def pending(self) -> int:
+        """Tokens still to feed before the next one can be sampled (1 while decoding)."""
+        return len(self.tokens) - self.computed
 
     def append(self, token: int) -> tuple[str, str | None]:
         """Add a sampled token; return (text to emit, finish reason or None)."""
-        self.output.append(token)
+        self.tokens.append(token)
         if token in self.eos_ids:
             return self.decoder.flush(), "stop"
         text = self.decoder.push(token)
         if self.decoder.stopped:
             return text, "stop"
-        if len(self.output) >= self.max_tokens:
+        if self.output_len >= self.max_tokens:
             return text + self.decoder.flush(), "length"
         return text, None

@@ -24,6 +24,7 @@ class ModelState:
     load_gen: int = 0  # bumped by every load, unload and recovery: replies to older ones are ignored
     load_in_flight: bool = False
     waiters: list[bytes] = field(default_factory=list)  # operators waiting on a load
+    kv_tokens: int = 0  # tokens the KV pool holds once loaded
 
     @property
     def id(self) -> str:
@@ -32,7 +33,9 @@ class ModelState:
     @property
     def context_length(self) -> int:
         native = self.files.config.max_position_embeddings if self.files else 0
-        return min(self.entry.max_context or native, native) if native else self.entry.max_context
+        ctx = min(self.entry.max_context or native, native) if native else self.entry.max_context
+        # a prompt and its completion must fit the KV pool too (one block stays free for decoding)
+        return min(ctx, self.kv_tokens - 16) if self.kv_tokens else ctx
 
     def describe(self, devices: list[str]) -> dict:
         return {

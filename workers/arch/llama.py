@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.arch.config import ModelConfig
-from workers.kv_cache import SequenceKV
+from workers.kv_cache import PagedKVCache, StepBatch
 from workers.parallel import TPGroup, column, row
 from workers.sharding import HeadLayout
 
@@ -91,7 +91,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: SequenceKV, layer: int
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch
     ) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.q_heads, self.head_dim)
@@ -100,30 +100,42 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # Qwen3: per-head norm after projection, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_pool, v_pool = kv.k[layer], kv.v[layer]
+        k_pool.index_copy_(0, batch.slots, k)
+        v_pool.index_copy_(0, batch.slots, v)
 
-        start = kv.length
-        end = start + T
-        kv.k[layer, :, start:end] = k.transpose(0, 1)
-        kv.v[layer, :, start:end] = v.transpose(0, 1)
-        keys, values = kv.k[layer, :, :end], kv.v[layer, :, :end]
-
-        mask, causal = None, False
-        if T > 1:
-            if start == 0:
-                causal = True
-            else:  # a chunk after cached tokens: query i sees keys up to start + i
-                qpos = torch.arange(start, end, device=x.device)[:, None]
-                mask = torch.arange(end, device=x.device)[None, :] <= qpos
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            keys[None],
-            values[None],
-            attn_mask=mask,
-            is_causal=causal,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.q_heads != self.kv_heads,
-        )
-        return self.o_proj(out[0].transpose(0, 1).reshape(T, self.q_heads * self.head_dim))
+        out = torch.empty_like(q)
+        gqa = self.q_heads != self.kv_heads
+        scale = self.head_dim**-0.5
+        for s in batch.prefills:  # several new tokens: causal over the chunk, after any cached prefix
+            keys = k_pool[s.context].transpose(0, 1)[None]
+            values = v_pool[s.context].transpose(0, 1)[None]
+            L = s.context.shape[0]
+            offset = L - s.n
+            mask = (
+                None
+                if offset == 0
+                else (torch.arange(L, device=x.device)[None, :] <= torch.arange(offset, L, device=x.device)[:, None])
+            )
+            o = F.scaled_dot_product_attention(
+                q[s.start : s.end].transpose(0, 1)[None],
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=offset == 0,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            out[s.start : s.end] = o[0].transpose(0, 1)
+        if batch.decode_rows is not None:  # one new token each: one batched call over padded contexts
+            keys = k_pool[batch.decode_slots].permute(0, 2, 1, 3)  # [B, kv, Lmax, hd]
+            values = v_pool[batch.decode_slots].permute(0, 2, 1, 3)
+            qd = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, hd]
+            o = F.scaled_dot_product_attention(
+                qd, keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
+            )
+            out[batch.decode_rows] = o[:, :, 0, :]
+        return self.o_proj(out.reshape(T, self.q_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -146,8 +158,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, layout, tp, dtype)
 
-    def forward(self, x, cos, sin, kv: SequenceKV, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer)
+    def forward(self, x, cos, sin, kv: PagedKVCache, layer: int, batch: StepBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,22 +197,19 @@ class LlamaModel(nn.Module):
             self.lm_head.weight.shard = None
         self.dtype = dtype
 
-    def new_kv_args(self) -> tuple[int, int, int, torch.dtype]:
+    def kv_shape(self) -> tuple[int, int, int, torch.dtype]:
+        """(layers, local KV heads, head_dim, dtype) of this rank's KV cache."""
         return self.cfg.num_layers, self.layout.kv_heads, self.cfg.head_dim, self.dtype
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, kv: SequenceKV, all_logits: bool = False) -> torch.Tensor:
-        """Append ``tokens`` ([T]) at ``kv.length``; return fp32 logits of the last position
-        ([vocab]), or of every position ([T, vocab]) when ``all_logits``."""
-        start = kv.length
-        positions = torch.arange(start, start + tokens.shape[0], device=tokens.device)
-        cos, sin = self.rotary(positions, self.dtype)
-        x = self.model.embed_tokens(tokens)
+    def forward(self, batch: StepBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+        """Run one step; return fp32 logits of each sequence's last token ([S, vocab]), or of every
+        token ([T, vocab]) when ``all_logits``."""
+        cos, sin = self.rotary(batch.positions, self.dtype)
+        x = self.model.embed_tokens(batch.tokens)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv, i)
-        kv.length = start + tokens.shape[0]
-        x = x if all_logits else x[-1:]
+            x = layer(x, cos, sin, kv, i, batch)
+        x = x if all_logits else x[batch.last_rows]
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head).float()
-        return logits if all_logits else logits[0]
+        return F.linear(x, head).float()

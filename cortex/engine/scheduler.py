@@ -1,0 +1,109 @@
+"""Continuous batching for one model: which tokens of which sequences go into the next step.
+
+Every step takes, within a token budget: one token of every decoding sequence (oldest first), then
+chunks of prompts being prefilled, then new sequences from the queue as long as their prompt's
+blocks fit. A long prompt is split into chunks so it never stalls the decoding of others. When the
+KV pool runs out, the newest sequence is preempted: its blocks are freed and it is recomputed later
+(its output so far is kept; only its KV is rebuilt).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from cortex.engine.blocks import BlockManager
+from cortex.engine.sequence import Sequence
+
+
+@dataclass
+class Work:
+    seq: Sequence
+    tokens: list[int]
+    start: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + len(self.tokens) == len(self.seq.tokens)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_tokens: int, prefill_chunk: int, max_seqs: int):
+        self.blocks = blocks
+        self.max_batch_tokens, self.prefill_chunk, self.max_seqs = max_batch_tokens, prefill_chunk, max_seqs
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a sequence (finished, cancelled or failed) and free its blocks."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+
+    def fits(self, prompt_len: int) -> bool:
+        """Whether a prompt of this length could ever be held, with the whole pool to itself."""
+        return -(-(prompt_len + 1) // self.blocks.block_size) <= self.blocks.num_blocks
+
+    def plan(self) -> list[Work]:
+        budget = self.max_batch_tokens
+        work: list[Work] = []
+        for seq in list(self.running):  # decodes first: they are what users are watching
+            if seq.pending != 1 or budget == 0 or seq not in self.running:
+                continue
+            if not self._grow(seq, seq.computed + 1, work):
+                continue
+            work.append(Work(seq, seq.tokens[-1:], seq.computed))
+            budget -= 1
+        for seq in self.running:  # then prompts being prefilled, a chunk each
+            if seq.pending > 1 and budget > 0:
+                budget -= self._chunk(seq, budget, work)
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            # keep a block in hand for each running sequence, so admitting does not force preemption
+            got = self.blocks.allocate_prompt(seq.tokens, reserve=len(self.running))
+            if got is None:
+                break
+            self.waiting.popleft()
+            seq.block_table, seq.computed = got
+            if not seq.admitted:
+                seq.cached_tokens, seq.admitted = seq.computed, True
+            self.running.append(seq)
+            budget -= self._chunk(seq, budget, work)
+        return work
+
+    def _chunk(self, seq: Sequence, budget: int, work: list[Work]) -> int:
+        n = min(seq.pending, self.prefill_chunk, budget)
+        work.append(Work(seq, seq.tokens[seq.computed : seq.computed + n], seq.computed))
+        return n
+
+    def _grow(self, seq: Sequence, positions: int, work: list[Work]) -> bool:
+        """Make room for ``seq``; preempt the newest other sequences if the pool is full."""
+        while not self.blocks.grow(seq.block_table, positions):
+            in_step = {w.seq.seq_id for w in work}
+            victims = [s for s in reversed(self.running) if s is not seq and s.seq_id not in in_step]
+            if not victims:
+                return False
+            self._preempt(victims[0])
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.computed = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def done(self, work: list[Work]) -> None:
+        """Record a finished step: the fed tokens now have KV; name the blocks they filled."""
+        for w in work:
+            w.seq.computed = w.start + len(w.tokens)
+            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed)
