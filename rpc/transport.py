@@ -31,6 +31,10 @@ class RpcServer:
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # No high-water mark: at the default (1000) a ROUTER silently drops messages to a peer that
+        # reads slowly, and a streaming client would lose tokens. What one peer can queue is bounded
+        # by its request anyway (max_tokens events).
+        self.socket.setsockopt(zmq.SNDHWM, 0)
         if endpoint.startswith("ipc://"):
             path = endpoint[len("ipc://") :]
             if os.path.exists(path):
@@ -72,6 +76,7 @@ class RpcClient:
         self.ctx = ctx or zmq.Context.instance()
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)  # see RpcServer: never drop a reply
         self.socket.connect(endpoint)
         self.endpoint = endpoint
 

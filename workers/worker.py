@@ -34,6 +34,8 @@ log = logging.getLogger("cortex.worker")
 # Testing seams (mock only what cannot be made to happen on demand):
 # slow every load by this many seconds, so a test can observe "loading";
 LOAD_DELAY_ENV = "CORTEX_TEST_LOAD_DELAY_S"
+# sleep this long in every step, to emulate a slower device (e.g. so a client can disconnect mid-way);
+STEP_DELAY_ENV = "CORTEX_TEST_STEP_DELAY_S"
 # stall one step for 30 s if this file exists (deleted first: one stall, even across restarts),
 # so a test can watch the step watchdog fire.
 STALL_FILE_ENV = "CORTEX_TEST_STALL_FILE"
@@ -162,6 +164,9 @@ class Worker:
 
 
 def _maybe_stall() -> None:
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
     path = os.environ.get(STALL_FILE_ENV)
     if path and os.path.exists(path):
         os.unlink(path)

@@ -1,0 +1,342 @@
+"""The engine under load: many sequences per step give what each gives alone; KV blocks are shared
+by common prefixes and freed the moment nobody needs them; queues are bounded."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from cortex.engine.blocks import BlockManager
+from cortex.engine.scheduler import Scheduler
+from cortex.engine.sequence import Sequence
+from rpc.messages import SamplingParams
+from tests.checkpoints import make_checkpoint
+from tests.conftest import Server, tiny_models_toml
+from workers.arch import ModelConfig, model_class
+from workers.kv_cache import LocalRunner, PagedKVCache, StepBatch
+from workers.weights import load_weights
+
+# -- the model: one batched step equals each sequence alone ------------------------------------------
+
+
+def test_a_mixed_batch_gives_each_sequence_its_own_logits(tmp_path):
+    path = make_checkpoint(tmp_path, "qwen3", tied=True)
+    cfg = ModelConfig.from_hf_dir(path)
+    model = model_class(cfg)(cfg)
+    load_weights(model, "safetensors", [str(p) for p in path.glob("*.safetensors")])
+    cpu = torch.device("cpu")
+    prompts = [list(range(3, 3 + n)) for n in (5, 17, 40, 2)]
+
+    alone = []  # each sequence by itself: prefill, then one decode token
+    for p in prompts:
+        run = LocalRunner(model, cpu)
+        run.step(0, p, 0)
+        alone.append(run.step(0, [7], len(p)))
+
+    cache = PagedKVCache(*model.kv_shape(), cpu, num_blocks=32)
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    # step 1: sequences 0 and 1 prefill whole, 2 prefills its first 25 tokens, 3 waits
+    model(
+        StepBatch.build(
+            [(prompts[0], 0, tables[0]), (prompts[1], 0, tables[1]), (prompts[2][:25], 0, tables[2])], 16, cpu
+        ),
+        cache,
+    )
+    # step 2: decodes of 0 and 1, the rest of 2's prompt, all of 3's
+    batch = StepBatch.build(
+        [
+            ([7], len(prompts[0]), tables[0]),
+            ([7], len(prompts[1]), tables[1]),
+            (prompts[2][25:], 25, tables[2]),
+            (prompts[3], 0, tables[3]),
+        ],
+        16,
+        cpu,
+    )
+    mixed = model(batch, cache)
+    for i in (0, 1):
+        assert (mixed[i] - alone[i]).abs().max() < 1e-5
+    # step 3: everyone decodes together
+    last = model(
+        StepBatch.build([([7], len(prompts[2]), tables[2]), ([7], len(prompts[3]), tables[3])], 16, cpu), cache
+    )
+    for j, i in enumerate((2, 3)):
+        assert (last[j] - alone[i]).abs().max() < 1e-5
+
+
+# -- blocks and scheduling ----------------------------------------------------------------------------
+
+
+def test_prefix_blocks_are_shared_and_survive_until_reused():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = list(range(10))  # 2 full blocks + 2 tokens
+    table, cached = bm.allocate_prompt(a)
+    assert cached == 0 and len(table) == 3
+    bm.register(table, a, 10)
+    b = a[:8] + [99, 98, 97]  # same first two blocks
+    table_b, cached_b = bm.allocate_prompt(b)
+    assert cached_b == 8 and table_b[:2] == table[:2] and table_b[2] != table[2]
+    assert bm.refs[table[0]] == 2
+    bm.release(table)
+    bm.release(table_b)
+    assert bm.num_free == 8  # all free again, but the prefix is still cached
+    again, cached_again = bm.allocate_prompt(a)
+    assert cached_again == 8
+
+
+def test_the_last_prompt_token_is_always_computed():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = list(range(8))  # exactly two full blocks
+    table, _ = bm.allocate_prompt(a)
+    bm.register(table, a, 8)
+    _, cached = bm.allocate_prompt(a)
+    assert cached == 4  # the second block holds the last token: computed anew, in a fresh block
+
+
+def test_cached_blocks_are_reused_least_recently_freed_first():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    old, _ = bm.allocate_prompt([1, 2, 3])
+    bm.register(old, [1, 2, 3], 3)
+    bm.release(old)
+    fresh, _ = bm.allocate_prompt([7, 8, 9, 10, 11, 12, 13])  # needs all 4 blocks: evicts the cache
+    assert len(fresh) == 4 and not bm.by_hash
+    assert bm.allocate_prompt([5]) is None  # nothing left
+
+
+def _seq(n_prompt: int, max_tokens: int = 100) -> Sequence:
+    from tokenizers import Tokenizer, models
+
+    from cortex.chat.detokenizer import IncrementalDecoder
+    from tests.conftest import SPECIALS  # noqa: F401  (keeps the tokenizer fixture's import light)
+
+    tok = Tokenizer(models.BPE())
+    return Sequence(
+        request_id=f"r{n_prompt}",
+        peer=b"",
+        model_id="m",
+        prompt_len=n_prompt,
+        tokens=list(range(n_prompt)),
+        sampling=SamplingParams(),
+        max_tokens=max_tokens,
+        decoder=IncrementalDecoder(tok),
+        eos_ids=frozenset(),
+    )
+
+
+def test_scheduler_decodes_first_then_chunks_prompts_within_the_budget():
+    sched = Scheduler(BlockManager(64, 16), max_batch_tokens=40, prefill_chunk=16, max_seqs=8)
+    short, long_ = _seq(10), _seq(100)
+    sched.add(short)
+    sched.add(long_)
+    work = sched.plan()
+    assert [(w.seq, len(w.tokens)) for w in work] == [(short, 10), (long_, 16)]  # chunked at 16
+    sched.done(work)
+    short.tokens.append(5)  # short sampled its first token
+    work = sched.plan()
+    assert work[0].seq is short and work[0].tokens == [5] and work[0].start == 10  # its decode comes first
+    assert work[1].seq is long_ and work[1].start == 16 and len(work[1].tokens) == 16
+    assert sum(len(w.tokens) for w in work) <= 40
+
+
+def test_scheduler_preempts_the_newest_when_the_pool_is_full_and_recomputes_it():
+    sched = Scheduler(BlockManager(3, 4), max_batch_tokens=64, prefill_chunk=64, max_seqs=8)
+    a, b = _seq(4), _seq(3)
+    sched.add(a)
+    sched.add(b)
+    work = sched.plan()  # a takes 1 block, b takes 1 (1 left in reserve)
+    sched.done(work)
+    a.tokens.append(1)
+    b.tokens.append(1)
+    for _ in range(8):  # decode until the pool cannot hold both
+        work = sched.plan()
+        sched.done(work)
+        for w in work:
+            if w.samples:
+                w.seq.tokens.append(1)
+        if sched.preemptions:
+            break
+    assert sched.preemptions == 1 and b in sched.waiting and b.computed == 0 and not b.block_table
+    assert a in sched.running
+
+
+# -- the server under load ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_server(tmp_path_factory, tiny_qwen3):
+    root = tmp_path_factory.mktemp("engine")
+    extra = (
+        "[engine]\nprefill_chunk = 24\nmax_batch_tokens = 64\nmax_seqs = 16\nkv_cache_mb = 8\n"
+        "max_requests_per_client = 0\n"
+    )
+    srv = Server(root, tiny_models_toml(tiny_qwen3, "max_context = 1024"), extra)
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _client(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _request(i: int) -> dict:
+    words = ["Hello", "world", "Paris", "capital", "France", "today", "how", "are", "you"]
+    content = " ".join(words[(i + k) % len(words)] for k in range(3 + 7 * i))  # different lengths
+    kw = (
+        {"temperature": 0} if i % 2 == 0 else {"temperature": 0.9, "top_p": 0.9, "seed": i, "extra_body": {"top_k": 50}}
+    )
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 12 + i, **kw}
+
+
+def test_16_concurrent_requests_each_get_what_they_get_alone(engine_server):
+    client = _client(engine_server)
+    alone = [client.chat.completions.create(model="tiny", **_request(i)).choices[0].message.content for i in range(16)]
+    together: dict[int, str] = {}
+    errors = []
+
+    def go(i):
+        try:
+            together[i] = client.chat.completions.create(model="tiny", **_request(i)).choices[0].message.content
+        except Exception as exc:  # asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert [together[i] for i in range(16)] == alone
+
+
+def test_a_repeated_prompt_reuses_its_cached_prefix(engine_server):
+    client = _client(engine_server)
+    messages = [{"role": "user", "content": "Hello world " * 60}]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    second = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 or first.usage.prompt_tokens > 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= ((second.usage.prompt_tokens - 1) // 16) * 16 > 0
+    assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def _engine_stats(srv) -> dict:
+    return srv.health()["models"][0]["engine"]
+
+
+def test_a_disconnected_stream_frees_its_kv_at_once(tmp_path, tiny_qwen3):
+    # 20 ms per step: a generation outlives the moment its client leaves
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), env={"CORTEX_TEST_STEP_DELAY_S": "0.02"})
+    try:
+        srv.wait_healthy()
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 1000,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n > 20:
+                    break
+            stats = _engine_stats(srv)
+            assert stats["running"] == 1 and stats["kv_blocks_used"] > 0
+        t0 = time.monotonic()  # the client is gone
+        while time.monotonic() - t0 < 5 and _engine_stats(srv)["kv_blocks_used"]:
+            time.sleep(0.02)
+        stats = _engine_stats(srv)
+        assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+        assert time.monotonic() - t0 < 1  # a few 20 ms steps, not the rest of the 1000 tokens
+    finally:
+        srv.stop()
+
+
+def test_a_slow_reader_loses_no_tokens(engine_server):
+    import json
+
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    whole = httpx.post(engine_server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", engine_server.url + "/v1/chat/completions", json=stream_body, timeout=60) as r:
+        assert r.status_code == 200
+        time.sleep(2)  # the engine finishes long before we read anything
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert events[-1]["usage"]["completion_tokens"] == 900
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path, tiny_qwen3):
+    extra = "[engine]\nmax_seqs = 1\nmax_waiting = 2\nmax_requests_per_client = 0\n"
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), extra)
+    try:
+        srv.wait_healthy()
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "ignore_eos": True}
+        statuses, retry = [], []
+
+        def go():
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                retry.append(r.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=go) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert statuses.count(200) >= 3 and statuses.count(503) >= 1 and set(statuses) <= {200, 503}
+        assert all(r and int(r) >= 1 for r in retry)
+    finally:
+        srv.stop()
+
+
+def test_one_client_over_its_limit_gets_429(tmp_path, tiny_qwen3):
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), "[engine]\nmax_requests_per_client = 2\n")
+    try:
+        srv.wait_healthy()
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        streams = [
+            httpx.stream(
+                "POST", srv.url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": "Bearer k1"}
+            )
+            for _ in range(2)
+        ]
+        opened = [s.__enter__() for s in streams]
+        try:
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k1"})
+            assert r.status_code == 429 and r.headers["retry-after"]
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            other = httpx.post(
+                srv.url + "/v1/chat/completions",
+                json={**body, "stream": False, "max_tokens": 2},
+                headers={"Authorization": "Bearer k2"},
+                timeout=60,
+            )
+            assert other.status_code == 200  # another client is not affected
+        finally:
+            for s, o in zip(streams, opened, strict=True):
+                o.close()
+                s.__exit__(None, None, None)
+    finally:
+        srv.stop()
