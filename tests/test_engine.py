@@ -340,3 +340,29 @@ def test_one_client_over_its_limit_gets_429(tmp_path, tiny_qwen3):
                 s.__exit__(None, None, None)
     finally:
         srv.stop()
+
+
+def test_a_client_that_hangs_up_on_a_non_streamed_request_cancels_it(tmp_path, tiny_qwen3):
+    import socket
+
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), env={"CORTEX_TEST_STEP_DELAY_S": "0.02"})
+    try:
+        srv.wait_healthy()
+        body = b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000, "ignore_eos": true}'
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _engine_stats(srv)["running"] == 0:
+                time.sleep(0.02)
+            assert _engine_stats(srv)["kv_blocks_used"] > 0
+        t0 = time.monotonic()  # hung up, 20 s of generation before it
+        while time.monotonic() - t0 < 5 and _engine_stats(srv)["running"]:
+            time.sleep(0.02)
+        stats = _engine_stats(srv)
+        assert stats["running"] == 0 and stats["kv_blocks_used"] == 0
+        assert time.monotonic() - t0 < 2
+    finally:
+        srv.stop()

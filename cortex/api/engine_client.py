@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import time
 from collections.abc import Iterator
 
 import zmq
@@ -75,8 +77,25 @@ class Generation:
         self.prompt_tokens = 0
         self.done = False
 
-    def _next(self, timeout_s: float) -> object:
-        got = self.client.recv(int(timeout_s * 1000))
+    def _next(self, timeout_s: float, watch: socket.socket | None = None) -> object:
+        """The next event. With ``watch`` (the client's connection), a client that hangs up while
+        we wait raises ClientGone, so its request is cancelled instead of generated for nobody."""
+        if watch is None:
+            got = self.client.recv(int(timeout_s * 1000))
+        else:
+            got = None
+            poller = zmq.Poller()
+            poller.register(self.client.socket, zmq.POLLIN)
+            poller.register(watch, zmq.POLLIN)
+            deadline = time.monotonic() + timeout_s
+            while got is None and time.monotonic() < deadline:
+                ready = dict(poller.poll(max(int((deadline - time.monotonic()) * 1000), 0)))
+                if self.client.socket in ready:
+                    got = self.client.recv(0)
+                elif watch in ready or watch.fileno() in ready:
+                    if _hung_up(watch):
+                        raise ClientGone()
+                    poller.unregister(watch)  # readable but open: a pipelined request; stop watching
         if got is None:
             raise ApiError(
                 503, "the engine did not answer in time", "service_unavailable", "engine_timeout", retry_after=5
@@ -98,11 +117,12 @@ class Generation:
         self.client.close()
         raise _as_api_error(first)
 
-    def events(self) -> Iterator[Delta | Finished]:
-        """Yield Delta events, then one Finished; raise ApiError on a failure."""
+    def events(self, watch: socket.socket | None = None) -> Iterator[Delta | Finished]:
+        """Yield Delta events, then one Finished; raise ApiError on a failure (ClientGone if
+        ``watch``, the client's connection, closes first)."""
         try:
             while True:
-                ev = self._next(self.event_timeout_s)
+                ev = self._next(self.event_timeout_s, watch)
                 if isinstance(ev, Delta):
                     yield ev
                 elif isinstance(ev, Finished):
@@ -124,6 +144,19 @@ class Generation:
             self.client.close(linger_ms=500)
             return
         self.client.close()
+
+
+class ClientGone(Exception):
+    """The HTTP client closed its connection; nobody waits for the answer."""
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _as_api_error(ev: object) -> ApiError:

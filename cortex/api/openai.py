@@ -12,7 +12,7 @@ from typing import Any
 import falcon
 
 from cortex.api import sse
-from cortex.api.engine_client import EngineClient
+from cortex.api.engine_client import ClientGone, EngineClient
 from cortex.api.errors import ApiError, bad_field
 from cortex.api.validation import field, read_json
 from rpc.engine import Delta, Finished, Submit
@@ -123,7 +123,12 @@ class ChatCompletions:
             resp.stream = self._stream(gen, submit, created, include_usage)
             return
         text, finish = [], None
-        for ev in gen.events():
+        try:
+            events = list(gen.events(watch=req.env.get("gunicorn.socket")))
+        except ClientGone:
+            log.info("%s: client went away; request cancelled", submit.request_id)
+            raise falcon.HTTPStatus(499) from None  # nobody reads it; nginx's "client closed request"
+        for ev in events:
             if isinstance(ev, Delta):
                 text.append(ev.text)
             else:
