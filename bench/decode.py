@@ -15,11 +15,7 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -95,35 +91,16 @@ def bench_hf(model, files, device, n: int, dtype) -> tuple[float, list[int]]:
 def bench_server(n: int, threads: int) -> float:
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = Path(tempfile.mkdtemp())
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    (run / "cortex.toml").write_text(
-        f'[node]\nrun_dir = "{run}"\nthreads = {threads}\nmodels_config = "{conf / "models.toml"}"\n'
-        f'[gateway]\nlisten = "127.0.0.1:{port}"\nworkers = 1\n'
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(run / "cortex.toml")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    from bench.server import running_server
+
+    with running_server(threads) as url:
         body = {
             "model": "default",
             "messages": PROMPT,
             "max_tokens": n,
             "temperature": 0,
             "stream": True,
+            "ignore_eos": True,
             "stream_options": {"include_usage": True},
         }
         best = 0.0
@@ -138,12 +115,8 @@ def bench_server(n: int, threads: int) -> float:
                         usage = ev["usage"]
                     elif ev["choices"] and ev["choices"][0]["delta"].get("content"):
                         times.append(time.perf_counter())
-            tokens = usage["completion_tokens"]
-            best = max(best, (tokens - 1) / (times[-1] - times[0]))
+            best = max(best, (usage["completion_tokens"] - 1) / (times[-1] - times[0]))
         return best
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
 
 
 def main() -> None:

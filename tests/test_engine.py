@@ -77,7 +77,7 @@ def test_prefix_blocks_are_shared_and_survive_until_reused():
     a = list(range(10))  # 2 full blocks + 2 tokens
     table, cached = bm.allocate_prompt(a)
     assert cached == 0 and len(table) == 3
-    bm.register(table, a, 10)
+    bm.register(table, a, 10, [])
     b = a[:8] + [99, 98, 97]  # same first two blocks
     table_b, cached_b = bm.allocate_prompt(b)
     assert cached_b == 8 and table_b[:2] == table[:2] and table_b[2] != table[2]
@@ -93,7 +93,7 @@ def test_the_last_prompt_token_is_always_computed():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = list(range(8))  # exactly two full blocks
     table, _ = bm.allocate_prompt(a)
-    bm.register(table, a, 8)
+    bm.register(table, a, 8, [])
     _, cached = bm.allocate_prompt(a)
     assert cached == 4  # the second block holds the last token: computed anew, in a fresh block
 
@@ -101,7 +101,7 @@ def test_the_last_prompt_token_is_always_computed():
 def test_cached_blocks_are_reused_least_recently_freed_first():
     bm = BlockManager(num_blocks=4, block_size=2)
     old, _ = bm.allocate_prompt([1, 2, 3])
-    bm.register(old, [1, 2, 3], 3)
+    bm.register(old, [1, 2, 3], 3, [])
     bm.release(old)
     fresh, _ = bm.allocate_prompt([7, 8, 9, 10, 11, 12, 13])  # needs all 4 blocks: evicts the cache
     assert len(fresh) == 4 and not bm.by_hash

@@ -28,10 +28,13 @@ class BlockManager:
     def used(self) -> int:
         return self.num_blocks - len(self.free)
 
-    def chain(self, tokens: list[int]) -> list[int]:
-        """Hashes of each full block of ``tokens``."""
-        out, parent, bs = [], 0, self.block_size
-        for i in range(len(tokens) // bs):
+    def chain(self, tokens: list[int], hashes: list[int] | None = None) -> list[int]:
+        """Hashes of each full block of ``tokens``, extending ``hashes`` (those of its first blocks,
+        already known) instead of starting over."""
+        out = list(hashes or [])
+        bs = self.block_size
+        parent = out[-1] if out else 0
+        for i in range(len(out), len(tokens) // bs):
             parent = hash((parent, tuple(tokens[i * bs : (i + 1) * bs])))
             out.append(parent)
         return out
@@ -67,10 +70,13 @@ class BlockManager:
         table += [self._take_fresh() for _ in range(need)]
         return True
 
-    def register(self, table: list[int], tokens: list[int], computed: int) -> None:
-        """Name the blocks that ``computed`` tokens have filled, so later prompts can reuse them."""
-        for i, h in enumerate(self.chain(tokens[:computed])):
-            b = table[i]
+    def register(self, table: list[int], tokens: list[int], computed: int, hashes: list[int]) -> None:
+        """Name the blocks that ``computed`` tokens have filled, so later prompts can reuse them.
+        ``hashes`` is the sequence's chain so far; it is extended in place (each block hashed once)."""
+        known = len(hashes)
+        hashes[:] = self.chain(tokens[:computed], hashes)
+        for i in range(known, len(hashes)):
+            b, h = table[i], hashes[i]
             if b in self.hash_of:
                 continue
             if h not in self.by_hash:

@@ -99,6 +99,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.computed = 0
+        seq.block_hashes.clear()
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
@@ -106,4 +107,4 @@ class Scheduler:
         """Record a finished step: the fed tokens now have KV; name the blocks they filled."""
         for w in work:
             w.seq.computed = w.start + len(w.tokens)
-            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed)
+            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_hashes)

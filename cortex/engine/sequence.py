@@ -28,6 +28,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the KV cache
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of its filled blocks
     admitted: bool = False
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
