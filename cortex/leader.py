@@ -243,6 +243,7 @@ class Leader:
     def _kill_group(self, state: ModelState, cause: str) -> None:
         """A wedged group (watchdog): kill its workers; their deaths drive the recovery."""
         log.error("model %s: %s; restarting its worker(s) %s", state.id, cause, state.ranks)
+        self._recover(state, cause)  # status and requests reflect it at once, not when the deaths are reaped
         for r in state.ranks:
             self.workers[r].kill()
 
@@ -555,7 +556,7 @@ class Leader:
             sampling=req.sampling,
             max_tokens=req.max_tokens or room,
             decoder=IncrementalDecoder(files.tokenizer.tokenizer, req.stop),
-            eos_ids=frozenset() if req.ignore_eos else frozenset(eos),
+            eos_ids=frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else frozenset(eos)),
             client=req.client,
         )
         self.registry.touch(state)
@@ -607,7 +608,15 @@ class Leader:
         step = GenerateStep(
             state.id,
             [
-                SeqInput(w.seq.seq_id, w.tokens, w.start, w.seq.sampling, list(w.seq.block_table), w.samples)
+                SeqInput(
+                    w.seq.seq_id,
+                    w.tokens,
+                    w.start,
+                    w.seq.sampling,
+                    list(w.seq.block_table),
+                    w.samples,
+                    prompt=w.seq.tokens[: w.seq.prompt_len] if w.first and w.seq.sampling.needs_history else None,
+                )
                 for w in work
             ],
         )

@@ -24,6 +24,7 @@ class Submit:
     template_kwargs: dict[str, Any] | None = None
     ignore_eos: bool = False  # generate to max_tokens even past EOS (vLLM's extension; benchmarks)
     client: str = ""  # who is asking (API key or address), for per-client limits
+    stop_token_ids: list[int] | None = None
 
 
 @message

@@ -18,6 +18,16 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling depends on the tokens seen so far (the penalties)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @message
@@ -62,6 +72,7 @@ class SeqInput:
     sampling: SamplingParams
     block_table: list[int] = field(default_factory=list)
     sample: bool = True  # False for a prefill chunk that is not the prompt's last
+    prompt: list[int] | None = None  # the whole prompt, sent once when a penalty needs it
 
 
 @message

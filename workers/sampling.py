@@ -1,7 +1,10 @@
-"""Pick the next token from one sequence's logits: greedy, or temperature + top-k + top-p with a
-per-sequence seeded generator (so a seeded request is reproducible whatever else runs)."""
+"""Pick the next token from one sequence's logits, in vLLM's order: logit bias and penalties, then
+temperature, then top-k / top-p / min-p, then a draw from the sequence's own seeded generator (so a
+seeded request is reproducible whatever else shares its steps). Temperature 0 is greedy."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -21,22 +24,53 @@ def new_generator(params: SamplingParams, device: torch.device) -> torch.Generat
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, vocab_limit: int) -> int:
+def adjust(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """Logit bias and penalties. Presence and frequency penalties count generated tokens (OpenAI);
+    the repetition penalty covers prompt and output alike (HF / vLLM)."""
+    if not (params.logit_bias or params.needs_history):
+        return logits
+    logits = logits.clone()
+    for token, bias in (params.logit_bias or {}).items():
+        if 0 <= int(token) < logits.shape[-1]:
+            logits[int(token)] += float(bias)
+    if params.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=logits.device)
+        if seen.numel():
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        counts = Counter(output)
+        ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
+        freq = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    vocab_limit: int,
+    prompt: list[int] = (),
+    output: list[int] = (),
+) -> int:
     """``logits``: fp32 [vocab]. Ids >= ``vocab_limit`` (padding rows the tokenizer cannot decode)
     are never chosen."""
     if 0 < vocab_limit < logits.shape[-1]:
         logits = logits[:vocab_limit]
+    logits = adjust(logits, params, list(prompt), list(output))
     if generator is None:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+    if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # drop a token when the mass before it already reaches top_p; the top token always stays
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token when the mass before it already reaches top_p; the top token always stays
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        probs = probs.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))

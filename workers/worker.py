@@ -47,7 +47,9 @@ class ResidentModel:
     cache: object
     tp: object
     vocab_limit: int
-    generators: dict = field(default_factory=dict)
+    generators: dict = field(default_factory=dict)  # seq id -> its own torch.Generator (or None: greedy)
+    prompts: dict = field(default_factory=dict)  # seq id -> prompt tokens, for the repetition penalty
+    outputs: dict = field(default_factory=dict)  # seq id -> tokens sampled so far, for penalties
 
 
 class Worker:
@@ -135,21 +137,29 @@ class Worker:
         logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
         out = []
         for i, s in enumerate(msg.seqs):
+            if s.prompt is not None:
+                rm.prompts[s.seq_id] = s.prompt
             if s.sample and rm.tp.rank == 0:
                 if s.seq_id not in rm.generators:  # its own generator: reproducible whatever else runs
                     rm.generators[s.seq_id] = new_generator(s.sampling, self.device)
-                out.append(sample(logits[i], s.sampling, rm.generators[s.seq_id], rm.vocab_limit))
+                output = rm.outputs.setdefault(s.seq_id, [])
+                token = sample(
+                    logits[i], s.sampling, rm.generators[s.seq_id], rm.vocab_limit, rm.prompts.get(s.seq_id, ()), output
+                )
+                output.append(token)
+                out.append(token)
             else:
                 out.append(-1)
         return StepResult(model_id=msg.model_id, tokens=out)
 
     def clear(self, msg: ClearKvCache) -> Ack:
         rm = self._resident(msg.model_id)
-        if msg.seq_ids is None:
-            rm.generators.clear()
-        else:
-            for s in msg.seq_ids:
-                rm.generators.pop(s, None)
+        for state in (rm.generators, rm.prompts, rm.outputs):
+            if msg.seq_ids is None:
+                state.clear()
+            else:
+                for s in msg.seq_ids:
+                    state.pop(s, None)
         return Ack()
 
     def unload(self, msg: Unload) -> Ack:

@@ -79,12 +79,39 @@ def parse_stop(body: dict) -> list[str] | None:
 
 
 def parse_sampling(body: dict) -> SamplingParams:
+    number = (int, float)
     return SamplingParams(
-        temperature=float(field(body, "temperature", (int, float), default=1.0, lo=0, hi=2)),
-        top_p=float(field(body, "top_p", (int, float), default=1.0, lo=0, hi=1)),
+        temperature=float(field(body, "temperature", number, default=1.0, lo=0, hi=2)),
+        top_p=float(field(body, "top_p", number, default=1.0, lo=0, hi=1)),
         top_k=field(body, "top_k", int, default=0, lo=0),
         seed=field(body, "seed", int),
+        min_p=float(field(body, "min_p", number, default=0.0, lo=0, hi=1)),
+        presence_penalty=float(field(body, "presence_penalty", number, default=0.0, lo=-2, hi=2)),
+        frequency_penalty=float(field(body, "frequency_penalty", number, default=0.0, lo=-2, hi=2)),
+        repetition_penalty=float(field(body, "repetition_penalty", number, default=1.0, lo=0.01, hi=10)),
+        logit_bias=parse_logit_bias(body),
     )
+
+
+def parse_logit_bias(body: dict) -> dict[int, float] | None:
+    raw = field(body, "logit_bias", dict)
+    if not raw:
+        return None
+    out = {}
+    for key, value in raw.items():
+        if not str(key).lstrip("-").isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad_field("logit_bias", "'logit_bias' maps token ids to numbers between -100 and 100.")
+        if not -100 <= value <= 100:
+            raise bad_field("logit_bias", f"Invalid logit_bias value {value} for token {key}: expected -100 to 100.")
+        out[int(key)] = float(value)
+    return out
+
+
+def parse_stop_token_ids(body: dict) -> list[int] | None:
+    ids = field(body, "stop_token_ids", list)
+    if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise bad_field("stop_token_ids", "'stop_token_ids' must be an array of token ids.")
+    return ids
 
 
 class ChatCompletions:
@@ -114,6 +141,7 @@ class ChatCompletions:
             template_kwargs=field(body, "chat_template_kwargs", dict),
             ignore_eos=field(body, "ignore_eos", bool, default=False),
             client=_client_id(req),
+            stop_token_ids=parse_stop_token_ids(body),
         )
         gen = self.engine.submit(submit)  # raises ApiError (404, 503 loading, 400 too long) up front
         created = int(time.time())

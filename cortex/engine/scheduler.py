@@ -23,6 +23,11 @@ class Work:
     start: int
 
     @property
+    def first(self) -> bool:
+        """The sequence's first chunk since admission (the worker has not seen it yet)."""
+        return self.start == self.seq.cached_tokens and not self.seq.computed_once
+
+    @property
     def samples(self) -> bool:
         return self.start + len(self.tokens) == len(self.seq.tokens)
 
@@ -107,4 +112,5 @@ class Scheduler:
         """Record a finished step: the fed tokens now have KV; name the blocks they filled."""
         for w in work:
             w.seq.computed = w.start + len(w.tokens)
+            w.seq.computed_once = True
             self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_hashes)

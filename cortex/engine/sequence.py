@@ -30,6 +30,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     block_hashes: list[int] = field(default_factory=list)  # hash chain of its filled blocks
     admitted: bool = False
+    computed_once: bool = False  # a step of it has run: the workers know its prompt
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
 

@@ -1,0 +1,135 @@
+"""Every sampling parameter changes the output the way the OpenAI (and vLLM) docs say."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from rpc.messages import SamplingParams
+from workers.sampling import new_generator, sample
+
+LOGITS = torch.tensor([0.0, 1.0, 5.0, 2.0, 9.0])
+CPU = torch.device("cpu")
+
+
+def draws(params: SamplingParams, n: int = 200, **kw) -> list[int]:
+    g = new_generator(params, CPU)
+    return [sample(LOGITS, params, g, 0, **kw) for _ in range(n)]
+
+
+def test_min_p_keeps_tokens_at_least_that_fraction_of_the_top_one():
+    hot = SamplingParams(temperature=3.0, seed=1)
+    assert set(draws(hot)) == {0, 1, 2, 3, 4}
+    # at T=3 the probabilities are about .03 .04 .13 .05 .76: min_p 0.1 keeps only 4 (0.1 * .76 > .05)
+    assert set(draws(SamplingParams(temperature=3.0, seed=1, min_p=0.1))) <= {2, 4}
+    assert 2 in draws(SamplingParams(temperature=3.0, seed=1, min_p=0.1), 400)
+
+
+def test_logit_bias_forces_or_bans_tokens():
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(LOGITS, SamplingParams(temperature=0.0, logit_bias={0: 100.0}), None, 0) == 0
+    assert sample(LOGITS, SamplingParams(temperature=0.0, logit_bias={4: -100.0}), None, 0) == 2
+    assert sample(LOGITS, greedy, None, 0) == 4
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens():
+    greedy = dict(temperature=0.0)
+    assert sample(LOGITS, SamplingParams(**greedy, frequency_penalty=2.0), None, 0, output=[4]) == 4  # 9-2 > 5
+    assert sample(LOGITS, SamplingParams(**greedy, frequency_penalty=2.0), None, 0, output=[4, 4, 4]) == 2  # 9-6 < 5
+    assert sample(LOGITS, SamplingParams(**greedy, presence_penalty=2.0), None, 0, output=[4]) == 4  # 7 > 5
+    assert sample(LOGITS, SamplingParams(**greedy, presence_penalty=2.0), None, 0, prompt=[4, 4]) == 4  # prompt not
+
+
+def test_repetition_penalty_covers_prompt_and_output():
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample(LOGITS, p, None, 0, prompt=[4]) == 2  # 9/2 = 4.5 < 5
+    assert sample(LOGITS, p, None, 0, output=[4]) == 2
+    assert sample(LOGITS, p, None, 0, prompt=[1]) == 4
+
+
+# -- through the API ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(tiny_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+HI = [{"role": "user", "content": "Hello, world!"}]
+
+
+def _token(tiny_qwen3, text: str) -> tuple[int, str]:
+    """A token id of ``text`` and the text it decodes to."""
+    from cortex.chat.tokenizer import from_hf_dir
+
+    tok = from_hf_dir(tiny_qwen3)
+    tid = tok.encode(text)[0]
+    return tid, tok.decode([tid])
+
+
+def test_logit_bias_through_the_api(client, tiny_qwen3):
+    paris, text = _token(tiny_qwen3, "Paris")
+    r = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=5, temperature=0, logit_bias={str(paris): 100}
+    )
+    assert r.choices[0].message.content == text * 5
+
+
+def test_stop_token_ids_end_the_completion(client, tiny_qwen3):
+    paris, _ = _token(tiny_qwen3, "Paris")
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=HI,
+        max_tokens=5,
+        temperature=0,
+        logit_bias={str(paris): 100},
+        extra_body={"stop_token_ids": [paris]},
+    )
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == ""
+    assert r.usage.completion_tokens == 1
+
+
+def test_frequency_penalty_reduces_repetition(client):
+    plain = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+    )
+    penalised = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=40, temperature=0, frequency_penalty=2.0, extra_body={"ignore_eos": True}
+    )
+
+    def most_repeated(text: str) -> int:
+        words = text.split()
+        return max((words.count(w) for w in set(words)), default=0)
+
+    assert penalised.choices[0].message.content != plain.choices[0].message.content
+    assert most_repeated(penalised.choices[0].message.content) <= most_repeated(plain.choices[0].message.content)
+
+
+def test_repetition_penalty_and_min_p_are_accepted_and_change_sampling(client):
+    base = dict(model="tiny", messages=HI, max_tokens=16, temperature=0.0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**base).choices[0].message.content
+    rep = client.chat.completions.create(**{**base, "extra_body": {"ignore_eos": True, "repetition_penalty": 5.0}})
+    assert rep.choices[0].message.content != plain
+    r = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=8, temperature=1.0, seed=3, extra_body={"min_p": 0.99}
+    )
+    greedy = client.chat.completions.create(model="tiny", messages=HI, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == greedy.choices[0].message.content  # min_p ~1 keeps only the top
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 500}}, "logit_bias"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"min_p": 2}, "min_p"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_values_are_400(tiny_server, body, param):
+    import httpx
+
+    r = httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
