@@ -23,6 +23,7 @@ import zmq
 
 from cortex.chat.detokenizer import IncrementalDecoder
 from cortex.chat.template import TemplateRenderError
+from cortex.chat.tokenizer import token_bytes
 from cortex.config import Config
 from cortex.engine.blocks import BlockManager
 from cortex.engine.scheduler import Scheduler, Work
@@ -637,23 +638,38 @@ class Leader:
                 return
             result = replies[state.ranks[0]]
             self.schedulers[state.id].done(work)
-            for w, token in zip(work, result.tokens, strict=True):
+            logprobs = result.logprobs or [None] * len(work)
+            for w, token, lp in zip(work, result.tokens, logprobs, strict=True):
                 if w.seq.cancelled:
                     self._retire(w.seq)
                 elif w.samples:
-                    self._on_token(w.seq, token)
+                    self._on_token(w.seq, token, lp)
 
         self._call(state.ranks, lambda _: step, self.cfg.engine.step_timeout_s, done)
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, logprobs: list | None = None) -> None:
         text, finish = seq.append(token)
-        if text:
-            self.frontend.reply(seq.peer, 0, Delta(seq.request_id, text, seq.output_len))
+        entry = self._logprob_entry(seq, token, logprobs) if logprobs is not None else None
+        if entry is not None and (finish != "stop" or token not in seq.eos_ids):
+            seq.pending_logprobs.append(entry)
+        if text or seq.pending_logprobs:
+            self.frontend.reply(seq.peer, 0, Delta(seq.request_id, text, seq.output_len, seq.pending_logprobs or None))
+            seq.pending_logprobs = []
         if finish:
             self.frontend.reply(
                 seq.peer, 0, Finished(seq.request_id, finish, seq.prompt_len, seq.output_len, seq.cached_tokens)
             )
             self._retire(seq)
+
+    def _logprob_entry(self, seq: Sequence, token: int, logprobs: list) -> dict:
+        tok = self.registry.models[seq.model_id].files.tokenizer.tokenizer
+
+        def one(tid: int, lp: float) -> dict:
+            raw = token_bytes(tok, tid)
+            return {"token": raw.decode(errors="replace"), "logprob": lp, "bytes": list(raw)}
+
+        chosen, top = logprobs
+        return {**one(token, chosen), "top_logprobs": [one(t, lp) for t, lp in top]}
 
     def _retire(self, seq: Sequence) -> None:
         """Forget a sequence: its blocks go back to the pool (kept for the prefix cache), and the

@@ -61,6 +61,9 @@ class Delta:
     request_id: str
     text: str
     completion_tokens: int
+    # when asked for: one entry per token sampled since the last Delta:
+    # {"token": str, "logprob": float, "bytes": [int], "top_logprobs": [{"token", "logprob", "bytes"}]}
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @message

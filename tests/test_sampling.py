@@ -133,3 +133,55 @@ def test_bad_sampling_values_are_400(tiny_server, body, param):
 
     r = httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_logprobs_and_top_logprobs(client, tiny_qwen3):
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=HI,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        assert t.token == t.top_logprobs[0].token and t.logprob == pytest.approx(t.top_logprobs[0].logprob)  # greedy
+    plain = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+    # each token's bytes (a token can be part of a character) add up to the text
+    paris, text = _token(tiny_qwen3, "Paris")
+    forced = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=4, temperature=0, logprobs=True, logit_bias={str(paris): 100}
+    )
+    tokens = forced.choices[0].logprobs.content
+    assert [t.token for t in tokens] == [text] * 4
+    assert b"".join(bytes(t.bytes) for t in tokens).decode() == forced.choices[0].message.content
+
+
+def test_streamed_logprobs_cover_every_token(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HI,
+            max_tokens=8,
+            temperature=0.7,
+            seed=2,
+            logprobs=True,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    entries = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(entries) == 8 and all(t.top_logprobs == [] for t in entries)
+
+
+def test_top_logprobs_without_logprobs_is_400(tiny_server):
+    import httpx
+
+    r = httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"

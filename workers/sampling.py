@@ -46,6 +46,17 @@ def adjust(logits: torch.Tensor, params: SamplingParams, prompt: list[int], outp
     return logits
 
 
+def token_logprobs(logits: torch.Tensor, token: int, k: int, vocab_limit: int) -> list:
+    """[logprob of ``token``, [[id, logprob] of the ``k`` most likely]] under the model's own
+    distribution (before temperature, penalties and truncation, as OpenAI reports them)."""
+    if 0 < vocab_limit < logits.shape[-1]:
+        logits = logits[:vocab_limit]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, min(k, logp.shape[-1])) if k > 0 else None
+    pairs = [] if top is None else [[int(i), float(v)] for v, i in zip(top.values, top.indices, strict=True)]
+    return [float(logp[token]), pairs]
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,

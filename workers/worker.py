@@ -123,7 +123,7 @@ class Worker:
         return rm
 
     def step(self, msg: GenerateStep) -> StepResult | Error:
-        from workers.sampling import new_generator, sample
+        from workers.sampling import new_generator, sample, token_logprobs
 
         rm = self.models.get(msg.model_id)
         if rm is None:
@@ -135,7 +135,7 @@ class Worker:
             [(s.tokens, s.start_pos, s.block_table) for s in msg.seqs], rm.cache.block_size, self.device
         )
         logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
-        out = []
+        out, logprobs = [], []
         for i, s in enumerate(msg.seqs):
             if s.prompt is not None:
                 rm.prompts[s.seq_id] = s.prompt
@@ -148,9 +148,14 @@ class Worker:
                 )
                 output.append(token)
                 out.append(token)
+                want = s.sampling.logprobs
+                logprobs.append(token_logprobs(logits[i], token, want, rm.vocab_limit) if want >= 0 else None)
             else:
                 out.append(-1)
-        return StepResult(model_id=msg.model_id, tokens=out)
+                logprobs.append(None)
+        return StepResult(
+            model_id=msg.model_id, tokens=out, logprobs=logprobs if any(x is not None for x in logprobs) else None
+        )
 
     def clear(self, msg: ClearKvCache) -> Ack:
         rm = self._resident(msg.model_id)

@@ -90,7 +90,18 @@ def parse_sampling(body: dict) -> SamplingParams:
         frequency_penalty=float(field(body, "frequency_penalty", number, default=0.0, lo=-2, hi=2)),
         repetition_penalty=float(field(body, "repetition_penalty", number, default=1.0, lo=0.01, hi=10)),
         logit_bias=parse_logit_bias(body),
+        logprobs=parse_logprobs(body),
     )
+
+
+def parse_logprobs(body: dict) -> int:
+    """-1 when not asked; else how many alternatives to report with each token (0..20)."""
+    top = field(body, "top_logprobs", int, lo=0, hi=20)
+    if not field(body, "logprobs", bool, default=False):
+        if top is not None:
+            raise bad_field("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+        return -1
+    return top or 0
 
 
 def parse_logit_bias(body: dict) -> dict[int, float] | None:
@@ -150,7 +161,7 @@ class ChatCompletions:
             resp.set_headers(sse.HEADERS)
             resp.stream = self._stream(gen, submit, created, include_usage)
             return
-        text, finish = [], None
+        text, finish, logprobs = [], None, []
         try:
             events = list(gen.events(watch=req.env.get("gunicorn.socket")))
         except ClientGone:
@@ -159,6 +170,7 @@ class ChatCompletions:
         for ev in events:
             if isinstance(ev, Delta):
                 text.append(ev.text)
+                logprobs += ev.logprobs or []
             else:
                 finish = ev
         resp.media = {
@@ -170,7 +182,7 @@ class ChatCompletions:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": "".join(text)},
-                    "logprobs": None,
+                    "logprobs": {"content": logprobs} if submit.sampling.logprobs >= 0 else None,
                     "finish_reason": finish.finish_reason,
                 }
             ],
@@ -178,14 +190,15 @@ class ChatCompletions:
         }
 
     def _stream(self, gen, submit: Submit, created: int, include_usage: bool) -> Iterator[bytes]:
-        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+        def chunk(delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> bytes:
+            lp = {"content": logprobs} if logprobs else None
             return sse.event(
                 {
                     "id": submit.request_id,
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": submit.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
                 }
             )
 
@@ -193,7 +206,7 @@ class ChatCompletions:
             yield chunk({"role": "assistant", "content": ""})
             for ev in gen.events():
                 if isinstance(ev, Delta):
-                    yield chunk({"content": ev.text})
+                    yield chunk({"content": ev.text}, logprobs=ev.logprobs)
                 elif isinstance(ev, Finished):
                     yield chunk({}, ev.finish_reason)
                     if include_usage:

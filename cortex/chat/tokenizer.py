@@ -20,6 +20,34 @@ _QWEN2_PAT = (
 )
 _LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters: byte-level BPE vocabularies (GPT-2,
+    Llama 3, Qwen, SmolLM) spell every token's bytes with these characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in byte_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    """The exact bytes a token stands for (a token can be part of a multi-byte character)."""
+    piece = tokenizer.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if all(ch in _UNICODE_TO_BYTE for ch in piece):
+        return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+    return piece.encode()  # an added token spelled as plain text
+
+
 # GGUF token types (llama.cpp): 3 = control, 4 = user-defined.
 _CONTROL, _USER_DEFINED = 3, 4
 

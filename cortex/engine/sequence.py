@@ -31,6 +31,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hash chain of its filled blocks
     admitted: bool = False
     computed_once: bool = False  # a step of it has run: the workers know its prompt
+    pending_logprobs: list[dict] = field(default_factory=list)  # logprob entries not yet sent
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
