@@ -11,6 +11,7 @@ Reading model files (tokenizer, GGUF metadata) runs on a helper thread for the s
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
@@ -89,7 +90,7 @@ class Leader:
         self.calls: list[Call] = []
         self.schedulers: dict[str, Scheduler] = {}  # model id -> its batcher, while loaded
         self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
-        self.requests: dict[str, Sequence] = {}  # request id -> sequence (waiting or running)
+        self.requests: dict[str, Sequence] = {}  # "request id#choice" -> sequence (waiting or running)
         self.file_reads: dict[concurrent.futures.Future, ModelState] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-files")
         self.stopping = threading.Event()
@@ -456,7 +457,7 @@ class Leader:
         except Exception as exc:
             log.exception("handling %s failed", type(msg).__name__)
             rid = getattr(msg, "request_id", "")
-            seq = self.requests.get(rid)
+            seq = self.requests.get(f"{rid}#0")
             if seq is not None:
                 self._fail(seq, "internal", f"internal error: {type(exc).__name__}")
             else:
@@ -524,7 +525,7 @@ class Leader:
                 f"{req.max_tokens} in the completion). Please reduce the length of the messages "
                 "or completion.",
             )
-        if rid in self.requests:
+        if f"{rid}#0" in self.requests:
             return self._reject(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
         limit = self.cfg.engine.max_requests_per_client
         if limit and req.client and sum(s.client == req.client for s in self.requests.values()) >= limit:
@@ -548,33 +549,40 @@ class Leader:
             eos_id = files.tokenizer.tokenizer.token_to_id(files.tokenizer.eos_token)
             if eos_id is not None:
                 eos.add(eos_id)
-        seq = Sequence(
-            request_id=rid,
-            peer=peer,
-            model_id=state.id,
-            prompt_len=len(prompt),
-            tokens=list(prompt),
-            sampling=req.sampling,
-            max_tokens=req.max_tokens or room,
-            decoder=IncrementalDecoder(files.tokenizer.tokenizer, req.stop),
-            eos_ids=frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else frozenset(eos)),
-            client=req.client,
-        )
+        eos_ids = frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else frozenset(eos))
         self.registry.touch(state)
-        self.requests[rid] = seq
-        sched.add(seq)
+        for i in range(req.n):  # n choices: n sequences; seeded ones get seed + i so they differ
+            sampling = req.sampling
+            if i and sampling.seed is not None:
+                sampling = dataclasses.replace(sampling, seed=sampling.seed + i)
+            seq = Sequence(
+                request_id=rid,
+                peer=peer,
+                model_id=state.id,
+                prompt_len=len(prompt),
+                tokens=list(prompt),
+                sampling=sampling,
+                max_tokens=req.max_tokens or room,
+                decoder=IncrementalDecoder(files.tokenizer.tokenizer, req.stop),
+                eos_ids=eos_ids,
+                client=req.client,
+                index=i,
+            )
+            self.requests[seq.key] = seq
+            sched.add(seq)
         self.frontend.reply(peer, 0, Started(rid, len(prompt)))
 
     def _retry_after(self, sched: Scheduler) -> int:
         return max(1, min(60, len(sched.waiting) // max(len(sched.running), 1)))
 
     def _cancel(self, request_id: str) -> None:
-        seq = self.requests.get(request_id)
-        if seq is None:
-            return
-        seq.cancelled = True
-        if not self._in_step(seq):
-            self._retire(seq)  # else retired when its step returns: the worker is writing its blocks
+        for seq in self._choices(request_id):
+            seq.cancelled = True
+            if not self._in_step(seq):
+                self._retire(seq)  # else retired when its step returns: the worker is writing its blocks
+
+    def _choices(self, request_id: str) -> list[Sequence]:
+        return [s for s in self.requests.values() if s.request_id == request_id]
 
     def _in_step(self, seq: Sequence) -> bool:
         return any(w.seq is seq for w in self.in_flight.get(seq.model_id, ()))
@@ -653,11 +661,14 @@ class Leader:
         if entry is not None and (finish != "stop" or token not in seq.eos_ids):
             seq.pending_logprobs.append(entry)
         if text or seq.pending_logprobs:
-            self.frontend.reply(seq.peer, 0, Delta(seq.request_id, text, seq.output_len, seq.pending_logprobs or None))
+            delta = Delta(seq.request_id, text, seq.output_len, seq.pending_logprobs or None, seq.index)
+            self.frontend.reply(seq.peer, 0, delta)
             seq.pending_logprobs = []
         if finish:
             self.frontend.reply(
-                seq.peer, 0, Finished(seq.request_id, finish, seq.prompt_len, seq.output_len, seq.cached_tokens)
+                seq.peer,
+                0,
+                Finished(seq.request_id, finish, seq.prompt_len, seq.output_len, seq.cached_tokens, seq.index),
             )
             self._retire(seq)
 
@@ -674,7 +685,7 @@ class Leader:
     def _retire(self, seq: Sequence) -> None:
         """Forget a sequence: its blocks go back to the pool (kept for the prefix cache), and the
         workers drop its sampling state."""
-        self.requests.pop(seq.request_id, None)
+        self.requests.pop(seq.key, None)
         sched = self.schedulers.get(seq.model_id)
         if sched is not None:
             sched.remove(seq)
@@ -683,11 +694,15 @@ class Leader:
             self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, _ignore)
 
     def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
+        """Fail the request ``seq`` belongs to: one Failure, and its other choices stop too."""
+        if seq.key not in self.requests:
+            return  # already failed with a sibling choice
         self.frontend.reply(seq.peer, 0, Failure(seq.request_id, kind, message, retry_after))
-        self.requests.pop(seq.request_id, None)
-        sched = self.schedulers.get(seq.model_id)
-        if sched is not None:
-            sched.remove(seq)
+        for s in [seq, *[c for c in self._choices(seq.request_id) if c is not seq]]:
+            self.requests.pop(s.key, None)
+            sched = self.schedulers.get(s.model_id)
+            if sched is not None:
+                sched.remove(s)
 
     def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
         for seq in [s for s in self.requests.values() if s.model_id == state.id]:

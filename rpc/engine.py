@@ -25,6 +25,7 @@ class Submit:
     ignore_eos: bool = False  # generate to max_tokens even past EOS (vLLM's extension; benchmarks)
     client: str = ""  # who is asking (API key or address), for per-client limits
     stop_token_ids: list[int] | None = None
+    n: int = 1  # completions to generate for the prompt (choices 0 .. n-1)
 
 
 @message
@@ -64,6 +65,7 @@ class Delta:
     # when asked for: one entry per token sampled since the last Delta:
     # {"token": str, "logprob": float, "bytes": [int], "top_logprobs": [{"token", "logprob", "bytes"}]}
     logprobs: list[dict[str, Any]] | None = None
+    index: int = 0  # which of the request's n choices
 
 
 @message
@@ -73,6 +75,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    index: int = 0  # which of the request's n choices
 
 
 @message

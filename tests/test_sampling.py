@@ -185,3 +185,45 @@ def test_top_logprobs_without_logprobs_is_400(tiny_server):
 
     r = httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_n_choices_differ_and_are_each_reproducible(client):
+    kw = dict(model="tiny", messages=HI, max_tokens=10, temperature=1.0, seed=5, n=3, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 3
+    assert r.usage.completion_tokens == 30 and r.usage.prompt_tokens < 30
+    again = client.chat.completions.create(**kw)
+    assert [c.message.content for c in again.choices] == texts
+    single = client.chat.completions.create(**{**kw, "n": 1})
+    assert single.choices[0].message.content == texts[0]  # choice 0 is what n=1 gives
+
+
+def test_n_choices_stream_with_their_indexes(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HI,
+            max_tokens=6,
+            temperature=1.0,
+            seed=5,
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    by_index: dict[int, str] = {}
+    finishes = {}
+    for c in chunks:
+        for ch in c.choices:
+            by_index[ch.index] = by_index.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert finishes == {0: "length", 1: "length", 2: "length"}
+    whole = client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=6, temperature=1.0, seed=5, n=3, extra_body={"ignore_eos": True}
+    )
+    assert [by_index[i] for i in range(3)] == [c.message.content for c in whole.choices]
+    assert chunks[-1].usage.completion_tokens == 18

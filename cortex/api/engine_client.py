@@ -118,17 +118,20 @@ class Generation:
         raise _as_api_error(first)
 
     def events(self, watch: socket.socket | None = None) -> Iterator[Delta | Finished]:
-        """Yield Delta events, then one Finished; raise ApiError on a failure (ClientGone if
-        ``watch``, the client's connection, closes first)."""
+        """Yield Delta events and one Finished per choice; raise ApiError on a failure (ClientGone
+        if ``watch``, the client's connection, closes first)."""
+        finished = 0
         try:
             while True:
                 ev = self._next(self.event_timeout_s, watch)
                 if isinstance(ev, Delta):
                     yield ev
                 elif isinstance(ev, Finished):
-                    self.done = True
+                    finished += 1
+                    self.done = finished == self.req.n
                     yield ev
-                    return
+                    if self.done:
+                        return
                 else:
                     self.done = True
                     raise _as_api_error(ev)

@@ -134,9 +134,7 @@ class ChatCompletions:
         model = field(body, "model", str, required=True)
         messages = parse_messages(body)
         stream = field(body, "stream", bool, default=False)
-        n = field(body, "n", int, default=1, lo=1)
-        if n != 1:
-            raise bad_field("n", "Only n=1 is supported.")
+        n = field(body, "n", int, default=1, lo=1, hi=16)
         max_tokens = field(body, "max_completion_tokens", int, lo=1)
         if max_tokens is None:
             max_tokens = field(body, "max_tokens", int, lo=1)
@@ -153,6 +151,7 @@ class ChatCompletions:
             ignore_eos=field(body, "ignore_eos", bool, default=False),
             client=_client_id(req),
             stop_token_ids=parse_stop_token_ids(body),
+            n=n,
         )
         gen = self.engine.submit(submit)  # raises ApiError (404, 503 loading, 400 too long) up front
         created = int(time.time())
@@ -161,18 +160,21 @@ class ChatCompletions:
             resp.set_headers(sse.HEADERS)
             resp.stream = self._stream(gen, submit, created, include_usage)
             return
-        text, finish, logprobs = [], None, []
         try:
             events = list(gen.events(watch=req.env.get("gunicorn.socket")))
         except ClientGone:
             log.info("%s: client went away; request cancelled", submit.request_id)
             raise falcon.HTTPStatus(499) from None  # nobody reads it; nginx's "client closed request"
+        texts = [[] for _ in range(n)]
+        logprobs: list[list] = [[] for _ in range(n)]
+        finished: list[Finished] = [None] * n
         for ev in events:
             if isinstance(ev, Delta):
-                text.append(ev.text)
-                logprobs += ev.logprobs or []
+                texts[ev.index].append(ev.text)
+                logprobs[ev.index] += ev.logprobs or []
             else:
-                finish = ev
+                finished[ev.index] = ev
+        want_logprobs = submit.sampling.logprobs >= 0
         resp.media = {
             "id": submit.request_id,
             "object": "chat.completion",
@@ -180,17 +182,18 @@ class ChatCompletions:
             "model": model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(text)},
-                    "logprobs": {"content": logprobs} if submit.sampling.logprobs >= 0 else None,
-                    "finish_reason": finish.finish_reason,
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(texts[i])},
+                    "logprobs": {"content": logprobs[i]} if want_logprobs else None,
+                    "finish_reason": finished[i].finish_reason,
                 }
+                for i in range(n)
             ],
-            "usage": _usage(finish),
+            "usage": _usage(finished),
         }
 
     def _stream(self, gen, submit: Submit, created: int, include_usage: bool) -> Iterator[bytes]:
-        def chunk(delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> bytes:
+        def chunk(delta: dict, finish_reason: str | None = None, logprobs: list | None = None, index: int = 0) -> bytes:
             lp = {"content": logprobs} if logprobs else None
             return sse.event(
                 {
@@ -198,18 +201,21 @@ class ChatCompletions:
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": submit.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
                 }
             )
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            for i in range(submit.n):
+                yield chunk({"role": "assistant", "content": ""}, index=i)
+            finished = []
             for ev in gen.events():
                 if isinstance(ev, Delta):
-                    yield chunk({"content": ev.text}, logprobs=ev.logprobs)
+                    yield chunk({"content": ev.text}, logprobs=ev.logprobs, index=ev.index)
                 elif isinstance(ev, Finished):
-                    yield chunk({}, ev.finish_reason)
-                    if include_usage:
+                    yield chunk({}, ev.finish_reason, index=ev.index)
+                    finished.append(ev)
+                    if include_usage and len(finished) == submit.n:
                         yield sse.event(
                             {
                                 "id": submit.request_id,
@@ -217,7 +223,7 @@ class ChatCompletions:
                                 "created": created,
                                 "model": submit.model,
                                 "choices": [],
-                                "usage": _usage(ev),
+                                "usage": _usage(finished),
                             }
                         )
             yield sse.DONE
@@ -227,12 +233,14 @@ class ChatCompletions:
             gen.close()  # a client that went away cancels its request
 
 
-def _usage(f: Finished) -> dict:
+def _usage(finished: list[Finished]) -> dict:
+    """The prompt counts once, however many choices were generated from it."""
+    prompt, completion = finished[0].prompt_tokens, sum(f.completion_tokens for f in finished)
     return {
-        "prompt_tokens": f.prompt_tokens,
-        "completion_tokens": f.completion_tokens,
-        "total_tokens": f.prompt_tokens + f.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": min(f.cached_tokens for f in finished)},
     }
 
 

@@ -24,6 +24,7 @@ class Sequence:
     decoder: IncrementalDecoder
     eos_ids: frozenset[int]
     client: str = ""
+    index: int = 0  # which of its request's n choices
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     block_table: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the KV cache
@@ -34,6 +35,10 @@ class Sequence:
     pending_logprobs: list[dict] = field(default_factory=list)  # logprob entries not yet sent
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> str:
+        return f"{self.request_id}#{self.index}"
 
     @property
     def output_len(self) -> int:
