@@ -12,7 +12,6 @@ Decode rate excludes the prompt: (tokens - 1) / (time of last token - time of fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -52,26 +51,9 @@ def bench_cortex_model(model, files, device, n: int) -> tuple[float, list[int]]:
 
 
 def bench_hf(model, files, device, n: int, dtype) -> tuple[float, list[int]]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench.hf import hf_twin
 
-    c = files.config
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )
-    with torch.device(device):
-        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
-    hf.load_state_dict(model.state_dict(), strict=False)
-    hf.tie_weights()
+    hf = hf_twin(files.config, model.state_dict(), device, dtype)
     ids = torch.tensor([files.tokenizer.encode(files.template.render(PROMPT))], device=device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -89,33 +71,16 @@ def bench_hf(model, files, device, n: int, dtype) -> tuple[float, list[int]]:
 
 
 def bench_server(n: int, threads: int) -> float:
-    import httpx
-
+    from bench.serve import stream_once
     from bench.server import running_server
 
+    content = PROMPT[0]["content"]
     with running_server(threads) as url:
-        body = {
-            "model": "default",
-            "messages": PROMPT,
-            "max_tokens": n,
-            "temperature": 0,
-            "stream": True,
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True},
-        }
+        stream_once(url, content, 8)  # warm-up
         best = 0.0
-        for _ in range(2):  # the first run warms up
-            times, usage = [], None
-            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
-                for line in r.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    ev = json.loads(line[6:])
-                    if ev.get("usage"):
-                        usage = ev["usage"]
-                    elif ev["choices"] and ev["choices"][0]["delta"].get("content"):
-                        times.append(time.perf_counter())
-            best = max(best, (usage["completion_tokens"] - 1) / (times[-1] - times[0]))
+        for _ in range(2):
+            res = stream_once(url, content, n)
+            best = max(best, (res["tokens"] - 1) / sum(res["itl"]))
         return best
 
 

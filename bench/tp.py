@@ -155,29 +155,12 @@ def run(world, devices, args, save_to=""):
 
 def hf_rate(state_path, args) -> float:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from bench.hf import hf_twin
 
     c = model_config(args.shape)
-    kw = dict(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )
-    cls, cfg_cls = (Qwen3ForCausalLM, Qwen3Config) if c.arch == "qwen3" else (LlamaForCausalLM, LlamaConfig)
     dev = torch.device(args.devices.split(",")[0])
-    dtype = getattr(torch, args.dtype)
-    with torch.device(dev):
-        hf = cls(cfg_cls(**kw)).to(dtype).eval()
-    hf.load_state_dict(torch.load(state_path), strict=False)
-    hf.tie_weights()
+    hf = hf_twin(c, torch.load(state_path), dev, getattr(torch, args.dtype))
     ids = (torch.arange(args.prompt, device=dev) % c.vocab_size)[None]
 
     def gen(n):
