@@ -14,7 +14,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test lint format bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/decode.py $(ARGS)
+	$(BIN)/python bench/serve.py
+
+# Benchmark-only: llama.cpp's Python binding compiles from source (about 12 minutes on 2 cores).
+bench-deps: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install --disable-pip-version-check "llama-cpp-python==0.3.36"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

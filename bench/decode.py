@@ -5,7 +5,9 @@
 Measures three things in one run and prints their ratios:
 - cortex model: the worker's forward + sampling in-process (no RPC, no HTTP);
 - cortex serve: end to end, streaming over HTTP through the leader and a worker (CPU runs only);
-- HF transformers: LlamaForCausalLM.generate (greedy, KV cache) on the very tensors cortex loaded.
+- HF transformers: LlamaForCausalLM.generate (greedy, KV cache) on the very tensors cortex loaded;
+- llama.cpp (llama-cpp-python, `make bench-deps`) on the same GGUF file with the same thread count,
+  in its own quantized format (Q4_1): the peer users would otherwise run.
 Decode rate excludes the prompt: (tokens - 1) / (time of last token - time of first token).
 """
 
@@ -70,6 +72,26 @@ def bench_hf(model, files, device, n: int, dtype) -> tuple[float, list[int]]:
     return (n - 1) / (tn - t1), out[0, ids.shape[1] :].tolist()
 
 
+def bench_llama_cpp(path: str, prompt: list[int], n: int, threads: int) -> float | None:
+    """Greedy decode through llama.cpp's own loop, prompt excluded; None if not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=path, n_ctx=len(prompt) + n + 16, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run(k: int) -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        for got, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):
+            if got == k:
+                break
+        return time.perf_counter() - t0
+
+    run(4)  # warm-up
+    return (n - 1) / (run(n) - run(1))
+
+
 def bench_server(n: int, threads: int) -> float:
     from bench.serve import stream_once
     from bench.server import running_server
@@ -107,6 +129,10 @@ def main() -> None:
     hf, hf_ids = bench_hf(model, files, device, args.tokens, dtype)
     same = sum(a == b for a, b in zip(our_ids, hf_ids, strict=False))
     served = None if args.no_server or device.type != "cpu" else bench_server(args.tokens, args.threads)
+    prompt_ids = files.tokenizer.encode(files.template.render(PROMPT))
+    llama = (
+        None if files.format != "gguf" else bench_llama_cpp(str(files.files[0]), prompt_ids, args.tokens, args.threads)
+    )
 
     cpu = platform.processor() or platform.machine()
     if device.type == "cuda":
@@ -122,6 +148,11 @@ def main() -> None:
     print(f"ratio cortex model / HF    {ours / hf:8.2f}x")
     if served is not None:
         print(f"ratio cortex serve / HF    {served / hf:8.2f}x")
+    if llama is None:
+        print("llama.cpp                   skipped (make bench-deps installs llama-cpp-python)")
+    else:
+        print(f"llama.cpp (Q4_1 GGUF)      {llama:8.1f} tok/s")
+        print(f"ratio cortex model / llama.cpp {ours / llama:5.2f}x")
     print(f"greedy tokens identical to HF: {same}/{len(our_ids)}")
 
 
