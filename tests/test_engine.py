@@ -250,11 +250,12 @@ def test_a_disconnected_stream_frees_its_kv_at_once(tmp_path, tiny_qwen3):
             stats = _engine_stats(srv)
             assert stats["running"] == 1 and stats["kv_blocks_used"] > 0
         t0 = time.monotonic()  # the client is gone
-        while time.monotonic() - t0 < 5 and _engine_stats(srv)["kv_blocks_used"]:
+        while time.monotonic() - t0 < 10 and _engine_stats(srv)["kv_blocks_used"]:
             time.sleep(0.02)
         stats = _engine_stats(srv)
         assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
-        assert time.monotonic() - t0 < 1  # a few 20 ms steps, not the rest of the 1000 tokens
+        # freed within a few 20 ms steps, long before the ~20 s the remaining tokens would take
+        assert time.monotonic() - t0 < 5
     finally:
         srv.stop()
 
@@ -359,10 +360,10 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_cancels_it(tmp_path, t
                 time.sleep(0.02)
             assert _engine_stats(srv)["kv_blocks_used"] > 0
         t0 = time.monotonic()  # hung up, 20 s of generation before it
-        while time.monotonic() - t0 < 5 and _engine_stats(srv)["running"]:
+        while time.monotonic() - t0 < 10 and _engine_stats(srv)["running"]:
             time.sleep(0.02)
         stats = _engine_stats(srv)
         assert stats["running"] == 0 and stats["kv_blocks_used"] == 0
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 5  # long before the ~20 s the rest of the generation would take
     finally:
         srv.stop()
