@@ -84,6 +84,10 @@ class GenerateStep:
 
 @message
 class ClearKvCache:
+    """Forget finished sequences: their sampling state (generator, penalty history). Their KV blocks
+    belong to the leader's block manager, which hands them out again (and may keep their contents
+    for the prefix cache), so the pool itself is not touched."""
+
     model_id: str
     seq_ids: list[int] | None = None  # None = every sequence
 
