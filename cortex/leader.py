@@ -1,6 +1,6 @@
 """The leader: the one owner of state on a host.
 
-A single-threaded event loop over ZeroMQ sockets and worker pidfds:
+A single-threaded event loop (`poll_once`, driven by `cortex serve`) over ZeroMQ sockets and worker pidfds:
 - the front's requests (Submit / Cancel / Query) arrive on the engine socket;
 - worker replies complete calls (loads, steps) that were sent without blocking;
 - a worker that exits wakes the loop through its pidfd, fails its requests and is respawned.
@@ -105,11 +105,6 @@ class Leader:
         for state in self.registry.models.values():
             if state.entry.preload:
                 self.load(state)
-
-    def run(self) -> None:
-        """The event loop; returns once ``stop()`` was called."""
-        while not self.stopping.is_set():
-            self.poll_once()
 
     def stop(self) -> None:
         self.stopping.set()
