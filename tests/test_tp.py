@@ -143,6 +143,7 @@ def tp_server(tmp_path_factory, qwen3_kv2, qwen3_kv1):
             ("kv1-tp1", qwen3_kv1, 1, True),
             ("kv1-tp2", qwen3_kv1, 2, True),
             ("spare", qwen3_kv1, 2, False),
+            ("spare2", qwen3_kv2, 2, False),
             ("odd-heads", three_heads, 2, True),
         ]
     )
@@ -201,6 +202,13 @@ def test_load_unload_load_again(tp_server):
     r = httpx.post(url + "/models/load", json={"model": "spare"}, timeout=120)
     assert r.json()["model"]["status"] == "loaded"
     assert _chat(tp_server, "spare", max_tokens=4).usage.completion_tokens == 4
+    # freed devices take another model
+    assert httpx.post(url + "/models/unload", json={"model": "spare"}, timeout=60).status_code == 200
+    r = httpx.post(url + "/models/load", json={"model": "spare2"}, timeout=120)
+    assert r.json()["model"]["status"] == "loaded" and r.json()["model"]["devices"] == ["cpu", "cpu"]
+    assert _chat(tp_server, "spare2", max_tokens=4).usage.completion_tokens == 4
+    models = {m["id"]: m for m in httpx.get(url + "/models").json()["models"]}
+    assert models["spare"]["rank_bytes"] == [] and models["spare"]["status"] == "unloaded"
 
 
 def test_an_indivisible_model_is_refused_at_load_with_its_message(tp_server):
