@@ -69,32 +69,44 @@ class StepBatch:
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device) -> StepBatch:
         """``seqs``: (new tokens, start position, block table) for each sequence."""
+        offsets = torch.arange(block_size)
         tokens, positions, slots, prefills, last = [], [], [], [], []
-        decodes: list[tuple[int, list[int]]] = []
+        decode_rows, decode_ctx = [], []
         row = 0
         for new, start, table in seqs:
-            n = len(new)
-            end_pos = start + n
-            if (end_pos + block_size - 1) // block_size > len(table):
+            n, end_pos = len(new), start + len(new)
+            blocks = -(-end_pos // block_size)
+            if blocks > len(table):
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {end_pos} positions")
-            context = [table[p // block_size] * block_size + p % block_size for p in range(end_pos)]
+            # slot of every position 0 .. end_pos - 1: its block's first slot plus the offset in it
+            context = (torch.tensor(table[:blocks])[:, None] * block_size + offsets).flatten()[:end_pos]
             tokens += new
-            positions += range(start, end_pos)
-            slots += context[start:]
+            positions.append(torch.arange(start, end_pos))
+            slots.append(context[start:])
             if n == 1:
-                decodes.append((row, context))
+                decode_rows.append(row)
+                decode_ctx.append(context)
             else:
-                prefills.append(SeqSlice(row, row + n, torch.tensor(context, device=device)))
+                prefills.append(SeqSlice(row, row + n, context.to(device)))
             row += n
             last.append(row - 1)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         rows = slots_pad = mask = None
-        if decodes:
-            width = max(len(c) for _, c in decodes)
-            rows = t([r for r, _ in decodes])
-            slots_pad = t([c + [0] * (width - len(c)) for _, c in decodes])
-            mask = t([[1] * len(c) + [0] * (width - len(c)) for _, c in decodes]).bool()[:, None, None, :]
-        return cls(t(tokens), t(positions), t(slots), prefills, rows, slots_pad, mask, t(last))
+        if decode_rows:
+            rows = t(decode_rows)
+            lengths = torch.tensor([len(c) for c in decode_ctx])
+            slots_pad = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True).to(device)
+            mask = (torch.arange(slots_pad.shape[1])[None, :] < lengths[:, None])[:, None, None, :].to(device)
+        return cls(
+            t(tokens),
+            torch.cat(positions).to(device),
+            torch.cat(slots).to(device),
+            prefills,
+            rows,
+            slots_pad,
+            mask,
+            t(last),
+        )
 
 
 class LocalRunner:
