@@ -134,8 +134,8 @@ def _port(v: str) -> str | None:
 
 def parse_host_port(v: str) -> HostPort:
     host, sep, port = v.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected 'host:port', got {v!r}")
+    if not sep or not host or (":" in host and not host.startswith("[")):
+        raise ValueError(f"expected 'host:port' (IPv6 as '[::1]:port'), got {v!r}")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"expected a port between 1 and 65535, got {port!r}")
     return HostPort(host.strip("[]"), int(port))
@@ -163,7 +163,8 @@ def _devices(v: Any) -> str | None:
 
 def _device_ok(d: str) -> bool:
     kind, _, idx = d.partition(":")
-    return kind == "cpu" and not idx or kind == "cuda" and (not idx or idx.isdigit())
+    has_index = ":" in d
+    return kind == "cpu" and not has_index or kind == "cuda" and (not has_index or idx.isdigit())
 
 
 NODE = {
@@ -258,6 +259,8 @@ def _read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError(file, "", "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "", f"TOML syntax error: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", f"not UTF-8 text (byte {exc.start}): TOML files must be UTF-8") from None
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read: {exc.strerror}") from None
 
@@ -284,9 +287,10 @@ def load(file: str | Path | None = None) -> Config:
     eng = _section(path, "[engine]", data.get("engine", {}), ENGINE)
     ev = _section(path, "[eviction]", data.get("eviction", {}), EVICTION)
     logging_cfg = _section(path, "[logging]", data.get("logging", {}), LOGGING)
-    peer_list = data.get("peers", []) + data.get("neurons", [])  # [[neurons]]: the upstream name
-    if not isinstance(peer_list, list):
-        raise ConfigError(path, "[[peers]]", "expected an array of tables")
+    for key in ("peers", "neurons"):  # [[neurons]]: the upstream name
+        if not isinstance(data.get(key, []), list):
+            raise ConfigError(path, f"[[{key}]]", "expected an array of tables ([[peers]] entries)")
+    peer_list = data.get("peers", []) + data.get("neurons", [])
     peers = [PeerConfig(**_section(path, f"[[peers]] #{i + 1}", p, PEER)) for i, p in enumerate(peer_list)]
 
     models_path = Path(node["models_config"])

@@ -37,7 +37,17 @@ def encode(msg: Any, msg_id: int = 0) -> bytes:
 
 
 def decode(frame: bytes) -> tuple[int, Any]:
-    """Return ``(id, message)``; raise DecodeError for anything that is not a known message."""
+    """Return ``(id, message)``; raise DecodeError, and only DecodeError, for anything that is not a
+    known message: a receiver must survive any bytes a peer sends."""
+    try:
+        return _decode(frame)
+    except DecodeError:
+        raise
+    except Exception as exc:  # odd but valid msgpack (e.g. mixed key types) must not escape as a crash
+        raise DecodeError(f"malformed message: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(frame: bytes) -> tuple[int, Any]:
     try:
         body = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -45,7 +55,7 @@ def decode(frame: bytes) -> tuple[int, Any]:
     if not isinstance(body, dict):
         raise DecodeError("frame is not a map")
     msg_id = body.pop("id", 0)
-    if not isinstance(msg_id, int):
+    if not isinstance(msg_id, int) or isinstance(msg_id, bool):
         raise DecodeError("'id' must be an integer")
     name = body.pop("type", None)
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
@@ -71,7 +81,7 @@ def _build(cls: type, data: Any) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise DecodeError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        raise DecodeError(f"{cls.__name__}: unknown fields {sorted(map(repr, unknown))}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name], value, f"{cls.__name__}.{name}")

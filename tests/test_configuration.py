@@ -96,6 +96,16 @@ def test_mistakes_name_file_key_and_expectation(tmp_path, cortex, models, bad_fi
         assert w in message, message
 
 
+def test_a_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "cortex.toml").write_bytes(b'[node]\nname = "\xff"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(tmp_path / "cortex.toml")
+
+
+def test_bracketed_ipv6_listen(tmp_path):
+    assert load(write(tmp_path, '[gateway]\nlisten = "[::1]:8080"\n')).gateway.listen == HostPort("::1", 8080)
+
+
 def test_missing_files(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load(tmp_path / "nope.toml")

@@ -268,3 +268,23 @@ def test_worker_load_generate_clear_unload(worker, tmp_path):
     assert client.call(Unload("tiny"), 10) == Ack()
     assert client.call(Unload("tiny"), 10) == Ack()  # idempotent
     assert client.call(Ping(), 10).models == []
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        msgpack.packb({"type": "Ping", "id": 1, 1: 2, "x": 3}),  # mixed key types: sorting them used to raise
+        msgpack.packb({"type": "Ping", "id": True}),
+        msgpack.packb({"type": "Unload", "id": 1, "model_id": {"nested": [1, b"\x00"]}}),
+    ],
+)
+def test_odd_but_valid_msgpack_is_a_decode_error_not_a_crash(frame):
+    with pytest.raises(DecodeError):
+        decode(frame)
+
+
+def test_the_worker_survives_a_mixed_key_frame(worker):
+    proc, client = worker
+    client.socket.send(msgpack.packb({"type": "Ping", "id": 1, 1: 2, "x": 3}))
+    assert client.recv(5000)[1].kind == "bad_frame"
+    assert proc.poll() is None and isinstance(client.call(Ping(), 10), Pong)
