@@ -276,7 +276,8 @@ def default_run_dir() -> Path:
 
 def load(file: str | Path | None = None) -> Config:
     """Load cortex.toml (``file``, or the embedded defaults) and the models.toml it names."""
-    path = Path(file) if file is not None else embedded_config_path()
+    # absolute, so paths relative to the config stay right whatever directory a process runs in
+    path = Path(file).resolve() if file is not None else embedded_config_path()
     data = _read_toml(path)
     top = {"node", "gateway", "engine", "eviction", "peers", "neurons", "logging"}
     unknown = sorted(set(data) - top)

@@ -139,3 +139,10 @@ def test_cortex_serve_with_a_missing_config_exits_2(tmp_path):
 def test_a_bad_listen_override_exits_2(listen):
     r = _serve(["--listen", listen])
     assert r.returncode == 2 and "--listen" in r.stderr
+
+
+def test_a_relative_config_path_gives_absolute_model_paths(tmp_path, monkeypatch):
+    write(tmp_path, "")
+    monkeypatch.chdir(tmp_path)
+    cfg = load("cortex.toml")
+    assert cfg.file.is_absolute() and cfg.catalogue.models[0].path == tmp_path / "weights" / "m"

@@ -288,3 +288,8 @@ def test_the_worker_survives_a_mixed_key_frame(worker):
     client.socket.send(msgpack.packb({"type": "Ping", "id": 1, 1: 2, "x": 3}))
     assert client.recv(5000)[1].kind == "bad_frame"
     assert proc.poll() is None and isinstance(client.call(Ping(), 10), Pong)
+
+
+def test_clearing_a_model_the_worker_does_not_hold_is_an_ack(worker):
+    _, client = worker
+    assert client.call(ClearKvCache("never-loaded", [1]), 10) == Ack()

@@ -116,12 +116,6 @@ class Worker:
             kv_bytes=cache.nbytes(),
         )
 
-    def _resident(self, model_id: str) -> ResidentModel:
-        rm = self.models.get(model_id)
-        if rm is None:
-            raise LookupError(f"model {model_id!r} is not loaded on this worker")
-        return rm
-
     def step(self, msg: GenerateStep) -> StepResult | Error:
         from workers.sampling import new_generator, sample, token_logprobs
 
@@ -158,7 +152,9 @@ class Worker:
         )
 
     def clear(self, msg: ClearKvCache) -> Ack:
-        rm = self._resident(msg.model_id)
+        rm = self.models.get(msg.model_id)
+        if rm is None:
+            return Ack()  # nothing held for it: forgetting is done (idempotent, like Unload)
         for state in (rm.generators, rm.prompts, rm.outputs):
             if msg.seq_ids is None:
                 state.clear()
