@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 from cortex import __version__
+from cortex.api import auth
 from cortex.config import Config, ConfigError, HostPort, load, parse_host_port
 
 log = logging.getLogger("cortex")
@@ -32,6 +33,10 @@ def _start_front(cfg: Config, engine_endpoint: str, listen: HostPort) -> subproc
         "load_timeout_s": cfg.engine.load_timeout_s + 30,
         "max_body_bytes": cfg.gateway.max_body_mb * 1024 * 1024,
         "node": cfg.node.name,
+        "keepalive_s": cfg.gateway.keepalive_s,
+        # digests, not keys: the front's environment is readable in /proc by the same user
+        "api_key_digests": [auth.digest(k) for k in cfg.gateway.api_keys],
+        "open_paths": list(cfg.gateway.open_paths),
     }
     # fmt: off
     cmd = [

@@ -53,6 +53,9 @@ class GatewayConfig:
     workers: int
     threads: int
     max_body_mb: int
+    api_keys: tuple[str, ...]  # from api_keys and api_key_file; empty: no authentication
+    open_paths: tuple[str, ...]  # served without a key even when keys are set
+    keepalive_s: float  # a stream silent this long (cold load, long prefill) gets a ping
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,17 @@ GATEWAY = {
     "workers": (int, 2, _positive),
     "threads": (int, 16, _positive),
     "max_body_mb": (int, 8, _positive),
+    "api_keys": (list, [], lambda v: _strings(v, "API keys")),
+    "api_key_file": (str, "", None),
+    "open_paths": (list, ["/health", "/metrics"], lambda v: _strings(v, "paths")),
+    "keepalive_s": ((int, float), 10.0, _positive),
 }
+
+
+def _strings(v: list, what: str) -> str | None:
+    return None if all(isinstance(x, str) and x for x in v) else f"expected a list of non-empty {what} (strings)"
+
+
 ENGINE = {
     "step_timeout_s": ((int, float), 120.0, _positive),
     "load_timeout_s": ((int, float), 900.0, _positive),
@@ -274,6 +287,21 @@ def default_run_dir() -> Path:
     return Path(base) / "cortex" if base else Path(f"/tmp/cortex-{os.getuid()}")
 
 
+def _key_file(config: Path, name: str) -> tuple[str, ...]:
+    """API keys, one per line (blank lines and # comments skipped); relative to the config file."""
+    if not name:
+        return ()
+    path = config.parent / name
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(config, "[gateway] api_key_file", f"cannot read {path}: {exc.strerror}") from None
+    keys = tuple(ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#"))
+    if not keys:
+        raise ConfigError(config, "[gateway] api_key_file", f"{path} holds no keys")
+    return keys
+
+
 def load(file: str | Path | None = None) -> Config:
     """Load cortex.toml (``file``, or the embedded defaults) and the models.toml it names."""
     # absolute, so paths relative to the config stay right whatever directory a process runs in
@@ -313,6 +341,9 @@ def load(file: str | Path | None = None) -> Config:
         workers=gw["workers"],
         threads=gw["threads"],
         max_body_mb=gw["max_body_mb"],
+        api_keys=tuple(gw["api_keys"]) + _key_file(path, gw["api_key_file"]),
+        open_paths=tuple(gw["open_paths"]),
+        keepalive_s=float(gw["keepalive_s"]),
     )
     if isinstance(node_cfg.devices, list):
         for m in catalogue.models:

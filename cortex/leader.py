@@ -22,17 +22,20 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from cortex.chat import prompt as chat_prompt
 from cortex.chat.detokenizer import IncrementalDecoder
+from cortex.chat.prompt import opens_in_reasoning
 from cortex.chat.template import TemplateRenderError
 from cortex.chat.tokenizer import token_bytes
 from cortex.config import Config
 from cortex.engine.blocks import BlockManager
+from cortex.engine.constraint import GrammarError, Grammars, Rules
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
 from cortex.models import source
 from cortex.models.registry import ModelState, Registry
 from cortex.supervisor import WorkerHandle, resolve_devices
-from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit
+from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit, Waiting
 from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Ping, SeqInput, Unload
 from rpc.transport import RpcServer
 from workers.sharding import ShardingError, check_split, kv_block_bytes
@@ -91,6 +94,7 @@ class Leader:
         self.schedulers: dict[str, Scheduler] = {}  # model id -> its batcher, while loaded
         self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
         self.requests: dict[str, Sequence] = {}  # "request id#choice" -> sequence (waiting or running)
+        self.grammars: dict[str, Grammars] = {}  # model id -> its grammar compiler (built on first use)
         self.file_reads: dict[concurrent.futures.Future, ModelState] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-files")
         self.stopping = threading.Event()
@@ -112,6 +116,10 @@ class Leader:
     def shutdown(self) -> None:
         for seq in list(self.requests.values()):
             self._fail(seq, "shutting_down", "the server is shutting down", retry_after=15)
+        for state in self.registry.models.values():
+            parked, state.parked = state.parked, []
+            for peer, req in parked:
+                self._reject(peer, req.request_id, "shutting_down", "the server is shutting down", 15)
         for w in self.workers:
             w.stop()
         if self.frontend:
@@ -364,6 +372,7 @@ class Leader:
                 max(state.rank_bytes) / 1e6,
             )
             self._answer_waiters(state)
+            self._admit_parked(state)
 
         self._call(state.ranks, msg, self.cfg.engine.load_timeout_s, done)
 
@@ -487,19 +496,39 @@ class Leader:
                 self.load(state)
             if state.status == "failed":
                 return self._reject(peer, rid, "model_failed", f"model '{state.id}' failed to load: {state.error}")
-            return self._reject(
-                peer,
-                rid,
-                "model_loading",
-                f"model '{state.id}' is {state.status}; retry shortly",
-                RETRY_AFTER_LOADING_S,
-            )
+            if len(state.parked) >= self.cfg.engine.max_waiting:
+                return self._reject(
+                    peer,
+                    rid,
+                    "model_loading",
+                    f"model '{state.id}' is {state.status} and {len(state.parked)} requests wait for it; retry shortly",
+                    RETRY_AFTER_LOADING_S,
+                )
+            # wait for the load: the front keeps the client's connection alive meanwhile (pings)
+            state.parked.append((peer, req))
+            self.frontend.reply(peer, 0, Waiting(rid, f"model '{state.id}' is {state.status}"))
+            return
         files, sched = state.files, self.schedulers[state.id]
+        rules = Rules(
+            json_schema=req.json_schema,
+            tools=[t for t in req.tools or () if req.tool_name in (None, t["name"])] or None,
+            tool_mode=req.tool_choice if req.tools else "none",
+            parallel=req.parallel_tool_calls,
+        )
+        if req.tool_name is not None and not rules.tools:
+            return self._reject(
+                peer, rid, "invalid_request", f"tool_choice names {req.tool_name!r}, not among the tools"
+            )
         try:
-            prompt_text = files.template.render(req.messages, **(req.template_kwargs or {}))
-        except TemplateRenderError as exc:
+            prompt, prompt_text = self._prompt(files, req, rules)
+        except (TemplateRenderError, ValueError) as exc:
             return self._reject(peer, rid, "invalid_request", str(exc))
-        prompt = files.tokenizer.encode(prompt_text)
+        if req.count_only:
+            return self.frontend.reply(peer, 0, Answer(data={"input_tokens": len(prompt)}))
+        try:
+            constraints = [self._grammars(state).constraint(rules) for _ in range(req.n)]
+        except GrammarError as exc:
+            return self._reject(peer, rid, "invalid_request", f"cannot constrain output to the schema: {exc}")
         ctx = state.context_length
         if len(prompt) >= ctx:
             return self._reject(
@@ -539,11 +568,7 @@ class Leader:
                 f"model '{state.id}' has {len(sched.waiting)} requests waiting; retry shortly",
                 self._retry_after(sched),
             )
-        eos = set(files.config.eos_token_ids)
-        if files.tokenizer.eos_token is not None:
-            eos_id = files.tokenizer.tokenizer.token_to_id(files.tokenizer.eos_token)
-            if eos_id is not None:
-                eos.add(eos_id)
+        eos = self._eos_ids(files)
         eos_ids = frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else frozenset(eos))
         self.registry.touch(state)
         for i in range(req.n):  # n choices: n sequences; seeded ones get seed + i so they differ
@@ -562,15 +587,54 @@ class Leader:
                 eos_ids=eos_ids,
                 client=req.client,
                 index=i,
+                constraint=constraints[i],
             )
             self.requests[seq.key] = seq
             sched.add(seq)
-        self.frontend.reply(peer, 0, Started(rid, len(prompt)))
+        self.frontend.reply(
+            peer, 0, Started(rid, len(prompt), prompt_text is not None and opens_in_reasoning(prompt_text))
+        )
+
+    def _prompt(self, files: source.ModelFiles, req: Submit, rules: Rules) -> tuple[list[int], str | None]:
+        """The prompt's token ids, and its text when it came from a chat template."""
+        if req.prompt_ids is not None:
+            vocab = files.tokenizer.vocab_size
+            bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+            return list(req.prompt_ids), None
+        if req.prompt is not None:
+            return files.tokenizer.encode(req.prompt), None
+        thinking = req.thinking
+        if rules.json_schema is not None or rules.tool_mode == "required":
+            thinking = False  # output constrained from its first token leaves no room for a <think> span
+        tools = rules.tools if rules.tool_mode != "none" else None
+        text = chat_prompt.render(files.template, req.messages, tools, thinking, req.template_kwargs)
+        return files.tokenizer.encode(text), text
+
+    def _grammars(self, state: ModelState) -> Grammars:
+        grammars = self.grammars.get(state.id)
+        if grammars is None:
+            tok = state.files.tokenizer
+            grammars = Grammars(tok.tokenizer, state.files.config.vocab_size, sorted(self._eos_ids(state.files)))
+            self.grammars[state.id] = grammars
+        return grammars
+
+    @staticmethod
+    def _eos_ids(files: source.ModelFiles) -> set[int]:
+        eos = set(files.config.eos_token_ids)
+        if files.tokenizer.eos_token is not None:
+            eos_id = files.tokenizer.tokenizer.token_to_id(files.tokenizer.eos_token)
+            if eos_id is not None:
+                eos.add(eos_id)
+        return eos
 
     def _retry_after(self, sched: Scheduler) -> int:
         return max(1, min(60, len(sched.waiting) // max(len(sched.running), 1)))
 
     def _cancel(self, request_id: str) -> None:
+        for state in self.registry.models.values():
+            state.parked = [(p, r) for p, r in state.parked if r.request_id != request_id]
         for seq in self._choices(request_id):
             seq.cancelled = True
             if not self._in_step(seq):
@@ -620,6 +684,7 @@ class Leader:
                     list(w.seq.block_table),
                     w.samples,
                     prompt=w.seq.tokens[: w.seq.prompt_len] if w.first and w.seq.sampling.needs_history else None,
+                    allowed=w.seq.constraint.mask() if w.samples and w.seq.constraint else None,
                 )
                 for w in work
             ],
@@ -651,6 +716,9 @@ class Leader:
         self._call(state.ranks, lambda _: step, self.cfg.engine.step_timeout_s, done)
 
     def _on_token(self, seq: Sequence, token: int, logprobs: list | None = None) -> None:
+        if seq.constraint is not None:
+            tok = self.registry.models[seq.model_id].files.tokenizer.tokenizer
+            seq.constraint.advance(token, token_bytes(tok, token))
         text, finish = seq.append(token)
         entry = self._logprob_entry(seq, token, logprobs) if logprobs is not None else None
         if entry is not None and (finish != "stop" or token not in seq.eos_ids):
@@ -663,7 +731,15 @@ class Leader:
             self.frontend.reply(
                 seq.peer,
                 0,
-                Finished(seq.request_id, finish, seq.prompt_len, seq.output_len, seq.cached_tokens, seq.index),
+                Finished(
+                    seq.request_id,
+                    finish,
+                    seq.prompt_len,
+                    seq.output_len,
+                    seq.cached_tokens,
+                    seq.index,
+                    seq.decoder.matched,
+                ),
             )
             self._retire(seq)
 
@@ -703,6 +779,16 @@ class Leader:
         for seq in [s for s in self.requests.values() if s.model_id == state.id]:
             self._fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
         self.in_flight.pop(state.id, None)
+        if state.status == "failed":  # a recovery reloads, and parked requests go on waiting for it
+            parked, state.parked = state.parked, []
+            for peer, req in parked:
+                self._reject(peer, req.request_id, kind, message, RETRY_AFTER_LOADING_S)
+
+    def _admit_parked(self, state: ModelState) -> None:
+        """The model is loaded: the requests that waited for it start now, in arrival order."""
+        parked, state.parked = state.parked, []
+        for peer, req in parked:
+            self._on_front_safely(peer, req)
 
     # -- queries ----------------------------------------------------------------------------------------
 

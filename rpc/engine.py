@@ -23,9 +23,21 @@ class Submit:
     stop: list[str] | None = None
     template_kwargs: dict[str, Any] | None = None
     ignore_eos: bool = False  # generate to max_tokens even past EOS (vLLM's extension; benchmarks)
+    count_only: bool = False  # answer {"input_tokens": n} for the prompt instead of generating
     client: str = ""  # who is asking (API key or address), for per-client limits
     stop_token_ids: list[int] | None = None
     n: int = 1  # completions to generate for the prompt (choices 0 .. n-1)
+    # a raw prompt instead of messages (/v1/completions): text, or token ids
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    # tools: [{"name", "description", "parameters"}]; tool_choice: none | auto | required, and a
+    # forced function's name in tool_name (required narrowed to that one function)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    json_schema: dict[str, Any] | None = None  # constrain output to this schema ({}: any JSON object)
+    thinking: bool | None = None  # None: the model's default; False: ask a thinking model not to think
 
 
 @message
@@ -55,6 +67,15 @@ class Answer:
 class Started:
     request_id: str
     prompt_tokens: int
+    reasoning: bool = False  # the prompt opened a <think> span: the output starts as reasoning
+
+
+@message
+class Waiting:
+    """Accepted, but the model is still loading: Started (or a Failure) follows once it is."""
+
+    request_id: str
+    reason: str
 
 
 @message
@@ -76,6 +97,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     index: int = 0  # which of the request's n choices
+    stop_sequence: str | None = None  # the stop string that ended it, when one did
 
 
 @message

@@ -74,6 +74,9 @@ class SeqInput:
     block_table: list[int] = field(default_factory=list)
     sample: bool = True  # False for a prefill chunk that is not the prompt's last
     prompt: list[int] | None = None  # the whole prompt, sent once when a penalty needs it
+    # constrained decoding (JSON schema, tool calls): the tokens allowed next, one bit per token id
+    # (bit i of byte i // 8, little-endian), computed by the leader's grammar matcher. None: any.
+    allowed: bytes | None = None
 
 
 @message

@@ -225,17 +225,29 @@ def test_concurrent_requests_all_complete(client):
 # -- loading, crashes, shutdown --------------------------------------------------------------------
 
 
-def test_503_with_retry_after_while_the_model_loads(tmp_path, tiny_qwen3):
-    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), env={"CORTEX_TEST_LOAD_DELAY_S": "6"})
+def test_requests_wait_for_a_loading_model_and_streams_get_keepalives(tmp_path, tiny_qwen3):
+    """A cold model is not an error: the request waits for the load, a stream is kept alive with
+    SSE comments meanwhile, and only past the waiting room's bound is it a 503 with Retry-After."""
+    srv = Server(
+        tmp_path,
+        tiny_models_toml(tiny_qwen3),
+        "keepalive_s = 1\n[engine]\nmax_waiting = 1\n",
+        env={"CORTEX_TEST_LOAD_DELAY_S": "6"},
+    )
     try:
         srv.wait_http()
-        r = _post(srv, {"model": "tiny", "messages": HI})
-        assert r.status_code == 503, r.text
-        assert int(r.headers["retry-after"]) > 0
-        assert _error(r)["code"] == "model_loading"
         h = httpx.get(srv.url + "/health")
         assert h.status_code == 503 and h.json()["status"] == "loading"
-        srv.wait_healthy()
+        body = {"model": "tiny", "messages": HI, "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk goes out at once
+            over = _post(srv, {"model": "tiny", "messages": HI, "max_tokens": 2})
+            assert over.status_code == 503 and int(over.headers["retry-after"]) > 0, over.text
+            assert _error(over)["code"] == "model_loading"
+            rest = [ln for ln in lines if ln]
+        assert rest[0] == ": keep-alive" and rest[-1] == "data: [DONE]", rest
+        assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
         assert _post(srv, {"model": "tiny", "messages": HI, "max_tokens": 2}).status_code == 200
     finally:
         srv.stop()

@@ -57,6 +57,16 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int, vocab_limit: int) -
     return [float(logp[token]), pairs]
 
 
+def allowed_mask(bitmask: bytes, size: int, device: torch.device) -> torch.Tensor:
+    """The leader's bitmask (bit i of byte i // 8) as a bool tensor of ``size`` token ids."""
+    bits = torch.frombuffer(bytearray(bitmask), dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    mask = ((bits[:, None] >> shifts) & 1).flatten().bool()
+    if mask.numel() < size:
+        mask = torch.cat([mask, mask.new_zeros(size - mask.numel())])
+    return mask[:size].to(device)
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -64,12 +74,16 @@ def sample(
     vocab_limit: int,
     prompt: list[int] = (),
     output: list[int] = (),
+    allowed: bytes | None = None,
 ) -> int:
     """``logits``: fp32 [vocab]. Ids >= ``vocab_limit`` (padding rows the tokenizer cannot decode)
-    are never chosen."""
+    are never chosen, nor ids outside ``allowed`` (a grammar's bitmask) when given."""
     if 0 < vocab_limit < logits.shape[-1]:
         logits = logits[:vocab_limit]
     logits = adjust(logits, params, list(prompt), list(output))
+    if allowed is not None:
+        # before temperature and truncation, so top-k / top-p choose among grammatical tokens only
+        logits = logits.masked_fill(~allowed_mask(allowed, logits.shape[-1], logits.device), float("-inf"))
     if generator is None:
         return int(torch.argmax(logits))
     logits = logits / params.temperature

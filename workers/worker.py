@@ -138,7 +138,13 @@ class Worker:
                     rm.generators[s.seq_id] = new_generator(s.sampling, self.device)
                 output = rm.outputs.setdefault(s.seq_id, [])
                 token = sample(
-                    logits[i], s.sampling, rm.generators[s.seq_id], rm.vocab_limit, rm.prompts.get(s.seq_id, ()), output
+                    logits[i],
+                    s.sampling,
+                    rm.generators[s.seq_id],
+                    rm.vocab_limit,
+                    rm.prompts.get(s.seq_id, ()),
+                    output,
+                    s.allowed,
                 )
                 output.append(token)
                 out.append(token)

@@ -13,27 +13,35 @@ import time
 import falcon
 
 from cortex.api import errors
+from cortex.api.anthropic import CountTokens, Messages
+from cortex.api.auth import ApiKeys
 from cortex.api.engine_client import EngineClient
 from cortex.api.health import Health
 from cortex.api.manage import ModelLoad, ModelTable
 from cortex.api.models import Models
-from cortex.api.openai import ChatCompletions
+from cortex.api.openai import ChatCompletions, Completions
+from cortex.api.openapi import OpenApiDocument
 
 ENV = "CORTEX_FRONT"
 
 
 def create_app(settings: dict | None = None) -> falcon.App:
     s = settings or json.loads(os.environ[ENV])
-    engine = EngineClient(s["engine"], s["event_timeout_s"])
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    engine = EngineClient(s["engine"], s["event_timeout_s"], s.get("load_timeout_s", 900.0))
+    auth = ApiKeys(s.get("api_key_digests", []), s.get("open_paths", ["/health", "/metrics"]))
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     models = Models(engine, int(time.time()), s.get("node", "cortex"))
-    app.add_route("/v1/chat/completions", ChatCompletions(engine, s["max_body_bytes"]))
+    body, keepalive = s["max_body_bytes"], s.get("keepalive_s", 10.0)
+    app.add_route("/v1/chat/completions", ChatCompletions(engine, body, keepalive))
+    app.add_route("/v1/completions", Completions(engine, body, keepalive))
+    app.add_route("/v1/messages", Messages(engine, body, keepalive))
+    app.add_route("/v1/messages/count_tokens", CountTokens(engine, body))
+    app.add_route("/openapi.json", OpenApiDocument())
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id:path}", models, suffix="one")
     app.add_route("/health", Health(engine))
-    body = s["max_body_bytes"]
     app.add_route("/models", ModelTable(engine))
     app.add_route("/models/load", ModelLoad(engine, body, s["load_timeout_s"], "load"))
     app.add_route("/models/unload", ModelLoad(engine, body, 60.0, "unload"))

@@ -16,7 +16,7 @@ import zmq
 
 from cortex.api.errors import ApiError
 from rpc.codec import encode
-from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit
+from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit, Waiting
 from rpc.messages import Error
 from rpc.transport import RpcClient
 
@@ -24,9 +24,9 @@ ANSWER_TIMEOUT_S = 10.0
 
 
 class EngineClient:
-    def __init__(self, endpoint: str, event_timeout_s: float):
+    def __init__(self, endpoint: str, event_timeout_s: float, load_timeout_s: float = 900.0):
         self.endpoint = endpoint
-        self.event_timeout_s = event_timeout_s
+        self.event_timeout_s, self.load_timeout_s = event_timeout_s, load_timeout_s
         self._ctx: zmq.Context | None = None
         self._pid = 0
 
@@ -63,8 +63,27 @@ class EngineClient:
             return got[1].data
         raise _as_api_error(got[1])
 
+    def count_tokens(self, req: Submit) -> int:
+        """The prompt's length in tokens (``req.count_only``); waits for the model's files to load."""
+        client = RpcClient(self.endpoint, self._context())
+        try:
+            client.send(req)
+            timeout_s = ANSWER_TIMEOUT_S
+            while True:
+                got = client.recv(int(timeout_s * 1000))
+                if got is None:
+                    raise _engine_timeout()
+                if isinstance(got[1], Waiting):
+                    timeout_s = self.load_timeout_s
+                    continue
+                if isinstance(got[1], Answer):
+                    return int(got[1].data["input_tokens"])
+                raise _as_api_error(got[1])
+        finally:
+            client.close()
+
     def submit(self, req: Submit) -> Generation:
-        gen = Generation(RpcClient(self.endpoint, self._context()), req, self.event_timeout_s)
+        gen = Generation(RpcClient(self.endpoint, self._context()), req, self.event_timeout_s, self.load_timeout_s)
         gen.start()
         return gen
 
@@ -72,58 +91,82 @@ class EngineClient:
 class Generation:
     """Events of one submitted request. Closing it before the end cancels the request."""
 
-    def __init__(self, client: RpcClient, req: Submit, event_timeout_s: float):
-        self.client, self.req, self.event_timeout_s = client, req, event_timeout_s
+    def __init__(self, client: RpcClient, req: Submit, event_timeout_s: float, load_timeout_s: float):
+        self.client, self.req = client, req
+        self.event_timeout_s, self.load_timeout_s = event_timeout_s, load_timeout_s
         self.prompt_tokens = 0
+        self.reasoning = False  # the output starts inside a <think> span
+        self.waiting: str | None = None  # why the request has not started yet (a model loading)
         self.done = False
 
-    def _next(self, timeout_s: float, watch: socket.socket | None = None) -> object:
-        """The next event. With ``watch`` (the client's connection), a client that hangs up while
-        we wait raises ClientGone, so its request is cancelled instead of generated for nobody."""
-        if watch is None:
-            got = self.client.recv(int(timeout_s * 1000))
-        else:
-            got = None
-            poller = zmq.Poller()
-            poller.register(self.client.socket, zmq.POLLIN)
+    def _next(self, timeout_s: float, watch: socket.socket | None = None) -> object | None:
+        """The next event, or None after ``timeout_s``. With ``watch`` (the client's connection), a
+        client that hangs up while we wait raises ClientGone, so its request is cancelled instead
+        of generated for nobody."""
+        poller = zmq.Poller()
+        poller.register(self.client.socket, zmq.POLLIN)
+        if watch is not None:
             poller.register(watch, zmq.POLLIN)
-            deadline = time.monotonic() + timeout_s
-            while got is None and time.monotonic() < deadline:
-                ready = dict(poller.poll(max(int((deadline - time.monotonic()) * 1000), 0)))
-                if self.client.socket in ready:
-                    got = self.client.recv(0)
-                elif watch in ready or watch.fileno() in ready:
-                    if _hung_up(watch):
-                        raise ClientGone()
-                    poller.unregister(watch)  # readable but open: a pipelined request; stop watching
-        if got is None:
-            raise ApiError(
-                503, "the engine did not answer in time", "service_unavailable", "engine_timeout", retry_after=5
-            )
-        return got[1]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return None
+            ready = dict(poller.poll(left_ms))
+            if self.client.socket in ready:
+                got = self.client.recv(0)
+                if got is not None:
+                    return got[1]
+            elif watch is not None and (watch in ready or watch.fileno() in ready):
+                if _hung_up(watch):
+                    raise ClientGone()
+                poller.unregister(watch)  # readable but open: a pipelined request; stop watching
+                watch = None
+
+    def _started(self, ev: object) -> bool:
+        if isinstance(ev, Started):
+            self.prompt_tokens, self.reasoning, self.waiting = ev.prompt_tokens, ev.reasoning, None
+            return True
+        if isinstance(ev, Waiting):
+            self.waiting = ev.reason
+            return True
+        return False
 
     def start(self) -> None:
-        """Send the request; raise ApiError if the leader refuses it."""
+        """Send the request; raise ApiError if the leader refuses it. It may still be waiting for
+        its model to load (``waiting``) when this returns."""
         self.client.socket.send(encode(self.req))
-        try:
-            first = self._next(ANSWER_TIMEOUT_S)
-        except ApiError:
+        first = self._next(ANSWER_TIMEOUT_S)
+        if first is None:
             self.close()
-            raise
-        if isinstance(first, Started):
-            self.prompt_tokens = first.prompt_tokens
-            return
-        self.done = True
-        self.client.close()
-        raise _as_api_error(first)
+            raise _engine_timeout()
+        if not self._started(first):
+            self.done = True
+            self.client.close()
+            raise _as_api_error(first)
 
-    def events(self, watch: socket.socket | None = None) -> Iterator[Delta | Finished]:
+    def events(
+        self, watch: socket.socket | None = None, keepalive_s: float | None = None
+    ) -> Iterator[Delta | Finished | Started | None]:
         """Yield Delta events and one Finished per choice; raise ApiError on a failure (ClientGone
-        if ``watch``, the client's connection, closes first)."""
+        if ``watch``, the client's connection, closes first). With ``keepalive_s``, yield None
+        whenever that long passes with no event, so a stream can send a ping (a cold load or a long
+        prefill must not look like a dead connection to proxies and clients). A Started is
+        yielded when a request that waited for its model begins."""
         finished = 0
         try:
+            silent_since = time.monotonic()
             while True:
-                ev = self._next(self.event_timeout_s, watch)
+                limit = self.load_timeout_s if self.waiting else self.event_timeout_s
+                left = limit - (time.monotonic() - silent_since)
+                if left <= 0:
+                    raise _engine_timeout()
+                ev = self._next(min(left, keepalive_s or left), watch)
+                if ev is None:
+                    if keepalive_s:
+                        yield None
+                    continue
+                silent_since = time.monotonic()
                 if isinstance(ev, Delta):
                     yield ev
                 elif isinstance(ev, Finished):
@@ -132,6 +175,9 @@ class Generation:
                     yield ev
                     if self.done:
                         return
+                elif self._started(ev):
+                    if isinstance(ev, Started):
+                        yield ev
                 else:
                     self.done = True
                     raise _as_api_error(ev)
@@ -147,6 +193,10 @@ class Generation:
             self.client.close(linger_ms=500)
             return
         self.client.close()
+
+
+def _engine_timeout() -> ApiError:
+    return ApiError(503, "the engine did not answer in time", "service_unavailable", "engine_timeout", retry_after=5)
 
 
 class ClientGone(Exception):

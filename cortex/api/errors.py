@@ -46,24 +46,49 @@ class ApiError(Exception):
         status, type_, code = FAILURES.get(kind, (500, "server_error", kind))
         return cls(status, message, type_, code, retry_after=retry_after)
 
-    def body(self) -> dict:
+    def body(self, dialect: str = "openai") -> dict:
+        if dialect == "anthropic":
+            return {"type": "error", "error": {"type": anthropic_type(self.status), "message": self.message}}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Anthropic names its error types by status
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def dialect_of(req: falcon.Request) -> str:
+    """Errors answer in the dialect of the endpoint the client called."""
+    return "anthropic" if req.path.startswith("/v1/messages") else "openai"
 
 
 def bad_field(param: str, message: str) -> ApiError:
     return ApiError(400, message, "invalid_request_error", "invalid_value", param=param)
 
 
-def _render(resp: falcon.Response, err: ApiError) -> None:
+def _render(req: falcon.Request, resp: falcon.Response, err: ApiError) -> None:
     resp.status = err.status
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = json.dumps(err.body())
+    resp.text = json.dumps(err.body(dialect_of(req)))
     if err.retry_after is not None:
         resp.set_header("Retry-After", str(err.retry_after))
 
 
 def handle_api_error(req, resp, err: ApiError, params) -> None:
-    _render(resp, err)
+    _render(req, resp, err)
 
 
 def handle_http_error(req, resp, err: falcon.HTTPError, params) -> None:
@@ -74,7 +99,7 @@ def handle_http_error(req, resp, err: falcon.HTTPError, params) -> None:
         message = f"Unknown request URL: {req.method} {req.path}."
     elif status == 405:
         message = f"Method {req.method} is not allowed on {req.path}."
-    _render(resp, ApiError(status, message, type_, None))
+    _render(req, resp, ApiError(status, message, type_, None))
     for name, value in (err.headers or {}).items():
         resp.set_header(name, value)
 
@@ -83,7 +108,7 @@ def handle_unexpected(req, resp, exc: Exception, params) -> None:
     import logging
 
     logging.getLogger("cortex.front").exception("unhandled error on %s %s", req.method, req.path)
-    _render(resp, ApiError(500, "internal server error", "server_error", None))
+    _render(req, resp, ApiError(500, "internal server error", "server_error", None))
 
 
 def install(app: falcon.App) -> None:

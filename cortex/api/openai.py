@@ -1,8 +1,8 @@
-"""OpenAI dialect: POST /v1/chat/completions, non-streamed and server-sent events."""
+"""OpenAI dialect: POST /v1/chat/completions and /v1/completions, non-streamed and server-sent events."""
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import time
 import uuid
@@ -12,10 +12,12 @@ from typing import Any
 import falcon
 
 from cortex.api import sse
-from cortex.api.engine_client import ClientGone, EngineClient
+from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
+from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, merge_text
 from cortex.api.validation import field, read_json
-from rpc.engine import Delta, Finished, Submit
+from cortex.chat.output import Reasoning, Text, ToolCall
+from rpc.engine import Finished, Submit
 from rpc.messages import SamplingParams
 
 log = logging.getLogger("cortex.front")
@@ -61,11 +63,89 @@ def parse_messages(body: dict) -> list[dict[str, Any]]:
             "role": "system" if role == "developer" else role,
             "content": _content_text(m.get("content"), f"{where}.content"),
         }
-        for extra in ("name", "tool_call_id", "tool_calls"):
-            if extra in m:
+        for extra in ("name", "tool_call_id", "reasoning_content"):
+            if isinstance(m.get(extra), str):
                 msg[extra] = m[extra]
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _parse_tool_calls(m["tool_calls"], f"{where}.tool_calls")
         out.append(msg)
     return out
+
+
+def _parse_tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant's earlier calls, with arguments as objects (templates render them as JSON)."""
+    if not isinstance(calls, list):
+        raise bad_field(where, f"Invalid type for '{where}': expected an array.")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_field(f"{where}[{j}]", f"Invalid tool call at '{where}[{j}]': expected a function with a name.")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise bad_field(
+                    f"{where}[{j}].function.arguments", "Tool call arguments must be a JSON object."
+                ) from None
+        if not isinstance(args, dict):
+            raise bad_field(f"{where}[{j}].function.arguments", "Tool call arguments must be a JSON object.")
+        out.append({"id": c.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def parse_tools(body: dict) -> tuple[list[dict] | None, str, str | None]:
+    """(tools as {"name", "description", "parameters"}, tool_choice none|auto|required, forced name)."""
+    tools = field(body, "tools", list)
+    out = []
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad_field(f"tools[{i}]", f"Invalid tool at 'tools[{i}]': expected a function with a name.")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise bad_field(f"tools[{i}].function.parameters", "Function parameters must be a JSON schema object.")
+        out.append({"name": fn["name"], "description": fn.get("description") or "", "parameters": params})
+    choice = body.get("tool_choice")
+    if choice is None:
+        return out or None, "auto", None
+    if choice in ("none", "auto", "required"):
+        return out or None, choice, None
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_field("tool_choice", "'tool_choice' must be none, auto, required or a named function.")
+    if fn["name"] not in {t["name"] for t in out}:
+        raise bad_field("tool_choice", f"Tool choice names function '{fn['name']}', which is not in 'tools'.")
+    return out, "required", fn["name"]
+
+
+def parse_response_format(body: dict) -> dict | None:
+    """The JSON schema the output must follow: {} for json_object, None for text."""
+    fmt = field(body, "response_format", dict)
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_field("response_format", "'response_format.json_schema.schema' must be a JSON schema object.")
+        return schema
+    raise bad_field(
+        "response_format", f"Unknown response_format type {kind!r}: expected text, json_object or json_schema."
+    )
+
+
+def parse_thinking(body: dict) -> bool | None:
+    effort = field(body, "reasoning_effort", str)
+    if effort is None:
+        return None
+    if effort not in ("none", "minimal", "low", "medium", "high"):
+        raise bad_field("reasoning_effort", "'reasoning_effort' must be one of none, minimal, low, medium, high.")
+    return effort != "none"
 
 
 def parse_stop(body: dict) -> list[str] | None:
@@ -126,8 +206,8 @@ def parse_stop_token_ids(body: dict) -> list[int] | None:
 
 
 class ChatCompletions:
-    def __init__(self, engine: EngineClient, max_body_bytes: int):
-        self.engine, self.max_body_bytes = engine, max_body_bytes
+    def __init__(self, engine: EngineClient, max_body_bytes: int, keepalive_s: float):
+        self.engine, self.max_body_bytes, self.keepalive_s = engine, max_body_bytes, keepalive_s
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, self.max_body_bytes)
@@ -140,6 +220,7 @@ class ChatCompletions:
             max_tokens = field(body, "max_tokens", int, lo=1)
         options = field(body, "stream_options", dict, default={})
         include_usage = bool(options.get("include_usage", False))
+        tools, tool_choice, tool_name = parse_tools(body)
         submit = Submit(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             model=model,
@@ -149,31 +230,25 @@ class ChatCompletions:
             stop=parse_stop(body),
             template_kwargs=field(body, "chat_template_kwargs", dict),
             ignore_eos=field(body, "ignore_eos", bool, default=False),
-            client=_client_id(req),
+            client=client_id(req),
             stop_token_ids=parse_stop_token_ids(body),
             n=n,
+            tools=tools,
+            tool_choice=tool_choice,
+            tool_name=tool_name,
+            parallel_tool_calls=field(body, "parallel_tool_calls", bool, default=True),
+            json_schema=parse_response_format(body),
+            thinking=parse_thinking(body),
         )
-        gen = self.engine.submit(submit)  # raises ApiError (404, 503 loading, 400 too long) up front
+        gen = self.engine.submit(submit)  # raises ApiError (404, 400 too long, 429/503) up front
+        parse_calls = bool(tools) and tool_choice != "none"
         created = int(time.time())
         if stream:
             resp.content_type = "text/event-stream"
             resp.set_headers(sse.HEADERS)
-            resp.stream = self._stream(gen, submit, created, include_usage)
+            resp.stream = self._stream(gen, created, include_usage, parse_calls)
             return
-        try:
-            events = list(gen.events(watch=req.env.get("gunicorn.socket")))
-        except ClientGone:
-            log.info("%s: client went away; request cancelled", submit.request_id)
-            raise falcon.HTTPStatus(499) from None  # nobody reads it; nginx's "client closed request"
-        texts = [[] for _ in range(n)]
-        logprobs: list[list] = [[] for _ in range(n)]
-        finished: list[Finished] = [None] * n
-        for ev in events:
-            if isinstance(ev, Delta):
-                texts[ev.index].append(ev.text)
-                logprobs[ev.index] += ev.logprobs or []
-            else:
-                finished[ev.index] = ev
+        choices = collect(gen, req, tools=parse_calls)
         want_logprobs = submit.sampling.logprobs >= 0
         resp.media = {
             "id": submit.request_id,
@@ -183,38 +258,50 @@ class ChatCompletions:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": "".join(texts[i])},
-                    "logprobs": {"content": logprobs[i]} if want_logprobs else None,
-                    "finish_reason": finished[i].finish_reason,
+                    "message": _message(c),
+                    "logprobs": {"content": c.logprobs} if want_logprobs else None,
+                    "finish_reason": _finish_reason(c.finished, c.tool_calls),
                 }
-                for i in range(n)
+                for i, c in enumerate(choices)
             ],
-            "usage": _usage(finished),
+            "usage": _usage([c.finished for c in choices]),
         }
 
-    def _stream(self, gen, submit: Submit, created: int, include_usage: bool) -> Iterator[bytes]:
-        def chunk(delta: dict, finish_reason: str | None = None, logprobs: list | None = None, index: int = 0) -> bytes:
-            lp = {"content": logprobs} if logprobs else None
+    def _stream(self, gen: Generation, created: int, include_usage: bool, tools: bool) -> Iterator[bytes]:
+        submit = gen.req
+
+        def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> bytes:
             return sse.event(
                 {
                     "id": submit.request_id,
                     "object": "chat.completion.chunk",
                     "created": created,
                     "model": submit.model,
-                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": delta,
+                            "logprobs": {"content": logprobs} if logprobs else None,
+                            "finish_reason": finish_reason,
+                        }
+                    ],
                 }
             )
 
         try:
             for i in range(submit.n):
-                yield chunk({"role": "assistant", "content": ""}, index=i)
+                yield chunk(i, {"role": "assistant", "content": ""})
             finished = []
-            for ev in gen.events():
-                if isinstance(ev, Delta):
-                    yield chunk({"content": ev.text}, logprobs=ev.logprobs, index=ev.index)
-                elif isinstance(ev, Finished):
-                    yield chunk({}, ev.finish_reason, index=ev.index)
-                    finished.append(ev)
+            for ev in events(gen, keepalive_s=self.keepalive_s, tools=tools):
+                if isinstance(ev, Ping):
+                    yield sse.KEEPALIVE
+                elif isinstance(ev, Parts):
+                    deltas = [_delta(p) for p in ev.parts] or ([{"content": ""}] if ev.logprobs else [])
+                    for k, delta in enumerate(deltas):
+                        yield chunk(ev.index, delta, logprobs=ev.logprobs if k == 0 else None)
+                elif isinstance(ev, Done):
+                    yield chunk(ev.finished.index, {}, _finish_reason(ev.finished, ev.tool_calls))
+                    finished.append(ev.finished)
                     if include_usage and len(finished) == submit.n:
                         yield sse.event(
                             {
@@ -233,6 +320,38 @@ class ChatCompletions:
             gen.close()  # a client that went away cancels its request
 
 
+def _delta(part: Text | Reasoning | ToolCall) -> dict:
+    if isinstance(part, Text):
+        return {"content": part.text}
+    if isinstance(part, Reasoning):
+        return {"reasoning_content": part.text}
+    return {"tool_calls": [{"index": part.index, **_tool_call(part)}]}
+
+
+def _tool_call(call: ToolCall) -> dict:
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    }
+
+
+def _message(choice: Choice) -> dict:
+    calls = [p for p in choice.parts if isinstance(p, ToolCall)]
+    text = merge_text(choice.parts, Text)
+    msg: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    reasoning = merge_text(choice.parts, Reasoning)
+    if reasoning:
+        msg["reasoning_content"] = reasoning
+    if calls:
+        msg["tool_calls"] = [_tool_call(c) for c in calls]
+    return msg
+
+
+def _finish_reason(finished: Finished, tool_calls: int) -> str:
+    return "tool_calls" if tool_calls and finished.finish_reason == "stop" else finished.finish_reason
+
+
 def _usage(finished: list[Finished]) -> dict:
     """The prompt counts once, however many choices were generated from it."""
     prompt, completion = finished[0].prompt_tokens, sum(f.completion_tokens for f in finished)
@@ -244,9 +363,133 @@ def _usage(finished: list[Finished]) -> dict:
     }
 
 
-def _client_id(req: falcon.Request) -> str:
-    """Who is asking, for per-client limits: a hash of the API key if one is sent, else the address."""
-    key = req.get_header("Authorization") or req.get_header("X-Api-Key")
-    if key:
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # never the key itself
-    return "addr:" + (req.remote_addr or "")
+class Completions:
+    """The legacy text completion: a raw prompt (text or token ids), no chat template."""
+
+    def __init__(self, engine: EngineClient, max_body_bytes: int, keepalive_s: float):
+        self.engine, self.max_body_bytes, self.keepalive_s = engine, max_body_bytes, keepalive_s
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req, self.max_body_bytes)
+        model = field(body, "model", str, required=True)
+        text, ids = _parse_prompt(body)
+        for unsupported in ("suffix", "best_of"):
+            if body.get(unsupported) not in (None, 1) or (unsupported == "suffix" and body.get("suffix")):
+                raise bad_field(unsupported, f"'{unsupported}' is not supported.")
+        top = field(body, "logprobs", int, lo=0, hi=5)
+        sampling = parse_sampling({k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")})
+        if top is not None:
+            sampling.logprobs = top
+        stream = field(body, "stream", bool, default=False)
+        echo = field(body, "echo", bool, default=False)
+        if echo and (stream or text is None):
+            raise bad_field("echo", "'echo' is supported for a text prompt without streaming.")
+        submit = Submit(
+            request_id=f"cmpl-{uuid.uuid4().hex}",
+            model=model,
+            messages=[],
+            sampling=sampling,
+            max_tokens=field(body, "max_tokens", int, default=16, lo=1),  # OpenAI's default for completions
+            stop=parse_stop(body),
+            ignore_eos=field(body, "ignore_eos", bool, default=False),
+            client=client_id(req),
+            stop_token_ids=parse_stop_token_ids(body),
+            n=field(body, "n", int, default=1, lo=1, hi=16),
+            prompt=text,
+            prompt_ids=ids,
+        )
+        gen = self.engine.submit(submit)
+        created = int(time.time())
+        options = field(body, "stream_options", dict, default={})
+        if stream:
+            resp.content_type = "text/event-stream"
+            resp.set_headers(sse.HEADERS)
+            resp.stream = self._stream(gen, created, bool(options.get("include_usage")), top is not None)
+            return
+        choices = collect(gen, req)
+        resp.media = {
+            "id": submit.request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": i,
+                    "text": (text if echo else "") + _all_text(c),
+                    "logprobs": _legacy_logprobs(c.logprobs) if top is not None else None,
+                    "finish_reason": c.finished.finish_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": _usage([c.finished for c in choices]),
+        }
+
+    def _stream(self, gen: Generation, created: int, include_usage: bool, logprobs: bool) -> Iterator[bytes]:
+        submit = gen.req
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+            data = {
+                "id": submit.request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": submit.model,
+                "choices": choices,
+            }
+            if usage is not None:
+                data["usage"] = usage
+            return sse.event(data)
+
+        try:
+            finished = []
+            for ev in events(gen, keepalive_s=self.keepalive_s):
+                if isinstance(ev, Ping):
+                    yield sse.KEEPALIVE
+                elif isinstance(ev, Parts):
+                    lp = _legacy_logprobs(ev.logprobs or []) if logprobs else None
+                    yield chunk([{"index": ev.index, "text": _all_text(ev), "logprobs": lp, "finish_reason": None}])
+                elif isinstance(ev, Done):
+                    f = ev.finished
+                    yield chunk([{"index": f.index, "text": "", "logprobs": None, "finish_reason": f.finish_reason}])
+                    finished.append(f)
+                    if include_usage and len(finished) == submit.n:
+                        yield chunk([], _usage(finished))
+            yield sse.DONE
+        except ApiError as err:
+            yield sse.event(err.body())
+        finally:
+            gen.close()
+
+
+def _all_text(choice: Choice | Parts) -> str:
+    """A raw completion has no reasoning or tool syntax of its own: every part is text."""
+    return "".join(getattr(p, "text", "") for p in choice.parts)
+
+
+def _parse_prompt(body: dict) -> tuple[str | None, list[int] | None]:
+    """A prompt is a string or a list of token ids (or a batch of one of either)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None, prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad_field("prompt", "Batches of prompts are not supported; send one prompt per request.")
+    if prompt is None:
+        raise ApiError(400, "Missing required parameter: 'prompt'.", code="missing_required_parameter", param="prompt")
+    raise bad_field("prompt", "Invalid 'prompt': expected a string or an array of token ids.")
+
+
+def _legacy_logprobs(entries: list[dict]) -> dict:
+    """Chat-style logprob entries in the completions API's columnar shape."""
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }

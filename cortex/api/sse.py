@@ -12,3 +12,9 @@ def event(data: dict) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see a live stream
+
+
+def named(name: str, data: dict) -> bytes:
+    """An event with a type line (Anthropic's framing)."""
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n".encode()

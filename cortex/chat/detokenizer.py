@@ -20,6 +20,7 @@ class IncrementalDecoder:
         self._stop = [s for s in (stop or []) if s]
         self._pending = ""  # decoded, not yet emitted
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the output
 
     def push(self, token_id: int) -> str:
         piece = self._stream.step(self._tok, token_id) or ""
@@ -29,7 +30,7 @@ class IncrementalDecoder:
             return out
         hits = [(self._pending.find(s), s) for s in self._stop if s in self._pending]
         if hits:
-            at = min(i for i, _ in hits)
+            at, self.matched = min(hits)
             self.stopped = True
             out, self._pending = self._pending[:at], ""
             return out

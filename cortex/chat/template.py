@@ -37,6 +37,8 @@ class ChatTemplate:
         self.source = source
         self.template = env.from_string(source)
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+        # a template that reads `tools` renders tool definitions, calls and results itself
+        self.knows_tools = "tools" in source
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **kwargs: Any) -> str:
         try:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from cortex.chat.detokenizer import IncrementalDecoder
+from cortex.engine.constraint import Constraint
 from rpc.messages import SamplingParams
 
 _seq_ids = itertools.count(1)
@@ -35,6 +36,7 @@ class Sequence:
     pending_logprobs: list[dict] = field(default_factory=list)  # logprob entries not yet sent
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    constraint: Constraint | None = None  # grammar the output must follow (JSON schema, tool calls)
 
     @property
     def key(self) -> str:

@@ -25,6 +25,7 @@ class ModelState:
     load_in_flight: bool = False
     waiters: list[bytes] = field(default_factory=list)  # operators waiting on a load
     kv_tokens: int = 0  # tokens the KV pool holds once loaded
+    parked: list = field(default_factory=list)  # (front peer, Submit) waiting for the model to load
 
     @property
     def id(self) -> str:

@@ -1,0 +1,106 @@
+"""The dialect-neutral middle of every generation endpoint.
+
+A resource parses its dialect into a ``Submit``, starts it here, and renders what comes back: one
+stream of ``Event``s per request, each choice's text already split into answer text, reasoning and
+tool calls by the one output parser. Nothing in here knows OpenAI or Anthropic wire formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import falcon
+
+from cortex.api.engine_client import ClientGone, Generation
+from cortex.chat.output import OutputParser, Part
+from rpc.engine import Delta, Finished
+
+log = logging.getLogger("cortex.front")
+
+
+@dataclass
+class Parts:
+    index: int  # which choice
+    parts: list[Part]
+    logprobs: list[dict] | None = None
+
+
+@dataclass
+class Done:
+    finished: Finished
+    tool_calls: int  # tool calls the choice made
+
+
+@dataclass
+class Ping:
+    """Nothing happened for a while (a cold load, a long prefill): time for a keep-alive."""
+
+
+Event = Parts | Done | Ping
+
+
+@dataclass
+class Choice:
+    """A whole choice, for non-streamed answers."""
+
+    parts: list[Part] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finished: Finished | None = None
+    tool_calls: int = 0
+
+
+def events(
+    gen: Generation, watch: object = None, keepalive_s: float | None = None, tools: bool = False
+) -> Iterator[Event]:
+    """The request's events. Parsers are made when the request starts, since a request that waited
+    for its model learns only then whether its output opens inside a reasoning span."""
+    parsers: list[OutputParser] = []
+
+    def parser(i: int) -> OutputParser:
+        while len(parsers) <= i:
+            parsers.append(OutputParser(reasoning=gen.reasoning, tools=tools))
+        return parsers[i]
+
+    for ev in gen.events(watch=watch, keepalive_s=keepalive_s):
+        if ev is None:
+            yield Ping()
+        elif isinstance(ev, Delta):
+            yield Parts(ev.index, parser(ev.index).feed(ev.text), ev.logprobs)
+        elif isinstance(ev, Finished):
+            p = parser(ev.index)
+            rest = p.finish()
+            if rest:
+                yield Parts(ev.index, rest)
+            yield Done(ev, p.calls)
+
+
+def collect(gen: Generation, req: falcon.Request, tools: bool = False) -> list[Choice]:
+    """Every choice in full. A client that hangs up while it waits cancels the request (499)."""
+    choices = [Choice() for _ in range(gen.req.n)]
+    try:
+        for ev in events(gen, watch=req.env.get("gunicorn.socket"), tools=tools):
+            if isinstance(ev, Parts):
+                choices[ev.index].parts += ev.parts
+                choices[ev.index].logprobs += ev.logprobs or []
+            elif isinstance(ev, Done):
+                choices[ev.finished.index].finished = ev.finished
+                choices[ev.finished.index].tool_calls = ev.tool_calls
+    except ClientGone:
+        log.info("%s: client went away; request cancelled", gen.req.request_id)
+        raise falcon.HTTPStatus(499) from None  # nobody reads it; nginx's "client closed request"
+    return choices
+
+
+def merge_text(parts: list[Part], kind: type) -> str:
+    return "".join(p.text for p in parts if isinstance(p, kind))
+
+
+def client_id(req: falcon.Request) -> str:
+    """Who is asking, for per-client limits: a hash of the API key if one is sent, else the address."""
+    key = req.get_header("Authorization") or req.get_header("X-Api-Key")
+    if key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # never the key itself
+    return "addr:" + (req.remote_addr or "")

@@ -1,0 +1,136 @@
+"""A choice's generated text, split into what it is: answer text, reasoning, tool calls.
+
+Both dialects render the same parts (OpenAI ``content`` / ``reasoning_content`` / ``tool_calls``;
+Anthropic ``text`` / ``thinking`` / ``tool_use`` blocks), so this is the one place that reads
+``<think>`` spans and Hermes ``<tool_call>`` blocks out of a stream. A tag can arrive split over
+several deltas: text that might be the start of a tag is held back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cortex.chat.tags import THINK_CLOSE, THINK_OPEN, TOOL_CLOSE, TOOL_OPEN
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Reasoning:
+    text: str
+
+
+@dataclass
+class ToolCall:
+    index: int  # 0, 1, ... within the choice
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+Part = Text | Reasoning | ToolCall
+
+
+def _held(buf: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``buf`` that is a proper prefix of one of ``tags``."""
+    for n in range(min(len(buf), max(len(t) for t in tags) - 1), 0, -1):
+        if any(t.startswith(buf[-n:]) for t in tags):
+            return n
+    return 0
+
+
+class OutputParser:
+    def __init__(self, reasoning: bool = False, tools: bool = False):
+        self.mode = "reasoning" if reasoning else "text"
+        self.tools = tools
+        self.calls = 0
+        self._buf = ""
+        self._strip = False  # drop whitespace at the start of the next text (after </think>)
+        self._text_seen = False
+
+    def feed(self, text: str) -> list[Part]:
+        self._buf += text
+        out: list[Part] = []
+        while True:
+            before = (self.mode, len(self._buf))
+            out += self._advance()
+            if (self.mode, len(self._buf)) == before:
+                return [p for p in out if not isinstance(p, (Text, Reasoning)) or p.text]
+
+    def finish(self) -> list[Part]:
+        """The end of the output: whatever is held back is what it is (an unclosed call is text)."""
+        rest, self._buf = self._buf, ""
+        if self.mode == "reasoning":
+            return [Reasoning(rest)] if rest else []
+        if self.mode == "tool":
+            rest = TOOL_OPEN + rest
+        rest = rest.lstrip() if self._strip else rest
+        return [Text(rest)] if rest else []
+
+    def _advance(self) -> list[Part]:
+        if self.mode == "reasoning":
+            at = self._buf.find(THINK_CLOSE)
+            if at < 0:
+                keep = _held(self._buf, (THINK_CLOSE,))
+                out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
+                return [Reasoning(out)]
+            out, self._buf = self._buf[:at], self._buf[at + len(THINK_CLOSE) :]
+            self.mode, self._strip = "text", True
+            return [Reasoning(out)]
+        if self.mode == "tool":
+            at = self._buf.find(TOOL_CLOSE)
+            if at < 0:
+                return []
+            body, self._buf = self._buf[:at], self._buf[at + len(TOOL_CLOSE) :]
+            self.mode, self._strip = "text", True
+            call = self._parse_call(body)
+            return [call] if call else [Text(f"{TOOL_OPEN}{body}{TOOL_CLOSE}")]
+        return self._advance_text()
+
+    def _advance_text(self) -> list[Part]:
+        if self._strip:
+            self._buf = self._buf.lstrip()
+            if not self._buf:
+                return []
+            self._strip = False
+        tags = (THINK_OPEN, TOOL_OPEN) if self.tools else (THINK_OPEN,)
+        hits = [(self._buf.find(t), t) for t in tags if t in self._buf]
+        if not hits:
+            keep = _held(self._buf, tags)
+            out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
+            self._text_seen = self._text_seen or bool(out.strip())
+            return [Text(out)]
+        at, tag = min(hits)
+        out, self._buf = self._buf[:at], self._buf[at + len(tag) :]
+        if tag == TOOL_OPEN:
+            self.mode = "tool"
+            out = out.rstrip()  # the newline a model writes before a call is not part of the answer
+        else:
+            self.mode = "reasoning"
+        return [Text(out)]
+
+    def _parse_call(self, body: str) -> ToolCall | None:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return None
+        args = data.get("arguments", data.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        self.calls += 1
+        return ToolCall(self.calls - 1, data["name"], args)
