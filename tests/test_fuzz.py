@@ -11,6 +11,8 @@ MAX_TOKENS here, not in the document, and generation uses the served model inste
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -22,7 +24,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 
 from cortex.api.openapi import document
 
-EXAMPLES = int(os.environ.get("CORTEX_FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("CORTEX_FUZZ_EXAMPLES", "40"))
 SEED = os.environ.get("CORTEX_FUZZ_SEED")
 MAX_TOKENS = 4
 MODEL = "tiny"  # tests/conftest.py: tiny_server serves "tiny", alias "small"
@@ -54,7 +56,15 @@ def _out_of_range_int(value) -> bool:
 
 def _known_bug(case: schemathesis.Case) -> bool:
     """Cases that hit a bug already reported (see the xfail tests below), left out so the run goes on."""
-    return case.operation.path in PROMPTED and _out_of_range_int(case.body)
+    body, path = case.body, case.operation.path
+    if path in PROMPTED and _out_of_range_int(body):
+        return True
+    if not isinstance(body, dict) or path not in GENERATE:
+        return False
+    top_p = body.get("top_p")
+    if type(top_p) in (int, float) and top_p < 1e-30:
+        return True
+    return path == "/v1/completions" and body.get("prompt") in ("", [""])
 
 
 def _bound(case: schemathesis.Case) -> None:
@@ -146,3 +156,39 @@ def test_out_of_range_integers_are_a_400(tiny_server, extra):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
     r = httpx.post(tiny_server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
+
+
+EMPTY_PROMPT = "an empty text prompt reaches the worker as a float index tensor (index_copy_ RuntimeError in the step)"
+TOP_P_ZERO = (
+    "top_p 0 (or below float32's smallest, e.g. 1e-300) masks every token in workers/sampling.py "
+    "(cumsum - p >= top_p drops the top token too): multinomial RuntimeError in the step"
+)
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param("/v1/completions", {"prompt": ""}, marks=pytest.mark.xfail(strict=False, reason=EMPTY_PROMPT)),
+        pytest.param("/v1/completions", {"prompt": [""]}, marks=pytest.mark.xfail(strict=False, reason=EMPTY_PROMPT)),
+        pytest.param(
+            "/v1/chat/completions",
+            {"messages": HI, "top_p": 0},
+            marks=pytest.mark.xfail(strict=False, reason=TOP_P_ZERO),
+        ),
+        pytest.param(
+            "/v1/messages", {"messages": HI, "top_p": 0}, marks=pytest.mark.xfail(strict=False, reason=TOP_P_ZERO)
+        ),
+    ],
+    ids=["completions-empty-prompt", "completions-empty-prompt-array", "chat-top_p-0", "messages-top_p-0"],
+)
+def test_a_bad_request_fails_only_itself(tiny_server, path, body):
+    """Found by the fuzz run: each of these failed its step with a 503 worker_failed (no Retry-After), and
+    with it every other request in that step."""
+    chat = {"model": MODEL, "messages": HI, "max_tokens": 64, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool:
+        bystander = pool.submit(httpx.post, tiny_server.url + "/v1/chat/completions", json=chat, timeout=60)
+        time.sleep(0.2)
+        r = httpx.post(tiny_server.url + path, json={"model": MODEL, "max_tokens": 2, **body}, timeout=60)
+        assert r.status_code in (200, 400), r.text
+        assert bystander.result().status_code == 200, bystander.result().text

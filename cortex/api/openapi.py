@@ -114,6 +114,19 @@ TOOL_CALL = _obj(
 )
 
 
+TOOL_CALL_IN = _obj(
+    {
+        "id": STR,
+        "type": _const("function"),
+        "function": _obj(
+            {"name": STR, "arguments": {"anyOf": [STR, OBJ], "description": "A JSON object, or one JSON-encoded."}},
+            ("name",),
+        ),
+    },
+    ("function",),
+)
+
+
 def _message(roles: list[str], required: tuple[str, ...] = ("role", "content"), **more) -> dict:
     role = _const(roles[0]) if len(roles) == 1 else {"type": "string", "enum": roles}
     return _obj({"role": role, "content": CONTENT, "name": STR, **more}, required)
@@ -127,7 +140,7 @@ CHAT_MESSAGE = {
             ["assistant"],
             ("role",),
             content=_null(CONTENT),
-            tool_calls={"type": "array", "items": _ref("ToolCall")},
+            tool_calls=_null({"type": "array", "items": TOOL_CALL_IN}),
             reasoning_content=_null(STR),
         ),
         _message(["tool"], ("role", "content", "tool_call_id"), tool_call_id=STR),
@@ -203,13 +216,17 @@ COMPLETION_REQUEST = {
             "prompt": {
                 "oneOf": [
                     STR,
-                    {"type": "array", "items": STR, "minItems": 1},
                     {"type": "array", "items": TOKEN_ID, "minItems": 1},
+                    {"type": "array", "items": STR, "minItems": 1, "maxItems": 1},
+                    {"type": "array", "items": {"type": "array", "items": TOKEN_ID, "minItems": 1}, "maxItems": 1},
                 ],
-                "description": "Text, several texts (one completion each), or token ids.",
+                "description": "Text or token ids; a batch may hold one prompt (several are refused with a 400).",
             },
-            "echo": _null({"type": "boolean", "const": False, "description": "Echoing the prompt is not supported."}),
-            "logprobs": _null(_int(0, 20, description="Alternatives to report per token.")),
+            "max_tokens": _null(_int(1, default=16)),
+            "echo": _null({**BOOL, "default": False, "description": "Prepend the prompt: a text one, not streamed."}),
+            "logprobs": _null(_int(0, 5, description="Report logprobs, with this many alternatives per token.")),
+            "best_of": _null({"type": "integer", "const": 1, "description": "Not supported beyond 1."}),
+            "suffix": {"type": "null", "description": "Not supported."},
         },
         ("model", "prompt"),
     ),
@@ -218,15 +235,11 @@ COMPLETION_REQUEST = {
 # -- Anthropic request pieces ------------------------------------------------------------------------
 
 A_TEXT = _obj({"type": _const("text"), "text": STR}, ("type", "text"))
-A_BLOCK = {
+A_TOOL_USE = _obj({"type": _const("tool_use"), "id": STR, "name": STR, "input": OBJ}, ("type", "id", "name", "input"))
+A_THINKING = _obj({"type": _const("thinking"), "thinking": STR, "signature": STR}, ("type", "thinking"))
+A_USER_BLOCK = {
     "oneOf": [
         _ref("AnthropicTextBlock"),
-        _obj(
-            {"type": _const("image"), "source": OBJ},
-            ("type", "source"),
-            description="Accepted by the schema, refused with a 400: no model here reads images.",
-        ),
-        _obj({"type": _const("tool_use"), "id": STR, "name": STR, "input": OBJ}, ("type", "id", "name", "input")),
         _obj(
             {
                 "type": _const("tool_result"),
@@ -236,23 +249,45 @@ A_BLOCK = {
             },
             ("type", "tool_use_id"),
         ),
-        _obj({"type": _const("thinking"), "thinking": STR, "signature": STR}, ("type", "thinking")),
+        _obj(
+            {"type": {"type": "string", "enum": ["image", "document"]}, "source": OBJ},
+            ("type", "source"),
+            description="Refused with a 400: no model here reads images or documents.",
+        ),
     ]
 }
-A_MESSAGE = _obj(
-    {
-        "role": {"type": "string", "enum": ["user", "assistant"]},
-        "content": {"oneOf": [STR, {"type": "array", "items": _ref("AnthropicContentBlock")}]},
-    },
-    ("role", "content"),
-)
-A_PROMPT = {  # what /v1/messages and /v1/messages/count_tokens share
+A_ASSISTANT_BLOCK = {
+    "oneOf": [
+        _ref("AnthropicTextBlock"),
+        _ref("AnthropicToolUseBlock"),
+        _ref("AnthropicThinkingBlock"),
+        _obj({"type": _const("redacted_thinking"), "data": STR}, ("type",), description="Dropped."),
+    ]
+}
+
+
+def _turn(role: str, block: dict) -> dict:
+    return _obj(
+        {"role": _const(role), "content": {"oneOf": [STR, {"type": "array", "items": block}]}}, ("role", "content")
+    )
+
+
+A_MESSAGE = {"oneOf": [_turn("user", A_USER_BLOCK), _turn("assistant", A_ASSISTANT_BLOCK)]}
+A_PROMPT = {
     "model": STR,
     "messages": {"type": "array", "items": _ref("AnthropicMessage"), "minItems": 1},
     "system": {"oneOf": [STR, {"type": "array", "items": _ref("AnthropicTextBlock")}]},
     "tools": {
         "type": "array",
-        "items": _obj({"name": STR, "description": STR, "input_schema": OBJ}, ("name", "input_schema")),
+        "items": _obj(
+            {
+                "name": {"type": "string", "minLength": 1},
+                "description": STR,
+                "input_schema": OBJ,
+                "type": _null({**_const("custom"), "description": "Server tools are refused with a 400."}),
+            },
+            ("name",),
+        ),
     },
     "tool_choice": _obj(
         {
@@ -264,7 +299,7 @@ A_PROMPT = {  # what /v1/messages and /v1/messages/count_tokens share
     ),
     "thinking": {
         "oneOf": [
-            _obj({"type": _const("enabled"), "budget_tokens": _int(1)}, ("type", "budget_tokens")),
+            _obj({"type": {"type": "string", "enum": ["enabled", "adaptive"]}, "budget_tokens": _int(1)}, ("type",)),
             _obj({"type": _const("disabled")}, ("type",)),
         ]
     },
@@ -473,16 +508,15 @@ HEALTH = _obj(
 )
 
 A_USAGE = _obj(
-    {"input_tokens": INT, "output_tokens": INT, "cache_read_input_tokens": _null(INT)},
+    {
+        "input_tokens": {**INT, "description": "Prompt tokens not served from cache."},
+        "output_tokens": INT,
+        "cache_read_input_tokens": INT,
+        "cache_creation_input_tokens": INT,
+    },
     ("input_tokens", "output_tokens"),
 )
-A_OUT_BLOCK = {
-    "oneOf": [
-        _ref("AnthropicTextBlock"),
-        _obj({"type": _const("tool_use"), "id": STR, "name": STR, "input": OBJ}, ("type", "id", "name", "input")),
-        _obj({"type": _const("thinking"), "thinking": STR, "signature": STR}, ("type", "thinking")),
-    ]
-}
+A_OUT_BLOCK = {"oneOf": [_ref("AnthropicTextBlock"), _ref("AnthropicToolUseBlock"), _ref("AnthropicThinkingBlock")]}
 STOP_REASON = {"type": "string", "enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]}
 A_MESSAGE_OUT = _obj(
     {
@@ -518,7 +552,7 @@ A_EVENT = {
             {
                 "type": _const("message_delta"),
                 "delta": _obj({"stop_reason": STOP_REASON, "stop_sequence": _null(STR)}),
-                "usage": _obj({"output_tokens": INT}),
+                "usage": _ref("AnthropicUsage"),
             },
             ("type", "delta"),
         ),
@@ -579,10 +613,11 @@ SCHEMAS = {
     "ModelName": _obj({"model": {**STR, "description": "A catalogue model id or alias."}}, ("model",)),
     "Health": HEALTH,
     "AnthropicTextBlock": A_TEXT,
-    "AnthropicContentBlock": A_BLOCK,
+    "AnthropicToolUseBlock": A_TOOL_USE,
+    "AnthropicThinkingBlock": A_THINKING,
     "AnthropicMessage": A_MESSAGE,
     "AnthropicMessagesRequest": A_REQUEST,
-    "AnthropicCountTokensRequest": _obj(A_PROMPT, ("model", "messages")),
+    "AnthropicCountTokensRequest": {**A_REQUEST, "required": ["model", "messages"]},
     "AnthropicMessageResponse": A_MESSAGE_OUT,
     "AnthropicUsage": A_USAGE,
     "AnthropicStreamEvent": A_EVENT,
@@ -731,7 +766,7 @@ PATHS = {
         "get": _op(
             "health",
             "Operations",
-            "Workers and models as the leader sees them; 200 only when serving.",
+            "Workers and models as the leader sees them; 200 only when serving. No key needed (open_paths).",
             {
                 **_ok("Serving (status ok).", "Health"),
                 "503": {
