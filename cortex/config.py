@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("auto", "none", "int8", "int4")  # workers/weights.py QUANTIZE: the same values
 STRATEGIES = ("lru", "priority")
 
 
@@ -96,6 +97,8 @@ class ModelEntry:
     pinned: bool
     preload: bool
     max_context: int  # 0 = the model's own
+    chat_template: Path | None = None
+    quantize: str = "auto"  # weight-only quantized linears on the CPU; see conf/models.toml
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,8 @@ MODEL = {
     "pinned": (bool, False, None),
     "preload": (bool, False, None),
     "max_context": (int, 0, _non_negative),
+    "chat_template": (str, None, None),  # a Jinja file that replaces the model's own template
+    "quantize": (str, "auto", _one_of(*QUANTIZE)),
 }
 
 
@@ -405,10 +410,19 @@ def load_catalogue(path: Path) -> Catalogue:
                 f"{label} devices",
                 f"expected {m['tensor_parallel']} device(s) (tensor_parallel), got {m['devices']}",
             )
+        if m["quantize"] in ("int8", "int4") and any(d != "cpu" for d in m["devices"] or ()):
+            raise ConfigError(
+                path, f"{label} quantize", f"{m['quantize']!r} runs on the CPU only; devices are {m['devices']}"
+            )
         p = Path(m["path"]).expanduser() if m["path"] else None
         if p is not None and not p.is_absolute():
             p = path.parent / p
-        models.append(ModelEntry(**{**m, "path": p}))
+        template = Path(m["chat_template"]).expanduser() if m["chat_template"] else None
+        if template is not None and not template.is_absolute():
+            template = path.parent / template
+        if template is not None and not template.is_file():
+            raise ConfigError(path, f"{label} chat_template", f"{template} is not a file")
+        models.append(ModelEntry(**{**m, "path": p, "chat_template": template}))
     aliases = data.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ConfigError(path, "[aliases]", 'expected a table of alias = "model id"')

@@ -68,9 +68,16 @@ def read(entry: ModelEntry) -> ModelFiles:
     path = locate(entry)
     try:
         if path.is_file() and path.suffix == ".gguf":
-            return _read_gguf(path)
-        if path.is_dir():
-            return _read_hf_dir(path)
+            files = _read_gguf(path)
+        elif path.is_dir():
+            files = _read_hf_dir(path)
+        else:
+            files = None
+        if files is not None and entry.chat_template is not None:
+            tok = files.tokenizer
+            files.template = ChatTemplate(entry.chat_template.read_text(), tok.bos_token, tok.eos_token)
+        if files is not None:
+            return files
     except ModelFilesError:
         raise
     except (OSError, ValueError, KeyError) as exc:
