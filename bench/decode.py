@@ -1,11 +1,13 @@
 """Single-stream decode speed of the default model: cortex vs HF transformers, same weights, same threads.
 
-    .venv/bin/python bench/decode.py [--tokens 128] [--threads N] [--device cpu|cuda:0]
+    .venv/bin/python bench/decode.py [--tokens 128] [--threads N] [--device cpu|cuda:0] [--quantize auto]
 
 Measures three things in one run and prints their ratios:
 - cortex model: the worker's forward + sampling in-process (no RPC, no HTTP);
 - cortex serve: end to end, streaming over HTTP through the leader and a worker (CPU runs only);
-- HF transformers: LlamaForCausalLM.generate (greedy, KV cache) on the very tensors cortex loaded;
+- HF transformers: LlamaForCausalLM.generate (greedy, KV cache) on the weights cortex loads with
+  ``quantize = "none"`` (the file's values dequantized to float32; with packed weights cortex
+  computes on the same 4-bit values with bfloat16 scales and activations);
 - llama.cpp (llama-cpp-python, `make bench-deps`) on the same GGUF file with the same thread count,
   in its own quantized format (Q4_1): the peer users would otherwise run.
 Decode rate excludes the prompt: (tokens - 1) / (time of last token - time of first token).
@@ -55,7 +57,7 @@ def bench_cortex_model(model, files, device, n: int) -> tuple[float, list[int]]:
 def bench_hf(model, files, device, n: int, dtype) -> tuple[float, list[int]]:
     from bench.hf import hf_twin
 
-    hf = hf_twin(files.config, model.state_dict(), device, dtype)
+    hf = hf_twin(files.config, model.hf_state_dict(), device, dtype)
     ids = torch.tensor([files.tokenizer.encode(files.template.render(PROMPT))], device=device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -112,6 +114,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--quantize", default="auto", help="auto | none | int8 | int4 (the models.toml key)")
     p.add_argument("--no-server", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,14 +123,21 @@ def main() -> None:
 
     entry = load().catalogue.models[0]
     files = source.read(entry)
-    with torch.device(device):
-        model = model_class(files.config)(files.config, dtype=dtype)
-    load_weights(model, files.format, [str(f) for f in files.files])
+
+    def load_model(quantize: str):
+        with torch.device(device):
+            model = model_class(files.config)(files.config, dtype=dtype)
+        load_weights(model, files.format, [str(f) for f in files.files], quantize=quantize, device=device.type)
+        return model
+
+    model, dense = load_model(args.quantize), load_model("none")
 
     bench_cortex_model(model, files, device, 8)  # warm-up
     ours, our_ids = bench_cortex_model(model, files, device, args.tokens)
-    hf, hf_ids = bench_hf(model, files, device, args.tokens, dtype)
+    hf, hf_ids = bench_hf(dense, files, device, args.tokens, dtype)
+    del dense
     same = sum(a == b for a, b in zip(our_ids, hf_ids, strict=False))
+    first = next((i for i, (a, b) in enumerate(zip(our_ids, hf_ids, strict=False)) if a != b), None)
     served = None if args.no_server or device.type != "cpu" else bench_server(args.tokens, args.threads)
     prompt_ids = files.tokenizer.encode(files.template.render(PROMPT))
     llama = (
@@ -138,7 +148,7 @@ def main() -> None:
     if device.type == "cuda":
         cpu = torch.cuda.get_device_name(device)
     print(
-        f"# {entry.id} ({files.format}, {dtype}) on {device} [{cpu}], {args.threads} threads, "
+        f"# {entry.id} ({files.format}, {dtype}, quantize={args.quantize}) on {device} [{cpu}], {args.threads} threads, "
         f"{args.tokens} tokens, torch {torch.__version__}"
     )
     print(f"cortex model (in-process)  {ours:8.1f} tok/s")
@@ -153,7 +163,7 @@ def main() -> None:
     else:
         print(f"llama.cpp (Q4_1 GGUF)      {llama:8.1f} tok/s")
         print(f"ratio cortex model / llama.cpp {ours / llama:5.2f}x")
-    print(f"greedy tokens identical to HF: {same}/{len(our_ids)}")
+    print(f"greedy tokens identical to HF: {same}/{len(our_ids)} (first difference at: {first})")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def _rank_bench(rank, world, port, device, shape, dtype_name, tokens, prompt_len
     decode(8)  # warm-up
     took = decode(tokens)
     if save_to and world == 1:  # for the HF comparison: the very same weights
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, save_to)
+        torch.save({k: v.cpu() for k, v in model.hf_state_dict().items()}, save_to)
     out.put((rank, tokens / took, comm[0] / tokens))
 
 

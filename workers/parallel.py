@@ -102,6 +102,19 @@ def column(
     return ParallelLinear(in_f, out_local, shard, tp, bias=bias, bias_shard=shard, dtype=dtype)
 
 
+def fused(in_f: int, parts: list[tuple[str, int, int]], tp: TPGroup, dtype: torch.dtype, bias: bool = False):
+    """Several column-parallel projections of the same input as one layer (one matmul instead of
+    several): ``parts`` are (checkpoint module name, local out features, start) in output order.
+    ``weight.parts`` tells the loader which checkpoint slices to concatenate."""
+    out = sum(n for _, n, _ in parts)
+    layer = ParallelLinear(in_f, out, None, tp, bias=bias, dtype=dtype)
+    layer.weight.parts = [(name, Shard(0, start, n)) for name, n, start in parts]
+    if bias:
+        layer.bias.parts = layer.weight.parts
+    layer.parts, layer.sizes = [name for name, _, _ in parts], [n for _, n, _ in parts]
+    return layer
+
+
 def row(in_local: int, out_f: int, start: int, tp: TPGroup, dtype: torch.dtype, bias: bool = False) -> ParallelLinear:
     shard = Shard(1, start, in_local)
     return ParallelLinear(in_local, out_f, shard, tp, reduce=True, bias=bias, dtype=dtype)

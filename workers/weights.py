@@ -3,6 +3,11 @@
 safetensors: tensors are read through ``get_slice`` so no rank materialises a whole sharded weight.
 GGUF: tensors are dequantized at load to the configured dtype; q/k rows are un-permuted because
 llama.cpp's converter reorders them for its interleaved RoPE on Llama models.
+
+Fused layers (``weight.parts``) are filled with their parts' slices concatenated along the output
+features. With ``quantize`` (see ``QUANTIZE``) linear layers are then replaced by packed
+``QuantLinear`` layers (workers/quant.py): from a GGUF file's own Q4_0/Q4_1 blocks (4-bit values kept
+as they are), or by quantizing the loaded weights.
 """
 
 from __future__ import annotations
@@ -18,11 +23,20 @@ import torch
 from torch import nn
 
 from workers.gguf_file import GGUFFile, gguf_name
-from workers.parallel import Shard
+from workers.parallel import ParallelLinear, Shard
+from workers.quant import GROUP, Q4Blocks, QuantLinear, int4_fits
 
 log = logging.getLogger("cortex.worker")
 
 Progress = Callable[[int, int], None]
+
+# "auto": a GGUF file's quantized weights stay packed on the CPU ("file"), everything else "none";
+# "none": dense weights in the model's dtype; "file": Q4_0/Q4_1 -> int4 (exact 4-bit values), other
+# quantized types -> int8, float tensors dense; "int8": every linear and the lm_head int8 per row;
+# "int4": linears int4 in groups of 32 (int8 where the shape does not allow it), lm_head int8.
+QUANTIZE = ("auto", "none", "int8", "int4")
+_Q4 = ("Q4_0", "Q4_1")
+_FLOAT = ("F32", "F16", "BF16", "F64")
 
 
 class WeightsError(ValueError):
@@ -58,31 +72,89 @@ def _index(files: list[Path]) -> dict[str, Path]:
     return out
 
 
-def load_safetensors(model: nn.Module, files: list[Path], progress: Progress | None = None) -> None:
-    from safetensors import safe_open
+class SafetensorsReader:
+    """Tensors of safetensors files, each rank reading only its slice."""
 
-    where = _index(files)
-    params = list(_params(model))
-    handles: dict[Path, object] = {}
-    try:
-        for i, (name, p) in enumerate(params):
-            f = where.get(name)
-            if f is None:
-                raise WeightsError(f"tensor {name!r} is missing from the checkpoint")
-            h = handles.get(f) or handles.setdefault(f, safe_open(str(f), framework="pt", device="cpu"))
-            sl = h.get_slice(name)
-            shard: Shard | None = getattr(p, "shard", None)
-            if shard is None:
-                value = sl[:]
-            else:
-                idx = [slice(None)] * len(sl.get_shape())
-                idx[shard.dim] = slice(shard.start, shard.start + shard.length)
-                value = sl[tuple(idx)]
-            _copy(name, p.data, value)
-            if progress:
-                progress(i + 1, len(params))
-    finally:
-        handles.clear()
+    def __init__(self, files: list[Path]):
+        self.where = _index(files)
+        self.handles: dict[Path, object] = {}
+
+    def _slice(self, name: str):
+        from safetensors import safe_open
+
+        f = self.where.get(name)
+        if f is None:
+            raise WeightsError(f"tensor {name!r} is missing from the checkpoint")
+        h = self.handles.get(f) or self.handles.setdefault(f, safe_open(str(f), framework="pt", device="cpu"))
+        return h.get_slice(name)
+
+    def storage(self, name: str) -> str:
+        return str(self._slice(name).get_dtype())
+
+    def dense(self, name: str, shard: Shard | None) -> torch.Tensor:
+        sl = self._slice(name)
+        if shard is None:
+            return sl[:]
+        idx = [slice(None)] * len(sl.get_shape())
+        idx[shard.dim] = slice(shard.start, shard.start + shard.length)
+        return sl[tuple(idx)]
+
+    def q4(self, name: str, shard: Shard | None) -> Q4Blocks | None:
+        return None
+
+    def close(self) -> None:
+        self.handles.clear()
+
+
+class GGUFReader:
+    """Tensors of a GGUF file by Hugging Face name: dequantized, or as Q4 blocks where stored so."""
+
+    def __init__(self, path: Path, cfg):
+        self.file, self.path, self.cfg = GGUFFile(path), path, cfg
+
+    def _tensor(self, name: str):
+        t = self.file.tensors.get(gguf_name(name))
+        if t is None:
+            raise WeightsError(f"tensor {gguf_name(name)!r} ({name}) is missing from {self.path.name}")
+        return t
+
+    def storage(self, name: str) -> str:
+        return self._tensor(name).tensor_type.name
+
+    def _unpermute(self, name: str, w: np.ndarray) -> np.ndarray:
+        if self.cfg.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            return _unpermute(w, self.cfg.num_heads if "q_proj" in name else self.cfg.num_kv_heads)
+        return w
+
+    def dense(self, name: str, shard: Shard | None) -> torch.Tensor:
+        import gguf
+
+        t = self._tensor(name)
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = self._unpermute(name, w.reshape([int(d) for d in reversed(t.shape)]))  # GGUF lists dims innermost first
+        if shard is not None and shard.length != w.shape[shard.dim]:
+            w = np.take(w, range(shard.start, shard.start + shard.length), axis=shard.dim)
+        return torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
+
+    def q4(self, name: str, shard: Shard | None) -> Q4Blocks | None:
+        """The tensor's own 4-bit blocks (this rank's slice), or None if it is not Q4_0/Q4_1 or the
+        slice cuts through blocks."""
+        t = self._tensor(name)
+        if t.tensor_type.name not in _Q4 or len(t.shape) != 2:
+            return None
+        cols, rows = (int(d) for d in t.shape)
+        b = self._unpermute(name, np.asarray(t.data).reshape(rows, -1))  # whole rows move: blocks stay intact
+        b = Q4Blocks.from_gguf(b, t.tensor_type.name, rows, cols)
+        if shard is None or shard.length == b.shape[shard.dim]:
+            return b
+        if shard.dim == 0:
+            return b.rows(shard.start, shard.length)
+        if shard.start % GROUP or shard.length % GROUP:
+            return None
+        return b.cols(shard.start, shard.length)
+
+    def close(self) -> None:
+        pass
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -91,36 +163,119 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(model: nn.Module, path: Path, progress: Progress | None = None) -> None:
-    import gguf
+def _sources(name: str, p: torch.Tensor) -> list[tuple[str, Shard | None]]:
+    """The checkpoint tensors (name, this rank's slice) that make up parameter ``name``."""
+    parts = getattr(p, "parts", None)
+    if parts is None:
+        return [(name, getattr(p, "shard", None))]
+    module, leaf = name.rsplit(".", 2)[0], name.rsplit(".", 1)[1]  # "model.layers.0.self_attn", "weight"
+    return [(f"{module}.{part}.{leaf}", shard) for part, shard in parts]
 
-    f = GGUFFile(path)
-    cfg = model.cfg
+
+def _dense(reader, sources: list[tuple[str, Shard | None]]) -> torch.Tensor:
+    values = [reader.dense(n, s) for n, s in sources]
+    return values[0] if len(values) == 1 else torch.cat(values)
+
+
+def _plan(mode: str, storage: list[str], out_f: int, in_f: int, head: bool) -> str | None:
+    """Which packed kind a linear layer gets: "int4", "int8", or None (stays dense)."""
+    if mode == "none":
+        return None
+    if mode == "file":
+        if any(s in _FLOAT for s in storage):
+            return None
+        return "int4" if all(s in _Q4 for s in storage) and int4_fits(out_f, in_f) else "int8"
+    if mode == "int4" and not head and int4_fits(out_f, in_f):
+        return "int4"
+    return "int8"
+
+
+def _pack(reader, kind: str, sources, dense: torch.Tensor | None = None, **kw) -> QuantLinear:
+    if kind == "int4":
+        blocks = [reader.q4(n, s) for n, s in sources]
+        if all(b is not None for b in blocks):
+            return QuantLinear.int4(Q4Blocks.cat(blocks), **kw)
+        return QuantLinear.int4(Q4Blocks.quantize(dense if dense is not None else _dense(reader, sources)), **kw)
+    return QuantLinear.int8(dense if dense is not None else _dense(reader, sources), **kw)
+
+
+def resolve_quantize(mode: str, fmt: str, device: str) -> str:
+    """The effective mode ("none", "file", "int8", "int4") for a model on a device type."""
+    if mode not in QUANTIZE:
+        raise WeightsError(f"quantize = {mode!r}: expected one of {', '.join(QUANTIZE)}")
+    if mode == "auto":
+        return "file" if fmt == "gguf" and device == "cpu" else "none"
+    if mode != "none" and device != "cpu":
+        raise WeightsError(f"quantize = {mode!r} runs on the CPU only (this model is placed on {device})")
+    return mode
+
+
+def _fill(model: nn.Module, reader, mode: str, progress: Progress | None) -> dict[str, int]:
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (ParallelLinear, nn.Linear))}
     params = list(_params(model))
+    packed: dict[str, QuantLinear] = {}
     for i, (name, p) in enumerate(params):
-        t = f.tensors.get(gguf_name(name))
-        if t is None:
-            raise WeightsError(f"tensor {gguf_name(name)!r} ({name}) is missing from {path.name}")
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        if cfg.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _unpermute(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
-        shard: Shard | None = getattr(p, "shard", None)
-        if shard is not None and shard.length != w.shape[shard.dim]:
-            w = np.take(w, range(shard.start, shard.start + shard.length), axis=shard.dim)
-        _copy(name, p.data, torch.from_numpy(np.array(w, dtype=np.float32)))  # a writable copy
+        sources = _sources(name, p)
+        module_name, leaf = name.rsplit(".", 1)
+        layer = linears.get(module_name)
+        kind = None
+        if layer is not None and leaf == "weight":
+            storage = [reader.storage(n) for n, _ in sources]
+            kind = _plan(mode, storage, p.shape[0], p.shape[1], head=module_name == "lm_head")
+        if kind is None:
+            _copy(name, p.data, _dense(reader, sources))
+        else:
+            q = _pack(reader, kind, sources, reduce=getattr(layer, "reduce", False), tp=getattr(layer, "tp", None))
+            if (q.out_features, q.in_features) != tuple(p.shape):
+                raise WeightsError(
+                    f"{name}: checkpoint shape {(q.out_features, q.in_features)} does not fit {tuple(p.shape)}"
+                )
+            q.parts, q.sizes = getattr(layer, "parts", None), getattr(layer, "sizes", None)  # fused: kept
+            packed[module_name] = q
         if progress:
             progress(i + 1, len(params))
+    for module_name, q in packed.items():  # swap in, with the dense layer's (already loaded) bias
+        layer = linears[module_name]
+        if layer.bias is not None:
+            q.bias = nn.Parameter(layer.bias.data, requires_grad=False)
+        parent, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, q)
+    if getattr(model, "lm_head", 0) is None:  # tied: a packed copy of the embedding as the head
+        embed = model.model.embed_tokens.weight
+        sources = [("model.embed_tokens.weight", None)]
+        kind = _plan(mode, [reader.storage(sources[0][0])], *embed.shape, head=True)
+        if kind is not None:
+            model.lm_head = _pack(reader, kind, sources, dense=embed.data)
+            packed["lm_head"] = model.lm_head
+    counts: dict[str, int] = {}
+    for q in packed.values():
+        counts[q.kind] = counts.get(q.kind, 0) + 1
+    return counts
 
 
-def load_weights(model: nn.Module, fmt: str, files: list[str], progress: Progress | None = None) -> float:
-    """Load and return seconds taken."""
+def load_weights(
+    model: nn.Module,
+    fmt: str,
+    files: list[str],
+    progress: Progress | None = None,
+    quantize: str = "none",
+    device: str = "cpu",
+) -> float:
+    """Load and return seconds taken. ``quantize``: one of ``QUANTIZE``; ``device``: the device type
+    the model runs on (packed kernels exist for the CPU only)."""
     t0 = time.monotonic()
+    mode = resolve_quantize(quantize, fmt, device)
     paths = [Path(f) for f in files]
     if fmt == "safetensors":
-        load_safetensors(model, paths, progress)
+        reader = SafetensorsReader(paths)
     elif fmt == "gguf":
-        load_gguf(model, paths[0], progress)
+        reader = GGUFReader(paths[0], model.cfg)
     else:
         raise WeightsError(f"unknown weights format {fmt!r}")
+    try:
+        counts = _fill(model, reader, mode, progress)
+    finally:
+        reader.close()
+    if counts:
+        log.info("packed linear layers (quantize = %s): %s", quantize, ", ".join(f"{n} {k}" for k, n in counts.items()))
     return time.monotonic() - t0

@@ -101,7 +101,10 @@ class Worker:
         with torch.device(self.device):
             model = model_class(cfg)(cfg, tp, dtype, name=msg.model_id)
         log.info("loading %s (%s, %d layers, %s) on %s", msg.model_id, cfg.arch, cfg.num_layers, msg.dtype, self.device)
-        load_weights(model, msg.format, msg.files, _progress_logger(msg.model_id))
+        # packed weight-only quantized linears on the CPU ("auto": a GGUF file's own 4-bit blocks);
+        # a LoadDenseShard without a quantize field gets "auto"
+        quantize = getattr(msg, "quantize", "auto")
+        load_weights(model, msg.format, msg.files, _progress_logger(msg.model_id), quantize, self.device.type)
         model.eval()
         cache = PagedKVCache(*model.kv_shape(), self.device, max(msg.kv_blocks, 1))
         self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit)

@@ -1,7 +1,9 @@
 """Llama-family decoder: RMSNorm, GQA attention with NeoX-style RoPE, SwiGLU MLP.
 
 Parameter names equal the Hugging Face checkpoint names, so the loader maps files to modules by
-name. Each rank builds only its slice of the attention heads and MLP features (workers/parallel.py).
+name, except the fused projections (``qkv_proj``, ``gate_up_proj``: one matmul instead of three or
+two), whose ``weight.parts`` name the checkpoint tensors the loader concatenates. On the CPU the
+loader may replace linear layers by packed ``workers.quant.QuantLinear`` ones. Each rank builds only its slice of the attention heads and MLP features (workers/parallel.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from workers.arch.config import ModelConfig
 from workers.kv_cache import PagedKVCache, StepBatch
-from workers.parallel import TPGroup, column, row
+from workers.parallel import TPGroup, fused, row
 from workers.sharding import HeadLayout
 
 
@@ -80,9 +82,14 @@ class Attention(nn.Module):
         super().__init__()
         hd, hidden, bias = cfg.head_dim, cfg.hidden_size, cfg.attention_bias
         self.head_dim, self.q_heads, self.kv_heads = hd, layout.q_heads, layout.kv_heads
-        self.q_proj = column(hidden, layout.q_heads * hd, layout.q_start * hd, tp, dtype, bias)
-        self.k_proj = column(hidden, layout.kv_heads * hd, layout.kv_start * hd, tp, dtype, bias)
-        self.v_proj = column(hidden, layout.kv_heads * hd, layout.kv_start * hd, tp, dtype, bias)
+        q, kv = layout.q_heads * hd, layout.kv_heads * hd
+        self.q_size, self.kv_size = q, kv
+        parts = [
+            ("q_proj", q, layout.q_start * hd),
+            ("k_proj", kv, layout.kv_start * hd),
+            ("v_proj", kv, layout.kv_start * hd),
+        ]
+        self.qkv_proj = fused(hidden, parts, tp, dtype, bias)  # q, k and v in one matmul
         self.o_proj = row(layout.q_heads * hd, hidden, layout.q_start * hd, tp, dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype)
@@ -94,9 +101,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.q_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(T, self.q_heads, self.head_dim)
+        k = k.view(T, self.kv_heads, self.head_dim)
+        v = v.view(T, self.kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head norm after projection, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -142,12 +150,14 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, layout: HeadLayout, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
         hidden = cfg.hidden_size
-        self.gate_proj = column(hidden, layout.inter, layout.inter_start, tp, dtype)
-        self.up_proj = column(hidden, layout.inter, layout.inter_start, tp, dtype)
+        self.inter = layout.inter
+        parts = [("gate_proj", layout.inter, layout.inter_start), ("up_proj", layout.inter, layout.inter_start)]
+        self.gate_up_proj = fused(hidden, parts, tp, dtype)  # gate and up in one matmul
         self.down_proj = row(layout.inter, hidden, layout.inter_start, tp, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -201,6 +211,30 @@ class LlamaModel(nn.Module):
         """(layers, local KV heads, head_dim, dtype) of this rank's KV cache."""
         return self.cfg.num_layers, self.layout.kv_heads, self.cfg.head_dim, self.dtype
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's weights under Hugging Face names: fused projections split into their parts,
+        packed layers dequantized to float32 (the values they compute with), no packed tied head."""
+        from workers.quant import QuantLinear
+
+        out = {}
+        for name, module in self.named_modules():
+            prefix, parent = (f"{name}." if name else ""), name.rsplit(".", 1)[0]
+            params = dict(module.named_parameters(recurse=False))
+            if isinstance(module, QuantLinear):
+                params = {"weight": module.dequantized().to(self.dtype), "bias": module.bias}
+                if name == "lm_head" and self.cfg.tie_word_embeddings:
+                    continue  # the head is a packed copy of the embedding
+            parts = getattr(module, "parts", None)  # fused: ["q_proj", "k_proj", ...]
+            for leaf, value in params.items():
+                if value is None:
+                    continue
+                if parts is None:
+                    out[prefix + leaf] = value.data
+                else:
+                    for part, piece in zip(parts, value.data.split(module.sizes), strict=True):
+                        out[f"{parent}.{part}.{leaf}"] = piece
+        return out
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Run one step; return fp32 logits of each sequence's last token ([S, vocab]), or of every
@@ -211,5 +245,6 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, kv, i, batch)
         x = x if all_logits else x[batch.last_rows]
         x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        if self.lm_head is None:  # tied, dense
+            return F.linear(x, self.model.embed_tokens.weight).float()
+        return self.lm_head(x).float()  # nn.Linear, or a packed QuantLinear (tied ones too)

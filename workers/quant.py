@@ -1,0 +1,160 @@
+"""Weight-only quantized linear layers for the CPU: packed weights, bf16 activations, fp32 elsewhere.
+
+Decode on a CPU is memory-bandwidth bound, so the bytes of weight read per token set the speed.
+Two of PyTorch's CPU kernels, both fast only with bfloat16 activations (the fp32 variants are
+scalar code, slower than a dense fp32 GEMM):
+
+- ``int4``: ``_weight_int4pack_mm_for_cpu``, 4-bit values in groups of 32 along the input dimension,
+  each group with a scale and a zero: ``w = (q - 8) * scale + zero``. llama.cpp's Q4_1 blocks
+  (``w = d * q + m``) map onto it with ``scale = d``, ``zero = m + 8 d``, and Q4_0 (``w = d * (q - 8)``)
+  with ``zero = 0``: the 4-bit values are kept as they are; scale and zero are rounded to bfloat16.
+- ``int8``: ``_weight_int8pack_mm``, 8-bit values with one scale per output row: ``w = q * scale``.
+
+The layer casts its input to bfloat16 and its output back, so norms, attention, the residual
+stream and the KV cache stay in the model's dtype. Row-parallel layers all-reduce in that dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUP = 32  # int4 group size along the input features; llama.cpp's block size
+INT4_N_MULTIPLE = 16  # the int4 packing needs the output features to be a multiple of this
+ACT_DTYPE = torch.bfloat16
+KINDS = ("int4", "int8")
+
+
+class Q4Blocks:
+    """4-bit weights as llama.cpp stores them, unpacked: ``w = d * q + m`` per block of 32 inputs.
+
+    ``q``: uint8 [N, K] in 0..15; ``d`` and ``m``: float32 [N, K / 32].
+    """
+
+    def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray):
+        self.q, self.d, self.m = q, d, m
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    @classmethod
+    def from_gguf(cls, raw: np.ndarray, type_name: str, rows: int, cols: int) -> Q4Blocks:
+        """Decode Q4_0 / Q4_1 rows (``raw``: uint8 [rows, bytes per row]) without dequantizing."""
+        head = {"Q4_0": 2, "Q4_1": 4}[type_name]  # fp16 d, then fp16 m for Q4_1
+        blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP, head + GROUP // 2)
+
+        def fp16(at: int) -> np.ndarray:
+            return blocks[..., at : at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+        d = fp16(0)
+        m = fp16(2) if type_name == "Q4_1" else -8.0 * d  # Q4_0: w = d * (q - 8)
+        qs = blocks[..., head:]
+        # byte j of a block holds element j (low nibble) and element j + 16 (high nibble)
+        q = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).reshape(rows, cols)
+        return cls(q, d, m)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Q4Blocks:
+        """Asymmetric min/max 4-bit quantization in groups of 32 (what llama.cpp's Q4_1 does)."""
+        n, k = w.shape
+        g = w.detach().float().reshape(n, k // GROUP, GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = (hi - lo) / 15
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        q = ((g - lo[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return cls(q.reshape(n, k).numpy(), d.numpy(), lo.numpy())
+
+    def rows(self, start: int, length: int) -> Q4Blocks:
+        return Q4Blocks(self.q[start : start + length], self.d[start : start + length], self.m[start : start + length])
+
+    def cols(self, start: int, length: int) -> Q4Blocks:
+        g0, g1 = start // GROUP, (start + length) // GROUP
+        return Q4Blocks(self.q[:, start : start + length], self.d[:, g0:g1], self.m[:, g0:g1])
+
+    def permute_rows(self, fn) -> Q4Blocks:
+        """Apply a row permutation ``fn`` (a function of an [N, ...] array) to every part."""
+        return Q4Blocks(fn(self.q), fn(self.d), fn(self.m))
+
+    @staticmethod
+    def cat(parts: list[Q4Blocks]) -> Q4Blocks:
+        return Q4Blocks(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("q", "d", "m")))
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        q = torch.from_numpy(self.q.astype(np.float32)).reshape(n, k // GROUP, GROUP)
+        w = q * torch.from_numpy(self.d)[..., None] + torch.from_numpy(self.m)[..., None]
+        return w.reshape(n, k)
+
+
+def int4_fits(out_features: int, in_features: int) -> bool:
+    return out_features % INT4_N_MULTIPLE == 0 and in_features % GROUP == 0
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ w.T (+ bias)`` with ``w`` packed (see the module docstring). Built by ``int4`` or
+    ``int8``; ``reduce`` and ``tp`` as in ``ParallelLinear`` (sum partial outputs across ranks)."""
+
+    def __init__(
+        self,
+        kind: str,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None = None,
+        reduce: bool = False,
+        tp=None,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown quantized kind {kind!r}")
+        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.reduce, self.tp = reduce, tp
+        self.parts = self.sizes = None  # a fused layer's part names and output sizes (set by the loader)
+
+    @classmethod
+    def int4(cls, blocks: Q4Blocks, **kw) -> QuantLinear:
+        n, k = blocks.shape
+        if not int4_fits(n, k):
+            raise ValueError(f"int4 needs out features % {INT4_N_MULTIPLE} == 0 and in features % {GROUP} == 0")
+        q = torch.from_numpy(np.ascontiguousarray(blocks.q)).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        d, m = torch.from_numpy(blocks.d), torch.from_numpy(blocks.m)
+        # (q - 8) * scale + zero == d * q + m
+        scales = torch.stack((d, m + 8 * d), dim=-1).transpose(0, 1).contiguous().to(ACT_DTYPE)  # [K/32, N, 2]
+        return cls("int4", packed, scales, k, n, **kw)
+
+    @classmethod
+    def int8(cls, w: torch.Tensor, **kw) -> QuantLinear:
+        """Symmetric per-output-row quantization of a dense weight [N, K]."""
+        w = w.detach().float()
+        scale = w.abs().amax(dim=1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return cls("int8", q, scale.to(ACT_DTYPE), w.shape[1], w.shape[0], **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = x.to(ACT_DTYPE)
+        if self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, self.packed, GROUP, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(xq, self.packed, self.scales)
+        y = y.to(x.dtype)
+        if self.reduce:
+            y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer computes with, as float32 [N, K] (for tests and references)."""
+        if self.kind == "int8":
+            return self.packed.float() * self.scales.float()[:, None]
+        eye = torch.eye(self.in_features, dtype=ACT_DTYPE)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales).float().T
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, reduce={self.reduce}"
