@@ -30,6 +30,7 @@ MAX_TOKENS = 4
 MODEL = "tiny"  # tests/conftest.py: tiny_server serves "tiny", alias "small"
 GENERATE = {"/v1/chat/completions", "/v1/completions", "/v1/messages"}
 PROMPTED = GENERATE | {"/v1/messages/count_tokens"}
+HI = [{"role": "user", "content": "Hi"}]
 
 OPERATIONS = [(path, method) for path, item in document()["paths"].items() for method in item]
 
@@ -47,8 +48,9 @@ def api_schema(tiny_server) -> schemathesis.BaseSchema:
 
 
 def _out_of_range_int(value) -> bool:
-    if isinstance(value, dict):
-        return any(_out_of_range_int(v) for v in value.values())
+    if isinstance(value, dict):  # logit_bias keys are token ids too
+        keys = [int(k) for k in value if isinstance(k, str) and k.lstrip("-").isdecimal()]
+        return any(_out_of_range_int(v) for v in [*keys, *value.values()])
     if isinstance(value, list):
         return any(_out_of_range_int(v) for v in value)
     return type(value) is int and not -(2**63) <= value < 2**64
@@ -58,6 +60,9 @@ def _known_bug(case: schemathesis.Case) -> bool:
     """Cases that hit a bug already reported (see the xfail tests below), left out so the run goes on."""
     body, path = case.body, case.operation.path
     if path in PROMPTED and _out_of_range_int(body):
+        return True
+    bias = body.get("logit_bias") if isinstance(body, dict) else None
+    if isinstance(bias, dict) and any(k.lstrip("-").isdigit() and not k.lstrip("-").isdecimal() for k in bias):
         return True
     if not isinstance(body, dict) or path not in GENERATE:
         return False
@@ -136,6 +141,18 @@ HUGE = 2**70
 
 @pytest.mark.xfail(
     strict=False,
+    reason="parse_logit_bias checks keys with str.isdigit(), which accepts superscript digits that int() "
+    "refuses: ValueError, 500",
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_logit_bias_key_of_superscript_digits_is_a_400(tiny_server, path):
+    body = {"model": MODEL, "messages": HI, "prompt": "Hi", "max_tokens": 2, "logit_bias": {"\u00b2": 1}}
+    r = httpx.post(tiny_server.url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+
+
+@pytest.mark.xfail(
+    strict=False,
     reason="an integer outside 64 bits anywhere in the body (seed, top_k, max_tokens, stop_token_ids, "
     "a logit_bias key, chat_template_kwargs, messages[].tool_calls) fails msgpack encoding of Submit: 500",
 )
@@ -163,7 +180,6 @@ TOP_P_ZERO = (
     "top_p 0 (or below float32's smallest, e.g. 1e-300) masks every token in workers/sampling.py "
     "(cumsum - p >= top_p drops the top token too): multinomial RuntimeError in the step"
 )
-HI = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.mark.parametrize(
