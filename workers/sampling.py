@@ -95,6 +95,7 @@ def sample(
         sorted_probs, order = torch.sort(probs, descending=True)
         # drop a token when the mass before it already reaches top_p; the top token always stays
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop[0] = False  # even top_p = 0 keeps the most likely token (it means greedy, not nothing)
         probs = probs.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), 0.0)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)

@@ -154,6 +154,7 @@ def parse_submit(body: dict, req: falcon.Request, max_tokens_required: bool = Tr
             temperature=float(field(body, "temperature", number, default=1.0, lo=0, hi=1)),
             top_p=float(field(body, "top_p", number, default=1.0, lo=0, hi=1)),
             top_k=field(body, "top_k", int, default=0, lo=0),
+            seed=field(body, "seed", int),  # an extension: reproducible sampling, as in the OpenAI dialect
         ),
         max_tokens=field(body, "max_tokens", int, required=max_tokens_required, lo=1),
         stop=stops or None,

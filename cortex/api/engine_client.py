@@ -67,7 +67,10 @@ class EngineClient:
         """The prompt's length in tokens (``req.count_only``); waits for the model's files to load."""
         client = RpcClient(self.endpoint, self._context())
         try:
-            client.send(req)
+            try:
+                client.send(req)
+            except (OverflowError, TypeError, ValueError):
+                raise ApiError(400, "The request holds a value that cannot be encoded (a number too large?).") from None
             timeout_s = ANSWER_TIMEOUT_S
             while True:
                 got = client.recv(int(timeout_s * 1000))
@@ -135,7 +138,13 @@ class Generation:
     def start(self) -> None:
         """Send the request; raise ApiError if the leader refuses it. It may still be waiting for
         its model to load (``waiting``) when this returns."""
-        self.client.socket.send(encode(self.req))
+        try:
+            frame = encode(self.req)
+        except (OverflowError, TypeError, ValueError):  # e.g. a 100-digit integer in chat_template_kwargs
+            self.done = True
+            self.client.close()
+            raise ApiError(400, "The request holds a value that cannot be encoded (a number too large?).") from None
+        self.client.socket.send(frame)
         first = self._next(ANSWER_TIMEOUT_S)
         if first is None:
             self.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -190,7 +191,8 @@ def parse_logit_bias(body: dict) -> dict[int, float] | None:
         return None
     out = {}
     for key, value in raw.items():
-        if not str(key).lstrip("-").isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
+        # ASCII digits only: str.isdigit() also takes superscripts, which int() refuses
+        if not re.fullmatch(r"[0-9]{1,9}", str(key)) or isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad_field("logit_bias", "'logit_bias' maps token ids to numbers between -100 and 100.")
         if not -100 <= value <= 100:
             raise bad_field("logit_bias", f"Invalid logit_bias value {value} for token {key}: expected -100 to 100.")
@@ -200,7 +202,7 @@ def parse_logit_bias(body: dict) -> dict[int, float] | None:
 
 def parse_stop_token_ids(body: dict) -> list[int] | None:
     ids = field(body, "stop_token_ids", list)
-    if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    if ids is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
         raise bad_field("stop_token_ids", "'stop_token_ids' must be an array of token ids.")
     return ids
 
@@ -473,6 +475,8 @@ def _parse_prompt(body: dict) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, str):
         return prompt, None
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < 2**31 for t in prompt):
+            raise bad_field("prompt", "Invalid 'prompt': token ids must be between 0 and the vocabulary size.")
         return None, prompt
     if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise bad_field("prompt", "Batches of prompts are not supported; send one prompt per request.")

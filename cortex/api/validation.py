@@ -39,6 +39,7 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict[str, Any]:
 
 
 _MISSING = object()
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def field(
@@ -62,6 +63,8 @@ def field(
             name,
             f"Invalid type for '{name}': expected {expected}, but got {_NAMES.get(type(value), type(value).__name__)}.",
         )
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise bad_field(name, f"Invalid value for '{name}': {value} does not fit in a 64-bit integer.")
     if lo is not None and value < lo:
         raise bad_field(name, f"Invalid value for '{name}': {value} is less than the minimum of {lo}.")
     if hi is not None and value > hi:
