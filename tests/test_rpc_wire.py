@@ -52,6 +52,7 @@ SAMPLES = [
         seqs=[
             SeqInput(seq_id=1, tokens=[1, 2, 3], start_pos=0, sampling=SamplingParams(0.7, 0.9, 20, 42)),
             SeqInput(seq_id=2, tokens=[9], start_pos=17, sampling=SamplingParams(), sample=False),
+            SeqInput(seq_id=3, tokens=[4], start_pos=2, sampling=SamplingParams(), allowed=b"\x0f\x00"),
         ],
     ),
     StepResult(model_id="m", tokens=[5, -1]),
@@ -73,9 +74,23 @@ SAMPLES = [
     engine.Query(what="health"),
     engine.ModelOp(op="load", model="m"),
     engine.Answer(data={"models": [{"id": "m"}]}),
-    engine.Started(request_id="r", prompt_tokens=3),
+    engine.Submit(
+        request_id="t",
+        model="m",
+        messages=[],
+        sampling=SamplingParams(),
+        prompt_ids=[1, 2],
+        tools=[{"name": "f", "description": "", "parameters": {"type": "object"}}],
+        tool_choice="required",
+        tool_name="f",
+        json_schema={"type": "object"},
+        thinking=False,
+    ),
+    engine.Started(request_id="r", prompt_tokens=3, reasoning=True),
+    engine.Waiting(request_id="r", reason="model 'm' is loading"),
     engine.Delta(request_id="r", text="héllo 🤖", completion_tokens=2),
     engine.Finished(request_id="r", finish_reason="length", prompt_tokens=3, completion_tokens=5),
+    engine.Finished(request_id="r", finish_reason="stop", prompt_tokens=3, completion_tokens=5, stop_sequence="\n"),
     engine.Failure(request_id="r", kind="model_loading", message="wait", retry_after=5),
 ]
 

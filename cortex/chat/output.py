@@ -105,6 +105,8 @@ class OutputParser:
         hits = [(self._buf.find(t), t) for t in tags if t in self._buf]
         if not hits:
             keep = _held(self._buf, tags)
+            if self.tools:  # whitespace before a call is dropped, so it waits to see what follows
+                keep += len(self._buf[: len(self._buf) - keep]) - len(self._buf[: len(self._buf) - keep].rstrip())
             out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
             self._text_seen = self._text_seen or bool(out.strip())
             return [Text(out)]
