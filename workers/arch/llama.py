@@ -83,7 +83,6 @@ class Attention(nn.Module):
         hd, hidden, bias = cfg.head_dim, cfg.hidden_size, cfg.attention_bias
         self.head_dim, self.q_heads, self.kv_heads = hd, layout.q_heads, layout.kv_heads
         q, kv = layout.q_heads * hd, layout.kv_heads * hd
-        self.q_size, self.kv_size = q, kv
         parts = [
             ("q_proj", q, layout.q_start * hd),
             ("k_proj", kv, layout.kv_start * hd),
@@ -101,13 +100,13 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(T, self.q_heads, self.head_dim)
-        k = k.view(T, self.kv_heads, self.head_dim)
-        v = v.view(T, self.kv_heads, self.head_dim)
+        heads = self.qkv_proj(x).view(T, self.q_heads + 2 * self.kv_heads, self.head_dim)
+        qk, v = heads.split((self.q_heads + self.kv_heads, self.kv_heads), dim=1)
         if self.q_norm is not None:  # Qwen3: per-head norm after projection, before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = qk.split((self.q_heads, self.kv_heads), dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        qk = apply_rotary(qk, cos, sin)  # q and k heads in one go
+        q, k = qk.split((self.q_heads, self.kv_heads), dim=1)
         k_pool, v_pool = kv.k[layer], kv.v[layer]
         k_pool.index_copy_(0, batch.slots, k)
         v_pool.index_copy_(0, batch.slots, v)
