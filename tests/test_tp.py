@@ -303,3 +303,39 @@ def test_a_step_past_the_watchdog_fails_fast_and_the_group_is_rebuilt(tmp_path, 
         assert "took longer than 2s" in srv.logs()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_packed_weights_of_each_rank_are_its_slice_of_the_whole(qwen3_kv2, quantize):
+    """quantize = int8/int4 with TP: each rank packs only its slice (column layers: its rows, row layers:
+    its input features), and those are the whole model's packed values where the packing allows."""
+    from workers.arch import model_class
+    from workers.parallel import TPGroup
+    from workers.quant import QuantLinear
+    from workers.weights import load_weights
+
+    cfg = ModelConfig.from_hf_dir(qwen3_kv2)
+    files = [str(p) for p in sorted(qwen3_kv2.glob("*.safetensors"))]
+
+    def packed(rank, world):
+        model = model_class(cfg)(cfg, TPGroup(rank, world))  # no communicator: only weights are compared
+        load_weights(model, "safetensors", files, quantize=quantize)
+        return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+    whole, ranks = packed(0, 1), [packed(0, 2), packed(1, 2)]
+    for name, layer in whole.items():
+        if name == "lm_head":  # replicated
+            assert all(torch.equal(r[name].dequantized(), layer.dequantized()) for r in ranks)
+            continue
+        w = layer.dequantized()
+        if layer.reduce:  # row-parallel: input features split in two
+            pieces = [r[name] for r in ranks]
+            assert all(p.reduce and p.in_features == w.shape[1] // 2 for p in pieces)
+            got = torch.cat([p.dequantized() for p in pieces], dim=1)
+        else:  # column-parallel, fused: each part's rows split in two
+            parts = list(zip(*[r[name].dequantized().split(r[name].sizes) for r in ranks], strict=True))
+            got = torch.cat([torch.cat(halves) for halves in parts])
+        if quantize == "int8" and layer.reduce:  # per-row scales of a half row: close, not equal
+            assert ((w - got).abs().max() / w.abs().max()).item() < 1e-2, name
+        else:
+            assert torch.equal(got, w), name
