@@ -63,7 +63,7 @@ class StepBatch:
     prefills: list[SeqSlice]  # sequences with several new tokens: attention one by one
     decode_rows: torch.Tensor | None  # [B] rows of single-token sequences, batched together
     decode_slots: torch.Tensor | None  # [B, Lmax] their context slots, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where a padded slot is real
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where a padded slot is real; None: no padding
     last_rows: torch.Tensor  # [S] the last row of every sequence (whose logits may be sampled)
 
     @classmethod
@@ -96,7 +96,8 @@ class StepBatch:
             rows = t(decode_rows)
             lengths = torch.tensor([len(c) for c in decode_ctx])
             slots_pad = torch.nn.utils.rnn.pad_sequence(decode_ctx, batch_first=True).to(device)
-            mask = (torch.arange(slots_pad.shape[1])[None, :] < lengths[:, None])[:, None, None, :].to(device)
+            if lengths.min() != lengths.max():  # no padding (e.g. one sequence): no mask to apply
+                mask = (torch.arange(slots_pad.shape[1])[None, :] < lengths[:, None])[:, None, None, :].to(device)
         return cls(
             t(tokens),
             torch.cat(positions).to(device),
