@@ -343,6 +343,7 @@ class Leader:
                 group_timeout_s=self.cfg.engine.group_timeout_s,
                 vocab_limit=files.tokenizer.vocab_size,
                 kv_blocks=kv_blocks,
+                quantize=state.entry.quantize,
             )
 
         def done(replies, error):

