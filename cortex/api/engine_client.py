@@ -67,10 +67,7 @@ class EngineClient:
         """The prompt's length in tokens (``req.count_only``); waits for the model's files to load."""
         client = RpcClient(self.endpoint, self._context())
         try:
-            try:
-                client.send(req)
-            except (OverflowError, TypeError, ValueError):
-                raise ApiError(400, "The request holds a value that cannot be encoded (a number too large?).") from None
+            client.socket.send(_encode(req))
             timeout_s = ANSWER_TIMEOUT_S
             while True:
                 got = client.recv(int(timeout_s * 1000))
@@ -139,11 +136,11 @@ class Generation:
         """Send the request; raise ApiError if the leader refuses it. It may still be waiting for
         its model to load (``waiting``) when this returns."""
         try:
-            frame = encode(self.req)
-        except (OverflowError, TypeError, ValueError):  # e.g. a 100-digit integer in chat_template_kwargs
+            frame = _encode(self.req)
+        except ApiError:
             self.done = True
             self.client.close()
-            raise ApiError(400, "The request holds a value that cannot be encoded (a number too large?).") from None
+            raise
         self.client.socket.send(frame)
         first = self._next(ANSWER_TIMEOUT_S)
         if first is None:
@@ -202,6 +199,13 @@ class Generation:
             self.client.close(linger_ms=500)
             return
         self.client.close()
+
+
+def _encode(req: Submit) -> bytes:
+    try:
+        return encode(req)
+    except (OverflowError, TypeError, ValueError):  # e.g. a 100-digit integer in chat_template_kwargs
+        raise ApiError(400, "The request holds a value that cannot be encoded (a number too large?).") from None
 
 
 def _engine_timeout() -> ApiError:

@@ -375,9 +375,10 @@ class Completions:
         body = read_json(req, self.max_body_bytes)
         model = field(body, "model", str, required=True)
         text, ids = _parse_prompt(body)
-        for unsupported in ("suffix", "best_of"):
-            if body.get(unsupported) not in (None, 1) or (unsupported == "suffix" and body.get("suffix")):
-                raise bad_field(unsupported, f"'{unsupported}' is not supported.")
+        if body.get("suffix") is not None:
+            raise bad_field("suffix", "'suffix' is not supported.")
+        if body.get("best_of") not in (None, 1):
+            raise bad_field("best_of", "'best_of' is not supported.")
         top = field(body, "logprobs", int, lo=0, hi=5)
         sampling = parse_sampling({k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")})
         if top is not None:

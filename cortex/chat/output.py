@@ -54,7 +54,6 @@ class OutputParser:
         self.calls = 0
         self._buf = ""
         self._strip = False  # drop whitespace at the start of the next text (after </think>)
-        self._text_seen = False
 
     def feed(self, text: str) -> list[Part]:
         self._buf += text
@@ -104,11 +103,10 @@ class OutputParser:
         tags = (THINK_OPEN, TOOL_OPEN) if self.tools else (THINK_OPEN,)
         hits = [(self._buf.find(t), t) for t in tags if t in self._buf]
         if not hits:
-            keep = _held(self._buf, tags)
+            cut = len(self._buf) - _held(self._buf, tags)
             if self.tools:  # whitespace before a call is dropped, so it waits to see what follows
-                keep += len(self._buf[: len(self._buf) - keep]) - len(self._buf[: len(self._buf) - keep].rstrip())
-            out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
-            self._text_seen = self._text_seen or bool(out.strip())
+                cut = len(self._buf[:cut].rstrip())
+            out, self._buf = self._buf[:cut], self._buf[cut:]
             return [Text(out)]
         at, tag = min(hits)
         out, self._buf = self._buf[:at], self._buf[at + len(tag) :]
