@@ -36,6 +36,7 @@ def _start_front(cfg: Config, engine_endpoint: str, listen: HostPort) -> subproc
         "keepalive_s": cfg.gateway.keepalive_s,
         # digests, not keys: the front's environment is readable in /proc by the same user
         "api_key_digests": [auth.digest(k) for k in cfg.gateway.api_keys],
+        "admin_key_digests": [auth.digest(k) for k in cfg.gateway.admin_keys],
         "open_paths": list(cfg.gateway.open_paths),
     }
     # fmt: off

@@ -43,8 +43,9 @@ class NodeConfig:
     devices: list[str] | str  # "auto" or an explicit list
     run_dir: Path
     models_config: Path
-    memory_budget_mb: int
+    memory_budget_mb: int  # per device; 0 = measured by the worker (free VRAM, or available RAM shared)
     threads: int  # torch threads per CPU worker; 0 = torch's default
+    memory_headroom_mb: int = 512  # per device, kept free for activations and allocator slack
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class GatewayConfig:
     api_keys: tuple[str, ...]  # from api_keys and api_key_file; empty: no authentication
     open_paths: tuple[str, ...]  # served without a key even when keys are set
     keepalive_s: float  # a stream silent this long (cold load, long prefill) gets a ping
+    admin_keys: tuple[str, ...] = ()  # required for the management API (/models...) when any key is set
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class ModelEntry:
     pinned: bool
     preload: bool
     max_context: int  # 0 = the model's own
+    max_output_tokens: int = 0  # the most tokens one completion may ask for; 0 = whatever the context leaves
+    aliases: tuple[str, ...] = ()  # other names clients may use for it
     chat_template: Path | None = None
     quantize: str = "auto"  # weight-only quantized linears on the CPU; see conf/models.toml
 
@@ -179,6 +183,7 @@ NODE = {
     "run_dir": (str, "", None),
     "models_config": (str, "models.toml", None),
     "memory_budget_mb": (int, 0, _non_negative),
+    "memory_headroom_mb": (int, 512, _non_negative),
     "threads": (int, 0, _non_negative),
 }
 GATEWAY = {
@@ -191,6 +196,8 @@ GATEWAY = {
     "api_key_file": (str, "", None),
     "open_paths": (list, ["/health", "/metrics"], lambda v: _strings(v, "paths")),
     "keepalive_s": ((int, float), 10.0, _positive),
+    "admin_keys": (list, [], lambda v: _strings(v, "admin keys")),
+    "admin_key_file": (str, "", None),
 }
 
 
@@ -227,6 +234,8 @@ MODEL = {
     "pinned": (bool, False, None),
     "preload": (bool, False, None),
     "max_context": (int, 0, _non_negative),
+    "max_output_tokens": (int, 0, _non_negative),
+    "aliases": (list, [], lambda v: _strings(v, "aliases")),
     "chat_template": (str, None, None),  # a Jinja file that replaces the model's own template
     "quantize": (str, "auto", _one_of(*QUANTIZE)),
 }
@@ -292,18 +301,18 @@ def default_run_dir() -> Path:
     return Path(base) / "cortex" if base else Path(f"/tmp/cortex-{os.getuid()}")
 
 
-def _key_file(config: Path, name: str) -> tuple[str, ...]:
-    """API keys, one per line (blank lines and # comments skipped); relative to the config file."""
+def _key_file(config: Path, name: str, key: str = "api_key_file") -> tuple[str, ...]:
+    """Keys, one per line (blank lines and # comments skipped); relative to the config file."""
     if not name:
         return ()
     path = config.parent / name
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
-        raise ConfigError(config, "[gateway] api_key_file", f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(config, f"[gateway] {key}", f"cannot read {path}: {exc.strerror}") from None
     keys = tuple(ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#"))
     if not keys:
-        raise ConfigError(config, "[gateway] api_key_file", f"{path} holds no keys")
+        raise ConfigError(config, f"[gateway] {key}", f"{path} holds no keys")
     return keys
 
 
@@ -339,6 +348,7 @@ def load(file: str | Path | None = None) -> Config:
         models_config=models_path,
         memory_budget_mb=node["memory_budget_mb"],
         threads=node["threads"],
+        memory_headroom_mb=node["memory_headroom_mb"],
     )
     gateway = GatewayConfig(
         listen=parse_host_port(gw["listen"]),
@@ -349,6 +359,7 @@ def load(file: str | Path | None = None) -> Config:
         api_keys=tuple(gw["api_keys"]) + _key_file(path, gw["api_key_file"]),
         open_paths=tuple(gw["open_paths"]),
         keepalive_s=float(gw["keepalive_s"]),
+        admin_keys=tuple(gw["admin_keys"]) + _key_file(path, gw["admin_key_file"], "admin_key_file"),
     )
     if isinstance(node_cfg.devices, list):
         for m in catalogue.models:
@@ -422,11 +433,17 @@ def load_catalogue(path: Path) -> Catalogue:
             template = path.parent / template
         if template is not None and not template.is_file():
             raise ConfigError(path, f"{label} chat_template", f"{template} is not a file")
-        models.append(ModelEntry(**{**m, "path": p, "chat_template": template}))
+        models.append(ModelEntry(**{**m, "path": p, "chat_template": template, "aliases": tuple(m["aliases"])}))
     aliases = data.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ConfigError(path, "[aliases]", 'expected a table of alias = "model id"')
     for alias, target in aliases.items():
         if target not in seen:
             raise ConfigError(path, f"[aliases] {alias}", f"points at unknown model {target!r}")
-    return Catalogue(models, dict(aliases))
+    aliases = dict(aliases)
+    for m in models:  # a model's own `aliases` list joins the [aliases] table
+        for alias in m.aliases:
+            if alias in seen or aliases.get(alias, m.id) != m.id:
+                raise ConfigError(path, f"[[models]] {m.id} aliases", f"{alias!r} already names another model")
+            aliases[alias] = m.id
+    return Catalogue(models, aliases)

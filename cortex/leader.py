@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from cortex.engine.blocks import BlockManager
 from cortex.engine.constraint import GrammarError, Grammars, Rules
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
-from cortex.models import source
+from cortex.models import memory, source
 from cortex.models.registry import ModelState, Registry
 from cortex.supervisor import WorkerHandle, resolve_devices
 from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit, Waiting
@@ -46,6 +47,8 @@ log = logging.getLogger("cortex.leader")
 
 PING_TIMEOUT_S = 120.0  # a fresh worker imports torch before it answers
 RETRY_AFTER_LOADING_S = 5
+RETRY_AFTER_NO_MEMORY_S = 10
+NO_BUDGET = 2**62  # a device whose memory cannot be measured is not accounted
 UNLOAD_TIMEOUT_S = 10.0  # a rank slower than this to unload is wedged and gets restarted
 
 
@@ -99,6 +102,9 @@ class Leader:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-files")
         self.stopping = threading.Event()
         self.started = time.time()
+        self.budgets: dict[int, int] = {}  # rank -> bytes models may use (budget - headroom), once known
+        self.cycles = [0] * len(self.workers)  # load/unload cycles per rank since its worker started
+        self.counters: Counter[str] = Counter()  # evictions:<reason>, defrag_restarts, loads_cancelled
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -108,7 +114,7 @@ class Leader:
             self._start_worker(w)
         for state in self.registry.models.values():
             if state.entry.preload:
-                self.load(state)
+                self.load(state, "preload")
 
     def stop(self) -> None:
         self.stopping.set()
@@ -157,6 +163,7 @@ class Leader:
         self._check_file_reads()
         self._check_deadlines()
         self._check_queue_deadlines()
+        self._maybe_defrag()
         self._schedule()
 
     def _poll_timeout_ms(self) -> int:
@@ -227,12 +234,35 @@ class Leader:
             pong = replies[w.rank]
             w.ready = True
             log.info("worker %d ready (pid %d, %s)", w.rank, pong.pid, pong.device)
+            if w.rank not in self.budgets:
+                self.budgets[w.rank] = self._budget(w.rank, pong.memory_free)
             self._send_pending_loads()
 
         self._call([w.rank], lambda _: Ping(), PING_TIMEOUT_S, on_pong)
 
+    def _budget(self, rank: int, measured_free: int) -> int:
+        """Bytes models may use on this rank's device: the configured budget, else what its worker
+        measured free at start-up (shared evenly by workers on the same device), less the headroom."""
+        mb = 2**20
+        budget = self.cfg.node.memory_budget_mb * mb
+        if not budget:
+            if not measured_free:
+                return NO_BUDGET
+            budget = measured_free // sum(d == self.devices[rank] for d in self.devices)
+        budget = max(0, budget - self.cfg.node.memory_headroom_mb * mb)
+        log.info("device %s (rank %d): %.0f MiB for models", self.devices[rank], rank, budget / mb)
+        return budget
+
     def _on_worker_exit(self, w: WorkerHandle) -> None:
         how = w.reap()
+        if w.expected_exit:  # a defragmentation restart
+            w.expected_exit = False
+            log.info("worker %d (%s) stopped for defragmentation; restarting it", w.rank, w.device)
+            for call in [c for c in self.calls if w.rank in c.ranks]:
+                self._finish_call(call, None, CallError("died", "restarted for defragmentation"))
+            self.cycles[w.rank] = 0
+            self._start_worker(w)
+            return
         cause = f"worker {w.rank} ({w.device}) died: {how}"
         log.error("%s", cause)
         if self.stopping.is_set():
@@ -254,26 +284,28 @@ class Leader:
 
     # -- model loading ----------------------------------------------------------------------------------
 
-    def load(self, state: ModelState) -> None:
-        """Start loading (no-op while a load or recovery is under way). Files are read off the loop."""
+    def load(self, state: ModelState, reason: str = "demand") -> None:
+        """Start loading (no-op while a load or recovery is under way). Files are read off the loop;
+        the model is placed, and room made for it, once they are known and its workers are up.
+        ``reason``: demand (a request), operator, preload; a demand load nobody waits for any more
+        is cancelled."""
         if state.status in ("loading", "recovering", "loaded"):
+            if reason != "demand":
+                state.load_reason = reason  # somebody now wants it for itself
             return
-        try:
-            state.ranks = self._place(state)
-        except ValueError as exc:
-            self._load_failed(state, str(exc))
-            return
-        state.status, state.error = "loading", None
+        state.status, state.error, state.ranks = "loading", None, []
         state.load_gen += 1
-        log.info("loading model %s on %s", state.id, [self.devices[r] for r in state.ranks])
+        state.load_reason = reason
         if state.files is None:
             self.file_reads[self.pool.submit(source.read, state.entry)] = state
         else:
             self._send_load(state)
 
-    def _place(self, state: ModelState) -> list[int]:
-        """Ranks of the workers that will hold the model: its configured devices, else the least
-        busy ones. Devices may repeat (["cpu", "cpu"]): each entry takes a distinct worker."""
+    def _place(self, state: ModelState) -> list[int] | None:
+        """Ranks of the workers that will hold the model, or None while they are not all up: its
+        configured devices, else the ready workers where it fits best (free without eviction, then
+        most free), fewest models among equals. Devices may repeat (["cpu", "cpu"]): each entry
+        takes a distinct worker."""
         n = state.entry.tensor_parallel
         if n > len(self.devices):
             raise ValueError(f"{state.id}: tensor_parallel={n} needs {n} devices; this node has {self.devices}")
@@ -286,12 +318,80 @@ class Leader:
                     raise ValueError(f"{state.id}: device {d} is not among this node's devices {self.devices}")
                 free.remove(match)
                 ranks.append(match)
-            return ranks
-        busy = {
-            r: sum(r in s.ranks for s in self.registry.models.values() if s is not state and s.status != "unloaded")
-            for r in range(len(self.devices))
-        }
-        return sorted(sorted(busy, key=lambda r: (busy[r], r))[:n])
+            return ranks if all(self.workers[r].ready for r in ranks) else None
+        ready = [r for r in range(len(self.devices)) if self.workers[r].ready]
+        if len(ready) < n:
+            return None
+        state.est_bytes = self._estimate(state, self.devices[ready[0]], n)
+        need = state.est_bytes
+
+        def rank_key(r: int) -> tuple:
+            free = self._free(r, state)
+            models = sum(r in s.ranks for s in self.registry.models.values() if s is not state and s.resident)
+            return (free < need, -free, models, r)
+
+        return sorted(sorted(ready, key=rank_key)[:n])
+
+    def _dtype(self, state: ModelState, device: str) -> str:
+        dtype = state.entry.dtype
+        if dtype == "auto":
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        return dtype
+
+    def _kv_blocks(self, state: ModelState, n: int, dtype: str) -> int:
+        return max(1, self.cfg.engine.kv_cache_mb * 2**20 // kv_block_bytes(state.files.config, n, dtype))
+
+    def _estimate(self, state: ModelState, device: str, n: int) -> int:
+        """Bytes per rank: estimated weights (measured ones once it has loaded) plus its KV pool."""
+        files, dtype = state.files, self._dtype(state, device)
+        kv = self._kv_blocks(state, n, dtype) * kv_block_bytes(files.config, n, dtype)
+        if state.measured_bytes:  # its weights as measured at its last load
+            return state.measured_bytes + kv
+        pack = memory.packing(state.entry.quantize, files.format, device.split(":")[0])
+        return memory.weight_bytes(files.config, n, dtype, pack) + kv
+
+    def _used(self, rank: int, exclude: ModelState | None = None) -> int:
+        return sum(
+            s.bytes_per_rank
+            for s in self.registry.models.values()
+            if s is not exclude and s.resident and rank in s.ranks
+        )
+
+    def _free(self, rank: int, exclude: ModelState | None = None) -> int:
+        return self.budgets.get(rank, NO_BUDGET) - self._used(rank, exclude)
+
+    def _busy(self, state: ModelState) -> int:
+        """Requests in flight, queued or waiting for it (a model with any is never evicted)."""
+        return sum(s.model_id == state.id for s in self.requests.values()) + len(state.parked) + len(state.waiters)
+
+    def _make_room(self, state: ModelState) -> memory.Room:
+        residents = [
+            memory.Resident(
+                s.id, tuple(s.ranks), s.bytes_per_rank, self._kept(s), s.entry.residency_priority, s.last_used
+            )
+            for s in self.registry.models.values()
+            if s is not state and s.resident
+        ]
+        return memory.make_room(
+            state.bytes_per_rank,
+            state.ranks,
+            {r: self._free(r, state) for r in state.ranks},
+            {r: self.budgets.get(r, NO_BUDGET) for r in state.ranks},
+            residents,
+            self.cfg.eviction.strategy,
+            state.entry.residency_priority,
+        )
+
+    def _kept(self, state: ModelState) -> str | None:
+        """Why this resident model may not be evicted now; None when it may."""
+        if state.pinned:
+            return "pinned"
+        if state.status != "loaded":
+            return state.status
+        busy = self._busy(state)
+        if busy or state.id in self.in_flight:
+            return f"{busy} request(s) in flight or queued"
+        return None
 
     def _check_file_reads(self) -> None:
         for fut in [f for f in self.file_reads if f.done()]:
@@ -305,7 +405,7 @@ class Leader:
 
     def _refusal(self, state: ModelState) -> str | None:
         """Why this model cannot be loaded as configured, checked before any worker is asked."""
-        n = len(state.ranks)
+        n = state.entry.tensor_parallel
         if n > 1 and state.files.format == "gguf":
             return f"{state.id}: tensor parallelism is not supported for GGUF files; use safetensors or tensor_parallel = 1"
         try:
@@ -315,19 +415,34 @@ class Leader:
         return None
 
     def _send_load(self, state: ModelState) -> None:
-        refusal = self._refusal(state)
-        if refusal:
-            self._load_failed(state, refusal)
-            return
+        if not state.ranks:  # a fresh load: placed, and room made, once its workers are up
+            refusal = self._refusal(state)
+            if refusal:
+                self._load_failed(state, refusal)
+                return
+            try:
+                ranks = self._place(state)
+            except ValueError as exc:
+                self._load_failed(state, str(exc))
+                return
+            if ranks is None:
+                return  # sent by _send_pending_loads once enough workers answer
+            state.ranks = ranks
+            state.est_bytes = self._estimate(state, self.devices[ranks[0]], len(ranks))
+            if not self._room_for(state):
+                return
+            log.info(
+                "loading model %s on %s (%.0f MiB per device)",
+                state.id,
+                [self.devices[r] for r in state.ranks],
+                state.est_bytes / 2**20,
+            )
         if not all(self.workers[r].ready for r in state.ranks):
             return  # sent by _send_pending_loads once every rank's worker answers
         files, n, gen = state.files, len(state.ranks), state.load_gen
-        device = self.devices[state.ranks[0]]
-        dtype = state.entry.dtype
-        if dtype == "auto":
-            dtype = "float32" if device == "cpu" else "bfloat16"
+        dtype = self._dtype(state, self.devices[state.ranks[0]])
         address = f"127.0.0.1:{free_port()}" if n > 1 else ""
-        kv_blocks = max(1, self.cfg.engine.kv_cache_mb * 2**20 // kv_block_bytes(files.config, n, dtype))
+        kv_blocks = self._kv_blocks(state, n, dtype)
         state.load_in_flight = True
 
         def msg(i: int) -> LoadDenseShard:
@@ -357,6 +472,8 @@ class Leader:
             loaded = [replies[r] for r in state.ranks]
             blocks = min(r.kv_blocks for r in loaded)
             state.kv_tokens = blocks * BLOCK_SIZE
+            state.kv_bytes = max(r.kv_bytes for r in loaded)
+            state.load_seconds = max(r.load_seconds for r in loaded)
             self.schedulers[state.id] = Scheduler(
                 BlockManager(blocks, BLOCK_SIZE),
                 self.cfg.engine.max_batch_tokens,
@@ -365,6 +482,7 @@ class Leader:
             )
             state.status, state.error = "loaded", None
             state.rank_bytes = [r.param_bytes for r in loaded]
+            state.measured_bytes = max(state.rank_bytes)
             state.loads += 1
             log.info(
                 "model %s loaded in %.1fs (%.1f MB per rank)",
@@ -376,6 +494,57 @@ class Leader:
             self._admit_parked(state)
 
         self._call(state.ranks, msg, self.cfg.engine.load_timeout_s, done)
+
+    def _room_for(self, state: ModelState) -> bool:
+        """Evict what must go for ``state`` to fit on its ranks; False (and the load given up, its
+        waiters answered) when it cannot fit."""
+        room = self._make_room(state)
+        if room.refusal is not None:
+            kind = "model_too_large" if room.never_fits else "insufficient_memory"
+            log.warning("cannot load %s: %s", state.id, room.refusal)
+            self._give_up_load(state, kind, f"model '{state.id}' cannot be loaded: {room.refusal}")
+            return False
+        for victim in room.victims:
+            self._evict(self.registry.models[victim.id], self.cfg.eviction.strategy, f"to make room for {state.id}")
+        return True
+
+    def _give_up_load(self, state: ModelState, kind: str, message: str) -> None:
+        """The load will not happen (no room, or nobody wants it any more): back to unloaded, and
+        everyone waiting for it answered."""
+        state.status, state.error, state.ranks = "unloaded", message, []
+        state.load_gen += 1
+        state.load_in_flight = False
+        retry = None if kind == "model_too_large" else RETRY_AFTER_NO_MEMORY_S
+        parked, state.parked = state.parked, []
+        for peer, req in parked:
+            self._reject(peer, req.request_id, kind, message, retry)
+        waiters, state.waiters = state.waiters, []
+        for peer in waiters:
+            self.frontend.reply(peer, 0, Failure("", kind, message, retry))
+
+    def _evict(self, state: ModelState, reason: str, why: str) -> None:
+        log.info(
+            "evicting %s from %s (%s, idle %.0fs) %s",
+            state.id,
+            [self.devices[r] for r in state.ranks],
+            reason,
+            time.monotonic() - state.last_used if state.last_used else 0,
+            why,
+        )
+        state.evictions += 1
+        self.counters[f"evictions:{reason}"] += 1
+        self._unload_model(state)
+
+    def _unload_model(self, state: ModelState) -> None:
+        """Free an idle loaded model on every rank (a load/unload cycle on each)."""
+        if state.status == "loaded":
+            self._unload_ranks(state, state.ranks)
+            for r in state.ranks:
+                self.cycles[r] += 1
+            log.info("model %s unloaded from %s", state.id, [self.devices[r] for r in state.ranks])
+        self.schedulers.pop(state.id, None)
+        state.status, state.error, state.rank_bytes, state.ranks = "unloaded", None, [], []
+        state.load_gen += 1
 
     def _load_failed(self, state: ModelState, error: str) -> None:
         log.error("loading %s failed: %s", state.id, error)
@@ -436,19 +605,14 @@ class Leader:
             if state.status == "failed":
                 state.status = "unloaded"  # an explicit load retries a failed one
             state.waiters.append(peer)  # single flight: every caller waits for the one load
-            self.load(state)
+            self.load(state, "operator")
         elif op.op == "unload":
             busy = [s for s in self.requests.values() if s.model_id == state.id]
             if busy:
                 return self._reject(peer, "", "conflict", f"model '{state.id}' has {len(busy)} request(s) in flight")
             if state.status in ("loading", "recovering"):
                 return self._reject(peer, "", "conflict", f"model '{state.id}' is {state.status}")
-            if state.status == "loaded":
-                self._unload_ranks(state, state.ranks)
-                self.schedulers.pop(state.id, None)
-                log.info("model %s unloaded from %s", state.id, [self.devices[r] for r in state.ranks])
-            state.status, state.error, state.rank_bytes, state.ranks = "unloaded", None, [], []
-            state.load_gen += 1
+            self._unload_model(state)
             self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
         else:
             self._reject(peer, "", "invalid_request", f"unknown model operation {op.op!r}")
@@ -493,8 +657,6 @@ class Leader:
         if state is None:
             return self._reject(peer, rid, "model_not_found", f"The model '{req.model}' does not exist")
         if state.status != "loaded":
-            if state.status == "unloaded":
-                self.load(state)
             if state.status == "failed":
                 return self._reject(peer, rid, "model_failed", f"model '{state.id}' failed to load: {state.error}")
             if len(state.parked) >= self.cfg.engine.max_waiting:
@@ -508,6 +670,8 @@ class Leader:
             # wait for the load: the front keeps the client's connection alive meanwhile (pings)
             state.parked.append((peer, req))
             self.frontend.reply(peer, 0, Waiting(rid, f"model '{state.id}' is {state.status}"))
+            if state.status == "unloaded":
+                self.load(state)  # may answer the parked request at once (no room for it)
             return
         files, sched = state.files, self.schedulers[state.id]
         rules = Rules(
@@ -550,6 +714,14 @@ class Leader:
                 f"{req.max_tokens} in the completion). Please reduce the length of the messages "
                 "or completion.",
             )
+        out_limit = state.entry.max_output_tokens
+        if out_limit and req.max_tokens is not None and req.max_tokens > out_limit:
+            return self._reject(
+                peer,
+                rid,
+                "invalid_request",
+                f"max_tokens is {req.max_tokens}; model '{state.id}' generates at most {out_limit} tokens per request",
+            )
         if f"{rid}#0" in self.requests:
             return self._reject(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
         limit = self.cfg.engine.max_requests_per_client
@@ -583,7 +755,7 @@ class Leader:
                 prompt_len=len(prompt),
                 tokens=list(prompt),
                 sampling=sampling,
-                max_tokens=req.max_tokens or room,
+                max_tokens=req.max_tokens or min(room, out_limit or room),
                 decoder=IncrementalDecoder(files.tokenizer.tokenizer, req.stop),
                 eos_ids=eos_ids,
                 client=req.client,
@@ -638,11 +810,26 @@ class Leader:
 
     def _cancel(self, request_id: str) -> None:
         for state in self.registry.models.values():
+            before = len(state.parked)
             state.parked = [(p, r) for p, r in state.parked if r.request_id != request_id]
+            if len(state.parked) < before:
+                self._drop_unwanted_load(state)
         for seq in self._choices(request_id):
             seq.cancelled = True
             if not self._in_step(seq):
                 self._retire(seq)  # else retired when its step returns: the worker is writing its blocks
+
+    def _drop_unwanted_load(self, state: ModelState) -> None:
+        """Every client that caused a load has gone: stop it (the worker frees what it loaded)."""
+        if state.status != "loading" or state.load_reason != "demand" or state.parked or state.waiters:
+            return
+        log.info("cancelling the load of %s: no request waits for it any more", state.id)
+        self.counters["loads_cancelled"] += 1
+        self.file_reads = {f: s for f, s in self.file_reads.items() if s is not state}
+        if state.load_in_flight:
+            self._unload_ranks(state, state.ranks)  # after the Load on each worker: frees it
+        self._give_up_load(state, "model_loading", "the load was cancelled")
+        state.error = None
 
     def _choices(self, request_id: str) -> list[Sequence]:
         return [s for s in self.requests.values() if s.request_id == request_id]
@@ -765,6 +952,7 @@ class Leader:
         if sched is not None:
             sched.remove(seq)
         state = self.registry.models[seq.model_id]
+        self.registry.touch(state)  # recency counts from a request's end too: long streams stay warm
         if state.status == "loaded" and seq.admitted:
             self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, _ignore)
 
@@ -794,6 +982,41 @@ class Leader:
         for peer, req in parked:
             self._on_front_safely(peer, req)
 
+    # -- defragmentation -------------------------------------------------------------------------------
+
+    def _maybe_defrag(self) -> None:
+        """A worker that has been through ``defrag_after_cycles`` load/unload cycles is restarted
+        once nothing runs on it (a fresh process returns fragmented memory); pinned models on it
+        are reloaded, others unloaded (they load again on demand)."""
+        limit = self.cfg.eviction.defrag_after_cycles
+        if not limit or self.stopping.is_set():
+            return
+        for w in self.workers:
+            if self.cycles[w.rank] >= limit and w.ready and not w.expected_exit and self._quiet(w.rank):
+                self._defrag(w)
+
+    def _quiet(self, rank: int) -> bool:
+        on_rank = [s for s in self.registry.models.values() if rank in s.ranks and s.status != "unloaded"]
+        return all(s.status == "loaded" and not self._busy(s) and s.id not in self.in_flight for s in on_rank)
+
+    def _defrag(self, w: WorkerHandle) -> None:
+        log.info(
+            "worker %d (%s): %d load/unload cycles; restarting it to defragment", w.rank, w.device, self.cycles[w.rank]
+        )
+        self.counters["defrag_restarts"] += 1
+        for state in [s for s in self.registry.models.values() if w.rank in s.ranks and s.status == "loaded"]:
+            others = [r for r in state.ranks if r != w.rank]
+            self._unload_ranks(state, others)  # a tensor-parallel group re-forms from scratch
+            self.schedulers.pop(state.id, None)
+            state.load_gen += 1
+            if state.pinned:
+                state.status = "loading"  # same ranks; sent once the new worker answers its Ping
+                state.load_in_flight, state.rank_bytes = False, []
+            else:
+                self._evict(state, "defrag", f"while worker {w.rank} restarts")
+        w.expected_exit = True
+        w.terminate()
+
     # -- queries ----------------------------------------------------------------------------------------
 
     def query(self, what: str) -> dict:
@@ -808,6 +1031,10 @@ class Leader:
 
     def _describe(self, state: ModelState) -> dict:
         out = state.describe(self.devices)
+        out["in_flight"] = sum(s.model_id == state.id and s.admitted for s in self.requests.values())
+        out["queued"] = sum(s.model_id == state.id and not s.admitted for s in self.requests.values()) + len(
+            state.parked
+        )
         sched = self.schedulers.get(state.id)
         if sched is not None:
             b = sched.blocks
@@ -821,6 +1048,38 @@ class Leader:
                 "kv_blocks_cached": len(b.by_hash),
             }
         return out
+
+    def _device_memory(self) -> list[dict]:
+        out = []
+        for r, device in enumerate(self.devices):
+            budget = self.budgets.get(r)
+            used = self._used(r)
+            evictable = sum(
+                s.bytes_per_rank
+                for s in self.registry.models.values()
+                if s.resident and r in s.ranks and not self._kept(s)
+            )
+            known = budget is not None and budget != NO_BUDGET
+            out.append(
+                {
+                    "rank": r,
+                    "device": device,
+                    "budget_bytes": budget if known else None,
+                    "used_bytes": used,
+                    "free_bytes": budget - used if known else None,
+                    "evictable_bytes": evictable,
+                    "load_unload_cycles": self.cycles[r],
+                }
+            )
+        return out
+
+    def _counts(self) -> dict:
+        return {
+            "evictions": {k.split(":", 1)[1]: v for k, v in self.counters.items() if k.startswith("evictions:")},
+            "defrag_restarts": self.counters["defrag_restarts"],
+            "loads_cancelled": self.counters["loads_cancelled"],
+            "loads": sum(s.loads for s in self.registry.models.values()),
+        }
 
     def health(self) -> dict:
         workers = [
@@ -846,6 +1105,8 @@ class Leader:
         return {
             "status": status,
             "node": self.cfg.node.name,
+            "devices": self._device_memory(),
+            "eviction": {"strategy": self.cfg.eviction.strategy, **self._counts()},
             "uptime_s": round(time.time() - self.started, 1),
             "pid": os.getpid(),
             "workers": workers,

@@ -32,6 +32,7 @@ class WorkerHandle:
         self.pidfd: int | None = None
         self.client: RpcClient | None = None
         self.ready = False  # answered a Ping since it was (re)started
+        self.expected_exit = False  # stopped on purpose (defragmentation): restart without recovery
         self.restarts = 0
         self.last_exit: str | None = None
 
@@ -87,6 +88,11 @@ class WorkerHandle:
         if self.client:
             self.client.close()
             self.client = None
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting: the leader's poll sees the exit."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
 
     def kill(self) -> None:
         """SIGKILL; the leader's poll sees the exit and handles it like any other death."""

@@ -109,6 +109,8 @@ class Pong:
     pid: int
     device: str
     models: list[str]
+    memory_total: int = 0  # bytes: the GPU's memory, or the host's RAM for a CPU device
+    memory_free: int = 0  # bytes free now: free VRAM, or the host's available RAM
 
 
 @message

@@ -61,6 +61,7 @@ class Server:
         env: dict | None = None,
         devices: str = '["cpu"]',
         start_new_session: bool = False,  # a process group of its own, as a terminal gives
+        node_extra: str = "",  # more [node] keys
     ):
         self.root = root
         self.port = free_port()
@@ -68,7 +69,7 @@ class Server:
         (root / "run").mkdir(parents=True, exist_ok=True)
         (root / "models.toml").write_text(models_toml)
         (root / "cortex.toml").write_text(
-            f'[node]\nname = "test"\ndevices = {devices}\nrun_dir = "{root / "run"}"\nthreads = 1\n'
+            f'[node]\nname = "test"\ndevices = {devices}\nrun_dir = "{root / "run"}"\nthreads = 1\n{node_extra}'
             f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nworkers = 1\nthreads = 8\n{cortex_extra}'
         )
         self.log = open(root / "serve.log", "wb")  # noqa: SIM115 (closed in stop())

@@ -80,7 +80,15 @@ class Worker:
             return Error(kind=kind, message=f"{type(exc).__name__}: {exc}")
 
     def ping(self, msg: Ping) -> Pong:
-        return Pong(pid=os.getpid(), device=str(self.device), models=sorted(self.models))
+        total, free = self._memory()
+        return Pong(os.getpid(), str(self.device), sorted(self.models), total, free)
+
+    def _memory(self) -> tuple[int, int]:
+        """(total, free) bytes of this worker's device: VRAM on a GPU, the host's RAM on the CPU."""
+        if self.device.type == "cuda":
+            free, total = self.torch.cuda.mem_get_info(self.device)
+            return int(total), int(free)
+        return host_memory()
 
     def load(self, msg: LoadDenseShard) -> Loaded | Error:
         from workers.arch import ModelConfig, model_class
@@ -181,6 +189,17 @@ class Worker:
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()
         return Ack()
+
+
+def host_memory() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo; (0, 0) where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return 0, 0
+    kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+    return kib("MemTotal"), kib("MemAvailable")
 
 
 def _maybe_stall() -> None:

@@ -28,7 +28,9 @@ ENV = "CORTEX_FRONT"
 def create_app(settings: dict | None = None) -> falcon.App:
     s = settings or json.loads(os.environ[ENV])
     engine = EngineClient(s["engine"], s["event_timeout_s"], s.get("load_timeout_s", 900.0))
-    auth = ApiKeys(s.get("api_key_digests", []), s.get("open_paths", ["/health", "/metrics"]))
+    auth = ApiKeys(
+        s.get("api_key_digests", []), s.get("open_paths", ["/health", "/metrics"]), s.get("admin_key_digests", [])
+    )
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

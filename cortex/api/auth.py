@@ -2,6 +2,10 @@
 
 The front holds SHA-256 digests of the configured keys, never the keys, and never logs what a
 client sent. A refused request gets 401 in the dialect of the endpoint it called.
+
+The management API (``/models``, ``/models/load``, ``/models/unload``) changes what the node holds
+for everyone, so once any key is configured it takes an admin key (``[gateway] admin_keys``): an
+API key there gets 403.
 """
 
 from __future__ import annotations
@@ -26,16 +30,29 @@ def presented_key(req: falcon.Request) -> str | None:
     return req.get_header("X-Api-Key")
 
 
+def is_admin_path(path: str) -> bool:
+    return path == "/models" or path.startswith("/models/")
+
+
+def _matches(sent: bytes, digests: list[bytes]) -> bool:
+    # compare against every key, in constant time, so timing says nothing about which matched
+    return any([hmac.compare_digest(sent, d) for d in digests])  # noqa: C419
+
+
 class ApiKeys:
     """Falcon middleware; with no keys configured every request passes."""
 
-    def __init__(self, digests: list[str], open_paths: list[str]):
+    def __init__(self, digests: list[str], open_paths: list[str], admin_digests: list[str] | None = None):
         self.digests = [d.encode() for d in digests]
+        self.admin_digests = [d.encode() for d in admin_digests or ()]
         self.open_paths = tuple(open_paths)
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.digests or req.path in self.open_paths or req.method == "OPTIONS":
+        admin = is_admin_path(req.path)
+        if req.method == "OPTIONS" or req.path in self.open_paths and not admin:
             return
+        if not self.digests and not (admin and self.admin_digests):
+            return  # admin keys alone protect the management API only
         key = presented_key(req)
         if key is None:
             raise ApiError(
@@ -45,6 +62,14 @@ class ApiKeys:
                 "missing_api_key",
             )
         sent = digest(key).encode()
-        # compare against every key, in constant time, so timing says nothing about which matched
-        if not any([hmac.compare_digest(sent, d) for d in self.digests]):  # noqa: C419
+        if admin and _matches(sent, self.admin_digests):
+            return
+        if not _matches(sent, self.digests + self.admin_digests):
             raise ApiError(401, "Incorrect API key provided.", "authentication_error", "invalid_api_key")
+        if admin:
+            raise ApiError(
+                403,
+                "The management API needs an admin key ([gateway] admin_keys); this is an API key.",
+                "permission_error",
+                "admin_key_required",
+            )

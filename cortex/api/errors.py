@@ -22,6 +22,10 @@ FAILURES = {
     "shutting_down": (503, "service_unavailable", "shutting_down"),
     "engine_unavailable": (503, "service_unavailable", "engine_unavailable"),
     "conflict": (409, "invalid_request_error", "conflict"),
+    # no room for a model even after every eviction the policy allows (retry: residents may go idle)
+    "insufficient_memory": (503, "service_unavailable", "insufficient_memory"),
+    # a model larger than a device's whole budget: retrying cannot help
+    "model_too_large": (507, "server_error", "model_too_large"),
     "internal": (500, "server_error", "internal_error"),
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
 }

@@ -26,6 +26,16 @@ class ModelState:
     waiters: list[bytes] = field(default_factory=list)  # operators waiting on a load
     kv_tokens: int = 0  # tokens the KV pool holds once loaded
     parked: list = field(default_factory=list)  # (front peer, Submit) waiting for the model to load
+    est_bytes: int = 0  # estimated bytes per rank (weights + KV pool), set when placed
+    measured_bytes: int = 0  # weights per rank as measured by its last load (better than an estimate)
+    kv_bytes: int = 0  # the KV pool's bytes per rank, once loaded
+    pinned: bool = False  # never evicted; starts as the entry's `pinned`, operators may change it
+    load_reason: str = ""  # demand | operator | preload: a demand load nobody waits for is cancelled
+    evictions: int = 0
+    load_seconds: float = 0.0  # how long its last load took
+
+    def __post_init__(self) -> None:
+        self.pinned = self.entry.pinned
 
     @property
     def id(self) -> str:
@@ -38,6 +48,18 @@ class ModelState:
         # a prompt and its completion must fit the KV pool too (one block stays free for decoding)
         return min(ctx, self.kv_tokens - 16) if self.kv_tokens else ctx
 
+    @property
+    def resident(self) -> bool:
+        """Holds (or is about to hold) memory on its ranks."""
+        return self.status in ("loading", "loaded", "recovering") and bool(self.ranks)
+
+    @property
+    def bytes_per_rank(self) -> int:
+        """Its footprint on each of its ranks: measured once loaded, estimated before."""
+        if self.rank_bytes:
+            return max(self.rank_bytes) + self.kv_bytes
+        return self.est_bytes
+
     def describe(self, devices: list[str]) -> dict:
         return {
             "id": self.id,
@@ -47,6 +69,13 @@ class ModelState:
             "context_length": self.context_length or None,
             "param_bytes": sum(self.rank_bytes),
             "rank_bytes": self.rank_bytes,
+            "size_bytes": self.bytes_per_rank,
+            "pinned": self.pinned,
+            "residency_priority": self.entry.residency_priority,
+            "loads": self.loads,
+            "load_seconds": round(self.load_seconds, 3),
+            "evictions": self.evictions,
+            "idle_s": round(time.monotonic() - self.last_used, 1) if self.last_used else None,
             "error": self.error,
         }
 

@@ -1,0 +1,129 @@
+"""Memory accounting and the choice of eviction victims. Pure functions, torch-free.
+
+A model's footprint on each of its ranks is its weights plus its KV pool. Before the first load the
+weights are estimated from the model's shape (dtype, packing); once loaded, the worker's measured
+size replaces the estimate. A device's budget is configured, or measured by its worker at start-up;
+a headroom stays free for activations and allocator slack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from workers.arch.config import ModelConfig
+from workers.sharding import HeadLayout
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# packed weight-only linears (workers/quant.py): int4 in groups of 32 with a bf16 scale and zero each;
+# int8 per output row (one scale per row, negligible)
+_PACKED_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1.0}
+
+
+def packing(quantize: str, fmt: str, device: str) -> str:
+    """The packing a load will use ("none", "int4", "int8"); mirrors workers.weights.resolve_quantize."""
+    if quantize == "auto":
+        # a GGUF file's own 4-bit blocks stay packed on the CPU (other quantized types: int8, a bit more)
+        return "int4" if fmt == "gguf" and device == "cpu" else "none"
+    return quantize
+
+
+def weight_bytes(cfg: ModelConfig, world_size: int, dtype: str, pack: str = "none") -> int:
+    """Estimated bytes of one rank's weights: its share of each attention and MLP projection, and
+    full copies of the embedding and the output head (replicated on every rank)."""
+    layout = HeadLayout.for_rank(cfg, 0, world_size)
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn = h * d * (2 * layout.q_heads + 2 * layout.kv_heads)  # q and o, k and v
+    mlp = 3 * h * layout.inter  # gate, up, down
+    linear = cfg.num_layers * (attn + mlp)
+    embed = cfg.vocab_size * h
+    dense = _DTYPE_BYTES[dtype]
+    per_linear = _PACKED_BYTES.get(pack, dense)
+    # a packed head is int8, tied or not (the embedding stays dense for the lookup)
+    head_bytes = 1.0 if pack in _PACKED_BYTES else (0 if cfg.tie_word_embeddings else dense)
+    head = embed * head_bytes
+    norms = (2 * cfg.num_layers + 1) * h * dense
+    return int(linear * per_linear + embed * dense + head + norms)
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model holding memory on some ranks, as the eviction choice sees it."""
+
+    id: str
+    ranks: tuple[int, ...]
+    bytes_per_rank: int
+    kept: str | None  # why it may not be evicted now (pinned, busy, loading); None: evictable
+    priority: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Room:
+    """The outcome of making room for a model: the victims to unload, or why it cannot fit."""
+
+    victims: tuple[Resident, ...] = ()
+    refusal: str | None = None  # set when it cannot fit
+    never_fits: bool = False  # the model is larger than the device budget itself
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def order(strategy: str) -> Callable[[Resident], tuple]:
+    """Eviction order: LRU first; under "priority", lowest residency_priority first, LRU among equals."""
+    if strategy == "priority":
+        return lambda r: (r.priority, r.last_used)
+    return lambda r: (r.last_used,)
+
+
+def make_room(
+    need: int,
+    ranks: Iterable[int],
+    free: dict[int, int],
+    budget: dict[int, int],
+    residents: list[Resident],
+    strategy: str,
+    priority: int,
+) -> Room:
+    """Choose victims so that ``need`` bytes fit on every rank of ``ranks``. Several victims are taken
+    together when one is not enough; under "priority", nothing of higher priority than the incoming
+    model is displaced. Victims are taken only where they help (they hold memory on a short rank)."""
+    ranks = list(ranks)
+    too_big = [r for r in ranks if need > budget[r]]
+    if too_big:
+        r = too_big[0]
+        return Room(
+            refusal=f"needs {mib(need)} per device; rank {r}'s whole budget is {mib(budget[r])}",
+            never_fits=True,
+        )
+    free = dict(free)
+    short = lambda: [r for r in ranks if free[r] < need]  # noqa: E731
+    allowed = [v for v in residents if v.kept is None and (strategy != "priority" or v.priority <= priority)]
+    victims: list[Resident] = []
+    for v in sorted(allowed, key=order(strategy)):
+        if not short():
+            break
+        if not set(v.ranks) & set(short()):
+            continue
+        victims.append(v)
+        for r in v.ranks:
+            free[r] = free.get(r, 0) + v.bytes_per_rank
+    if not short():
+        return Room(victims=tuple(victims))
+    r = short()[0]
+    held = [v for v in residents if r in v.ranks and v not in victims]
+    why = ", ".join(_why_kept(v, strategy, priority) for v in held) or "nothing else is resident"
+    return Room(
+        refusal=f"needs {mib(need)} per device; rank {r} has {mib(free[r])} free "
+        f"after every possible eviction (kept: {why})"
+    )
+
+
+def _why_kept(v: Resident, strategy: str, priority: int) -> str:
+    if v.kept is not None:
+        return f"{v.id}: {v.kept}"
+    if strategy == "priority" and v.priority > priority:
+        return f"{v.id}: residency_priority {v.priority} > {priority}"
+    return v.id
