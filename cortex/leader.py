@@ -614,6 +614,18 @@ class Leader:
                 return self._reject(peer, "", "conflict", f"model '{state.id}' is {state.status}")
             self._unload_model(state)
             self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
+        elif op.op in ("pin", "unpin"):
+            state.pinned = op.op == "pin"  # runtime only: models.toml `pinned` applies again on restart
+            log.info("model %s %sned by an operator", state.id, op.op)
+            self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
+        elif op.op == "evict":
+            if state.status != "loaded":
+                return self._reject(peer, "", "conflict", f"model '{state.id}' is {state.status}, not loaded")
+            kept = self._kept(state)
+            if kept is not None:
+                return self._reject(peer, "", "conflict", f"model '{state.id}' cannot be evicted: {kept}")
+            self._evict(state, "admin", "by an operator")
+            self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
         else:
             self._reject(peer, "", "invalid_request", f"unknown model operation {op.op!r}")
 

@@ -269,6 +269,18 @@ def test_the_management_api_takes_an_admin_key_once_keys_are_set(start, tiny_qwe
     # inference takes the API key; the admin key works there too
     assert chat_with(srv, KEY).status_code == 200 and chat_with(srv, ADMIN).status_code == 200
 
+    # pin, unpin and evict at run time
+    def op(name: str) -> httpx.Response:
+        return httpx.post(f"{srv.url}/models/{name}", json={"model": "a"}, headers={"x-api-key": ADMIN}, timeout=60)
+
+    assert op("pin").json()["model"]["pinned"] is True
+    r = op("evict")
+    assert r.status_code == 409 and "cannot be evicted: pinned" in r.json()["error"]["message"]
+    assert op("unpin").json()["model"]["pinned"] is False
+    assert op("evict").json()["model"]["status"] == "unloaded"
+    assert srv.health()["eviction"]["evictions"] == {"admin": 1}
+    assert op("evict").status_code == 409  # not loaded any more
+
 
 def chat_with(srv: Server, key: str) -> httpx.Response:
     body = {"model": "a", "messages": HI, "max_tokens": 2}
@@ -317,3 +329,51 @@ def test_victims_are_chosen_together_and_only_where_they_help():
     assert [v.id for v in room.victims] == ["low-recent", "mid-old"]
     room = make_room(6 * mib, [0], {0: 0}, {0: 6 * mib}, ranked, "priority", 100)
     assert "high: residency_priority 300 > 100" in room.refusal
+
+
+# -- the catalogue ---------------------------------------------------------------------------------
+
+
+def fake_hf_cache(root, model_dir, repo: str = "org/tiny"):
+    """A Hugging Face hub cache holding ``model_dir`` as the snapshot of ``repo`` (no network)."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, base / "snapshots" / commit)
+    return root
+
+
+def test_catalogue_sources_aliases_limits_and_statuses(start, tiny_qwen3, tmp_path):
+    cache = fake_hf_cache(tmp_path / "hub", tiny_qwen3)
+    models_toml = catalogue(
+        tiny_qwen3, ["local"], local='aliases = ["alpha", "first"]\nmax_output_tokens = 8\npreload = true'
+    )
+    models_toml += '[[models]]\nid = "from-hub"\nsource = "hf:org/tiny"\n'
+    models_toml += '[[models]]\nid = "not-cached"\nsource = "hf:org/missing"\n'
+    srv = start(models_toml, budget_mb=8, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+
+    # the hub model loads offline from the cache; the missing one fails with a clear reason
+    assert client.chat.completions.create(model="from-hub", messages=HI, max_tokens=2).choices
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="not-cached", messages=HI, max_tokens=2)
+    assert info.value.status_code == 503
+    assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in info.value.message
+
+    # aliases from the model's own list answer as the model; its output limit is enforced
+    assert client.chat.completions.create(model="alpha", messages=HI, max_tokens=2).model in ("alpha", "local")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="first", messages=HI, max_tokens=9)
+    assert "at most 8 tokens" in info.value.message
+    out = client.chat.completions.create(model="local", messages=HI, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 8  # no max_tokens: the model's limit applies
+
+    # /v1/models: every catalogue model and alias, with its status and where it is resident
+    listed = {m.id: m.model_dump() for m in client.models.list()}
+    assert {"local", "from-hub", "not-cached", "alpha", "first"} <= set(listed)
+    assert listed["local"]["status"] == "loaded" and listed["local"]["devices"] == ["cpu"]
+    assert listed["not-cached"]["status"] == "failed" and listed["not-cached"]["devices"] == []
+    assert listed["alpha"]["alias_for"] == "local"

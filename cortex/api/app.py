@@ -46,5 +46,6 @@ def create_app(settings: dict | None = None) -> falcon.App:
     app.add_route("/health", Health(engine))
     app.add_route("/models", ModelTable(engine))
     app.add_route("/models/load", ModelLoad(engine, body, s["load_timeout_s"], "load"))
-    app.add_route("/models/unload", ModelLoad(engine, body, 60.0, "unload"))
+    for op in ("unload", "pin", "unpin", "evict"):
+        app.add_route(f"/models/{op}", ModelLoad(engine, body, 60.0, op))
     return app

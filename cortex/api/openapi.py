@@ -448,6 +448,15 @@ MODEL_STATE = _obj(
         "context_length": _null(INT),
         "param_bytes": INT,
         "rank_bytes": {"type": "array", "items": INT},
+        "size_bytes": {**INT, "description": "Bytes per device: weights (measured once loaded) and KV pool."},
+        "pinned": {**BOOL, "description": "Never evicted."},
+        "residency_priority": INT,
+        "loads": INT,
+        "load_seconds": {"type": "number"},
+        "evictions": INT,
+        "idle_s": _null({"type": "number", "description": "Seconds since it was last used."}),
+        "in_flight": INT,
+        "queued": {**INT, "description": "Requests queued or waiting for it to load."},
         "error": _null(STR),
         "engine": _obj(
             {
@@ -501,6 +510,29 @@ HEALTH = _obj(
             ),
         },
         "models": {"type": "array", "items": _ref("ModelState")},
+        "devices": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "rank": INT,
+                    "device": STR,
+                    "budget_bytes": _null({**INT, "description": "Bytes models may use; null: not accounted."}),
+                    "used_bytes": INT,
+                    "free_bytes": _null(INT),
+                    "evictable_bytes": {**INT, "description": "Held by idle, unpinned models."},
+                    "load_unload_cycles": {**INT, "description": "Since its worker (re)started."},
+                }
+            ),
+        },
+        "eviction": _obj(
+            {
+                "strategy": {"type": "string", "enum": ["lru", "priority"]},
+                "evictions": {"type": "object", "additionalProperties": INT, "description": "By reason."},
+                "defrag_restarts": INT,
+                "loads_cancelled": INT,
+                "loads": INT,
+            }
+        ),
         "requests": _obj({"running": INT, "waiting": INT}),
         "error": {**STR, "description": "With status down: why."},
     },
@@ -631,12 +663,14 @@ STATUS_TEXT = {
     400: "Malformed JSON, or a missing, mistyped or out-of-range field (named in param), or a prompt "
     "longer than the model's context.",
     401: "API keys are configured and the request carries none of them.",
+    403: "The management API needs an admin key; this is an API key.",
     404: "Unknown model.",
     409: "The model is busy (requests in flight, or loading).",
     413: "The request body is larger than the configured limit.",
     429: "Too many requests in flight from this client.",
     503: "The model is loading or recovering, the queue is full, or the engine is not answering.",
     504: "The operation did not finish in time.",
+    507: "The model is larger than a device's whole memory budget.",
 }
 RETRY_AFTER = {
     "description": "Seconds to wait before trying again.",
@@ -793,7 +827,7 @@ PATHS = {
                         ("models", "aliases"),
                     ),
                 ),
-                **_errors("OpenAI", 401, 503),
+                **_errors("OpenAI", 401, 403, 503),
             },
         )
     },
@@ -804,8 +838,8 @@ PATHS = {
                 "Operations",
                 summary,
                 {
-                    **_ok(f"The model once {op}ed.", _obj({"model": _ref("ModelState")}, ("model",))),
-                    **_errors("OpenAI", 400, 401, 404, 409, 413, 503, 504),
+                    **_ok("The model's state afterwards.", _obj({"model": _ref("ModelState")}, ("model",))),
+                    **_errors("OpenAI", 400, 401, 403, 404, 409, 413, 503, 504, *((507,) if op == "load" else ())),
                 },
                 requestBody=_body("ModelName"),
             )
@@ -813,6 +847,9 @@ PATHS = {
         for op, summary in (
             ("load", "Load a model and wait for it; concurrent loads of one model share the one load."),
             ("unload", "Unload a model; refused (409) while it has requests in flight."),
+            ("pin", "Pin a loaded or unloaded model: never evicted (until unpinned or restarted)."),
+            ("unpin", "Unpin a model: eviction may take it again."),
+            ("evict", "Evict a loaded, idle, unpinned model now (counted as reason admin)."),
         )
     },
     "/openapi.json": {

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from cortex.chat.template import CHATML, ChatTemplate
 from cortex.chat.tokenizer import TokenizerInfo, from_gguf_fields, from_hf_dir
 from cortex.config import ModelEntry
 from workers.arch.config import ModelConfig
+
+log = logging.getLogger("cortex.models")
 
 
 class ModelFilesError(ValueError):
@@ -55,13 +59,55 @@ def _package_gguf(package: str) -> Path:
     return found[0]
 
 
-def _hf_snapshot(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
+def _hf_snapshot(spec: str) -> Path:
+    """``org/name[@revision]`` (a safetensors repository) or ``org/name/file.gguf[@revision]``:
+    from the local Hugging Face cache, else downloaded (progress in the log) unless offline
+    (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants, snapshot_download
 
+    spec, _, revision = spec.partition("@")
+    parts = spec.split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ModelFilesError(f"hf:{spec}: expected hf:org/name or hf:org/name/file.gguf")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    patterns = [filename] if filename else ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+    kw = {"revision": revision or None, "allow_patterns": patterns}
     try:
-        return Path(snapshot_download(repo, local_files_only=True))
+        root = Path(snapshot_download(repo, local_files_only=True, **kw))
     except Exception as exc:
-        raise ModelFilesError(f"hf:{repo} is not in the local Hugging Face cache ({type(exc).__name__})") from None
+        if constants.HF_HUB_OFFLINE:
+            raise ModelFilesError(
+                f"hf:{spec} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set ({type(exc).__name__})"
+            ) from None
+        log.info("hf:%s is not in the local cache; downloading it", spec)
+        try:
+            root = Path(snapshot_download(repo, tqdm_class=_progress_class(spec), **kw))
+        except Exception as exc:
+            raise ModelFilesError(f"hf:{spec}: download failed: {type(exc).__name__}: {exc}") from None
+    return root / filename if filename else root
+
+
+def _progress_class(spec: str) -> type:
+    """A tqdm that writes download progress to the log (every 10%) instead of a terminal bar."""
+    from tqdm.auto import tqdm
+
+    class LogProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = False
+            kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the bar)
+            super().__init__(*args, **kwargs)
+            self._logged = -1
+
+        def update(self, n=1):
+            out = super().update(n)
+            if self.total and self.unit == "B":
+                tenth = int(10 * self.n / self.total)
+                if tenth > self._logged:
+                    self._logged = tenth
+                    log.info("hf:%s: %d%% of %.0f MB", spec, 10 * tenth, self.total / 1e6)
+            return out
+
+    return LogProgress
 
 
 def read(entry: ModelEntry) -> ModelFiles:
