@@ -225,6 +225,7 @@ class Leader:
 
     def _start_worker(self, w: WorkerHandle) -> None:
         w.start()
+        self.cycles[w.rank] = 0  # a fresh process: nothing fragmented yet
 
         def on_pong(replies, error):
             if error:
@@ -260,7 +261,6 @@ class Leader:
             log.info("worker %d (%s) stopped for defragmentation; restarting it", w.rank, w.device)
             for call in [c for c in self.calls if w.rank in c.ranks]:
                 self._finish_call(call, None, CallError("died", "restarted for defragmentation"))
-            self.cycles[w.rank] = 0
             self._start_worker(w)
             return
         cause = f"worker {w.rank} ({w.device}) died: {how}"

@@ -61,7 +61,9 @@ class Server:
         env: dict | None = None,
         devices: str = '["cpu"]',
         start_new_session: bool = False,  # a process group of its own, as a terminal gives
-        node_extra: str = "",  # more [node] keys
+        # more [node] keys. By default a fixed device budget, so that what fits does not depend on
+        # how much RAM other processes hold at the moment (KV pools default to 1 GiB per model)
+        node_extra: str = "memory_budget_mb = 16384\n",
     ):
         self.root = root
         self.port = free_port()
