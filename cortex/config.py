@@ -46,6 +46,7 @@ class NodeConfig:
     memory_budget_mb: int  # per device; 0 = measured by the worker (free VRAM, or available RAM shared)
     threads: int  # torch threads per CPU worker; 0 = torch's default
     memory_headroom_mb: int = 512  # per device, kept free for activations and allocator slack
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Config:
     peers: list[PeerConfig]
     catalogue: Catalogue
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (JSON lines)
+    log_content: bool = False  # prompts and completions in the request log
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,6 +188,7 @@ NODE = {
     "memory_budget_mb": (int, 0, _non_negative),
     "memory_headroom_mb": (int, 512, _non_negative),
     "threads": (int, 0, _non_negative),
+    "drain_timeout_s": ((int, float), 30.0, _positive),
 }
 GATEWAY = {
     "listen": (str, "127.0.0.1:31313", _port),
@@ -222,7 +226,11 @@ EVICTION = {
     "defrag_after_cycles": (int, 50, _non_negative),
 }
 PEER = {"name": (str, REQUIRED, None), "endpoint": (str, REQUIRED, None)}
-LOGGING = {"level": (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"))}
+LOGGING = {
+    "level": (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR")),
+    "format": (str, "text", _one_of("text", "json")),
+    "log_content": (bool, False, None),
+}
 MODEL = {
     "id": (str, REQUIRED, lambda v: None if v.strip() else "expected a non-empty model id"),
     "path": (str, None, None),
@@ -297,6 +305,9 @@ def embedded_config_path() -> Path:
 
 
 def default_run_dir() -> Path:
+    """systemd's RuntimeDirectory= (``$RUNTIME_DIRECTORY``, already ours), else a user's runtime dir."""
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
     base = os.environ.get("XDG_RUNTIME_DIR")
     return Path(base) / "cortex" if base else Path(f"/tmp/cortex-{os.getuid()}")
 
@@ -349,6 +360,7 @@ def load(file: str | Path | None = None) -> Config:
         memory_budget_mb=node["memory_budget_mb"],
         threads=node["threads"],
         memory_headroom_mb=node["memory_headroom_mb"],
+        drain_timeout_s=float(node["drain_timeout_s"]),
     )
     gateway = GatewayConfig(
         listen=parse_host_port(gw["listen"]),
@@ -395,6 +407,8 @@ def load(file: str | Path | None = None) -> Config:
         peers=peers,
         catalogue=catalogue,
         log_level=logging_cfg["level"],
+        log_format=logging_cfg["format"],
+        log_content=logging_cfg["log_content"],
     )
 
 

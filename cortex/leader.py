@@ -23,18 +23,22 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from cortex.api.auth import write_auth_file
 from cortex.chat import prompt as chat_prompt
 from cortex.chat.detokenizer import IncrementalDecoder
 from cortex.chat.prompt import opens_in_reasoning
 from cortex.chat.template import TemplateRenderError
 from cortex.chat.tokenizer import token_bytes
-from cortex.config import Config
+from cortex.config import Config, ModelEntry
 from cortex.engine.blocks import BlockManager
 from cortex.engine.constraint import GrammarError, Grammars, Rules
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
 from cortex.models import memory, source
 from cortex.models.registry import ModelState, Registry
+from cortex.ops import reload as ops_reload
+from cortex.ops.admin import AdminServer
+from cortex.ops.engine_metrics import EngineMetrics
 from cortex.supervisor import WorkerHandle, resolve_devices
 from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit, Waiting
 from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Ping, SeqInput, Unload
@@ -49,6 +53,7 @@ PING_TIMEOUT_S = 120.0  # a fresh worker imports torch before it answers
 RETRY_AFTER_LOADING_S = 5
 RETRY_AFTER_NO_MEMORY_S = 10
 NO_BUDGET = 2**62  # a device whose memory cannot be measured is not accounted
+RETRY_AFTER_DRAINING_S = 30
 UNLOAD_TIMEOUT_S = 10.0  # a rank slower than this to unload is wedged and gets restarted
 
 
@@ -105,11 +110,19 @@ class Leader:
         self.budgets: dict[int, int] = {}  # rank -> bytes models may use (budget - headroom), once known
         self.cycles = [0] * len(self.workers)  # load/unload cycles per rank since its worker started
         self.counters: Counter[str] = Counter()  # evictions:<reason>, defrag_restarts, loads_cancelled
+        self.stats = EngineMetrics()
+        self.admin: AdminServer | None = None
+        self.auth_file = run_dir / "front-auth.json"  # API key digests for the front; rewritten by reload
+        self.draining = False  # refuse new requests; in-flight ones finish (cortex-admin drain, SIGTERM)
+        self.stop_at: float | None = None  # SIGTERM: stop once idle, or at this monotonic time at the latest
+        self.pending_models: dict[str, ModelEntry | None] = {}  # reload: replace (entry) or remove (None) once idle
 
     # -- life cycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.frontend = RpcServer(self.engine_endpoint, self.ctx, mode=0o600)
+        self.admin = AdminServer(self.cfg.node.run_dir, self.ctx)
+        self._publish_keys()
         for w in self.workers:
             self._start_worker(w)
         for state in self.registry.models.values():
@@ -130,6 +143,8 @@ class Leader:
             w.stop()
         if self.frontend:
             self.frontend.close()
+        if self.admin:
+            self.admin.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -137,6 +152,7 @@ class Leader:
     def poll_once(self) -> None:
         poller = zmq.Poller()
         poller.register(self.frontend.socket, zmq.POLLIN)
+        poller.register(self.admin.socket, zmq.POLLIN)
         by_socket, by_fd = {}, {}
         for w in self.workers:
             if w.client:
@@ -160,11 +176,17 @@ class Leader:
                 peer, _, msg = got
                 if msg is not None:
                     self._on_front_safely(peer, msg)
+        if self.admin.socket in ready:
+            self.admin.serve_ready(self)
         self._check_file_reads()
         self._check_deadlines()
         self._check_queue_deadlines()
         self._maybe_defrag()
+        if self.pending_models:
+            ops_reload.settle(self)
         self._schedule()
+        self._check_stop()
+        self.stats.refresh(self)
 
     def _poll_timeout_ms(self) -> int:
         if self.file_reads:
@@ -273,6 +295,7 @@ class Leader:
         for call in [c for c in self.calls if w.rank in c.ranks]:
             self._finish_call(call, None, CallError("died", cause))
         w.restarts += 1
+        self.stats.worker_restarted(w.rank, w.device)
         self._start_worker(w)
 
     def _kill_group(self, state: ModelState, cause: str) -> None:
@@ -296,6 +319,7 @@ class Leader:
         state.status, state.error, state.ranks = "loading", None, []
         state.load_gen += 1
         state.load_reason = reason
+        self.stats.load_begun(state)
         if state.files is None:
             self.file_reads[self.pool.submit(source.read, state.entry)] = state
         else:
@@ -484,6 +508,7 @@ class Leader:
             state.rank_bytes = [r.param_bytes for r in loaded]
             state.measured_bytes = max(state.rank_bytes)
             state.loads += 1
+            self.stats.load_ended(state, ok=True)
             log.info(
                 "model %s loaded in %.1fs (%.1f MB per rank)",
                 state.id,
@@ -550,6 +575,7 @@ class Leader:
         log.error("loading %s failed: %s", state.id, error)
         state.status, state.error = "failed", error
         state.load_in_flight = False
+        self.stats.load_ended(state, ok=False)
         self._fail_model_requests(state, "model_failed", f"model {state.id!r} failed to load: {error}")
         self._answer_waiters(state)
 
@@ -607,12 +633,9 @@ class Leader:
             state.waiters.append(peer)  # single flight: every caller waits for the one load
             self.load(state, "operator")
         elif op.op == "unload":
-            busy = [s for s in self.requests.values() if s.model_id == state.id]
-            if busy:
-                return self._reject(peer, "", "conflict", f"model '{state.id}' has {len(busy)} request(s) in flight")
-            if state.status in ("loading", "recovering"):
-                return self._reject(peer, "", "conflict", f"model '{state.id}' is {state.status}")
-            self._unload_model(state)
+            refusal = self.unload(state)
+            if refusal:
+                return self._reject(peer, "", "conflict", refusal)
             self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
         elif op.op in ("pin", "unpin"):
             state.pinned = op.op == "pin"  # runtime only: models.toml `pinned` applies again on restart
@@ -665,6 +688,8 @@ class Leader:
         rid = req.request_id
         if self.stopping.is_set():
             return self._reject(peer, rid, "shutting_down", "the server is shutting down", 15)
+        if self.draining:
+            return self._reject(peer, rid, "draining", f"node {self.cfg.node.name} is draining", RETRY_AFTER_DRAINING_S)
         state = self.registry.resolve(req.model)
         if state is None:
             return self._reject(peer, rid, "model_not_found", f"The model '{req.model}' does not exist")
@@ -825,8 +850,12 @@ class Leader:
             before = len(state.parked)
             state.parked = [(p, r) for p, r in state.parked if r.request_id != request_id]
             if len(state.parked) < before:
+                self.stats.cancelled(state.id, "load")
                 self._drop_unwanted_load(state)
-        for seq in self._choices(request_id):
+        choices = self._choices(request_id)
+        if choices:
+            self.stats.cancelled(choices[0].model_id, _stage(choices[0]))
+        for seq in choices:
             seq.cancelled = True
             if not self._in_step(seq):
                 self._retire(seq)  # else retired when its step returns: the worker is writing its blocks
@@ -893,6 +922,7 @@ class Leader:
             ],
         )
         self.in_flight[state.id] = work
+        self.stats.step_started(state.id, work)
         gen = state.load_gen
 
         def done(replies, error):
@@ -922,6 +952,7 @@ class Leader:
         if seq.constraint is not None:
             tok = self.registry.models[seq.model_id].files.tokenizer.tokenizer
             seq.constraint.advance(token, token_bytes(tok, token))
+        self.stats.token(seq)
         text, finish = seq.append(token)
         entry = self._logprob_entry(seq, token, logprobs) if logprobs is not None else None
         if entry is not None and (finish != "stop" or token not in seq.eos_ids):
@@ -959,7 +990,8 @@ class Leader:
     def _retire(self, seq: Sequence) -> None:
         """Forget a sequence: its blocks go back to the pool (kept for the prefix cache), and the
         workers drop its sampling state."""
-        self.requests.pop(seq.key, None)
+        if self.requests.pop(seq.key, None) is not None:
+            self.stats.sequence_ended(seq, "cancelled" if seq.cancelled else "finished")
         sched = self.schedulers.get(seq.model_id)
         if sched is not None:
             sched.remove(seq)
@@ -974,7 +1006,8 @@ class Leader:
             return  # already failed with a sibling choice
         self.frontend.reply(seq.peer, 0, Failure(seq.request_id, kind, message, retry_after))
         for s in [seq, *[c for c in self._choices(seq.request_id) if c is not seq]]:
-            self.requests.pop(s.key, None)
+            if self.requests.pop(s.key, None) is not None:
+                self.stats.sequence_ended(s, "failed")
             sched = self.schedulers.get(s.model_id)
             if sched is not None:
                 sched.remove(s)
@@ -1114,8 +1147,11 @@ class Leader:
             status = "loading"
         else:
             status = "ok"
+        if self.draining:
+            status = "draining"  # 503: load balancers and peers route around this node
         return {
             "status": status,
+            "draining": self.draining,
             "node": self.cfg.node.name,
             "devices": self._device_memory(),
             "eviction": {"strategy": self.cfg.eviction.strategy, **self._counts()},
@@ -1128,3 +1164,100 @@ class Leader:
                 "waiting": sum(len(s.waiting) for s in self.schedulers.values()),
             },
         }
+
+    # -- operations (cortex-admin, reload, drain) ------------------------------------------------------
+
+    def describe_model(self, state: ModelState) -> dict:
+        return self._describe(state)
+
+    def unload(self, state: ModelState, evict_reason: str | None = None) -> str | None:
+        """Unload a model now (an eviction when ``evict_reason`` is given); why it cannot be, if so."""
+        busy = [s for s in self.requests.values() if s.model_id == state.id]
+        if busy:
+            return f"model '{state.id}' has {len(busy)} request(s) in flight"
+        if state.status in ("loading", "recovering"):
+            return f"model '{state.id}' is {state.status}"
+        if evict_reason and state.status == "loaded":
+            self._evict(state, evict_reason, "by the operator")
+        else:
+            self._unload_model(state)
+        return None
+
+    def idle(self, state: ModelState) -> bool:
+        """Nothing in flight, queued, parked or loading for this model."""
+        return (
+            not state.parked
+            and state.status not in ("loading", "recovering")
+            and not any(s.model_id == state.id for s in self.requests.values())
+        )
+
+    def in_flight_count(self) -> int:
+        return len({s.request_id for s in self.requests.values()}) + sum(
+            len(s.parked) for s in self.registry.models.values()
+        )
+
+    def set_draining(self, draining: bool) -> None:
+        if draining != self.draining:
+            log.warning(
+                "node %s %s",
+                self.cfg.node.name,
+                "draining: new requests are refused" if draining else "accepting requests again",
+            )
+        self.draining = draining
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: drain, and stop once in-flight requests are done or the drain deadline passes."""
+        if self.stop_at is None:
+            self.stop_at = time.monotonic() + self.cfg.node.drain_timeout_s
+            self.set_draining(True)
+
+    def _check_stop(self) -> None:
+        if self.stop_at is None or self.stopping.is_set():
+            return
+        left = self.in_flight_count()
+        if left == 0 or time.monotonic() >= self.stop_at:
+            if left:
+                log.warning(
+                    "drain deadline (%gs) passed with %d request(s) in flight", self.cfg.node.drain_timeout_s, left
+                )
+            self.stop()
+
+    def reload(self) -> dict:
+        return ops_reload.reload(self)
+
+    def apply_config(self, cfg: Config) -> None:
+        """Settings a reload may change: engine, eviction, peers, keys, log level, catalogue aliases."""
+        self.cfg = cfg
+        self.registry.catalogue = cfg.catalogue
+        self._publish_keys()
+        logging.getLogger().setLevel(cfg.log_level)
+
+    def _publish_keys(self) -> None:
+        gw = self.cfg.gateway
+        write_auth_file(self.auth_file, gw.api_keys, gw.admin_keys, gw.open_paths)
+
+    def add_model(self, entry: ModelEntry) -> None:
+        state = ModelState(entry)
+        self.registry.models[entry.id] = state
+        if entry.preload:
+            self.load(state, "preload")
+
+    def remove_model(self, model_id: str) -> None:
+        self.registry.models.pop(model_id, None)
+        self.grammars.pop(model_id, None)
+        self.schedulers.pop(model_id, None)
+
+    def peers_status(self) -> list[dict]:
+        """Configured peers. Their reachability comes with the fleet poller; until then "unknown"."""
+        return [{"name": p.name, "endpoint": p.endpoint, "status": "unknown"} for p in self.cfg.peers]
+
+    def device_memory(self) -> list[dict]:
+        """Per device: rank, device, budget/used/free/evictable bytes (as in /health)."""
+        return self._device_memory()
+
+
+def _stage(seq: Sequence) -> str:
+    """Where a cancelled request was: queued, prefilling its prompt, or decoding."""
+    if seq.output_len:
+        return "decode"
+    return "queue" if seq.admitted_at is None else "prefill"

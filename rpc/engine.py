@@ -105,6 +105,6 @@ class Failure:
     """A request-level error; ``kind`` decides the HTTP status the front answers with."""
 
     request_id: str
-    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down | conflict | rate_limited
+    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down | draining | conflict | rate_limited
     message: str
     retry_after: int | None = None

@@ -109,5 +109,6 @@ class RpcClient:
                 return reply
             # stale: the reply to a call that already timed out; drop it
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """``linger_ms``: how long a message still queued (a last Cancel) may take to leave."""
+        self.socket.close(linger=linger_ms)

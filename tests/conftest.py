@@ -68,11 +68,13 @@ class Server:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"  # never the default port: servers run side by side
         (root / "run").mkdir(parents=True, exist_ok=True)
         (root / "models.toml").write_text(models_toml)
         (root / "cortex.toml").write_text(
             f'[node]\nname = "test"\ndevices = {devices}\nrun_dir = "{root / "run"}"\nthreads = 1\n{node_extra}'
-            f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nworkers = 1\nthreads = 8\n{cortex_extra}'
+            f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nworkers = 1\nthreads = 8\n'
+            f'metrics_listen = "{self.metrics_url[len("http://") : -len("/metrics")]}"\n{cortex_extra}'
         )
         self.log = open(root / "serve.log", "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(

@@ -176,7 +176,7 @@ class Messages:
         submit = parse_submit(body, req)
         stream = field(body, "stream", bool, default=False)
         tools = bool(submit.tools) and submit.tool_choice != "none"
-        gen = self.engine.submit(submit)
+        gen = self.engine.submit(submit, req.context.get("record"))
         if stream:
             resp.content_type = "text/event-stream"
             resp.set_headers(sse.HEADERS)

@@ -1,7 +1,9 @@
 """The WSGI app gunicorn serves: ``cortex.api.app:create_app()``.
 
 Its settings come from the leader through one environment variable (CORTEX_FRONT, JSON), so
-gunicorn workers never read config files themselves and always agree with the leader.
+gunicorn workers never read config files themselves and always agree with the leader. What a
+reload may change while serving (API keys, open paths) comes from a file the leader rewrites
+(``auth_file``), so new keys apply without restarting the front or dropping a connection.
 """
 
 from __future__ import annotations
@@ -21,17 +23,27 @@ from cortex.api.manage import ModelLoad, ModelTable
 from cortex.api.models import Models
 from cortex.api.openai import ChatCompletions, Completions
 from cortex.api.openapi import OpenApiDocument
+from cortex.ops import logs
+from cortex.ops.reqlog import RequestLog
+from cortex.ops.scrape import MetricsProxy
 
 ENV = "CORTEX_FRONT"
 
 
 def create_app(settings: dict | None = None) -> falcon.App:
     s = settings or json.loads(os.environ[ENV])
+    if settings is None:  # a gunicorn worker: its own log setup (gunicorn configures only its own loggers)
+        logs.setup(s.get("log_level", "INFO"), s.get("log_format", "text"))
     engine = EngineClient(s["engine"], s["event_timeout_s"], s.get("load_timeout_s", 900.0))
     auth = ApiKeys(
-        s.get("api_key_digests", []), s.get("open_paths", ["/health", "/metrics"]), s.get("admin_key_digests", [])
+        s.get("api_key_digests", []),
+        s.get("open_paths", ["/health", "/metrics"]),
+        s.get("admin_key_digests", []),
+        s.get("auth_file"),
     )
-    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[auth])
+    requests = RequestLog(s.get("node", "cortex"), s.get("log_content", False))
+    # the request log first: it also sees the requests the key check refuses
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[requests, auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     models = Models(engine, int(time.time()), s.get("node", "cortex"))
@@ -44,6 +56,8 @@ def create_app(settings: dict | None = None) -> falcon.App:
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id:path}", models, suffix="one")
     app.add_route("/health", Health(engine))
+    if s.get("metrics_url"):
+        app.add_route("/metrics", MetricsProxy(s["metrics_url"]))
     app.add_route("/models", ModelTable(engine))
     app.add_route("/models/load", ModelLoad(engine, body, s["load_timeout_s"], "load"))
     for op in ("unload", "pin", "unpin", "evict"):

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import logging
+import os
 
 import falcon
 
@@ -39,15 +42,63 @@ def _matches(sent: bytes, digests: list[bytes]) -> bool:
     return any([hmac.compare_digest(sent, d) for d in digests])  # noqa: C419
 
 
-class ApiKeys:
-    """Falcon middleware; with no keys configured every request passes."""
+def write_auth_file(
+    path: str | os.PathLike, keys: tuple[str, ...], admin_keys: tuple[str, ...], open_paths: tuple[str, ...]
+) -> None:
+    """What the front needs to check keys (digests only), written whole or not at all (rename), so
+    a front process never reads half a file. The leader writes it at start and on every reload."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(
+            {
+                "api_key_digests": [digest(k) for k in keys],
+                "admin_key_digests": [digest(k) for k in admin_keys],
+                "open_paths": list(open_paths),
+            },
+            f,
+        )
+    os.replace(tmp, path)
 
-    def __init__(self, digests: list[str], open_paths: list[str], admin_digests: list[str] | None = None):
+
+class ApiKeys:
+    """Falcon middleware; with no keys configured every request passes.
+
+    With ``path`` (the leader's auth file), keys and open paths follow that file: one stat per
+    request notices a rewrite, so a reload's new keys apply to the next request."""
+
+    def __init__(
+        self,
+        digests: list[str],
+        open_paths: list[str],
+        admin_digests: list[str] | None = None,
+        path: str | None = None,
+    ):
         self.digests = [d.encode() for d in digests]
         self.admin_digests = [d.encode() for d in admin_digests or ()]
         self.open_paths = tuple(open_paths)
+        self.path, self.stamp = path, None
+
+    def _follow_file(self) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == self.stamp:
+                return
+            with open(self.path) as f:
+                data = json.load(f)
+            digests = [d.encode() for d in data["api_key_digests"]]
+            admin_digests = [d.encode() for d in data["admin_key_digests"]]
+            open_paths = tuple(data["open_paths"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # keep checking with the keys we have: failing open would be worse than stale keys
+            logging.getLogger("cortex.front").warning("cannot read %s: %s", self.path, exc)
+            return
+        self.digests, self.admin_digests, self.open_paths, self.stamp = digests, admin_digests, open_paths, stamp
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if self.path:
+            self._follow_file()
         admin = is_admin_path(req.path)
         if req.method == "OPTIONS" or req.path in self.open_paths and not admin:
             return

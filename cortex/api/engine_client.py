@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import zmq
 
 from cortex.api.errors import ApiError
+from cortex.ops.reqlog import RequestRecord
 from rpc.codec import encode
 from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit, Waiting
 from rpc.messages import Error
@@ -82,8 +83,11 @@ class EngineClient:
         finally:
             client.close()
 
-    def submit(self, req: Submit) -> Generation:
-        gen = Generation(RpcClient(self.endpoint, self._context()), req, self.event_timeout_s, self.load_timeout_s)
+    def submit(self, req: Submit, record: RequestRecord | None = None) -> Generation:
+        """Start ``req``; ``record`` (the request log's, when there is one) follows what happens."""
+        gen = Generation(
+            RpcClient(self.endpoint, self._context()), req, self.event_timeout_s, self.load_timeout_s, record
+        )
         gen.start()
         return gen
 
@@ -91,8 +95,18 @@ class EngineClient:
 class Generation:
     """Events of one submitted request. Closing it before the end cancels the request."""
 
-    def __init__(self, client: RpcClient, req: Submit, event_timeout_s: float, load_timeout_s: float):
+    def __init__(
+        self,
+        client: RpcClient,
+        req: Submit,
+        event_timeout_s: float,
+        load_timeout_s: float,
+        record: RequestRecord | None = None,
+    ):
         self.client, self.req = client, req
+        self.record = record
+        if record is not None:
+            record.submitted(req.request_id, req.model, req.client, req.prompt or req.prompt_ids or req.messages)
         self.event_timeout_s, self.load_timeout_s = event_timeout_s, load_timeout_s
         self.prompt_tokens = 0
         self.reasoning = False  # the output starts inside a <think> span
@@ -149,6 +163,8 @@ class Generation:
         if not self._started(first):
             self.done = True
             self.client.close()
+            if self.record is not None and isinstance(first, Failure) and first.kind == "model_not_found":
+                self.record.unknown_model()
             raise _as_api_error(first)
 
     def events(
@@ -174,8 +190,12 @@ class Generation:
                     continue
                 silent_since = time.monotonic()
                 if isinstance(ev, Delta):
+                    if self.record is not None:
+                        self.record.delta(ev.text)
                     yield ev
                 elif isinstance(ev, Finished):
+                    if self.record is not None:
+                        self.record.finished(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.finish_reason)
                     finished += 1
                     self.done = finished == self.req.n
                     yield ev
@@ -187,6 +207,10 @@ class Generation:
                 else:
                     self.done = True
                     raise _as_api_error(ev)
+        except ApiError as err:
+            if self.record is not None:
+                self.record.failed(err.status, err.code)
+            raise
         finally:
             self.close()
 

@@ -20,6 +20,7 @@ FAILURES = {
     "worker_failed": (503, "service_unavailable", "worker_failed"),
     "overloaded": (503, "service_unavailable", "overloaded"),
     "shutting_down": (503, "service_unavailable", "shutting_down"),
+    "draining": (503, "service_unavailable", "draining"),
     "engine_unavailable": (503, "service_unavailable", "engine_unavailable"),
     "conflict": (409, "invalid_request_error", "conflict"),
     # no room for a model even after every eviction the policy allows (retry: residents may go idle)

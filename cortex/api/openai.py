@@ -242,7 +242,9 @@ class ChatCompletions:
             json_schema=parse_response_format(body),
             thinking=parse_thinking(body),
         )
-        gen = self.engine.submit(submit)  # raises ApiError (404, 400 too long, 429/503) up front
+        gen = self.engine.submit(
+            submit, req.context.get("record")
+        )  # raises ApiError (404, 400 too long, 429/503) up front
         parse_calls = bool(tools) and tool_choice != "none"
         created = int(time.time())
         if stream:
@@ -401,7 +403,7 @@ class Completions:
             prompt=text,
             prompt_ids=ids,
         )
-        gen = self.engine.submit(submit)
+        gen = self.engine.submit(submit, req.context.get("record"))
         created = int(time.time())
         options = field(body, "stream_options", dict, default={})
         if stream:

@@ -449,7 +449,7 @@ MODEL_STATE = _obj(
         "param_bytes": INT,
         "rank_bytes": {"type": "array", "items": INT},
         "size_bytes": {**INT, "description": "Bytes per device: weights (measured once loaded) and KV pool."},
-        "pinned": {**BOOL, "description": "Never evicted."},
+        "pinned": {**BOOL, "description": "Never evicted (the catalogue's `pinned`, or a pin operation)."},
         "residency_priority": INT,
         "loads": INT,
         "load_seconds": {"type": "number"},
@@ -491,7 +491,8 @@ MODEL = _obj(
 )
 HEALTH = _obj(
     {
-        "status": {"type": "string", "enum": ["ok", "loading", "degraded", "down"]},
+        "status": {"type": "string", "enum": ["ok", "loading", "degraded", "draining", "down"]},
+        "draining": {**BOOL, "description": "New requests are refused (cortex-admin drain, or shutting down)."},
         "node": STR,
         "uptime_s": {"type": "number"},
         "pid": INT,

@@ -37,6 +37,10 @@ class Sequence:
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
     constraint: Constraint | None = None  # grammar the output must follow (JSON schema, tool calls)
+    # monotonic times for the metrics: first step, first and latest sampled token
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
 
     @property
     def key(self) -> str:

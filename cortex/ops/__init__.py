@@ -1,0 +1,1 @@
+"""Operations: metrics, the admin socket, systemd notification, reload, drain, request logs."""
