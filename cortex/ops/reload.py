@@ -29,6 +29,8 @@ RESTART_ONLY = {
     "node": ("name", "devices", "run_dir", "threads"),
     "gateway": ("listen", "metrics_listen", "workers", "threads", "max_body_mb", "keepalive_s"),
 }
+# the front reads these once, when gunicorn starts it
+RESTART_ONLY_TOP = {"log_format": "[logging] format", "log_content": "[logging] log_content"}
 
 
 @dataclass
@@ -62,6 +64,10 @@ def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
         kept = {k: getattr(was, k) for k in keys if getattr(was, k) != getattr(now, k)}
         ignored += [f"[{section}] {k}" for k in kept]
         sections[section] = dataclasses.replace(now, **kept)
+    for key, name in RESTART_ONLY_TOP.items():
+        if getattr(old, key) != getattr(new, key):
+            sections[key] = getattr(old, key)
+            ignored.append(name)
     return dataclasses.replace(new, **sections), ignored
 
 
