@@ -584,6 +584,7 @@ class Leader:
         log.warning("model %s: %s; recovering", state.id, cause)
         state.status, state.error = "recovering", cause
         state.load_gen += 1
+        self.stats.load_begun(state)  # the reload that follows is timed like any load
         state.load_in_flight = False
         self._fail_model_requests(state, "worker_failed", f"model {state.id!r} failed: {cause}")
         self.schedulers.pop(state.id, None)

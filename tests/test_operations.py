@@ -419,6 +419,26 @@ def test_reload_applies_keys_and_catalogue_and_leaves_unchanged_models_alone(srv
     assert tiny_after["status"] == "loaded" and tiny_after["devices"] == tiny_before["devices"]
 
 
+# -- workers -----------------------------------------------------------------------------------------------
+
+
+def test_a_dead_worker_is_counted_restarted_and_its_model_reloaded(srv):
+    before = scrape(srv.metrics_url)
+    pid = admin_json(srv, "workers")["workers"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: admin_json(srv, "workers")["workers"][0]["pid"] != pid, 30, "a new worker")
+    srv.wait_healthy()
+    wait_for(lambda: value(scrape(srv.metrics_url), "cortex_worker_up", rank="0") == 1, 10, "worker up again")
+    after = scrape(srv.metrics_url)
+    assert (
+        value(after, "cortex_worker_restarts_total", rank="0", device="cpu")
+        - value(before, "cortex_worker_restarts_total", rank="0", device="cpu")
+        == 1
+    )
+    loads = value(after, "cortex_model_loads_total", model="tiny", outcome="ok")
+    assert loads - value(before, "cortex_model_loads_total", model="tiny", outcome="ok") == 1  # reloaded
+
+
 # -- drain and shutdown -------------------------------------------------------------------------------------
 
 
