@@ -248,6 +248,8 @@ def test_metrics_after_traffic_match_the_usage_the_api_returned(srv):
     assert value(after, "cortex_kv_cache_blocks", model="tiny", state="total") > 0
     assert 0 <= value(after, "cortex_kv_cache_usage_ratio", model="tiny") <= 1
     assert value(after, "cortex_draining") == 0
+    assert value(after, "cortex_device_memory_bytes", rank="0", device="cpu", kind="used") > 0
+    assert value(after, "cortex_device_memory_bytes", rank="0", kind="budget") > 0
 
 
 def test_a_client_that_leaves_mid_stream_counts_as_a_decode_cancellation(srv):
