@@ -639,16 +639,12 @@ class Leader:
                 return self._reject(peer, "", "conflict", refusal)
             self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
         elif op.op in ("pin", "unpin"):
-            state.pinned = op.op == "pin"  # runtime only: models.toml `pinned` applies again on restart
-            log.info("model %s %sned by an operator", state.id, op.op)
+            self.set_pinned(state, op.op == "pin")
             self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
         elif op.op == "evict":
-            if state.status != "loaded":
-                return self._reject(peer, "", "conflict", f"model '{state.id}' is {state.status}, not loaded")
-            kept = self._kept(state)
-            if kept is not None:
-                return self._reject(peer, "", "conflict", f"model '{state.id}' cannot be evicted: {kept}")
-            self._evict(state, "admin", "by an operator")
+            refusal = self.evict(state)
+            if refusal:
+                return self._reject(peer, "", "conflict", refusal)
             self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
         else:
             self._reject(peer, "", "invalid_request", f"unknown model operation {op.op!r}")
@@ -1171,18 +1167,29 @@ class Leader:
     def describe_model(self, state: ModelState) -> dict:
         return self._describe(state)
 
-    def unload(self, state: ModelState, evict_reason: str | None = None) -> str | None:
-        """Unload a model now (an eviction when ``evict_reason`` is given); why it cannot be, if so."""
+    def unload(self, state: ModelState) -> str | None:
+        """Unload a model now (the management API, cortex-admin, reload); why it cannot be, if so."""
         busy = [s for s in self.requests.values() if s.model_id == state.id]
         if busy:
             return f"model '{state.id}' has {len(busy)} request(s) in flight"
         if state.status in ("loading", "recovering"):
             return f"model '{state.id}' is {state.status}"
-        if evict_reason and state.status == "loaded":
-            self._evict(state, evict_reason, "by the operator")
-        else:
-            self._unload_model(state)
+        self._unload_model(state)
         return None
+
+    def evict(self, state: ModelState) -> str | None:
+        """An operator's eviction (reason "admin"); why it cannot be, if so."""
+        if state.status != "loaded":
+            return f"model '{state.id}' is {state.status}, not loaded"
+        kept = self._kept(state)
+        if kept is not None:
+            return f"model '{state.id}' cannot be evicted: {kept}"
+        self._evict(state, "admin", "by an operator")
+        return None
+
+    def set_pinned(self, state: ModelState, pinned: bool) -> None:
+        state.pinned = pinned  # runtime only: models.toml `pinned` applies again on restart
+        log.info("model %s %s by an operator", state.id, "pinned" if pinned else "unpinned")
 
     def idle(self, state: ModelState) -> bool:
         """Nothing in flight, queued, parked or loading for this model."""

@@ -348,6 +348,8 @@ def test_admin_load_pin_unpin_evict_unload(srv):
     loaded = admin_json(srv, "load", "spare")
     assert loaded["status"] == "loaded" and loaded["devices"] == ["cpu"]
     assert admin_json(srv, "pin", "spare")["pinned"] is True
+    kept = admin(srv, "evict", "spare")
+    assert kept.returncode == 1 and "pinned" in kept.stderr
     assert admin_json(srv, "unpin", "spare")["pinned"] is False
     assert admin_json(srv, "evict", "spare")["status"] == "unloaded"
     r = admin(srv, "evict", "spare")

@@ -70,9 +70,7 @@ def _unload(leader: Leader, args: dict) -> dict:
 
 def _evict(leader: Leader, args: dict) -> dict:
     state = _model(leader, args)
-    if state.status != "loaded":
-        raise AdminError("conflict", f"model {state.id!r} is {state.status}, not loaded")
-    refusal = leader.unload(state, evict_reason="admin")
+    refusal = leader.evict(state)
     if refusal:
         raise AdminError("conflict", refusal)
     return leader.describe_model(state)
@@ -81,8 +79,7 @@ def _evict(leader: Leader, args: dict) -> dict:
 def _pin(pinned: bool) -> Callable[[Leader, dict], dict]:
     def run(leader: Leader, args: dict) -> dict:
         state = _model(leader, args)
-        state.pinned = pinned  # until a restart; the catalogue's `pinned` applies after one
-        log.info("model %s %s by cortex-admin", state.id, "pinned" if pinned else "unpinned")
+        leader.set_pinned(state, pinned)
         return leader.describe_model(state)
 
     return run
