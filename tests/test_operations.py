@@ -220,6 +220,8 @@ def test_metrics_after_traffic_match_the_usage_the_api_returned(srv):
         )
 
     wait_for(lambda: requests() == 4, what="four requests counted")
+    # gauges follow the leader's state a few times a second
+    wait_for(lambda: value(scrape(srv.metrics_url), "cortex_running_sequences", model="tiny") == 0, what="gauges")
     after = scrape(srv.metrics_url)
 
     def delta(name: str, **labels) -> float:
@@ -472,7 +474,7 @@ def test_drain_lets_a_running_stream_finish_and_refuses_new_requests(srv):
         assert a.status_code == 503 and a.json()["type"] == "error" and "retry-after" in a.headers
         h = httpx.get(srv.url + "/health", timeout=5)
         assert h.status_code == 503 and h.json()["status"] == "draining" and h.json()["draining"] is True
-        assert value(scrape(srv.metrics_url), "cortex_draining") == 1
+        wait_for(lambda: value(scrape(srv.metrics_url), "cortex_draining") == 1, what="the draining gauge")
         t.join(60)
         assert out["lines"][-1] == "data: [DONE]"
         assert json.loads(out["lines"][-2][6:])["choices"][0]["finish_reason"] == "length"
