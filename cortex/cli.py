@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,9 @@ def _url(hp: HostPort, path: str) -> str:
 def _start_front(
     cfg: Config, engine_endpoint: str, listen: HostPort, auth_file: str, metrics_dir: str, metrics_url: str | None
 ) -> subprocess.Popen:
+    # peers present the fleet's key: accepted as one more API key, and only when keys are on at all
+    # (auth.write_auth_file, which wins once written, says the same)
+    peer_digest = [auth.digest(cfg.fleet.peer_key)] if cfg.fleet.peer_key and cfg.gateway.api_keys else []
     settings = {
         "engine": engine_endpoint,
         "event_timeout_s": cfg.engine.step_timeout_s + 30,
@@ -47,7 +51,7 @@ def _start_front(
         "node": cfg.node.name,
         "keepalive_s": cfg.gateway.keepalive_s,
         # digests, not keys: the front's environment is readable in /proc by the same user
-        "api_key_digests": [auth.digest(k) for k in cfg.gateway.api_keys],
+        "api_key_digests": [auth.digest(k) for k in cfg.gateway.api_keys] + peer_digest,
         "admin_key_digests": [auth.digest(k) for k in cfg.gateway.admin_keys],
         "open_paths": list(cfg.gateway.open_paths),
         "auth_file": auth_file,  # the leader rewrites it on reload; it wins over the two above
@@ -55,6 +59,8 @@ def _start_front(
         "log_format": cfg.log_format,
         "log_content": cfg.log_content,
         "metrics_url": metrics_url,
+        "peer_key_digest": peer_digest[0] if peer_digest else "",
+        "connect_timeout_s": cfg.fleet.connect_timeout_s,
     }
     # fmt: off
     cmd = [
@@ -105,6 +111,8 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"cortex: --listen: {exc}", file=sys.stderr)
             return 2
+        # the override is the configuration from here on: the fleet tells peers this address
+        cfg = dataclasses.replace(cfg, gateway=dataclasses.replace(cfg.gateway, listen=listen))
 
     from cortex.leader import Leader
     from cortex.ops import logs, metrics
@@ -175,22 +183,78 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    url = args.endpoint.rstrip("/") + "/health"
+    """The fleet as one leader sees it (GET /fleet): nodes, their devices and memory, and where
+    every model is. Exit status 0 when every node is up."""
+    url = args.endpoint.rstrip("/") + "/fleet"
+    key = args.api_key or os.environ.get("CORTEX_API_KEY", "")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(request, timeout=10) as r:
             data = json.load(r)
     except urllib.error.HTTPError as exc:
-        data = json.load(exc)
-    except OSError as exc:
+        print(f"cortex: {url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
         print(f"cortex: cannot reach {url}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(data, indent=2))
-        return 0 if data.get("status") == "ok" else 1
-    from cortex.admin_cli import print_health
-
-    print_health(data)
+    else:
+        print(render_status(data))
     return 0 if data.get("status") == "ok" else 1
+
+
+def _mb(n: object) -> str:
+    return f"{n / 2**20:.0f}M" if isinstance(n, int) else "-"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+
+
+def render_status(data: dict) -> str:
+    """``cortex status`` as a readable table (``--json`` prints ``data`` itself)."""
+    nodes = data.get("nodes", [])
+    up = sum(n["up"] for n in nodes)
+    lines = [f"fleet via {data.get('node')}: {data.get('status')}  ({up}/{len(nodes)} nodes up)", ""]
+    rows = []
+    for n in nodes:
+        state = "up" if n["up"] else "DOWN"
+        state += " (cooling)" if n.get("cooling") else ""
+        state += " (draining)" if n.get("draining") else ""
+        devices = n.get("devices") or [{}]
+        for i, d in enumerate(devices):
+            used, budget = d.get("used_bytes"), d.get("budget_bytes")
+            memory = f"{_mb(used)}/{_mb(budget)} free {_mb(d.get('free_bytes'))}" if budget is not None else "-"
+            req = n.get("requests") or {}
+            load = f"{req.get('running', 0)} run, {req.get('waiting', 0)} wait" if i == 0 else ""
+            first = i == 0
+            rows.append(
+                [
+                    n["name"] + (" *" if n.get("self") and first else "") if first else "",
+                    state if first else "",
+                    (n.get("status") or "-") if first else "",
+                    d.get("device") or "(gateway)",
+                    memory,
+                    load,
+                    (n.get("error") or "") if first else "",
+                ]
+            )
+    lines += _table(["NODE", "STATE", "HEALTH", "DEVICE", "MEMORY used/budget", "LOAD", "ERROR"], rows)
+    lines.append("")
+    models = [
+        [
+            m["id"],
+            m["status"],
+            ",".join(m["resident_on"]) or "-",
+            ",".join(m["loadable_on"]) or "-",
+            m.get("alias_for", ""),
+        ]
+        for m in data.get("models", [])
+    ]
+    lines += _table(["MODEL", "STATUS", "RESIDENT ON", "LOADABLE ON", "ALIAS FOR"], models)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,9 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--config", help="path to cortex.toml (default: the embedded defaults)")
     s.add_argument("--listen", help="override [gateway] listen (host:port)")
     s.set_defaults(func=serve)
-    st = sub.add_parser("status", help="show a running leader's health")
-    st.add_argument("--endpoint", default="http://127.0.0.1:31313")
-    st.add_argument("--json", action="store_true")
+    st = sub.add_parser("status", help="show the fleet's health, nodes and models (from any leader)")
+    st.add_argument("--endpoint", "-e", default="http://127.0.0.1:31313", help="any leader's API base URL")
+    st.add_argument("--api-key", help="a key for that leader when it has API keys (default: $CORTEX_API_KEY)")
+    st.add_argument("--json", action="store_true", help="print the JSON of GET /fleet, for scripts")
     st.set_defaults(func=status)
     args = p.parse_args(argv)
     sys.exit(args.func(args))

@@ -85,7 +85,19 @@ class EvictionConfig:
 @dataclass(frozen=True)
 class PeerConfig:
     name: str
-    endpoint: str
+    endpoint: str  # base URL of the peer's API, no trailing slash
+    api_key: str = ""  # sent to this peer instead of [fleet] peer_key
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    poll_interval_s: float = 2.0  # how often each peer's /health is read
+    poll_timeout_s: float = 2.0
+    down_after: int = 3  # consecutive failed polls before a peer is marked down
+    cooldown_after: int = 3  # failed forwarded requests (within cooldown_s) before a peer is cooled down
+    cooldown_s: float = 30.0  # how long a cooled-down peer gets no requests
+    connect_timeout_s: float = 2.0  # a forwarded request that cannot connect this fast fails over
+    peer_key: str = ""  # the fleet's own credential: sent to peers, accepted from them
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,7 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (JSON lines)
     log_content: bool = False  # prompts and completions in the request log
+    fleet: FleetConfig = FleetConfig()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -169,9 +182,9 @@ def _one_of(*options: str) -> Callable[[str], str | None]:
 def _devices(v: Any) -> str | None:
     if v == "auto":
         return None
-    if isinstance(v, list) and v and all(isinstance(d, str) and _device_ok(d) for d in v):
+    if isinstance(v, list) and all(isinstance(d, str) and _device_ok(d) for d in v):
         return None
-    return f'expected "auto" or a non-empty list like ["cuda:0", "cuda:1"] or ["cpu", "cpu"]; got {v!r}'
+    return f'expected "auto" or a list like ["cuda:0", "cuda:1"] or ["cpu", "cpu"] ([] = a pure gateway); got {v!r}'
 
 
 def _device_ok(d: str) -> bool:
@@ -225,7 +238,28 @@ EVICTION = {
     "strategy": (str, "lru", _one_of(*STRATEGIES)),
     "defrag_after_cycles": (int, 50, _non_negative),
 }
-PEER = {"name": (str, REQUIRED, None), "endpoint": (str, REQUIRED, None)}
+FLEET = {
+    "poll_interval_s": ((int, float), 2.0, _positive),
+    "poll_timeout_s": ((int, float), 2.0, _positive),
+    "down_after": (int, 3, _positive),
+    "cooldown_after": (int, 3, _positive),
+    "cooldown_s": ((int, float), 30.0, _positive),
+    "connect_timeout_s": ((int, float), 2.0, _positive),
+    "peer_key": (str, "", None),
+}
+
+
+def _url(v: str) -> str | None:
+    if v.startswith(("http://", "https://")) and len(v.split("://", 1)[1].strip("/")) > 0:
+        return None
+    return f"expected an http:// or https:// URL like 'http://benjy.internal:31313', got {v!r}"
+
+
+PEER = {
+    "name": (str, REQUIRED, lambda v: None if v.strip() else "expected a non-empty name"),
+    "endpoint": (str, REQUIRED, _url),
+    "api_key": (str, "", None),
+}
 LOGGING = {
     "level": (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR")),
     "format": (str, "text", _one_of("text", "json")),
@@ -332,7 +366,7 @@ def load(file: str | Path | None = None) -> Config:
     # absolute, so paths relative to the config stay right whatever directory a process runs in
     path = Path(file).resolve() if file is not None else embedded_config_path()
     data = _read_toml(path)
-    top = {"node", "gateway", "engine", "eviction", "peers", "neurons", "logging"}
+    top = {"node", "gateway", "engine", "eviction", "fleet", "peers", "neurons", "logging"}
     unknown = sorted(set(data) - top)
     if unknown:
         raise ConfigError(path, unknown[0], f"unknown section (known: {', '.join(sorted(top))})")
@@ -341,11 +375,17 @@ def load(file: str | Path | None = None) -> Config:
     eng = _section(path, "[engine]", data.get("engine", {}), ENGINE)
     ev = _section(path, "[eviction]", data.get("eviction", {}), EVICTION)
     logging_cfg = _section(path, "[logging]", data.get("logging", {}), LOGGING)
+    fleet = _section(path, "[fleet]", data.get("fleet", {}), FLEET)
     for key in ("peers", "neurons"):  # [[neurons]]: the upstream name
         if not isinstance(data.get(key, []), list):
             raise ConfigError(path, f"[[{key}]]", "expected an array of tables ([[peers]] entries)")
     peer_list = data.get("peers", []) + data.get("neurons", [])
     peers = [PeerConfig(**_section(path, f"[[peers]] #{i + 1}", p, PEER)) for i, p in enumerate(peer_list)]
+    peers = [PeerConfig(p.name, p.endpoint.rstrip("/"), p.api_key) for p in peers]
+    names = [p.name for p in peers]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(path, f"[[peers]] {name}", "duplicate peer name")
 
     models_path = Path(node["models_config"])
     if not models_path.is_absolute():
@@ -373,7 +413,7 @@ def load(file: str | Path | None = None) -> Config:
         keepalive_s=float(gw["keepalive_s"]),
         admin_keys=tuple(gw["admin_keys"]) + _key_file(path, gw["admin_key_file"], "admin_key_file"),
     )
-    if isinstance(node_cfg.devices, list):
+    if isinstance(node_cfg.devices, list) and node_cfg.devices:  # a gateway ([]) loads nothing itself
         for m in catalogue.models:
             missing = [d for d in m.devices or [] if d not in node_cfg.devices]
             if missing:
@@ -409,6 +449,7 @@ def load(file: str | Path | None = None) -> Config:
         log_level=logging_cfg["level"],
         log_format=logging_cfg["format"],
         log_content=logging_cfg["log_content"],
+        fleet=FleetConfig(**{k: float(v) if isinstance(v, int) and k.endswith("_s") else v for k, v in fleet.items()}),
     )
 
 

@@ -34,13 +34,14 @@ from cortex.engine.blocks import BlockManager
 from cortex.engine.constraint import GrammarError, Grammars, Rules
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
+from cortex.fleet.fleet import Fleet
 from cortex.models import memory, source
 from cortex.models.registry import ModelState, Registry
 from cortex.ops import reload as ops_reload
 from cortex.ops.admin import AdminServer
 from cortex.ops.engine_metrics import EngineMetrics
 from cortex.supervisor import WorkerHandle, resolve_devices
-from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit, Waiting
+from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, PeerFailed, Query, Started, Submit, Waiting
 from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Ping, SeqInput, Unload
 from rpc.transport import RpcServer
 from workers.sharding import ShardingError, check_split, kv_block_bytes
@@ -116,6 +117,8 @@ class Leader:
         self.draining = False  # refuse new requests; in-flight ones finish (cortex-admin drain, SIGTERM)
         self.stop_at: float | None = None  # SIGTERM: stop once idle, or at this monotonic time at the latest
         self.pending_models: dict[str, ModelEntry | None] = {}  # reload: replace (entry) or remove (None) once idle
+        # peers to route to; a node with no devices is a pure gateway and always routes
+        self.fleet = Fleet(cfg) if cfg.peers or not self.devices else None
 
     # -- life cycle ---------------------------------------------------------------------------------
 
@@ -126,8 +129,10 @@ class Leader:
         for w in self.workers:
             self._start_worker(w)
         for state in self.registry.models.values():
-            if state.entry.preload:
+            if state.entry.preload and self.devices:
                 self.load(state, "preload")
+        if self.fleet:
+            self.fleet.start()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -139,6 +144,8 @@ class Leader:
             parked, state.parked = state.parked, []
             for peer, req in parked:
                 self._reject(peer, req.request_id, "shutting_down", "the server is shutting down", 15)
+        if self.fleet:
+            self.fleet.stop()
         for w in self.workers:
             w.stop()
         if self.frontend:
@@ -673,6 +680,9 @@ class Leader:
             self.frontend.reply(peer, 0, Answer(data=self.query(msg.what)))
         elif isinstance(msg, ModelOp):
             self._model_op(peer, msg)
+        elif isinstance(msg, PeerFailed):
+            if self.fleet:
+                self.fleet.report_failure(msg.endpoint, msg.reason)
         else:
             self.frontend.reply(
                 peer, 0, Error(kind="bad_frame", message=f"{type(msg).__name__} is not a front request")
@@ -685,9 +695,15 @@ class Leader:
         rid = req.request_id
         if self.stopping.is_set():
             return self._reject(peer, rid, "shutting_down", "the server is shutting down", 15)
+        state = self.registry.resolve(req.model)
+        # route: a model not resident here, or any model while draining (a draining node is not
+        # routable in its own view either, so its new requests go to peers that can serve them)
+        if self.fleet and not req.hop and (self.draining or state is None or state.status != "loaded"):
+            answer = self.fleet.decide(rid, req.model, self.health())
+            if answer is not None:  # another node serves it, or no node can
+                return self.frontend.reply(peer, 0, answer)
         if self.draining:
             return self._reject(peer, rid, "draining", f"node {self.cfg.node.name} is draining", RETRY_AFTER_DRAINING_S)
-        state = self.registry.resolve(req.model)
         if state is None:
             return self._reject(peer, rid, "model_not_found", f"The model '{req.model}' does not exist")
         if state.status != "loaded":
@@ -1069,6 +1085,12 @@ class Leader:
             }
         if what == "health":
             return self.health()
+        if what == "fleet":
+            return (
+                self.fleet.describe(self.health())
+                if self.fleet
+                else {"node": self.cfg.node.name, "self": self.health(), "peers": []}
+            )
         return {"error": f"unknown query {what!r}"}
 
     def _describe(self, state: ModelState) -> dict:
@@ -1156,6 +1178,7 @@ class Leader:
             "pid": os.getpid(),
             "workers": workers,
             "models": models,
+            "aliases": self.registry.catalogue.aliases,  # peers resolve names routed to this node
             "requests": {
                 "running": sum(len(s.running) for s in self.schedulers.values()),
                 "waiting": sum(len(s.waiting) for s in self.schedulers.values()),
@@ -1238,11 +1261,16 @@ class Leader:
         self.cfg = cfg
         self.registry.catalogue = cfg.catalogue
         self._publish_keys()
+        if self.fleet:
+            self.fleet.reconfigure(cfg)
+        elif cfg.peers:
+            self.fleet = Fleet(cfg)
+            self.fleet.start()
         logging.getLogger().setLevel(cfg.log_level)
 
     def _publish_keys(self) -> None:
         gw = self.cfg.gateway
-        write_auth_file(self.auth_file, gw.api_keys, gw.admin_keys, gw.open_paths)
+        write_auth_file(self.auth_file, gw.api_keys, gw.admin_keys, gw.open_paths, self.cfg.fleet.peer_key)
 
     def add_model(self, entry: ModelEntry) -> None:
         state = ModelState(entry)
@@ -1256,8 +1284,8 @@ class Leader:
         self.schedulers.pop(model_id, None)
 
     def peers_status(self) -> list[dict]:
-        """Configured peers. Their reachability comes with the fleet poller; until then "unknown"."""
-        return [{"name": p.name, "endpoint": p.endpoint, "status": "unknown"} for p in self.cfg.peers]
+        """Configured peers and what the poller last learnt of them."""
+        return self.fleet.peers_status() if self.fleet else []
 
     def device_memory(self) -> list[dict]:
         """Per device: rank, device, budget/used/free/evictable bytes (as in /health)."""

@@ -1,7 +1,7 @@
 """HTTP front <-> leader messages: requests in, token events out.
 
 The front sends one ``Submit`` per generation and then reads events for that request id until a
-``Finished`` or an ``Error``. Queries (models, health) get a single ``Answer``. The request is
+``Finished`` or an ``Error`` (or one ``Forward``: another leader serves it). Queries (models, health) get a single ``Answer``. The request is
 dialect-neutral: both the OpenAI and the Anthropic resources build the same ``Submit``.
 """
 
@@ -38,6 +38,7 @@ class Submit:
     parallel_tool_calls: bool = True
     json_schema: dict[str, Any] | None = None  # constrain output to this schema ({}: any JSON object)
     thinking: bool | None = None  # None: the model's default; False: ask a thinking model not to think
+    hop: bool = False  # forwarded by a peer leader: serve it here or fail, never forward it again
 
 
 @message
@@ -59,6 +60,15 @@ class ModelOp:
 
 
 @message
+class PeerFailed:
+    """The front could not get an answer from a peer it was sent to (no reply, or a 5xx before any
+    byte): the leader counts it toward that peer's cooldown and re-polls it."""
+
+    endpoint: str  # the Target's endpoint
+    reason: str
+
+
+@message
 class Answer:
     data: dict[str, Any]
 
@@ -75,6 +85,26 @@ class Waiting:
     """Accepted, but the model is still loading: Started (or a Failure) follows once it is."""
 
     request_id: str
+    reason: str
+
+
+@message
+class Target:
+    """A leader a request may be forwarded to."""
+
+    node: str
+    endpoint: str  # base URL, e.g. http://benjy.internal:31313
+    key: str = ""  # the credential to present there ("" = none)
+    model: str = ""  # when set, the body's model is rewritten to this id (an alias the target does not know)
+
+
+@message
+class Forward:
+    """Answer to a Submit that another leader should serve: the front proxies the client's original
+    HTTP request to ``targets[0]``, and once to ``targets[1]`` if the first refuses or is unreachable."""
+
+    request_id: str
+    targets: list[Target]
     reason: str
 
 

@@ -61,18 +61,20 @@ class Server:
         env: dict | None = None,
         devices: str = '["cpu"]',
         start_new_session: bool = False,  # a process group of its own, as a terminal gives
+        name: str = "test",
+        port: int | None = None,  # chosen beforehand when other servers' configs name this one
         # more [node] keys. By default a fixed device budget, so that what fits does not depend on
         # how much RAM other processes hold at the moment (KV pools default to 1 GiB per model)
         node_extra: str = "memory_budget_mb = 16384\n",
     ):
         self.root = root
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"  # never the default port: servers run side by side
         (root / "run").mkdir(parents=True, exist_ok=True)
         (root / "models.toml").write_text(models_toml)
         (root / "cortex.toml").write_text(
-            f'[node]\nname = "test"\ndevices = {devices}\nrun_dir = "{root / "run"}"\nthreads = 1\n{node_extra}'
+            f'[node]\nname = "{name}"\ndevices = {devices}\nrun_dir = "{root / "run"}"\nthreads = 1\n{node_extra}'
             f'[gateway]\nlisten = "127.0.0.1:{self.port}"\nworkers = 1\nthreads = 8\n'
             f'metrics_listen = "{self.metrics_url[len("http://") : -len("/metrics")]}"\n{cortex_extra}'
         )

@@ -15,7 +15,7 @@ import falcon
 from cortex.api import sse
 from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
-from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events
+from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded
 from cortex.api.validation import field, read_json
 from cortex.chat.output import Reasoning, Text, ToolCall
 from rpc.engine import Finished, Submit
@@ -164,6 +164,7 @@ def parse_submit(body: dict, req: falcon.Request, max_tokens_required: bool = Tr
         tool_name=tool_name,
         parallel_tool_calls=parallel,
         thinking=parse_thinking(body),
+        hop=forwarded(req),
     )
 
 

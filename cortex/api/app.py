@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import falcon
 
@@ -18,14 +17,16 @@ from cortex.api import errors
 from cortex.api.anthropic import CountTokens, Messages
 from cortex.api.auth import ApiKeys
 from cortex.api.engine_client import EngineClient
+from cortex.api.generation import client_id
 from cortex.api.health import Health
 from cortex.api.manage import ModelLoad, ModelTable
-from cortex.api.models import Models
+from cortex.api.models import Fleet, Models
 from cortex.api.openai import ChatCompletions, Completions
 from cortex.api.openapi import OpenApiDocument
 from cortex.ops import logs
 from cortex.ops.reqlog import RequestLog
 from cortex.ops.scrape import MetricsProxy
+from cortex.fleet.proxy import ForwardTo, Proxy
 
 ENV = "CORTEX_FRONT"
 
@@ -40,13 +41,22 @@ def create_app(settings: dict | None = None) -> falcon.App:
         s.get("open_paths", ["/health", "/metrics"]),
         s.get("admin_key_digests", []),
         s.get("auth_file"),
+        peer_digest=s.get("peer_key_digest", ""),
     )
     requests = RequestLog(s.get("node", "cortex"), s.get("log_content", False))
     # the request log first: it also sees the requests the key check refuses
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[requests, auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
-    models = Models(engine, int(time.time()), s.get("node", "cortex"))
+    proxy = Proxy(
+        s.get("node", "cortex"),
+        engine.report_peer_failure,
+        s.get("connect_timeout_s", 2.0),
+        s.get("load_timeout_s", 900.0),  # a peer may be cold-loading the model before its first byte
+        client_id,
+    )
+    app.add_error_handler(ForwardTo, proxy.handle)
+    models = Models(engine)
     body, keepalive = s["max_body_bytes"], s.get("keepalive_s", 10.0)
     app.add_route("/v1/chat/completions", ChatCompletions(engine, body, keepalive))
     app.add_route("/v1/completions", Completions(engine, body, keepalive))
@@ -58,6 +68,7 @@ def create_app(settings: dict | None = None) -> falcon.App:
     app.add_route("/health", Health(engine))
     if s.get("metrics_url"):
         app.add_route("/metrics", MetricsProxy(s["metrics_url"]))
+    app.add_route("/fleet", Fleet(engine))
     app.add_route("/models", ModelTable(engine))
     app.add_route("/models/load", ModelLoad(engine, body, s["load_timeout_s"], "load"))
     for op in ("unload", "pin", "unpin", "evict"):

@@ -19,6 +19,7 @@ import os
 import falcon
 
 from cortex.api.errors import ApiError
+from cortex.fleet.proxy import HOP
 
 
 def digest(key: str) -> str:
@@ -43,18 +44,27 @@ def _matches(sent: bytes, digests: list[bytes]) -> bool:
 
 
 def write_auth_file(
-    path: str | os.PathLike, keys: tuple[str, ...], admin_keys: tuple[str, ...], open_paths: tuple[str, ...]
+    path: str | os.PathLike,
+    keys: tuple[str, ...],
+    admin_keys: tuple[str, ...],
+    open_paths: tuple[str, ...],
+    peer_key: str = "",
 ) -> None:
     """What the front needs to check keys (digests only), written whole or not at all (rename), so
-    a front process never reads half a file. The leader writes it at start and on every reload."""
+    a front process never reads half a file. The leader writes it at start and on every reload.
+
+    ``peer_key`` (the fleet's credential) is accepted as one more API key, and only when keys are on
+    at all: with no keys every request passes, and a peer key alone must not switch them on."""
+    peer = [digest(peer_key)] if peer_key and keys else []
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(
             {
-                "api_key_digests": [digest(k) for k in keys],
+                "api_key_digests": [digest(k) for k in keys] + peer,
                 "admin_key_digests": [digest(k) for k in admin_keys],
                 "open_paths": list(open_paths),
+                "peer_key_digest": peer[0] if peer else "",
             },
             f,
         )
@@ -65,7 +75,10 @@ class ApiKeys:
     """Falcon middleware; with no keys configured every request passes.
 
     With ``path`` (the leader's auth file), keys and open paths follow that file: one stat per
-    request notices a rewrite, so a reload's new keys apply to the next request."""
+    request notices a rewrite, so a reload's new keys apply to the next request.
+
+    It also marks requests that come from a peer leader (``req.context.from_peer``): those
+    presenting the fleet's peer key, or, with no keys at all, those carrying the hop header."""
 
     def __init__(
         self,
@@ -73,11 +86,13 @@ class ApiKeys:
         open_paths: list[str],
         admin_digests: list[str] | None = None,
         path: str | None = None,
+        peer_digest: str = "",
     ):
         self.digests = [d.encode() for d in digests]
         self.admin_digests = [d.encode() for d in admin_digests or ()]
         self.open_paths = tuple(open_paths)
         self.path, self.stamp = path, None
+        self.peer_digest = peer_digest.encode()
 
     def _follow_file(self) -> None:
         try:
@@ -90,15 +105,18 @@ class ApiKeys:
             digests = [d.encode() for d in data["api_key_digests"]]
             admin_digests = [d.encode() for d in data["admin_key_digests"]]
             open_paths = tuple(data["open_paths"])
+            peer_digest = str(data.get("peer_key_digest", "")).encode()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # keep checking with the keys we have: failing open would be worse than stale keys
             logging.getLogger("cortex.front").warning("cannot read %s: %s", self.path, exc)
             return
         self.digests, self.admin_digests, self.open_paths, self.stamp = digests, admin_digests, open_paths, stamp
+        self.peer_digest = peer_digest
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self.path:
             self._follow_file()
+        req.context.from_peer = not self.digests and req.get_header(HOP) is not None
         admin = is_admin_path(req.path)
         if req.method == "OPTIONS" or req.path in self.open_paths and not admin:
             return
@@ -124,3 +142,4 @@ class ApiKeys:
                 "permission_error",
                 "admin_key_required",
             )
+        req.context.from_peer = bool(self.peer_digest) and hmac.compare_digest(sent, self.peer_digest)

@@ -16,8 +16,22 @@ import zmq
 
 from cortex.api.errors import ApiError
 from cortex.ops.reqlog import RequestRecord
+from cortex.fleet.proxy import ForwardTo
 from rpc.codec import encode
-from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, Query, Started, Submit, Waiting
+from rpc.engine import (
+    Answer,
+    Cancel,
+    Delta,
+    Failure,
+    Finished,
+    Forward,
+    ModelOp,
+    PeerFailed,
+    Query,
+    Started,
+    Submit,
+    Waiting,
+)
 from rpc.messages import Error
 from rpc.transport import RpcClient
 
@@ -50,6 +64,16 @@ class EngineClient:
             )
         return reply.data
 
+    def report_peer_failure(self, endpoint: str, reason: str) -> None:
+        """Tell the leader a forwarded request failed there (fire and forget: no answer comes)."""
+        client = RpcClient(self.endpoint, self._context())
+        try:
+            client.socket.send(encode(PeerFailed(endpoint, reason)), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the leader is gone or busy: the poller will learn it anyway
+        finally:
+            client.close(linger_ms=200)
+
     def model_op(self, op: str, model: str, timeout_s: float) -> dict:
         """Load or unload a model; returns its description once done, raises ApiError otherwise."""
         client = RpcClient(self.endpoint, self._context())
@@ -79,6 +103,8 @@ class EngineClient:
                     continue
                 if isinstance(got[1], Answer):
                     return int(got[1].data["input_tokens"])
+                if isinstance(got[1], Forward):
+                    raise ForwardTo(got[1])
                 raise _as_api_error(got[1])
         finally:
             client.close()
@@ -165,6 +191,8 @@ class Generation:
             self.client.close()
             if self.record is not None and isinstance(first, Failure) and first.kind == "model_not_found":
                 self.record.unknown_model()
+            if isinstance(first, Forward):  # another leader serves it: the proxy takes over
+                raise ForwardTo(first)
             raise _as_api_error(first)
 
     def events(

@@ -29,6 +29,7 @@ FAILURES = {
     "model_too_large": (507, "server_error", "model_too_large"),
     "internal": (500, "server_error", "internal_error"),
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "fleet_unavailable": (503, "service_unavailable", "model_unavailable"),  # only on nodes that are down
 }
 
 

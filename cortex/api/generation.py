@@ -16,6 +16,7 @@ import falcon
 
 from cortex.api.engine_client import ClientGone, Generation
 from cortex.chat.output import OutputParser, Part
+from cortex.fleet.proxy import CLIENT, HOP
 from rpc.engine import Delta, Finished
 
 log = logging.getLogger("cortex.front")
@@ -99,8 +100,18 @@ def merge_text(parts: list[Part], kind: type) -> str:
 
 
 def client_id(req: falcon.Request) -> str:
-    """Who is asking, for per-client limits: a hash of the API key if one is sent, else the address."""
+    """Who is asking, for per-client limits: a hash of the API key if one is sent, else the address.
+    A request a peer leader forwarded counts for the client that sent it there, not for the peer."""
+    forwarded = req.get_header(CLIENT)
+    if forwarded and getattr(req.context, "from_peer", False):
+        return forwarded
     key = req.get_header("Authorization") or req.get_header("X-Api-Key")
     if key:
         return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # never the key itself
     return "addr:" + (req.remote_addr or "")
+
+
+def forwarded(req: falcon.Request) -> bool:
+    """A peer leader forwarded it (hop header): serve it here or fail, never forward it again. Any
+    client may send the header; all it gets is a request that is not routed."""
+    return req.get_header(HOP) is not None

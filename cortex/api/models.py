@@ -1,4 +1,8 @@
-"""GET /v1/models: every catalogue model (and alias) with its status, in the OpenAI list shape."""
+"""GET /v1/models: every model the fleet can serve (and every alias), in the OpenAI list shape, with
+where each is resident and where it could be loaded; GET /fleet: the nodes behind it.
+
+The same on every leader once its peers are polled (cortex/fleet/catalogue.py): on a single node
+it is that node's catalogue."""
 
 from __future__ import annotations
 
@@ -6,31 +10,15 @@ import falcon
 
 from cortex.api.engine_client import EngineClient
 from cortex.api.errors import ApiError
-
-
-def _entry(m: dict, created: int, owned_by: str, alias_of: str | None = None) -> dict:
-    return {
-        "id": m["id"] if alias_of is None else alias_of,
-        "object": "model",
-        "created": created,
-        "owned_by": owned_by,
-        "status": m["status"],
-        "devices": m["devices"],
-        "context_length": m["context_length"],
-        **({"alias_for": m["id"]} if alias_of else {}),
-    }
+from cortex.fleet import catalogue
 
 
 class Models:
-    def __init__(self, engine: EngineClient, started: int, node: str):
-        self.engine, self.started, self.node = engine, started, node
+    def __init__(self, engine: EngineClient):
+        self.engine = engine
 
     def _listing(self) -> list[dict]:
-        data = self.engine.query("models")
-        by_id = {m["id"]: m for m in data["models"]}
-        out = [_entry(m, self.started, self.node) for m in data["models"]]
-        out += [_entry(by_id[t], self.started, self.node, alias) for alias, t in data["aliases"].items() if t in by_id]
-        return out
+        return catalogue.merged(catalogue.nodes(self.engine.query("fleet")))
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"object": "list", "data": self._listing()}
@@ -43,3 +31,11 @@ class Models:
         raise ApiError(
             404, f"The model '{model_id}' does not exist", "invalid_request_error", "model_not_found", param="model"
         )
+
+
+class Fleet:
+    def __init__(self, engine: EngineClient):
+        self.engine = engine
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = catalogue.table(self.engine.query("fleet"))

@@ -15,7 +15,7 @@ import falcon
 from cortex.api import sse
 from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
-from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, merge_text
+from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded, merge_text
 from cortex.api.validation import field, read_json
 from cortex.chat.output import Reasoning, Text, ToolCall
 from rpc.engine import Finished, Submit
@@ -241,6 +241,7 @@ class ChatCompletions:
             parallel_tool_calls=field(body, "parallel_tool_calls", bool, default=True),
             json_schema=parse_response_format(body),
             thinking=parse_thinking(body),
+            hop=forwarded(req),
         )
         gen = self.engine.submit(
             submit, req.context.get("record")
@@ -402,6 +403,7 @@ class Completions:
             n=field(body, "n", int, default=1, lo=1, hi=16),
             prompt=text,
             prompt_ids=ids,
+            hop=forwarded(req),
         )
         gen = self.engine.submit(submit, req.context.get("record"))
         created = int(time.time())

@@ -29,6 +29,7 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict[str, Any]:
         )
     if not raw:
         raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
+    req.context.raw_body = raw  # a request another leader serves is forwarded as the client sent it
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -1,0 +1,198 @@
+"""The front's side of forwarding: send the client's original request to another leader and stream
+its answer back as it arrives.
+
+The client's raw body and path go as they came, so the peer parses them in the client's dialect and
+answers in it; only the headers change: hop-by-hop ones and the client's credential are dropped,
+the fleet's peer credential and a hop header are added. A peer that cannot be reached, or answers
+5xx before any byte of a body, is reported to the leader and the next target is tried (once). Once
+bytes flow, a failure ends the stream with the dialect's error event: never a silent truncation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import falcon
+import httpx
+
+from cortex.api import sse
+from cortex.api.errors import ApiError, dialect_of, handle_api_error
+from rpc.engine import Forward, Target
+
+log = logging.getLogger("cortex.front")
+
+HOP = "X-Cortex-Hop"  # the node that forwarded it: a request carrying it is never forwarded again
+CLIENT = "X-Cortex-Client"  # who the original client is, for the peer's per-client limits
+UPSTREAM = "X-Cortex-Upstream"  # on the response: the node that served it
+FAILED_OVER = "X-Cortex-Failed-Over"  # on the response: the node tried first, which failed
+
+# never forwarded: connection-level (RFC 9110 7.6.1), recomputed by the client library, or the
+# client's own credential (replaced by the fleet's)
+_DROP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "authorization",
+    "x-api-key",
+    HOP.lower(),
+    CLIENT.lower(),
+}
+
+
+class ForwardTo(Exception):
+    """Raised by the engine client when the leader answers ``Forward``; handled by ``Proxy``."""
+
+    def __init__(self, forward: Forward):
+        super().__init__(forward.reason)
+        self.forward = forward
+
+
+class Proxy:
+    """One per front process; its HTTP client pools connections to peers across requests and threads."""
+
+    def __init__(
+        self,
+        node: str,
+        report: Callable[[str, str], None],
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        client_of: Callable[[falcon.Request], str],
+    ):
+        self.node, self.report, self.client_of = node, report, client_of
+        self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=connect_timeout_s)
+        self._http: httpx.Client | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def _client(self) -> httpx.Client:
+        with self._lock:
+            if self._pid != os.getpid():  # gunicorn forks workers: a pool must not cross a fork
+                limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+                self._http = httpx.Client(timeout=self.timeout, limits=limits, follow_redirects=False)
+                self._pid = os.getpid()
+            return self._http
+
+    def handle(self, req: falcon.Request, resp: falcon.Response, ex: ForwardTo, params: dict) -> None:
+        """Falcon error handler for ForwardTo: the response becomes the peer's. (An error handler
+        that raises gets no further handling, so errors are rendered here.)"""
+        try:
+            self._forward(req, resp, ex.forward)
+        except ApiError as err:
+            handle_api_error(req, resp, err, params)
+
+    def _forward(self, req: falcon.Request, resp: falcon.Response, forward: Forward) -> None:
+        body = getattr(req.context, "raw_body", None)
+        if body is None:
+            raise ApiError(500, "cannot forward a request whose body was not kept", "server_error", None)
+        targets = forward.targets
+        failed: list[str] = []
+        for i, target in enumerate(targets):
+            last = i == len(targets) - 1
+            upstream = self._send(req, target, body)
+            if upstream is None:
+                failed.append(target.node)
+                continue
+            if upstream.status_code >= 500 and not last:  # refused before any byte: try the next one
+                self._refused(target, upstream)
+                failed.append(target.node)
+                continue
+            self._relay(req, resp, target, upstream, failed)
+            return
+        names = ", ".join(failed)
+        raise ApiError(
+            503,
+            f"no node could serve the request now (tried {names})",
+            "service_unavailable",
+            "upstream_unavailable",
+            retry_after=2,
+        )
+
+    def _send(self, req: falcon.Request, target: Target, body: bytes) -> httpx.Response | None:
+        if target.model:
+            body = _rename(body, target.model)
+        headers = {k: v for k, v in req.headers.items() if k.lower() not in _DROP}
+        headers[HOP] = self.node
+        headers[CLIENT] = self.client_of(req)
+        headers["Accept-Encoding"] = "identity"  # relayed byte for byte: no compression to undo
+        if target.key:
+            headers["Authorization"] = f"Bearer {target.key}"
+        http = self._client()
+        request = http.build_request(req.method, target.endpoint + req.relative_uri, content=body, headers=headers)
+        try:
+            return http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("forward to %s (%s) failed: %s", target.node, target.endpoint, reason)
+            self.report(target.endpoint, reason)
+            return None
+
+    def _refused(self, target: Target, upstream: httpx.Response) -> None:
+        status = upstream.status_code
+        upstream.close()
+        log.warning("forward to %s answered %d; failing over", target.node, status)
+        if status != 503:  # 503 is a busy or loading node, not a broken one
+            self.report(target.endpoint, f"HTTP {status}")
+
+    def _relay(
+        self, req: falcon.Request, resp: falcon.Response, target: Target, upstream: httpx.Response, failed: list[str]
+    ) -> None:
+        resp.status = upstream.status_code
+        for name, value in upstream.headers.items():
+            if name.lower() not in _DROP and name.lower() != "content-encoding":
+                resp.set_header(name, value)
+        resp.set_header(UPSTREAM, target.node)
+        if failed:
+            resp.set_header(FAILED_OVER, ", ".join(failed))
+        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        resp.stream = self._chunks(upstream, target, dialect_of(req) if is_sse else None)
+
+    def _chunks(self, upstream: httpx.Response, target: Target, sse_dialect: str | None) -> Iterator[bytes]:
+        """The peer's bytes as they arrive (no buffering). Closing this generator (the client went
+        away) closes the upstream connection, which cancels the request on the peer."""
+        ended_event = True
+        try:
+            for chunk in upstream.iter_raw():
+                if chunk:
+                    ended_event = chunk.endswith(b"\n\n")
+                    yield chunk
+        except httpx.HTTPError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("stream from %s broke: %s", target.node, reason)
+            self.report(target.endpoint, reason)
+            if sse_dialect is not None:
+                err = ApiError(
+                    502,
+                    f"the node serving this request ({target.node}) failed mid-stream: {reason}",
+                    "server_error",
+                    "upstream_failed",
+                )
+                yield (b"" if ended_event else b"\n\n") + error_event(err, sse_dialect)
+        finally:
+            upstream.close()
+
+
+def error_event(err: ApiError, dialect: str) -> bytes:
+    """The dialect's mid-stream error: OpenAI sends the error object as one more data event,
+    Anthropic an ``error`` event (as cortex/api/openai.py and anthropic.py do for local streams)."""
+    if dialect == "anthropic":
+        return sse.named("error", err.body("anthropic"))
+    return sse.event(err.body())
+
+
+def _rename(body: bytes, model: str) -> bytes:
+    data = json.loads(body)
+    data["model"] = model
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
