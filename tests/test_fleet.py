@@ -26,10 +26,12 @@ import httpx
 import openai
 import pytest
 
+from cortex.config import ConfigError, load
 from cortex.fleet.catalogue import merged
-from cortex.fleet.proxy import FAILED_OVER, HOP, UPSTREAM
+from cortex.fleet.proxy import FAILED_OVER, HOP, UPSTREAM, Proxy
 from cortex.fleet.router import placement, route
 from cortex.fleet.view import DeviceView, ModelView, NodeView, node_view
+from rpc.engine import Target
 from tests.conftest import Server, free_port
 
 HI = [{"role": "user", "content": "Hello, world!"}]
@@ -118,6 +120,85 @@ def test_merged_catalogue_is_the_same_from_any_node():
     assert by_id["x"]["status"] == "loaded"
     assert by_id["why"]["alias_for"] == "y" and by_id["why"]["resident_on"] == ["a"]
     assert [e["id"] for e in one] == sorted(by_id)
+
+
+# -- configuration --------------------------------------------------------------------------------------
+
+
+def _config(tmp_path, text: str, models: str = ""):
+    (tmp_path / "cortex.toml").write_text(text)
+    (tmp_path / "models.toml").write_text(models)
+    return load(tmp_path / "cortex.toml")
+
+
+def test_fleet_config(tmp_path):
+    cfg = _config(
+        tmp_path,
+        '[node]\ndevices = []\n[fleet]\npoll_interval_s = 1\ndown_after = 2\npeer_key = "fleet-secret"\n'
+        '[[peers]]\nname = "b"\nendpoint = "http://b:31313/"\napi_key = "b-key"\n'
+        '[[neurons]]\nname = "c"\nendpoint = "https://c"\n',
+        '[[models]]\nid = "m"\npath = "m"\ntensor_parallel = 2\n',  # a gateway's catalogue loads nowhere
+    )
+    assert cfg.node.devices == [] and cfg.fleet.poll_interval_s == 1.0 and cfg.fleet.down_after == 2
+    assert [(p.name, p.endpoint, p.api_key) for p in cfg.peers] == [
+        ("b", "http://b:31313", "b-key"),
+        ("c", "https://c", ""),
+    ]
+    assert cfg.fleet.peer_key == "fleet-secret" and cfg.fleet.cooldown_s == 30.0
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('[[peers]]\nname = "b"\nendpoint = "b:31313"\n', ["[[peers]] #1 endpoint", "http://"]),
+        ('[[peers]]\nname = "b"\nendpoint = "http://b"\n[[peers]]\nname = "b"\nendpoint = "http://c"\n', ["duplicate"]),
+        ("[fleet]\npoll_interval_s = 0\n", ["[fleet] poll_interval_s", "> 0"]),
+        ("[fleet]\npoll_every = 1\n", ["[fleet] poll_every", "unknown key"]),
+    ],
+)
+def test_fleet_config_mistakes(tmp_path, text, words):
+    with pytest.raises(ConfigError) as e:
+        _config(tmp_path, text)
+    for w in words:
+        assert w in str(e.value)
+
+
+# -- the proxy's mid-stream failure, in each dialect -----------------------------------------------------
+
+
+def _dying_upstream(first_event: bytes) -> str:
+    """An HTTP server that starts an SSE answer, sends one event, and drops the connection."""
+    sock = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = sock.accept()
+        conn.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        conn.sendall(head + f"{len(first_event):x}\r\n".encode() + first_event + b"\r\n")
+        conn.close()
+        sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+def test_a_stream_that_breaks_ends_with_the_dialects_error_event(dialect):
+    first = b'event: ping\ndata: {"type":"ping"}\n\n' if dialect == "anthropic" else b"data: {}\n\n"
+    url = _dying_upstream(first)
+    reported = []
+    proxy = Proxy("A", lambda endpoint, why: reported.append(endpoint), 2, 10, lambda req: "")
+    conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
+    out = b"".join(proxy._chunks(conn, upstream, Target("B", url), dialect))
+    assert out.startswith(first) and reported == [url]
+    tail = out[len(first) :].decode()
+    if dialect == "anthropic":
+        assert tail.startswith("event: error\n")
+        err = json.loads(tail.split("data: ", 1)[1])
+        assert err["type"] == "error" and err["error"]["type"] == "api_error" and "B" in err["error"]["message"]
+    else:
+        err = json.loads(tail.removeprefix("data: "))
+        assert err["error"]["code"] == "upstream_failed"
 
 
 # -- three leaders ---------------------------------------------------------------------------------------

@@ -92,6 +92,12 @@ SAMPLES = [
     engine.Finished(request_id="r", finish_reason="length", prompt_tokens=3, completion_tokens=5),
     engine.Finished(request_id="r", finish_reason="stop", prompt_tokens=3, completion_tokens=5, stop_sequence="\n"),
     engine.Failure(request_id="r", kind="model_loading", message="wait", retry_after=5),
+    engine.Forward(
+        request_id="r",
+        targets=[engine.Target("b", "http://b:31313", "k"), engine.Target("c", "http://c:31313", model="m")],
+        reason="resident on b",
+    ),
+    engine.PeerFailed(endpoint="http://b:31313", reason="ConnectError"),
 ]
 
 
@@ -105,7 +111,7 @@ def test_the_samples_cover_every_message_type():
     defined = {
         c for m in (messages, engine) for c in vars(m).values() if isinstance(c, type) and c.__module__ == m.__name__
     }
-    assert defined - {type(s) for s in SAMPLES} <= {SamplingParams, SeqInput}  # nested only
+    assert defined - {type(s) for s in SAMPLES} <= {SamplingParams, SeqInput, engine.Target}  # nested only
 
 
 @pytest.mark.parametrize(

@@ -476,18 +476,52 @@ MODEL_STATE = _obj(
     },
     ("id", "status", "devices"),
 )
+NAMES = {"type": "array", "items": STR}
 MODEL = _obj(
     {
         "id": STR,
         "object": _const("model"),
-        "created": INT,
-        "owned_by": {**STR, "description": "The node's name."},
-        "status": MODEL_STATE["properties"]["status"],
-        "devices": {"type": "array", "items": STR},
-        "context_length": _null(INT),
+        "created": {**INT, "description": "0: the same on every leader of the fleet."},
+        "owned_by": {**STR, "description": "Always cortex: the fleet, whichever leader answers."},
+        "status": {
+            **MODEL_STATE["properties"]["status"],
+            "description": "Its best status on any node: loaded when resident somewhere.",
+        },
+        "context_length": _null({**INT, "description": "The smallest any node reports."}),
+        "resident_on": {**NAMES, "description": "Nodes where it is loaded now."},
+        "loadable_on": {**NAMES, "description": "Other nodes that could load it."},
+        "locations": {
+            "type": "array",
+            "items": _obj({"node": STR, "status": MODEL_STATE["properties"]["status"], "devices": NAMES}),
+        },
         "alias_for": {**STR, "description": "Set on an alias: the model it names."},
     },
-    ("id", "object", "created", "owned_by"),
+    ("id", "object", "created", "owned_by", "resident_on", "loadable_on"),
+)
+FLEET = _obj(
+    {
+        "node": {**STR, "description": "The leader that answered."},
+        "status": {"type": "string", "enum": ["ok", "degraded", "isolated"]},
+        "nodes": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "name": STR,
+                    "endpoint": STR,
+                    "self": BOOL,
+                    "up": BOOL,
+                    "cooling": BOOL,
+                    "status": _null(STR),
+                    "draining": BOOL,
+                    "devices": {"type": "array", "items": {"type": "object"}},
+                    "requests": {"type": "object"},
+                    "error": _null(STR),
+                }
+            ),
+        },
+        "models": {"type": "array", "items": _ref("Model")},
+    },
+    ("node", "status", "nodes", "models"),
 )
 HEALTH = _obj(
     {
@@ -645,6 +679,7 @@ SCHEMAS = {
     "ModelState": MODEL_STATE,
     "ModelName": _obj({"model": {**STR, "description": "A catalogue model id or alias."}}, ("model",)),
     "Health": HEALTH,
+    "Fleet": FLEET,
     "AnthropicTextBlock": A_TEXT,
     "AnthropicToolUseBlock": A_TOOL_USE,
     "AnthropicThinkingBlock": A_THINKING,
@@ -761,7 +796,8 @@ PATHS = {
         "get": _op(
             "listModels",
             "OpenAI",
-            "Every catalogue model and alias, loaded or not.",
+            "Every model and alias the fleet can serve, where it is resident and where it could be loaded;"
+            " the same on every leader once its peers are polled.",
             {**_ok("The models.", "ModelList"), **_errors("OpenAI", 401, 503)},
         )
     },
@@ -810,6 +846,15 @@ PATHS = {
                 },
             },
             security=PUBLIC,
+        )
+    },
+    "/fleet": {
+        "get": _op(
+            "fleet",
+            "Operations",
+            "The fleet as this leader sees it: every node (up or down, devices and memory) and every"
+            " model's locations. What `cortex status` shows.",
+            {**_ok("The fleet.", "Fleet"), **_errors("OpenAI", 401, 503)},
         )
     },
     "/models": {

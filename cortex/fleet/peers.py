@@ -9,15 +9,15 @@ under one lock, so the loop never waits on the network.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import httpx
-
 from cortex.config import FleetConfig, PeerConfig
+from cortex.fleet.http import PeerError, Pool
 
 log = logging.getLogger("cortex.fleet")
 
@@ -59,17 +59,13 @@ class Peers:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._http: httpx.Client | None = None
+        self._pool = Pool(min(cfg.poll_timeout_s, cfg.connect_timeout_s), cfg.poll_timeout_s)
 
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         if not self._peers:
             return
-        timeout = httpx.Timeout(
-            self.cfg.poll_timeout_s, connect=min(self.cfg.poll_timeout_s, self.cfg.connect_timeout_s)
-        )
-        self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=len(self._peers)))
         self._thread = threading.Thread(target=self._run, name="fleet-poller", daemon=True)
         self._thread.start()
 
@@ -78,8 +74,6 @@ class Peers:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(self.cfg.poll_timeout_s + 1)
-        if self._http is not None:
-            self._http.close()
 
     # -- what the leader reads and reports ----------------------------------------------------------
 
@@ -131,13 +125,13 @@ class Peers:
     def _poll(self, p: _Peer) -> None:
         headers = {"Authorization": f"Bearer {p.key}"} if p.key else {}
         try:
-            r = self._http.get(p.cfg.endpoint + "/health", headers=headers)
-            body = r.json()  # a degraded or loading peer answers 503 with the same body
+            status, raw = self._pool.get(p.cfg.endpoint, "/health", headers)
+            body = json.loads(raw)  # a degraded or loading peer answers 503 with the same body
             if not isinstance(body, dict) or body.get("status") in (None, "down") or "models" not in body:
-                raise ValueError(f"HTTP {r.status_code}: not a serving cortex leader")
+                raise ValueError(f"HTTP {status}: not a serving cortex leader")
             if body.get("node") == self.own_name:
                 raise ValueError(f"it reports this node's own name {self.own_name!r} (a loop in [[peers]]?)")
-        except (httpx.HTTPError, ValueError) as exc:
+        except (*PeerError, ValueError) as exc:
             self._poll_failed(p, f"{type(exc).__name__}: {exc}")
             return
         with self._lock:

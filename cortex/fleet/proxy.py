@@ -10,17 +10,16 @@ bytes flow, a failure ends the stream with the dialect's error event: never a si
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
-import os
-import threading
 from collections.abc import Callable, Iterator
 
 import falcon
-import httpx
 
 from cortex.api import sse
 from cortex.api.errors import ApiError, dialect_of, handle_api_error
+from cortex.fleet.http import PeerError, Pool
 from rpc.engine import Forward, Target
 
 log = logging.getLogger("cortex.front")
@@ -61,7 +60,7 @@ class ForwardTo(Exception):
 
 
 class Proxy:
-    """One per front process; its HTTP client pools connections to peers across requests and threads."""
+    """One per front process; it keeps connections to peers open across requests (per thread)."""
 
     def __init__(
         self,
@@ -72,18 +71,7 @@ class Proxy:
         client_of: Callable[[falcon.Request], str],
     ):
         self.node, self.report, self.client_of = node, report, client_of
-        self.timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=connect_timeout_s)
-        self._http: httpx.Client | None = None
-        self._pid = 0
-        self._lock = threading.Lock()
-
-    def _client(self) -> httpx.Client:
-        with self._lock:
-            if self._pid != os.getpid():  # gunicorn forks workers: a pool must not cross a fork
-                limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-                self._http = httpx.Client(timeout=self.timeout, limits=limits, follow_redirects=False)
-                self._pid = os.getpid()
-            return self._http
+        self.pool = Pool(connect_timeout_s, read_timeout_s)
 
     def handle(self, req: falcon.Request, resp: falcon.Response, ex: ForwardTo, params: dict) -> None:
         """Falcon error handler for ForwardTo: the response becomes the peer's. (An error handler
@@ -101,15 +89,17 @@ class Proxy:
         failed: list[str] = []
         for i, target in enumerate(targets):
             last = i == len(targets) - 1
-            upstream = self._send(req, target, body)
-            if upstream is None:
+            sent = self._send(req, target, body)
+            if sent is None:
                 failed.append(target.node)
                 continue
-            if upstream.status_code >= 500 and not last:  # refused before any byte: try the next one
-                self._refused(target, upstream)
+            conn, upstream = sent
+            if upstream.status >= 500 and not last:  # refused before any byte: try the next one
+                conn.close()
+                self._refused(target, upstream.status)
                 failed.append(target.node)
                 continue
-            self._relay(req, resp, target, upstream, failed)
+            self._relay(req, resp, target, conn, upstream, failed)
             return
         names = ", ".join(failed)
         raise ApiError(
@@ -120,55 +110,72 @@ class Proxy:
             retry_after=2,
         )
 
-    def _send(self, req: falcon.Request, target: Target, body: bytes) -> httpx.Response | None:
+    def _send(
+        self, req: falcon.Request, target: Target, body: bytes
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse] | None:
         if target.model:
             body = _rename(body, target.model)
         headers = {k: v for k, v in req.headers.items() if k.lower() not in _DROP}
         headers[HOP] = self.node
         headers[CLIENT] = self.client_of(req)
-        headers["Accept-Encoding"] = "identity"  # relayed byte for byte: no compression to undo
         if target.key:
             headers["Authorization"] = f"Bearer {target.key}"
-        http = self._client()
-        request = http.build_request(req.method, target.endpoint + req.relative_uri, content=body, headers=headers)
+        # http.client adds Host, Content-Length and Accept-Encoding: identity (relayed byte for byte)
         try:
-            return http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            return self.pool.request(req.method, target.endpoint, req.relative_uri, body, headers)
+        except PeerError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("forward to %s (%s) failed: %s", target.node, target.endpoint, reason)
             self.report(target.endpoint, reason)
             return None
 
-    def _refused(self, target: Target, upstream: httpx.Response) -> None:
-        status = upstream.status_code
-        upstream.close()
+    def _refused(self, target: Target, status: int) -> None:
         log.warning("forward to %s answered %d; failing over", target.node, status)
         if status != 503:  # 503 is a busy or loading node, not a broken one
             self.report(target.endpoint, f"HTTP {status}")
 
     def _relay(
-        self, req: falcon.Request, resp: falcon.Response, target: Target, upstream: httpx.Response, failed: list[str]
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        target: Target,
+        conn: http.client.HTTPConnection,
+        upstream: http.client.HTTPResponse,
+        failed: list[str],
     ) -> None:
-        resp.status = upstream.status_code
-        for name, value in upstream.headers.items():
+        resp.status = upstream.status
+        for name, value in upstream.getheaders():
             if name.lower() not in _DROP and name.lower() != "content-encoding":
                 resp.set_header(name, value)
+        length = upstream.getheader("content-length")
+        if length is not None and length.isdigit() and upstream.getheader("transfer-encoding") is None:
+            # the client learns the size as the peer said it: one write, not a chunked body and
+            # then its end marker (a second small write a client would wait for)
+            resp.content_length = int(length)
         resp.set_header(UPSTREAM, target.node)
         if failed:
             resp.set_header(FAILED_OVER, ", ".join(failed))
-        is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
-        resp.stream = self._chunks(upstream, target, dialect_of(req) if is_sse else None)
+        is_sse = (upstream.getheader("content-type") or "").startswith("text/event-stream")
+        resp.stream = self._chunks(conn, upstream, target, dialect_of(req) if is_sse else None)
 
-    def _chunks(self, upstream: httpx.Response, target: Target, sse_dialect: str | None) -> Iterator[bytes]:
-        """The peer's bytes as they arrive (no buffering). Closing this generator (the client went
-        away) closes the upstream connection, which cancels the request on the peer."""
+    def _chunks(
+        self,
+        conn: http.client.HTTPConnection,
+        upstream: http.client.HTTPResponse,
+        target: Target,
+        sse_dialect: str | None,
+    ) -> Iterator[bytes]:
+        """The peer's bytes as they arrive (``read1``: whatever is there, no waiting for more).
+        Closing this generator (the client went away) closes the upstream connection, which
+        cancels the request on the peer."""
         ended_event = True
         try:
-            for chunk in upstream.iter_raw():
-                if chunk:
-                    ended_event = chunk.endswith(b"\n\n")
-                    yield chunk
-        except httpx.HTTPError as exc:
+            while chunk := upstream.read1(65536):
+                ended_event = chunk.endswith(b"\n\n")
+                yield chunk
+            self.pool.release(target.endpoint, conn, upstream)
+            conn = None
+        except PeerError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("stream from %s broke: %s", target.node, reason)
             self.report(target.endpoint, reason)
@@ -181,7 +188,8 @@ class Proxy:
                 )
                 yield (b"" if ended_event else b"\n\n") + error_event(err, sse_dialect)
         finally:
-            upstream.close()
+            if conn is not None:
+                conn.close()
 
 
 def error_event(err: ApiError, dialect: str) -> bytes:

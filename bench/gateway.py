@@ -1,0 +1,170 @@
+"""What a routing hop costs: the same requests sent directly to leader B and through leader A.
+
+    .venv/bin/python bench/gateway.py [--clients 1,16,64] [--requests 400] [--tokens 4]
+
+B serves a tiny random Qwen3 (its compute is not what is measured); A is a device-less gateway with
+B as its only peer, so every request to A is forwarded. At each concurrency N, N clients each send
+requests alternately to B and to A (which goes first alternates too), each a non-streamed chat
+completion of a few tokens, so both paths see the same load at the same moments. Reported: p50 and
+p99 latency of each path and what the hop adds (A minus B), and the same for the first byte of a
+streamed request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.serve import pct  # noqa: E402
+
+HI = [{"role": "user", "content": "Hello, world!"}]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_model(into: Path) -> Path:
+    from tests.checkpoints import make_checkpoint, write_chatml_tokenizer_config
+    from tests.conftest import train_tiny_tokenizer
+
+    make_checkpoint(into, "qwen3", tied=True)
+    train_tiny_tokenizer(into)
+    write_chatml_tokenizer_config(into)
+    return into
+
+
+def _serve(root: Path, name: str, devices: str, port: int, models: str, extra: str) -> subprocess.Popen:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "models.toml").write_text(models)
+    (root / "cortex.toml").write_text(
+        f'[node]\nname = "{name}"\ndevices = {devices}\nrun_dir = "{root}"\nthreads = 1\n'
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nworkers = 2\nthreads = 64\n'
+        "[engine]\nkv_cache_mb = 64\nmax_requests_per_client = 0\n"
+        f"[fleet]\npoll_interval_s = 1\n{extra}"
+    )
+    log = open(root / "serve.log", "wb")  # noqa: SIM115 (lives as long as the process)
+    cmd = [sys.executable, "-m", "cortex.cli", "serve", "--config", str(root / "cortex.toml")]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def two_leaders() -> Iterator[tuple[str, str]]:
+    """(url of A, url of B), both answering, A routing to B."""
+    root = Path(tempfile.mkdtemp(prefix="cortex-gw-"))
+    model = _tiny_model(root / "model")
+    pa, pb = _port(), _port()
+    b = _serve(root / "b", "B", '["cpu"]', pb, f'[[models]]\nid = "tiny"\npath = "{model}"\npreload = true\n', "")
+    a = _serve(root / "a", "A", "[]", pa, "", f'[[peers]]\nname = "B"\nendpoint = "http://127.0.0.1:{pb}"\n')
+    url_a, url_b = f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.post(url_a + "/v1/chat/completions", json=_body(False), timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline or a.poll() is not None or b.poll() is not None:
+                raise RuntimeError(f"the leaders did not come up; logs in {root}")
+            time.sleep(0.5)
+        yield url_a, url_b
+    finally:
+        for p in (a, b):
+            p.send_signal(signal.SIGTERM)
+        for p in (a, b):
+            p.wait(20)
+
+
+def _body(stream: bool, tokens: int = 4) -> dict:
+    return {"model": "tiny", "messages": HI, "max_tokens": tokens, "temperature": 0, "stream": stream}
+
+
+def _once(http: httpx.Client, url: str, stream: bool, tokens: int) -> float:
+    """Seconds to the whole answer, or (streamed) to the first byte of the body."""
+    t0 = time.perf_counter()
+    if not stream:
+        r = http.post(url + "/v1/chat/completions", json=_body(False, tokens))
+        r.raise_for_status()
+        return time.perf_counter() - t0
+    with http.stream("POST", url + "/v1/chat/completions", json=_body(True, tokens)) as r:
+        r.raise_for_status()
+        chunks = r.iter_raw()
+        next(chunks)
+        first = time.perf_counter() - t0
+        for _ in chunks:
+            pass
+    return first
+
+
+def run(url_a: str, url_b: str, clients: int, requests: int, tokens: int, stream: bool) -> dict:
+    """``requests`` per path in all, shared among the clients."""
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    lock = threading.Lock()
+    per_client = max(1, requests // clients)
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            for k in range(per_client):
+                order = [("B", url_b), ("A", url_a)] if (c + k) % 2 else [("A", url_a), ("B", url_b)]
+                for name, url in order:
+                    t = _once(http, url, stream, tokens)
+                    with lock:
+                        times[name].append(t)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a, b = times["A"], times["B"]
+    return {
+        "clients": clients,
+        "n": len(a),
+        "b50": pct(b, 50),
+        "b99": pct(b, 99),
+        "a50": pct(a, 50),
+        "a99": pct(a, 99),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--clients", default="1,16,64")
+    p.add_argument("--requests", type=int, default=384, help="per path and concurrency")
+    p.add_argument("--tokens", type=int, default=4)
+    args = p.parse_args()
+    with two_leaders() as (url_a, url_b):
+        with httpx.Client() as http:  # warm both paths: connections, code paths, the peer pool
+            for _ in range(20):
+                _once(http, url_a, False, args.tokens)
+                _once(http, url_b, False, args.tokens)
+        for stream, what in ((False, f"whole answer, {args.tokens} tokens"), (True, "first byte, streamed")):
+            print(f"# {what}: directly to B vs through A (a gateway), same run")
+            print(
+                f"{'clients':>7} {'n':>5} {'B p50':>8} {'A p50':>8} {'added':>7} {'B p99':>8} {'A p99':>8} {'added':>7}"
+            )
+            for n in (int(x) for x in args.clients.split(",")):
+                r = run(url_a, url_b, n, args.requests, args.tokens, stream)
+                print(
+                    f"{r['clients']:>7} {r['n']:>5} {r['b50'] * 1e3:>6.1f}ms {r['a50'] * 1e3:>6.1f}ms "
+                    f"{(r['a50'] - r['b50']) * 1e3:>5.1f}ms {r['b99'] * 1e3:>6.1f}ms {r['a99'] * 1e3:>6.1f}ms "
+                    f"{(r['a99'] - r['b99']) * 1e3:>5.1f}ms"
+                )
+
+
+if __name__ == "__main__":
+    main()
