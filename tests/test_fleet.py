@@ -279,7 +279,7 @@ class Fleet:
             ENGINE + FLEET + peers(("A", url["A"]), ("C", url["C"])),
             name="B",
             port=ports["B"],
-            node_extra="memory_budget_mb = 512\n",
+            node_extra="memory_budget_mb = 512\nmemory_headroom_mb = 0\n",
         )
         self.a = Server(
             root / "a",
@@ -287,7 +287,7 @@ class Fleet:
             ENGINE + FLEET + peers(("B", tapped), ("C", url["C"])),
             name="A",
             port=ports["A"],
-            node_extra="memory_budget_mb = 64\n",
+            node_extra="memory_budget_mb = 64\nmemory_headroom_mb = 0\n",
         )
         self.c = Server(
             root / "c", "", FLEET + peers(("A", url["A"]), ("B", url["B"])), name="C", port=ports["C"], devices="[]"
