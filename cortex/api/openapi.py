@@ -488,6 +488,7 @@ MODEL = _obj(
             "description": "Its best status on any node: loaded when resident somewhere.",
         },
         "context_length": _null({**INT, "description": "The smallest any node reports."}),
+        "devices": {**NAMES, "description": "The devices holding it, node by node in resident_on order."},
         "resident_on": {**NAMES, "description": "Nodes where it is loaded now."},
         "loadable_on": {**NAMES, "description": "Other nodes that could load it."},
         "locations": {

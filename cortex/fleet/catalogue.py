@@ -43,6 +43,8 @@ def _entry(model: str, holders: list[NodeView]) -> dict[str, Any]:
         "owned_by": OWNER,
         "status": min((v.status for v in views), key=lambda s: _RANK.get(s, 5)),
         "context_length": min(contexts) if contexts else None,
+        # the devices holding it, node by node (on a single node: that node's devices)
+        "devices": [d for n in holders if n.resident(model) for d in n.models[model].devices],
         "resident_on": [n.name for n in holders if n.resident(model)],
         "loadable_on": [n.name for n in holders if n.loadable(model) and not n.resident(model)],
         "locations": [
