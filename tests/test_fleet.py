@@ -28,7 +28,7 @@ import pytest
 
 from cortex.config import ConfigError, load
 from cortex.fleet.catalogue import merged
-from cortex.fleet.proxy import FAILED_OVER, HOP, UPSTREAM, Proxy
+from cortex.fleet.proxy import CLIENT, FAILED_OVER, HOP, UPSTREAM, Proxy
 from cortex.fleet.router import placement, route
 from cortex.fleet.view import DeviceView, ModelView, NodeView, node_view
 from rpc.engine import Target
@@ -161,6 +161,40 @@ def test_fleet_config_mistakes(tmp_path, text, words):
         _config(tmp_path, text)
     for w in words:
         assert w in str(e.value)
+
+
+# -- who a forwarded request counts for -----------------------------------------------------------------
+
+
+def _whoami(keys: list[str], peer_key: str = ""):
+    import falcon
+    import falcon.testing
+
+    from cortex.api import errors
+    from cortex.api.auth import ApiKeys, digest
+    from cortex.api.generation import client_id, forwarded
+
+    class WhoAmI:
+        def on_get(self, req, resp):
+            resp.media = {"client": client_id(req), "peer": req.context.from_peer, "hop": forwarded(req)}
+
+    digests = [digest(k) for k in keys] + ([digest(peer_key)] if peer_key and keys else [])
+    app = falcon.App(middleware=[ApiKeys(digests, [], [], digest(peer_key) if peer_key else "")])
+    errors.install(app)
+    app.add_route("/who", WhoAmI())
+    return falcon.testing.TestClient(app)
+
+
+def test_the_peer_key_carries_the_original_client_and_nothing_else_does():
+    client = _whoami(["user-key"], peer_key="fleet-key")
+    fwd = {HOP: "A", CLIENT: "key:abc"}
+    by_peer = client.simulate_get("/who", headers={**fwd, "Authorization": "Bearer fleet-key"}).json
+    assert by_peer == {"client": "key:abc", "peer": True, "hop": True}
+    by_user = client.simulate_get("/who", headers={**fwd, "Authorization": "Bearer user-key"}).json
+    assert by_user["client"] != "key:abc" and not by_user["peer"] and by_user["hop"]  # no borrowed identity
+    assert client.simulate_get("/who", headers={"Authorization": "Bearer nope"}).status_code == 401
+    # with no keys at all the hop header marks a peer (there is no identity to protect)
+    assert _whoami([]).simulate_get("/who", headers=fwd).json["client"] == "key:abc"
 
 
 # -- the proxy's mid-stream failure, in each dialect -----------------------------------------------------
