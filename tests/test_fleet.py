@@ -28,6 +28,7 @@ import pytest
 
 from cortex.config import ConfigError, load
 from cortex.fleet.catalogue import merged
+from cortex.fleet.http import Pool
 from cortex.fleet.proxy import CLIENT, FAILED_OVER, HOP, UPSTREAM, Proxy
 from cortex.fleet.router import placement, route
 from cortex.fleet.view import DeviceView, ModelView, NodeView, node_view
@@ -161,6 +162,33 @@ def test_fleet_config_mistakes(tmp_path, text, words):
         _config(tmp_path, text)
     for w in words:
         assert w in str(e.value)
+
+
+# -- the peer connection pool ---------------------------------------------------------------------------
+
+
+def test_a_pooled_connection_the_peer_closed_is_replaced_once():
+    """The peer answers as if keeping the connection alive, then closes it while it is idle (as
+    gunicorn does after its keep-alive): the next request goes out again on a new connection."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve():
+        for _ in range(3):
+            conn, _ = sock.accept()
+            accepted.append(conn)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    pool = Pool(2, 5)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    assert pool.get(url, "/health", {}) == (200, b"ok")
+    time.sleep(0.1)  # the server has closed the pooled connection by now
+    assert pool.get(url, "/health", {}) == (200, b"ok")
+    assert len(accepted) == 2
+    sock.close()
 
 
 # -- who a forwarded request counts for -----------------------------------------------------------------

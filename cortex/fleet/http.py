@@ -14,6 +14,9 @@ import threading
 import urllib.parse
 
 PeerError = (OSError, http.client.HTTPException)  # anything a dead, closing or garbling peer raises
+# what sending on a connection the peer closed while it sat idle raises: safe to send again on a new
+# one (a timeout is not among them: a slow peer must not get the request twice)
+_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected)
 
 
 class Pool:
@@ -48,8 +51,11 @@ class Pool:
             try:
                 conn.request(method, path, body=body, headers=headers)
                 return conn, conn.getresponse()
-            except PeerError:
+            except _STALE:
                 conn.close()  # the peer closed it while it sat idle: one more try on a new one
+            except BaseException:
+                conn.close()
+                raise
         conn = self._connect(endpoint)
         try:
             conn.request(method, path, body=body, headers=headers)
