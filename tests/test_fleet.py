@@ -26,9 +26,10 @@ import httpx
 import openai
 import pytest
 
-from cortex.config import ConfigError, load
+from cortex.config import ConfigError, FleetConfig, PeerConfig, load
 from cortex.fleet.catalogue import merged
 from cortex.fleet.http import Pool
+from cortex.fleet.peers import Peers
 from cortex.fleet.proxy import CLIENT, FAILED_OVER, HOP, UPSTREAM, Proxy
 from cortex.fleet.router import placement, route
 from cortex.fleet.view import DeviceView, ModelView, NodeView, node_view
@@ -189,6 +190,51 @@ def test_a_pooled_connection_the_peer_closed_is_replaced_once():
     assert pool.get(url, "/health", {}) == (200, b"ok")
     assert len(accepted) == 2
     sock.close()
+
+
+def test_a_peer_is_down_after_failed_polls_up_at_the_next_good_one_and_cooled_after_failed_requests():
+    import http.server
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": "degraded", "node": "b", "models": [{"id": "x", "status": "loaded"}]})
+            self.send_response(503)  # a degraded peer's body is read all the same
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    cfg = FleetConfig(poll_interval_s=60, poll_timeout_s=1, down_after=2, cooldown_after=2, cooldown_s=60)
+    peers = Peers([PeerConfig("b", endpoint)], cfg, "a")
+    peer = peers._peers["b"]
+
+    def snap():
+        return peers.snapshot()[0]
+
+    assert not snap().up  # never polled: nothing is sent to it
+    peers._poll(peer)
+    assert snap().up and snap().routable and snap().health["models"][0]["id"] == "x"
+    server.shutdown()
+    server.server_close()
+    peers._poll(peer)
+    assert snap().up and "Connection" in snap().error  # one failed poll is not enough
+    peers._poll(peer)
+    assert not snap().up and snap().health is not None  # down; its catalogue is still known
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", server.server_address[1]), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    peers._poll(peer)
+    assert snap().up and snap().error == ""
+    peers.report_failure(endpoint, "HTTP 500")
+    assert snap().routable
+    peers.report_failure(endpoint, "HTTP 500")
+    assert snap().cooling and not snap().routable and snap().up
+    server.shutdown()
+    server.server_close()
 
 
 # -- who a forwarded request counts for -----------------------------------------------------------------
