@@ -205,7 +205,9 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _mb(n: object) -> str:
-    return f"{n / 2**20:.0f}M" if isinstance(n, int) else "-"
+    if not isinstance(n, int):
+        return "-"
+    return f"{n / 2**30:.1f}G" if n >= 2**30 else f"{n / 2**20:.0f}M"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -228,7 +230,7 @@ def render_status(data: dict) -> str:
             used, budget = d.get("used_bytes"), d.get("budget_bytes")
             memory = f"{_mb(used)}/{_mb(budget)} free {_mb(d.get('free_bytes'))}" if budget is not None else "-"
             req = n.get("requests") or {}
-            load = f"{req.get('running', 0)} run, {req.get('waiting', 0)} wait" if i == 0 else ""
+            load = f"{req.get('running', 0)} run, {req.get('waiting', 0)} wait" if i == 0 and n["up"] else ""
             first = i == 0
             rows.append(
                 [
