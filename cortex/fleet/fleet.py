@@ -6,6 +6,7 @@ for a routing decision), and ``describe`` for ``Query("fleet")``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from cortex.config import Config
@@ -15,6 +16,8 @@ from cortex.fleet.view import NodeView, node_view
 from rpc.engine import Failure, Forward, Target
 
 MAX_TARGETS = 2  # the first choice and one failover
+
+log = logging.getLogger("cortex.fleet")
 
 
 def self_endpoint(cfg: Config) -> str:
@@ -35,6 +38,13 @@ class Fleet:
         # how long a client should wait before retrying a model whose nodes are down: about the
         # time the poller needs to notice a change
         self.retry_after = max(1, math.ceil(cfg.fleet.poll_interval_s))
+        keyless = [p.name for p in cfg.peers if not (p.api_key or cfg.fleet.peer_key)]
+        if cfg.gateway.api_keys and keyless:
+            log.warning(
+                "API keys are on but no key is set for peer(s) %s ([fleet] peer_key or [[peers]] api_key):"
+                " requests forwarded there carry no credential",
+                ", ".join(keyless),
+            )
 
     def start(self) -> None:
         self.peers.start()
