@@ -74,6 +74,14 @@ def test_route_prefers_local_then_least_busy_resident_peer():
     assert "resident on c" in r.reason
 
 
+def test_a_draining_node_routes_even_its_own_models_to_peers():
+    here = NodeView(**{**_node("a", [_m("x", "loaded")], local=True).__dict__, "routable": False})
+    peer = _node("b", [_m("x")])
+    r = route("x", here, [peer])
+    assert [n.name for n in r.nodes] == ["b"] and not r.local
+    assert node_view({"node": "a", "models": [], "draining": True}, "", local=True).routable is False
+
+
 def test_placement_fits_free_then_after_eviction_then_most_free():
     gib = 2**30
     tight = _node("a", [_m("x", size=2 * gib)], free=1 * gib)
@@ -253,7 +261,7 @@ def _whoami(keys: list[str], peer_key: str = ""):
             resp.media = {"client": client_id(req), "peer": req.context.from_peer, "hop": forwarded(req)}
 
     digests = [digest(k) for k in keys] + ([digest(peer_key)] if peer_key and keys else [])
-    app = falcon.App(middleware=[ApiKeys(digests, [], [], digest(peer_key) if peer_key else "")])
+    app = falcon.App(middleware=[ApiKeys(digests, [], [], peer_digest=digest(peer_key) if peer_key else "")])
     errors.install(app)
     app.add_route("/who", WhoAmI())
     return falcon.testing.TestClient(app)
@@ -269,6 +277,31 @@ def test_the_peer_key_carries_the_original_client_and_nothing_else_does():
     assert client.simulate_get("/who", headers={"Authorization": "Bearer nope"}).status_code == 401
     # with no keys at all the hop header marks a peer (there is no identity to protect)
     assert _whoami([]).simulate_get("/who", headers=fwd).json["client"] == "key:abc"
+
+
+def test_the_auth_file_carries_the_peer_key(tmp_path):
+    """The leader's auth file (rewritten on reload) is what the front follows; the peer key is in it."""
+    import falcon.testing
+
+    from cortex.api import errors
+    from cortex.api.auth import ApiKeys, write_auth_file
+    from cortex.api.generation import client_id
+
+    write_auth_file(tmp_path / "auth.json", ("user-key",), (), (), "fleet-key")
+    app = falcon.App(middleware=[ApiKeys([], [], [], path=str(tmp_path / "auth.json"))])
+    errors.install(app)
+
+    class WhoAmI:
+        def on_get(self, req, resp):
+            resp.media = {"client": client_id(req)}
+
+    app.add_route("/who", WhoAmI())
+    client = falcon.testing.TestClient(app)
+    fwd = {HOP: "A", CLIENT: "key:abc", "Authorization": "Bearer fleet-key"}
+    assert client.simulate_get("/who", headers=fwd).json == {"client": "key:abc"}
+    assert client.simulate_get("/who").status_code == 401
+    write_auth_file(tmp_path / "auth.json", (), (), (), "fleet-key")  # no keys: the peer key alone turns nothing on
+    assert client.simulate_get("/who").status_code == 200
 
 
 # -- the proxy's mid-stream failure, in each dialect -----------------------------------------------------

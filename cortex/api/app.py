@@ -23,10 +23,10 @@ from cortex.api.manage import ModelLoad, ModelTable
 from cortex.api.models import Fleet, Models
 from cortex.api.openai import ChatCompletions, Completions
 from cortex.api.openapi import OpenApiDocument
+from cortex.fleet.proxy import ForwardTo, Proxy
 from cortex.ops import logs
 from cortex.ops.reqlog import RequestLog
 from cortex.ops.scrape import MetricsProxy
-from cortex.fleet.proxy import ForwardTo, Proxy
 
 ENV = "CORTEX_FRONT"
 

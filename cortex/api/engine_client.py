@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import zmq
 
 from cortex.api.errors import ApiError
-from cortex.ops.reqlog import RequestRecord
 from cortex.fleet.proxy import ForwardTo
+from cortex.ops.reqlog import RequestRecord
 from rpc.codec import encode
 from rpc.engine import (
     Answer,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from cortex.config import FleetConfig, PeerConfig
 from cortex.fleet.http import PeerError, Pool
+from cortex.ops import metrics
 
 log = logging.getLogger("cortex.fleet")
 
@@ -64,10 +65,25 @@ class Peers:
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if not self._peers:
+        if not self._peers or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="fleet-poller", daemon=True)
         self._thread.start()
+
+    def reconfigure(self, peers: list[PeerConfig], cfg: FleetConfig) -> None:
+        """New peers and settings (a reload). A peer whose endpoint and key stay the same keeps its
+        state; a new one is unknown until polled."""
+        with self._lock:
+            self.cfg = cfg
+            self._pool = Pool(min(cfg.poll_timeout_s, cfg.connect_timeout_s), cfg.poll_timeout_s)
+            old, self._peers = self._peers, {}
+            for p in peers:
+                kept = old.get(p.name)
+                key = p.api_key or cfg.peer_key
+                same = kept is not None and kept.cfg.endpoint == p.endpoint and kept.key == key
+                self._peers[p.name] = kept if same else _Peer(p, key)
+        self.start()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -115,11 +131,14 @@ class Peers:
     # -- the thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with concurrent.futures.ThreadPoolExecutor(len(self._peers), thread_name_prefix="fleet-poll") as pool:
+        # threads start as needed: one per peer, for fleets of up to 16 peers
+        with concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="fleet-poll") as pool:
             while not self._stop.is_set():
                 self._wake.clear()
+                with self._lock:
+                    peers = list(self._peers.values())
                 # in parallel: one slow peer must not delay what we learn about the others
-                list(pool.map(self._poll, list(self._peers.values())))
+                list(pool.map(self._poll, peers))
                 self._wake.wait(self.cfg.poll_interval_s)
 
     def _poll(self, p: _Peer) -> None:
@@ -138,6 +157,7 @@ class Peers:
             if not p.up:
                 log.info("peer %s (%s) is up", p.cfg.name, p.cfg.endpoint)
             p.up, p.health, p.failed_polls, p.error, p.polled_at = True, body, 0, "", time.time()
+        metrics.set_peer_up(p.cfg.name, True)
 
     def _poll_failed(self, p: _Peer, error: str) -> None:
         with self._lock:
@@ -146,3 +166,5 @@ class Peers:
             if p.up and p.failed_polls >= self.cfg.down_after:
                 p.up = False
                 log.warning("peer %s is down after %d failed polls: %s", p.cfg.name, p.failed_polls, error)
+            up = p.up
+        metrics.set_peer_up(p.cfg.name, up)

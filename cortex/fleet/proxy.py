@@ -13,7 +13,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import falcon
 
@@ -21,6 +23,9 @@ from cortex.api import sse
 from cortex.api.errors import ApiError, dialect_of, handle_api_error
 from cortex.fleet.http import PeerError, Pool
 from rpc.engine import Forward, Target
+
+if TYPE_CHECKING:
+    from cortex.ops.reqlog import RequestRecord
 
 log = logging.getLogger("cortex.front")
 
@@ -155,8 +160,11 @@ class Proxy:
         resp.set_header(UPSTREAM, target.node)
         if failed:
             resp.set_header(FAILED_OVER, ", ".join(failed))
+        record = req.context.get("record")  # the request log's (cortex/ops/reqlog.py)
+        if record is not None:
+            record.node = target.node  # counted for the node that served it
         is_sse = (upstream.getheader("content-type") or "").startswith("text/event-stream")
-        resp.stream = self._chunks(conn, upstream, target, dialect_of(req) if is_sse else None)
+        resp.stream = self._chunks(conn, upstream, target, dialect_of(req) if is_sse else None, record)
 
     def _chunks(
         self,
@@ -164,6 +172,7 @@ class Proxy:
         upstream: http.client.HTTPResponse,
         target: Target,
         sse_dialect: str | None,
+        record: RequestRecord | None = None,
     ) -> Iterator[bytes]:
         """The peer's bytes as they arrive (``read1``: whatever is there, no waiting for more).
         Closing this generator (the client went away) closes the upstream connection, which
@@ -171,6 +180,8 @@ class Proxy:
         ended_event = True
         try:
             while chunk := upstream.read1(65536):
+                if record is not None and record.first_token is None:
+                    record.first_token = time.monotonic()  # its first byte: as near as a proxy can tell
                 ended_event = chunk.endswith(b"\n\n")
                 yield chunk
             self.pool.release(target.endpoint, conn, upstream)
@@ -186,6 +197,8 @@ class Proxy:
                     "server_error",
                     "upstream_failed",
                 )
+                if record is not None:
+                    record.failed(err.status, err.code)
                 yield (b"" if ended_event else b"\n\n") + error_event(err, sse_dialect)
         finally:
             if conn is not None:
