@@ -54,7 +54,7 @@ def _serve(root: Path, name: str, devices: str, port: int, models: str, extra: s
     (root / "models.toml").write_text(models)
     (root / "cortex.toml").write_text(
         f'[node]\nname = "{name}"\ndevices = {devices}\nrun_dir = "{root}"\nthreads = 1\n'
-        f'[gateway]\nlisten = "127.0.0.1:{port}"\nworkers = 2\nthreads = 64\n'
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{_port()}"\nworkers = 2\nthreads = 64\n'
         "[engine]\nkv_cache_mb = 64\nmax_requests_per_client = 0\n"
         f"[fleet]\npoll_interval_s = 1\n{extra}"
     )
