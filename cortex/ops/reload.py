@@ -26,7 +26,8 @@ log = logging.getLogger("cortex.reload")
 
 # applied only by a restart: the processes, sockets and devices they describe already exist
 RESTART_ONLY = {
-    "node": ("name", "devices", "run_dir", "threads"),
+    # device budgets are fixed when each worker first answers
+    "node": ("name", "devices", "run_dir", "threads", "memory_budget_mb", "memory_headroom_mb"),
     "gateway": ("listen", "metrics_listen", "workers", "threads", "max_body_mb", "keepalive_s"),
 }
 # the front reads these once, when gunicorn starts it
