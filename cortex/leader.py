@@ -636,10 +636,8 @@ class Leader:
         if op.op == "load":
             if state.status == "loaded":
                 return self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
-            if state.status == "failed":
-                state.status = "unloaded"  # an explicit load retries a failed one
             state.waiters.append(peer)  # single flight: every caller waits for the one load
-            self.load(state, "operator")
+            self.operator_load(state)
         elif op.op == "unload":
             refusal = self.unload(state)
             if refusal:
@@ -1189,6 +1187,12 @@ class Leader:
 
     def describe_model(self, state: ModelState) -> dict:
         return self._describe(state)
+
+    def operator_load(self, state: ModelState) -> None:
+        """An operator's load (the management API, cortex-admin): it also retries a failed one."""
+        if state.status == "failed":
+            state.status = "unloaded"
+        self.load(state, "operator")
 
     def unload(self, state: ModelState) -> str | None:
         """Unload a model now (the management API, cortex-admin, reload); why it cannot be, if so."""

@@ -54,9 +54,7 @@ def _model(leader: Leader, args: dict[str, Any]) -> ModelState:
 
 def _load(leader: Leader, args: dict) -> dict:
     state = _model(leader, args)
-    if state.status == "failed":
-        state.status = "unloaded"  # an explicit load retries a failed one
-    leader.load(state, "operator")
+    leader.operator_load(state)
     return leader.describe_model(state)
 
 
