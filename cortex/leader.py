@@ -353,8 +353,7 @@ class Leader:
         ready = [r for r in range(len(self.devices)) if self.workers[r].ready]
         if len(ready) < n:
             return None
-        state.est_bytes = self._estimate(state, self.devices[ready[0]], n)
-        need = state.est_bytes
+        need = self._estimate(state, self.devices[ready[0]], n)
 
         def rank_key(r: int) -> tuple:
             free = self._free(r, state)

@@ -58,20 +58,17 @@ def _load(leader: Leader, args: dict) -> dict:
     return leader.describe_model(state)
 
 
-def _unload(leader: Leader, args: dict) -> dict:
-    state = _model(leader, args)
-    refusal = leader.unload(state)
-    if refusal:
-        raise AdminError("conflict", refusal)
-    return leader.describe_model(state)
+def _refusable(op: Callable[[Leader, ModelState], str | None]) -> Callable[[Leader, dict], dict]:
+    """An operation the leader may refuse (it returns why): the refusal is a conflict."""
 
+    def run(leader: Leader, args: dict) -> dict:
+        state = _model(leader, args)
+        refusal = op(leader, state)
+        if refusal:
+            raise AdminError("conflict", refusal)
+        return leader.describe_model(state)
 
-def _evict(leader: Leader, args: dict) -> dict:
-    state = _model(leader, args)
-    refusal = leader.evict(state)
-    if refusal:
-        raise AdminError("conflict", refusal)
-    return leader.describe_model(state)
+    return run
 
 
 def _pin(pinned: bool) -> Callable[[Leader, dict], dict]:
@@ -104,8 +101,8 @@ COMMANDS: dict[str, Callable[[Leader, dict], dict]] = {
     "workers": lambda leader, _a: {"workers": leader.health()["workers"]},
     "peers": lambda leader, _a: {"peers": leader.peers_status()},
     "load": _load,
-    "unload": _unload,
-    "evict": _evict,
+    "unload": _refusable(lambda leader, state: leader.unload(state)),
+    "evict": _refusable(lambda leader, state: leader.evict(state)),
     "pin": _pin(True),
     "unpin": _pin(False),
     "drain": _drain(True),
