@@ -109,18 +109,17 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         qk = apply_rotary(qk, cos, sin)  # q and k heads in one go
         q, k = qk.split((self.q_heads, self.kv_heads), dim=1)
-        k_pool, v_pool = kv.k[layer], kv.v[layer]
-        k_pool.index_copy_(0, batch.slots, k)
-        v_pool.index_copy_(0, batch.slots, v)
+        kv.k[layer].index_copy_(0, batch.slots, k)
+        kv.v[layer].index_copy_(0, batch.slots, v)
 
         out = torch.empty_like(q)
         gqa = self.q_heads != self.kv_heads
         scale = self.head_dim**-0.5
         for s in batch.prefills:  # several new tokens: causal over the chunk, after any cached prefix
-            keys = k_pool[s.context].transpose(0, 1)[None]
-            values = v_pool[s.context].transpose(0, 1)[None]
-            L = s.context.shape[0]
-            offset = L - s.n
+            keys, values = kv.gather(layer, s.blocks)  # [blocks, block_size, kv, hd]
+            L, offset = s.length, s.length - s.n
+            keys = keys.flatten(0, 1)[:L].transpose(0, 1)[None]
+            values = values.flatten(0, 1)[:L].transpose(0, 1)[None]
             mask = (
                 None
                 if offset == 0
@@ -137,8 +136,9 @@ class Attention(nn.Module):
             )
             out[s.start : s.end] = o[0].transpose(0, 1)
         if batch.decode_rows is not None:  # one new token each: one batched call over padded contexts
-            keys = k_pool[batch.decode_slots].permute(0, 2, 1, 3)  # [B, kv, Lmax, hd]
-            values = v_pool[batch.decode_slots].permute(0, 2, 1, 3)
+            keys, values = kv.gather(layer, batch.decode_blocks)  # [B, Nmax, block_size, kv, hd]
+            keys = keys.flatten(1, 2).permute(0, 2, 1, 3)  # [B, kv, Lmax, hd]
+            values = values.flatten(1, 2).permute(0, 2, 1, 3)
             qd = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, hd]
             o = F.scaled_dot_product_attention(
                 qd, keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
