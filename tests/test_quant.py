@@ -1,10 +1,15 @@
-"""Packed weight-only quantized linears (workers/quant.py) and the loader's ``quantize`` modes.
+"""Packed weight-only quantized linears (workers/quant.py, workers/native.py) and the loader's
+``quantize`` modes.
 
-The packed layers compute with bfloat16 activations, so they are compared with the dense float32
-layer within a tolerance; GGUF Q4_0/Q4_1 blocks must keep their 4-bit values exactly.
+Both implementations are checked: ``native`` (our AVX2 kernels: int8 activations per block of 32,
+exact integer block products) against a reference that quantizes activations the same way, and
+``torch`` (bfloat16 activations) against the dense float32 layer within a tolerance. GGUF Q4_0/Q4_1
+and Q8_0 blocks must keep their values exactly.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import gguf
 import numpy as np
@@ -15,42 +20,102 @@ from cortex.models import source
 from tests.checkpoints import hf_model, make_checkpoint
 from tests.gguf_writer import write_gguf
 from tests.test_gguf_loading import IDS, _ckpt, _entry
+from workers import native
 from workers.arch import ModelConfig, model_class
 from workers.kv_cache import LocalRunner
 from workers.parallel import ParallelLinear
-from workers.quant import Q4Blocks, QuantLinear
+from workers.quant import GROUP, Q4Blocks, QuantLinear
 from workers.weights import WeightsError, load_weights, resolve_quantize
+
+HAS_CC = bool(shutil.which("cc") or shutil.which("gcc"))
+IMPLS = [
+    pytest.param("native", marks=pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the kernels")),
+    "torch",
+]
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
+def _int16_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the native kernels see it: int16 per row and block of 32, scale amax / 32767."""
+    g = x.reshape(x.shape[0], -1, GROUP)
+    amax = g.abs().amax(-1, keepdim=True)
+    return ((g * torch.where(amax > 0, 32767 / amax, 0)).round() * (amax / 32767)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-def test_gguf_q4_blocks_unpack_to_the_files_values_and_the_int4_layer_computes_with_them(kind):
+def test_gguf_q4_blocks_unpack_to_the_files_values_and_the_int4_layer_computes_with_them(kind, impl):
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)).numpy()
     qtype = getattr(gguf.GGMLQuantizationType, kind)
     raw = gguf.quants.quantize(w, qtype)
     exact = torch.from_numpy(gguf.quants.dequantize(raw, qtype))
     blocks = Q4Blocks.from_gguf(raw, kind, 48, 96)
     assert torch.equal(blocks.dequantize(), exact)  # 4-bit values, d and m exactly as stored
-    layer = QuantLinear.int4(blocks)
-    assert _rel(layer.dequantized(), exact) < 1e-2  # only scale and zero are rounded to bfloat16
+    layer = QuantLinear.int4(blocks, impl=impl)
+    assert layer.impl == impl
     x = torch.randn(5, 96)
+    if impl == "native":
+        assert torch.equal(layer.dequantized(), exact)  # the blocks as they are, d and m in float32
+        assert _rel(layer(x), _int16_activations(x) @ exact.T) < 1e-5
+    else:
+        assert _rel(layer.dequantized(), exact) < 1e-2  # only scale and zero are rounded to bfloat16
     assert _rel(layer(x), x @ exact.T) < 2e-2
     assert layer(x).dtype == torch.float32
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("rows", [1, 3, 16])
-def test_int8_and_int4_layers_equal_the_dense_layer_within_tolerance(rows):
+def test_int8_and_int4_layers_equal_the_dense_layer_within_tolerance(rows, impl):
     w = torch.randn(64, 128)
     x = torch.randn(rows, 128)
     want = x @ w.T
-    assert _rel(QuantLinear.int8(w)(x), want) < 2e-2
-    assert _rel(QuantLinear.int4(Q4Blocks.quantize(w))(x), want) < 0.15  # 4 bits: coarse, but no bias
+    assert _rel(QuantLinear.int8(w, impl=impl)(x), want) < 2e-2
+    assert _rel(QuantLinear.int4(Q4Blocks.quantize(w), impl=impl)(x), want) < 0.15  # 4 bits: coarse, no bias
     # quantizing the 4-bit layer's own values again is lossless: the values sit on the grid
     b = Q4Blocks.quantize(w)
     assert torch.allclose(Q4Blocks.quantize(b.dequantize()).dequantize(), b.dequantize(), atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the kernels")
+def test_native_kernels_build_here_and_compute_exact_block_products():
+    assert native.kernels() is not None  # a C compiler and AVX2: the kernels must build
+    w = torch.randn(80, 160)
+    x = torch.randn(7, 160) * torch.linspace(0.01, 10, 160)  # uneven magnitudes across blocks
+    q8 = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    exact = torch.from_numpy(gguf.quants.dequantize(q8, gguf.GGMLQuantizationType.Q8_0))
+    head = QuantLinear.int8(exact, impl="native")
+    assert torch.equal(head.dequantized(), exact)  # a Q8_0 tensor's values come back exactly
+    assert _rel(head(x), _int16_activations(x) @ exact.T) < 1e-5
+    layer = QuantLinear.int4(Q4Blocks.quantize(w), impl="native")
+    assert _rel(layer(x), _int16_activations(x) @ layer.dequantized().T) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the kernels")
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch(kind):
+    """What makes seeded sampling reproducible whatever shares a step: no cross-row arithmetic."""
+    w = torch.randn(96, 192)
+    layer = QuantLinear.int4(Q4Blocks.quantize(w), impl="native") if kind == "int4" else QuantLinear.int8(w)
+    x = torch.randn(19, 192)
+    batched = layer(x)
+    assert all(torch.equal(layer(x[i : i + 1])[0], batched[i]) for i in range(19))
+    assert torch.equal(layer(x[3:11]), batched[3:11])
+
+
+def test_without_kernels_the_layers_fall_back_to_pytorch(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORTEX_NATIVE_KERNELS", "0")
+    assert native.load() is None
+    monkeypatch.setenv("CORTEX_NATIVE_KERNELS", "1")
+    monkeypatch.setenv("CORTEX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails: logged, then PyTorch's kernels
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert native.load() is None
+    monkeypatch.setattr(native, "_kernels", None)
+    layer = QuantLinear.int4(Q4Blocks.quantize(torch.randn(32, 64)))
+    assert layer.impl == "torch" and layer(torch.randn(2, 64)).shape == (2, 32)
 
 
 def test_the_quantize_mode_is_checked_and_cpu_only():
@@ -149,11 +214,12 @@ def test_a_q4_gguf_loads_packed_with_its_own_values_and_decodes_like_its_dense_t
     got, want = _logits(packed), _logits(dense)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     run_p, run_d = LocalRunner(packed, torch.device("cpu")), LocalRunner(dense, torch.device("cpu"))
-    a, b = [int(run_p.step(0, IDS, 0).argmax())], [int(run_d.step(0, IDS, 0).argmax())]
-    for _ in range(6):  # greedy decode: same tokens (tiny model, margins far above bf16 rounding)
-        a.append(int(run_p.step(0, a[-1:], len(IDS) + len(a) - 1).argmax()))
+    b = [int(run_d.step(0, IDS, 0).argmax())]
+    a = [int(run_p.step(0, IDS, 0).argmax())]
+    for _ in range(8):  # teacher-forced on the dense greedy text: one early flip must not cascade
+        a.append(int(run_p.step(0, b[-1:], len(IDS) + len(b) - 1).argmax()))
         b.append(int(run_d.step(0, b[-1:], len(IDS) + len(b) - 1).argmax()))
-    assert np.mean([x == y for x, y in zip(a, b, strict=True)]) >= 0.8
+    assert np.mean([x == y for x, y in zip(a, b, strict=True)]) >= 0.75
 
 
 @pytest.mark.slow

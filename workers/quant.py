@@ -1,8 +1,17 @@
-"""Weight-only quantized linear layers for the CPU: packed weights, bf16 activations, fp32 elsewhere.
+"""Weight-only quantized linear layers for the CPU: 4- and 8-bit weights, float32 in and out.
 
 Decode on a CPU is memory-bandwidth bound, so the bytes of weight read per token set the speed.
-Two of PyTorch's CPU kernels, both fast only with bfloat16 activations (the fp32 variants are
-scalar code, slower than a dense fp32 GEMM):
+Two implementations of each kind (``impl``):
+
+``native`` (workers/native.py, the default where it builds): llama.cpp's block formats kept as
+they are, 32 inputs per block. ``int4``: 4-bit values with a float32 scale ``d`` and offset ``m``
+per block (``w = d * q + m``: Q4_1; Q4_0 has ``m = -8 d``), so a file's blocks are used exactly.
+``int8``: int8 values with a scale per block (Q8_0; a Q8_0 tensor is re-derived exactly from its
+dequantized values). Activations are quantized per row and block to int16 inside the kernel;
+products are exact integer dot products, so a row's result does not depend on the batch.
+
+``torch`` (the fallback without a C compiler or AVX2): two of PyTorch's CPU kernels, both fast only
+with bfloat16 activations (the fp32 variants are scalar code, slower than a dense fp32 GEMM):
 
 - ``int4``: ``_weight_int4pack_mm_for_cpu``, 4-bit values in groups of 32 along the input dimension,
   each group with a scale and a zero: ``w = (q - 8) * scale + zero``. llama.cpp's Q4_1 blocks
@@ -10,8 +19,8 @@ scalar code, slower than a dense fp32 GEMM):
   with ``zero = 0``: the 4-bit values are kept as they are; scale and zero are rounded to bfloat16.
 - ``int8``: ``_weight_int8pack_mm``, 8-bit values with one scale per output row: ``w = q * scale``.
 
-The layer casts its input to bfloat16 and its output back, so norms, attention, the residual
-stream and the KV cache stay in the model's dtype. Row-parallel layers all-reduce in that dtype.
+The torch layer casts its input to bfloat16 and its output back. Either way norms, attention, the
+residual stream and the KV cache stay in the model's dtype; row-parallel layers all-reduce in it.
 """
 
 from __future__ import annotations
@@ -20,10 +29,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers import native
+
 GROUP = 32  # int4 group size along the input features; llama.cpp's block size
 INT4_N_MULTIPLE = 16  # the int4 packing needs the output features to be a multiple of this
 ACT_DTYPE = torch.bfloat16
 KINDS = ("int4", "int8")
+IMPLS = ("native", "torch")
+
+
+def best_impl() -> str:
+    return "native" if native.kernels() is not None else "torch"
 
 
 class Q4Blocks:
@@ -106,11 +122,15 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         reduce: bool = False,
         tp=None,
+        impl: str = "torch",
     ):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown quantized kind {kind!r}")
-        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        if kind not in KINDS or impl not in IMPLS:
+            raise ValueError(f"unknown quantized layer {kind!r} ({impl!r})")
+        self.kind, self.impl, self.in_features, self.out_features = kind, impl, in_features, out_features
+        self.kernels = native.kernels() if impl == "native" else None
+        if impl == "native" and self.kernels is None:
+            raise RuntimeError("native kernels are not available on this machine")
         self.packed = nn.Parameter(packed, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -118,43 +138,71 @@ class QuantLinear(nn.Module):
         self.parts = self.sizes = None  # a fused layer's part names and output sizes (set by the loader)
 
     @classmethod
-    def int4(cls, blocks: Q4Blocks, **kw) -> QuantLinear:
+    def int4(cls, blocks: Q4Blocks, impl: str | None = None, **kw) -> QuantLinear:
         n, k = blocks.shape
         if not int4_fits(n, k):
             raise ValueError(f"int4 needs out features % {INT4_N_MULTIPLE} == 0 and in features % {GROUP} == 0")
+        impl = impl or best_impl()
+        d, m = torch.from_numpy(blocks.d), torch.from_numpy(blocks.m)
+        if impl == "native":
+            # byte j of a block: element j in the low nibble, element j + 16 in the high one (GGUF's order)
+            q = np.ascontiguousarray(blocks.q).reshape(n, k // GROUP, GROUP)
+            packed = torch.from_numpy(np.ascontiguousarray(q[..., : GROUP // 2] | (q[..., GROUP // 2 :] << 4)))
+            return cls("int4", packed, torch.stack((d, m)).float().contiguous(), k, n, impl=impl, **kw)
         q = torch.from_numpy(np.ascontiguousarray(blocks.q)).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        d, m = torch.from_numpy(blocks.d), torch.from_numpy(blocks.m)
         # (q - 8) * scale + zero == d * q + m
         scales = torch.stack((d, m + 8 * d), dim=-1).transpose(0, 1).contiguous().to(ACT_DTYPE)  # [K/32, N, 2]
-        return cls("int4", packed, scales, k, n, **kw)
+        return cls("int4", packed, scales, k, n, impl=impl, **kw)
 
     @classmethod
-    def int8(cls, w: torch.Tensor, **kw) -> QuantLinear:
-        """Symmetric per-output-row quantization of a dense weight [N, K]."""
+    def int8(cls, w: torch.Tensor, impl: str | None = None, **kw) -> QuantLinear:
+        """Symmetric quantization of a dense weight [N, K]: per block of 32 inputs (native; a Q8_0
+        tensor's own values come back exactly) or per output row (torch)."""
         w = w.detach().float()
+        n, k = w.shape
+        impl = impl or best_impl()
+        if impl == "native" and k % GROUP == 0:
+            g = w.reshape(n, k // GROUP, GROUP)
+            amax = g.abs().amax(-1)
+            q = (g * torch.where(amax > 0, 127 / amax, 0)[..., None]).round().clamp(-127, 127).to(torch.int8)
+            return cls("int8", q.reshape(n, k), (amax / 127).contiguous(), k, n, impl="native", **kw)
         scale = w.abs().amax(dim=1) / 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        return cls("int8", q, scale.to(ACT_DTYPE), w.shape[1], w.shape[0], **kw)
+        return cls("int8", q, scale.to(ACT_DTYPE), k, n, impl="torch", **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = x.to(ACT_DTYPE)
-        if self.kind == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, self.packed, GROUP, self.scales)
+        if self.impl == "native":
+            rows = x.reshape(-1, self.in_features).float()
+            if self.kind == "int4":
+                y = self.kernels.q4_matmul(rows, self.packed, self.scales[0], self.scales[1])
+            else:
+                y = self.kernels.q8_matmul(rows, self.packed, self.scales)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        elif self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACT_DTYPE), self.packed, GROUP, self.scales).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(xq, self.packed, self.scales)
-        y = y.to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x.to(ACT_DTYPE), self.packed, self.scales).to(x.dtype)
         if self.reduce:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer computes with, as float32 [N, K] (for tests and references)."""
+        n, k = self.out_features, self.in_features
+        if self.impl == "native":
+            if self.kind == "int8":
+                return (self.packed.float().view(n, k // GROUP, GROUP) * self.scales[..., None]).view(n, k)
+            q = torch.cat((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
+            return (q * self.scales[0][..., None] + self.scales[1][..., None]).view(n, k)
         if self.kind == "int8":
             return self.packed.float() * self.scales.float()[:, None]
         eye = torch.eye(self.in_features, dtype=ACT_DTYPE)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales).float().T
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, reduce={self.reduce}"
+        return (
+            f"{self.kind} ({self.impl}), in_features={self.in_features}, out_features={self.out_features}, "
+            f"reduce={self.reduce}"
+        )
