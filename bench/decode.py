@@ -8,7 +8,8 @@ Measures in one run, in alternating rounds (best and range), and prints their ra
 - cortex serve: end to end, streaming over HTTP through the leader and a worker (CPU runs only);
 - HF transformers: LlamaForCausalLM.generate (greedy, KV cache) on the weights cortex loads with
   ``quantize = "none"`` (the file's values dequantized to float32; with packed weights cortex
-  computes on the same 4-bit values with bfloat16 scales and activations);
+  computes on the same 4-bit blocks with int16-quantized activations, or bfloat16 ones on the
+  PyTorch fallback);
 - llama.cpp (llama-cpp-python, `make bench-deps`) on the same GGUF file with the same thread count,
   in its own quantized format (Q4_1): the peer users would otherwise run.
 Decode rate excludes the prompt: (tokens - 1) / (time of last token - time of first token).

@@ -245,6 +245,10 @@ def _transcript(server, path: str, name: str, body: dict, headers: dict) -> byte
 
 
 def _check(dialect: str, name: str, got: bytes) -> None:
+    from workers import native
+
+    if native.kernels() is None:  # the server's workers fall back to PyTorch's bf16 kernels: other numerics
+        pytest.skip("golden transcripts are recorded with the native CPU kernels (no C compiler here)")
     file = GOLDEN / dialect / f"{name}.sse"
     if UPDATE:
         file.parent.mkdir(parents=True, exist_ok=True)

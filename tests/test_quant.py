@@ -103,6 +103,7 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch(kind):
     batched = layer(x)
     assert all(torch.equal(layer(x[i : i + 1])[0], batched[i]) for i in range(19))
     assert torch.equal(layer(x[3:11]), batched[3:11])
+    assert layer(x[:0]).shape == (0, 96)
 
 
 def test_without_kernels_the_layers_fall_back_to_pytorch(tmp_path, monkeypatch):

@@ -44,6 +44,8 @@ class NativeKernels:
         """``x``: float32 [M, K]; ``qs``: uint8 [N, K/32, 16]; ``d``, ``m``: float32 [N, K/32]."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
+        if not x.shape[0]:
+            return y
         rc = self.lib.cortex_q4_matmul(
             x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), d.data_ptr(), m.data_ptr(), qs.shape[0], y.data_ptr()
         )
@@ -55,6 +57,8 @@ class NativeKernels:
         """``x``: float32 [M, K]; ``qs``: int8 [N, K]; ``d``: float32 [N, K/32]."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
+        if not x.shape[0]:
+            return y
         rc = self.lib.cortex_q8_matmul(
             x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), d.data_ptr(), qs.shape[0], y.data_ptr()
         )

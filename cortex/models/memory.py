@@ -15,9 +15,9 @@ from workers.arch.config import ModelConfig
 from workers.sharding import HeadLayout
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# packed weight-only linears (workers/quant.py): int4 in groups of 32 with a bf16 scale and zero each;
-# int8 per output row (one scale per row, negligible)
-_PACKED_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1.0}
+# packed weight-only linears (workers/quant.py), the native kernels' layout (the larger of the two):
+# int4 in blocks of 32 with a float32 scale and offset each; int8 in blocks of 32 with a float32 scale
+_PACKED_BYTES = {"int4": 0.5 + 8 / 32, "int8": 1.0 + 4 / 32}
 
 
 def packing(quantize: str, fmt: str, device: str) -> str:
@@ -40,7 +40,7 @@ def weight_bytes(cfg: ModelConfig, world_size: int, dtype: str, pack: str = "non
     dense = _DTYPE_BYTES[dtype]
     per_linear = _PACKED_BYTES.get(pack, dense)
     # a packed head is int8, tied or not (the embedding stays dense for the lookup)
-    head_bytes = 1.0 if pack in _PACKED_BYTES else (0 if cfg.tie_word_embeddings else dense)
+    head_bytes = _PACKED_BYTES["int8"] if pack in _PACKED_BYTES else (0 if cfg.tie_word_embeddings else dense)
     head = embed * head_bytes
     norms = (2 * cfg.num_layers + 1) * h * dense
     return int(linear * per_linear + embed * dense + head + norms)
