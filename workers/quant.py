@@ -173,13 +173,18 @@ class QuantLinear(nn.Module):
         return cls("int8", q, scale.to(ACT_DTYPE), k, n, impl="torch", **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "native":
-            rows = x.reshape(-1, self.in_features).float()
+        if self.impl == "native":  # few ops: at one row, per-op dispatch costs as much as the product
+            rows = x.reshape(-1, self.in_features)
+            if rows.dtype != torch.float32:
+                rows = rows.float()
             if self.kind == "int4":
-                y = self.kernels.q4_matmul(rows, self.packed, self.scales[0], self.scales[1])
+                y = self.kernels.q4_matmul(rows, self.packed, self.scales.data[0], self.scales.data[1])
             else:
                 y = self.kernels.q8_matmul(rows, self.packed, self.scales)
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            if x.dim() != 2:
+                y = y.view(*x.shape[:-1], self.out_features)
+            if x.dtype != torch.float32:
+                y = y.to(x.dtype)
         elif self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACT_DTYPE), self.packed, GROUP, self.scales).to(x.dtype)
         else:
