@@ -249,7 +249,8 @@ def _fill(model: nn.Module, reader, mode: str, progress: Progress | None) -> dic
             packed["lm_head"] = model.lm_head
     counts: dict[str, int] = {}
     for q in packed.values():
-        counts[q.kind] = counts.get(q.kind, 0) + 1
+        label = f"{q.kind} ({q.impl} kernels)"
+        counts[label] = counts.get(label, 0) + 1
     return counts
 
 
