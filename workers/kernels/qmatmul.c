@@ -146,9 +146,8 @@ static inline __attribute__((always_inline)) void q8_tile(const int R, const act
     default: call(1);       \
     }
 
-/* y[M, N] = x[M, K] @ (Q4 weights [N, K])^T; qs: [N, K/32, 16], d and m: [N, K/32]. */
-int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const float *wd, const float *wm, int N,
-                     float *y) {
+/* y[M, N] = x[M, K] @ w[N, K]^T for either block format; wm is NULL for Q8. */
+static int matmul(const float *x, int M, int K, const void *qs, const float *wd, const float *wm, int N, float *y) {
     act_t a;
     if (act_alloc(&a, x, M, K)) {
         act_free(&a);
@@ -160,36 +159,32 @@ int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const floa
     for (int r0 = 0; r0 < M; r0 += ROWS) {
 #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
-            const uint8_t *wq = qs + (size_t)n * nb * (QK / 2);
-            const float *dn = wd + (size_t)n * nb, *mn = wm + (size_t)n * nb;
+            const float *dn = wd + (size_t)n * nb;
+            if (wm) {
+                const uint8_t *wq = (const uint8_t *)qs + (size_t)n * nb * (QK / 2);
+                const float *mn = wm + (size_t)n * nb;
 #define Q4(R) q4_tile(R, &a, r0, nb, N, n, wq, dn, mn, y)
-            BY_ROWS(M - r0, Q4)
+                BY_ROWS(M - r0, Q4)
 #undef Q4
+            } else {
+                const int8_t *wq = (const int8_t *)qs + (size_t)n * K;
+#define Q8(R) q8_tile(R, &a, r0, nb, N, n, wq, dn, y)
+                BY_ROWS(M - r0, Q8)
+#undef Q8
+            }
         }
     }
     act_free(&a);
     return 0;
 }
 
-/* y[M, N] = x[M, K] @ (Q8 weights [N, K])^T; qs: [N, K] int8, d: [N, K/32]. */
+/* Q4 weights: qs [N, K/32, 16] bytes, d and m [N, K/32]. */
+int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const float *wd, const float *wm, int N,
+                     float *y) {
+    return matmul(x, M, K, qs, wd, wm, N, y);
+}
+
+/* Q8 weights: qs [N, K] int8, d [N, K/32]. */
 int cortex_q8_matmul(const float *x, int M, int K, const int8_t *qs, const float *wd, int N, float *y) {
-    act_t a;
-    if (act_alloc(&a, x, M, K)) {
-        act_free(&a);
-        return -1;
-    }
-    const int nb = K / QK;
-#pragma omp parallel
-    for (int r0 = 0; r0 < M; r0 += ROWS) {
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const int8_t *wq = qs + (size_t)n * K;
-            const float *dn = wd + (size_t)n * nb;
-#define Q8(R) q8_tile(R, &a, r0, nb, N, n, wq, dn, y)
-            BY_ROWS(M - r0, Q8)
-#undef Q8
-        }
-    }
-    act_free(&a);
-    return 0;
+    return matmul(x, M, K, qs, wd, NULL, N, y);
 }
