@@ -291,14 +291,13 @@ class Generation:
         self._give_back()
 
 
-def _reply(client: RpcClient, timeout_s: float, request_id: str = "") -> tuple[int, object] | None:
-    """The next reply meant for this exchange, or None after ``timeout_s``. Events of another
-    request (late on a reused socket) are skipped; replies to calls that are no request (a query,
-    a model operation) carry the empty request id."""
+def _reply(client: RpcClient, timeout_s: float, request_id: str | None = None) -> tuple[int, object] | None:
+    """The next reply meant for this exchange (events of another request id, late on a reused
+    socket, are skipped), or None after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         got = client.recv(max(0, int((deadline - time.monotonic()) * 1000)))
-        if got is None or getattr(got[1], "request_id", "") in ("", request_id):
+        if got is None or getattr(got[1], "request_id", request_id) == request_id:
             return got
 
 
