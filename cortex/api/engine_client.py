@@ -84,7 +84,7 @@ class EngineClient:
         client, got = self._client(), None
         try:
             client.send(Query(what))
-            got = _reply(client, ANSWER_TIMEOUT_S)
+            got = client.recv(int(ANSWER_TIMEOUT_S * 1000))
             reply = got[1] if got else None
         finally:
             self._release(client) if got else client.close()
@@ -109,7 +109,7 @@ class EngineClient:
         client, got = self._client(), None
         try:
             client.send(ModelOp(op, model))
-            got = _reply(client, timeout_s)
+            got = client.recv(int(timeout_s * 1000))
         finally:
             self._release(client) if got else client.close()
         if got is None:
@@ -125,7 +125,7 @@ class EngineClient:
             client.socket.send(_encode(req))
             timeout_s = ANSWER_TIMEOUT_S
             while True:
-                got = _reply(client, timeout_s, req.request_id)
+                got = client.recv(int(timeout_s * 1000))
                 if got is None:
                     raise _engine_timeout()
                 if isinstance(got[1], Waiting):
@@ -289,16 +289,6 @@ class Generation:
             self.client.close(linger_ms=500)
             return
         self._give_back()
-
-
-def _reply(client: RpcClient, timeout_s: float, request_id: str | None = None) -> tuple[int, object] | None:
-    """The next reply meant for this exchange (events of another request id, late on a reused
-    socket, are skipped), or None after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = client.recv(max(0, int((deadline - time.monotonic()) * 1000)))
-        if got is None or getattr(got[1], "request_id", request_id) == request_id:
-            return got
 
 
 def _encode(req: Submit) -> bytes:
