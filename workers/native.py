@@ -26,7 +26,7 @@ log = logging.getLogger("cortex.worker")
 
 SOURCE = Path(__file__).with_name("kernels") / "qmatmul.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-_c_float_p, _c_int = ctypes.POINTER(ctypes.c_float), ctypes.c_int
+_c_int = ctypes.c_int
 
 
 class NativeKernels:
@@ -42,28 +42,21 @@ class NativeKernels:
 
     def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """``x``: float32 [M, K]; ``qs``: uint8 [N, K/32, 16]; ``d``, ``m``: float32 [N, K/32]."""
-        x = x.contiguous()
-        y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
-        if not x.shape[0]:
-            return y
-        rc = self.lib.cortex_q4_matmul(
-            x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), d.data_ptr(), m.data_ptr(), qs.shape[0], y.data_ptr()
-        )
-        if rc:
-            raise MemoryError("native q4 matmul: out of memory for the activation buffers")
-        return y
+        return self._matmul(self.lib.cortex_q4_matmul, x, qs, d, m)
 
     def q8_matmul(self, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``x``: float32 [M, K]; ``qs``: int8 [N, K]; ``d``: float32 [N, K/32]."""
+        return self._matmul(self.lib.cortex_q8_matmul, x, qs, d)
+
+    @staticmethod
+    def _matmul(fn, x: torch.Tensor, qs: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
         if not x.shape[0]:
             return y
-        rc = self.lib.cortex_q8_matmul(
-            x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), d.data_ptr(), qs.shape[0], y.data_ptr()
-        )
-        if rc:
-            raise MemoryError("native q8 matmul: out of memory for the activation buffers")
+        ptrs = (qs.data_ptr(), *(t.data_ptr() for t in scales))
+        if fn(x.data_ptr(), x.shape[0], x.shape[1], *ptrs, qs.shape[0], y.data_ptr()):
+            raise MemoryError("native matmul: out of memory for the activation buffers")
         return y
 
 
