@@ -1,7 +1,7 @@
 """Packed weight-only quantized linears (workers/quant.py, workers/native.py) and the loader's
 ``quantize`` modes.
 
-Both implementations are checked: ``native`` (our AVX2 kernels: int8 activations per block of 32,
+Both implementations are checked: ``native`` (our AVX2 kernels: int16 activations per block of 32,
 exact integer block products) against a reference that quantizes activations the same way, and
 ``torch`` (bfloat16 activations) against the dense float32 layer within a tolerance. GGUF Q4_0/Q4_1
 and Q8_0 blocks must keep their values exactly.

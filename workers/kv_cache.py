@@ -77,6 +77,7 @@ class StepBatch:
     decode_rows: torch.Tensor | None  # [B] rows of single-token sequences, batched together
     decode_blocks: torch.Tensor | None  # [B, Nmax] their context blocks, padded with block 0
     decode_mask: torch.Tensor | None  # [B, 1, 1, Nmax * block] True for real positions; None: all real
+    decode_lengths: torch.Tensor | None  # [B] their context lengths (this step's token included)
     last_rows: torch.Tensor  # [S] the last row of every sequence (whose logits may be sampled)
 
     @classmethod
@@ -103,7 +104,7 @@ class StepBatch:
             row += n
             last.append(row - 1)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        rows = blocks_pad = mask = None
+        rows = blocks_pad = mask = lengths = None
         if decode_rows:
             rows = t(decode_rows)
             width = max(len(b) for b in decode_tables)
@@ -111,6 +112,7 @@ class StepBatch:
             lengths = torch.tensor(decode_lengths)
             if (lengths != width * block_size).any():  # some padding to hide from attention
                 mask = (torch.arange(width * block_size)[None, :] < lengths[:, None])[:, None, None, :].to(device)
+            lengths = lengths.to(device)
         return cls(
             t(tokens),
             torch.cat(positions).to(device),
@@ -119,6 +121,7 @@ class StepBatch:
             rows,
             blocks_pad,
             mask,
+            lengths,
             t(last),
         )
 

@@ -1,11 +1,12 @@
-"""The worker's native CPU kernels (workers/kernels/qmatmul.c): built once with the system C compiler,
+"""The worker's native CPU kernels (workers/kernels/*.c): built once with the system C compiler,
 cached by source hash, loaded with ctypes.
 
 Why our own: PyTorch's packed int4 kernel needs bfloat16 activations (rounded to 8 bits of
 mantissa: greedy text drifts from the float32 model) and reaches about 6 GB/s for one row. These
 kernels keep the file's Q4/Q8 blocks exact, quantize activations per block of 32 to int16 (1.5e-5
 relative error: logits within 0.01 of float32) and use exact integer dot products, faster for one
-row and small batches. When they cannot be built (no C compiler, no AVX2,
+row and small batches. ``attention.c`` runs decode attention straight from the paged KV cache
+(no gather into padded tensors). When they cannot be built (no C compiler, no AVX2,
 ``CORTEX_NATIVE_KERNELS=0``), ``workers.quant`` uses PyTorch's kernels instead.
 """
 
@@ -24,8 +25,8 @@ import torch
 
 log = logging.getLogger("cortex.worker")
 
-SOURCE = Path(__file__).with_name("kernels") / "qmatmul.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("qmatmul.c", "attention.c", "norm.c"))
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
 _c_int = ctypes.c_int
 
 
@@ -37,7 +38,11 @@ class NativeKernels:
         vp = ctypes.c_void_p
         lib.cortex_q4_matmul.argtypes = [vp, _c_int, _c_int, vp, vp, vp, _c_int, vp]
         lib.cortex_q8_matmul.argtypes = [vp, _c_int, _c_int, vp, vp, _c_int, vp]
-        lib.cortex_q4_matmul.restype = lib.cortex_q8_matmul.restype = _c_int
+        lib.cortex_paged_attention.argtypes = [vp, vp, vp, vp, _c_int, vp, *[_c_int] * 5, ctypes.c_float, vp]
+        lib.cortex_q4_matmul.restype = lib.cortex_q8_matmul.restype = lib.cortex_paged_attention.restype = _c_int
+        lib.cortex_rms_norm.argtypes = [vp, _c_int, _c_int, vp, ctypes.c_float, vp]
+        lib.cortex_add_rms_norm.argtypes = [vp, vp, _c_int, _c_int, vp, ctypes.c_float, vp, vp]
+        lib.cortex_rms_norm.restype = lib.cortex_add_rms_norm.restype = None
         self.lib, self.path = lib, path
 
     def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,48 @@ class NativeKernels:
     def q8_matmul(self, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``x``: float32 [M, K]; ``qs``: int8 [N, K]; ``d``: float32 [N, K/32]."""
         return self._matmul(self.lib.cortex_q8_matmul, x, qs, d)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dimension of float32 ``x``, times ``weight``."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        d = x.shape[-1]
+        self.lib.cortex_rms_norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr())
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, RMSNorm(x + delta) * weight) in one pass: a residual add and the next norm."""
+        x, delta = x.contiguous(), delta.contiguous()
+        total, out = torch.empty_like(x), torch.empty_like(x)
+        d = x.shape[-1]
+        self.lib.cortex_add_rms_norm(
+            x.data_ptr(), delta.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, total.data_ptr(), out.data_ptr()
+        )
+        return total, out
+
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """One query token per sequence against its cached context, read through its block table.
+        ``q``: float32 [B, Hq, D]; ``k``, ``v``: one layer's pool [slots, Hkv, D]; ``tables``: int64
+        [B, width]; ``lengths``: int64 [B]. None for shapes the kernel does not take."""
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        B, hq, d = q.shape
+        rc = self.lib.cortex_paged_attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], lengths.data_ptr(),
+            B, hq, k.shape[1], d, block_size, scale, out.data_ptr(),
+        )  # fmt: skip
+        return None if rc else out
 
     @staticmethod
     def _matmul(fn, x: torch.Tensor, qs: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
@@ -77,7 +124,8 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        r = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        cmd = [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise OSError(f"{compiler} failed: {r.stderr.strip()[:500]}")
         os.replace(tmp, target)
@@ -93,9 +141,9 @@ def load() -> NativeKernels | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         log.info("native kernels: this CPU has no AVX2; using PyTorch's kernels")
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
     for cache in (_cache_dir(), Path(tempfile.gettempdir()) / f"cortex-kernels-{os.getuid()}"):
-        target = cache / f"qmatmul-{digest}.so"
+        target = cache / f"cortex-{digest}.so"
         try:
             if not target.exists():
                 _build(target)

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import native
 from workers.arch.config import ModelConfig
+from workers.attention import attend
 from workers.kv_cache import PagedKVCache, StepBatch
 from workers.parallel import TPGroup, fused, row
 from workers.sharding import HeadLayout
@@ -28,12 +30,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below for fp32
+        if x.dtype == torch.float32:  # one op (native on the CPU); the same arithmetic as below for fp32
+            kernels = native.kernels() if x.device.type == "cpu" else None
+            if kernels is not None:
+                return kernels.rms_norm(x, self.weight, self.eps)
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Variance in fp32, then cast back *before* the weight multiply, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))``: a residual add and this norm, fused where possible."""
+        kernels = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        if kernels is not None:
+            return kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        total = x + delta
+        return total, self(total)
 
 
 class Rotary(nn.Module):
@@ -52,9 +65,10 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and a signed sin per position, [T, 1, head_dim] each, for ``apply_rotary``."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        return torch.cat((freqs, freqs), dim=-1).cos().to(dtype)[:, None], torch.cat((-sin, sin), -1).to(dtype)[:, None]
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -69,14 +83,10 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x``: [T, heads, head_dim]; ``cos``/``sin``: [T, head_dim]."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotation of ``x`` [T, heads, head_dim]: x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = (-x2, x1) is x rolled by half a head with the sign folded into the sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -112,38 +122,7 @@ class Attention(nn.Module):
         kv.k[layer].index_copy_(0, batch.slots, k)
         kv.v[layer].index_copy_(0, batch.slots, v)
 
-        out = torch.empty_like(q)
-        gqa = self.q_heads != self.kv_heads
-        scale = self.head_dim**-0.5
-        for s in batch.prefills:  # several new tokens: causal over the chunk, after any cached prefix
-            keys, values = kv.gather(layer, s.blocks)  # [blocks, block_size, kv, hd]
-            L, offset = s.length, s.length - s.n
-            keys = keys.flatten(0, 1)[:L].transpose(0, 1)[None]
-            values = values.flatten(0, 1)[:L].transpose(0, 1)[None]
-            mask = (
-                None
-                if offset == 0
-                else (torch.arange(L, device=x.device)[None, :] <= torch.arange(offset, L, device=x.device)[:, None])
-            )
-            o = F.scaled_dot_product_attention(
-                q[s.start : s.end].transpose(0, 1)[None],
-                keys,
-                values,
-                attn_mask=mask,
-                is_causal=offset == 0,
-                scale=scale,
-                enable_gqa=gqa,
-            )
-            out[s.start : s.end] = o[0].transpose(0, 1)
-        if batch.decode_rows is not None:  # one new token each: one batched call over padded contexts
-            keys, values = kv.gather(layer, batch.decode_blocks)  # [B, Nmax, block_size, kv, hd]
-            keys = keys.flatten(1, 2).permute(0, 2, 1, 3)  # [B, kv, Lmax, hd]
-            values = values.flatten(1, 2).permute(0, 2, 1, 3)
-            qd = q[batch.decode_rows][:, :, None, :]  # [B, h, 1, hd]
-            o = F.scaled_dot_product_attention(
-                qd, keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
-            )
-            out[batch.decode_rows] = o[:, :, 0, :]
+        out = attend(q, kv, layer, batch)
         return self.o_proj(out.reshape(T, self.q_heads * self.head_dim))
 
 
@@ -170,8 +149,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, layout, tp, dtype)
 
     def forward(self, x, cos, sin, kv: PagedKVCache, layer: int, batch: StepBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(
+            x, self.self_attn(self.input_layernorm(x), cos, sin, kv, layer, batch)
+        )
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):

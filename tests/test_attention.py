@@ -1,0 +1,106 @@
+"""Attention over the paged KV cache (workers/attention.py): the native decode kernel
+(workers/kernels/attention.c) reads keys and values through block tables in place and must give
+what PyTorch's attention gives on the gathered contexts, for any mix of context lengths, GQA groups
+and head sizes, and the same result for a sequence whatever else is in the batch."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers import native
+from workers.attention import attend
+from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
+
+pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+
+
+def _cache_and_batch(lengths: list[int], kv_heads: int, head_dim: int, seed: int = 0):
+    """A cache full of random keys and values, and a decode step of one token per sequence whose
+    blocks are scattered over the pool (shuffled), as a long-running server's are."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum(-(-n // BLOCK_SIZE) for n in lengths)
+    cache = PagedKVCache(1, kv_heads, head_dim, torch.float32, torch.device("cpu"), need + 3)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g) * 2)
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    free = torch.randperm(need + 3, generator=g).tolist()
+    seqs = []
+    for n in lengths:
+        table = [free.pop() for _ in range(-(-n // BLOCK_SIZE))]
+        seqs.append(([7], n - 1, table))
+    return cache, StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu"))
+
+
+def _reference(q: torch.Tensor, cache: PagedKVCache, batch: StepBatch) -> torch.Tensor:
+    """Each sequence alone: its context gathered position by position, plain softmax attention."""
+    out = []
+    group = q.shape[1] // cache.k.shape[2]
+    for i, length in enumerate(batch.decode_lengths.tolist()):
+        blocks = batch.decode_blocks[i]
+        slots = torch.tensor([int(blocks[p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(length)])
+        k = cache.k[0, slots].repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        v = cache.v[0, slots].repeat_interleave(group, dim=1).transpose(0, 1)
+        w = torch.softmax((q[i, :, None, :] @ k.transpose(1, 2)).double() / q.shape[-1] ** 0.5, dim=-1)
+        out.append((w.float() @ v)[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 4, 128), (16, 2, 72), (8, 1, 80)],
+    ids=["smollm2", "mha-128", "gqa8-d72", "mqa-d80"],
+)
+def test_native_decode_attention_matches_softmax_attention(q_heads, kv_heads, head_dim):
+    assert native.kernels() is not None
+    lengths = [1, 2, 15, 16, 17, 33, 100, 257]  # within a block, on block edges, across many blocks
+    cache, batch = _cache_and_batch(lengths, kv_heads, head_dim)
+    q = torch.randn(len(lengths), q_heads, head_dim, generator=torch.Generator().manual_seed(1))
+    want = _reference(q, cache, batch)
+    got = attend(q, cache, 0, batch)
+    via_torch = attend(q, cache, 0, batch, native_ok=False)
+    assert (got - want).abs().max() < 1e-5
+    assert (via_torch - want).abs().max() < 1e-5
+
+
+def test_a_sequence_gets_the_same_attention_alone_or_in_a_batch():
+    lengths = [5, 130, 47, 16, 200, 1, 64, 90]
+    cache, batch = _cache_and_batch(lengths, 3, 64, seed=2)
+    q = torch.randn(len(lengths), 9, 64, generator=torch.Generator().manual_seed(3))
+    together = attend(q, cache, 0, batch)
+    for i in range(len(lengths)):
+        alone = StepBatch.build(
+            [([7], lengths[i] - 1, batch.decode_blocks[i].tolist())], BLOCK_SIZE, torch.device("cpu")
+        )
+        assert torch.equal(attend(q[i : i + 1], cache, 0, alone)[0], together[i])
+
+
+def test_prefill_rows_and_decode_rows_in_one_step():
+    """A step with a prompt chunk after a cached prefix and two decoding sequences: each part gets
+    causal attention over its own context only."""
+    g = torch.Generator().manual_seed(4)
+    cache = PagedKVCache(1, 2, 64, torch.float32, torch.device("cpu"), 16)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    seqs = [([1] * 6, 20, [3, 4]), ([2], 40, [5, 6, 7]), ([3], 3, [9])]  # 6 new tokens after 20 cached
+    batch = StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu"))
+    q = torch.randn(8, 4, 64, generator=g)
+    got = attend(q, cache, 0, batch)
+    slots = [3 * 16 + p if p < 16 else 4 * 16 + p - 16 for p in range(26)]
+    k = cache.k[0, slots].repeat_interleave(2, dim=1).transpose(0, 1)
+    v = cache.v[0, slots].repeat_interleave(2, dim=1).transpose(0, 1)
+    causal = torch.arange(26)[None, :] <= torch.arange(20, 26)[:, None]
+    want = F.scaled_dot_product_attention(q[:6].transpose(0, 1), k, v, attn_mask=causal).transpose(0, 1)
+    assert (got[:6] - want).abs().max() < 1e-5
+    assert torch.equal(got[6:], attend(q[6:], cache, 0, StepBatch.build(seqs[1:], BLOCK_SIZE, torch.device("cpu"))))
+
+
+def test_shapes_the_kernel_does_not_take_fall_back_to_pytorch():
+    """A head size that is not a multiple of 8 (no model we know has one) still computes."""
+    cache, batch = _cache_and_batch([3, 40], 2, 20)
+    q = torch.randn(2, 4, 20)
+    assert native.kernels().paged_attention(q, cache.k[0], cache.v[0], batch.decode_blocks,
+                                            batch.decode_lengths, BLOCK_SIZE, 0.2) is None  # fmt: skip
+    assert (attend(q, cache, 0, batch) - _reference(q, cache, batch)).abs().max() < 1e-5

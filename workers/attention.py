@@ -1,0 +1,69 @@
+"""Attention over the paged KV cache: the new tokens of one step against their cached contexts.
+
+Prefill chunks (several new tokens of one sequence) gather their context and run PyTorch's
+``scaled_dot_product_attention``: causal, compute-bound, well served by its matrix products.
+Decode rows (one new token each) use the native kernel (workers/kernels/attention.c) when it is
+built and the cache is float32 on the CPU: it reads keys and values through the block tables in
+place. Gathering 16 padded contexts per layer cost about as much as the whole model's matrix
+products; the kernel is 20x cheaper. Elsewhere (CUDA, other dtypes) one batched SDPA call over
+the gathered, padded contexts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workers import native
+from workers.kv_cache import PagedKVCache, StepBatch
+
+
+def attend(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch, native_ok: bool = True) -> torch.Tensor:
+    """``q``: [T, Hq, D] (the step's rows, RoPE applied, their K and V already written to ``kv``);
+    returns [T, Hq, D]. ``native_ok=False`` forces the PyTorch path (tests compare the two)."""
+    gqa = q.shape[1] != kv.k.shape[2]
+    scale = q.shape[-1] ** -0.5
+    if not batch.prefills and batch.decode_rows is not None and len(batch.decode_rows) == q.shape[0]:
+        return _decode(q, kv, layer, batch, scale, gqa, native_ok)  # every row decodes, in order
+    out = torch.empty_like(q)
+    for s in batch.prefills:  # several new tokens: causal over the chunk, after any cached prefix
+        keys, values = kv.gather(layer, s.blocks)  # [blocks, block_size, kv, hd]
+        L, offset = s.length, s.length - s.n
+        keys = keys.flatten(0, 1)[:L].transpose(0, 1)[None]
+        values = values.flatten(0, 1)[:L].transpose(0, 1)[None]
+        mask = None
+        if offset:  # a cached prefix: row i sees positions up to offset + i
+            mask = torch.arange(L, device=q.device)[None, :] <= torch.arange(offset, L, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(
+            q[s.start : s.end].transpose(0, 1)[None],
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=offset == 0,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out[s.start : s.end] = o[0].transpose(0, 1)
+    if batch.decode_rows is not None:
+        out[batch.decode_rows] = _decode(q[batch.decode_rows], kv, layer, batch, scale, gqa, native_ok)
+    return out
+
+
+def _decode(
+    q: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch, scale: float, gqa: bool, native_ok: bool
+) -> torch.Tensor:
+    """One new token per sequence: [B, Hq, D]."""
+    kernels = native.kernels() if native_ok and q.device.type == "cpu" and q.dtype == torch.float32 else None
+    if kernels is not None:
+        out = kernels.paged_attention(
+            q, kv.k[layer], kv.v[layer], batch.decode_blocks, batch.decode_lengths, kv.block_size, scale
+        )
+        if out is not None:
+            return out
+    keys, values = kv.gather(layer, batch.decode_blocks)  # [B, Nmax, block_size, kv, hd]
+    keys = keys.flatten(1, 2).permute(0, 2, 1, 3)  # [B, kv, Lmax, hd]
+    values = values.flatten(1, 2).permute(0, 2, 1, 3)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
+    )
+    return o[:, :, 0, :]

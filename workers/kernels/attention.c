@@ -1,0 +1,171 @@
+/* Decode attention read straight from the paged KV cache (AVX2 + FMA, float32).
+ *
+ * One new token per sequence attends to its whole context. Gathering each context into a padded
+ * tensor first (what a generic attention call needs) moves every key and value twice and, at 16
+ * sequences, cost as much as the model's matrix products; here each query head walks its
+ * sequence's block table in place: scores for every position (four keys per pass over q), an
+ * exact softmax over them, then the weighted sum of values with 64 output dimensions held in
+ * registers. Nothing is copied and no padding is computed.
+ *
+ * Each (sequence, KV head) is one task, computed in the same order whatever else is in the batch:
+ * a sequence gets the same result alone or with others. GQA: query head i reads KV head
+ * i / (query heads per KV head), as Hugging Face's repeat_kv does; the heads of one group run in
+ * the same task, so their keys and values are still in cache for the second and third head.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error
+ * about 2e-7, float32 rounding); inputs below -87 give 0, as softmax needs for masked-out scores. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* ln2 split in two so r keeps its low bits */
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* The four sums of a, b, c, d's lanes, in that order. */
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* s[j] = scale * q . k[j] for the n keys at k, k + stride, ...: four keys at a time share each
+ * load of q, two accumulators per key keep the multiply-adds independent. */
+static void scores(const float *q, const float *k, size_t stride, int n, int D, float scale, float *s) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        __m256 a[8];
+        for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= D; i += 16) {
+            const __m256 qa = _mm256_loadu_ps(q + i), qb = _mm256_loadu_ps(q + i + 8);
+            a[0] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k0 + i), a[0]);
+            a[1] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k0 + i + 8), a[1]);
+            a[2] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k1 + i), a[2]);
+            a[3] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k1 + i + 8), a[3]);
+            a[4] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k2 + i), a[4]);
+            a[5] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k2 + i + 8), a[5]);
+            a[6] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k3 + i), a[6]);
+            a[7] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k3 + i + 8), a[7]);
+        }
+        if (i < D) { /* D = 16 m + 8 */
+            const __m256 qa = _mm256_loadu_ps(q + i);
+            a[0] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k0 + i), a[0]);
+            a[2] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k1 + i), a[2]);
+            a[4] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k2 + i), a[4]);
+            a[6] = _mm256_fmadd_ps(qa, _mm256_loadu_ps(k3 + i), a[6]);
+        }
+        const __m128 four = hsum4(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]), _mm256_add_ps(a[4], a[5]),
+                                  _mm256_add_ps(a[6], a[7]));
+        _mm_storeu_ps(s + j, _mm_mul_ps(four, _mm_set1_ps(scale)));
+    }
+    for (; j < n; j++) {
+        const float *kj = k + j * stride;
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i), acc);
+        s[j] = scale * hsum(acc);
+    }
+}
+
+/* out[0 .. D) = sum over the context of p[j] * v[j] / l, 64 dimensions at a time in registers. */
+static void weighted_values(const float *p, const int64_t *table, int64_t L, int block, const float *v,
+                            size_t stride, int D, float inv_l, float *out) {
+    for (int c = 0; c < D; c += 64) {
+        const int nv = (D - c) / 8 < 8 ? (D - c) / 8 : 8;
+        __m256 acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t start = 0; start < L; start += block) {
+            const int n = (int)(L - start < block ? L - start : block);
+            const float *vb = v + (size_t)table[start / block] * block * stride + c;
+            for (int j = 0; j < n; j++) {
+                const __m256 pj = _mm256_set1_ps(p[start + j]);
+                const float *vj = vb + j * stride;
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++)
+                    if (r < nv) acc[r] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * r), acc[r]);
+            }
+        }
+        const __m256 inv = _mm256_set1_ps(inv_l);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; r++)
+            if (r < nv) _mm256_storeu_ps(out + c + 8 * r, _mm256_mul_ps(acc[r], inv));
+    }
+}
+
+/* out[b, h] = softmax(scale * q[b, h] . K[b]) V[b] for query head h of sequence b, whose context is
+ * positions 0 .. lengths[b] - 1 held in blocks tables[b, 0 ..] of the cache.
+ *   q, out: [B, Hq, D]; k, v: [slots, Hkv, D] (slot = block * block + offset); tables: [B, width].
+ * Returns -1 (nothing computed) for shapes it does not handle; the caller then uses PyTorch. */
+int cortex_paged_attention(const float *q, const float *k, const float *v, const int64_t *tables, int width,
+                           const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale,
+                           float *out) {
+    const int group = Hq / Hkv;
+    if (D % 8 || Hq % Hkv) return -1;
+    int64_t longest = 0;
+    for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    int failed = 0;
+#pragma omp parallel if (B * Hkv > 1)
+    {
+        /* the softmax weights of one head's context: per thread, reused */
+        float *p = (float *)malloc(((size_t)longest + 8) * sizeof(float));
+        if (!p) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < B * Hkv; task++) {
+            if (!p) continue;
+            const int b = task / Hkv, h = task % Hkv;
+            const int64_t L = lengths[b], *table = tables + (size_t)b * width;
+            const size_t stride = (size_t)Hkv * D; /* from one slot's K (or V) of head h to the next */
+            for (int g = 0; g < group; g++) {
+                const int hq = h * group + g;
+                const float *qg = q + ((size_t)b * Hq + hq) * D;
+                for (int64_t start = 0; start < L; start += block) {
+                    const int n = (int)(L - start < block ? L - start : block);
+                    scores(qg, k + (size_t)table[start / block] * block * stride + (size_t)h * D, stride, n, D, scale,
+                           p + start);
+                }
+                /* softmax: subtract the largest score, exponentiate eight at a time */
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < L; j++) mx = p[j] > mx ? p[j] : mx;
+                for (int64_t j = L; j < ((L + 7) & ~7); j++) p[j] = -INFINITY;
+                __m256 sum = _mm256_setzero_ps();
+                for (int64_t j = 0; j < L; j += 8) {
+                    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + j), _mm256_set1_ps(mx)));
+                    _mm256_storeu_ps(p + j, e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+                const float l = hsum(sum);
+                weighted_values(p, table, L, block, v + (size_t)h * D, stride, D, l > 0.0f ? 1.0f / l : 0.0f,
+                                out + ((size_t)b * Hq + hq) * D);
+            }
+        }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
