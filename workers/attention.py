@@ -56,7 +56,7 @@ def _decode(
     kernels = native.kernels() if native_ok and q.device.type == "cpu" and q.dtype == torch.float32 else None
     if kernels is not None:
         out = kernels.paged_attention(
-            q, kv.k[layer], kv.v[layer], batch.decode_blocks, batch.decode_lengths, kv.block_size, scale
+            q, kv.k_layers[layer], kv.v_layers[layer], batch.decode_blocks, batch.decode_lengths, kv.block_size, scale
         )
         if out is not None:
             return out

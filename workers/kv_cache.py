@@ -35,6 +35,8 @@ class PagedKVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.k = torch.zeros(layers, num_blocks * block_size, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        # one view per layer, made once: indexing the pool tensor costs an op on every call
+        self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -44,8 +46,8 @@ class PagedKVCache:
         [*blocks.shape, block_size, kv_heads, head_dim] each."""
         shape = (self.num_blocks, self.block_size, *self.k.shape[2:])
         ids = blocks.flatten()
-        k = self.k[layer].view(shape).index_select(0, ids)
-        v = self.v[layer].view(shape).index_select(0, ids)
+        k = self.k_layers[layer].view(shape).index_select(0, ids)
+        v = self.v_layers[layer].view(shape).index_select(0, ids)
         return k.view(*blocks.shape, *shape[1:]), v.view(*blocks.shape, *shape[1:])
 
 

@@ -45,13 +45,15 @@ class NativeKernels:
         lib.cortex_rms_norm.restype = lib.cortex_add_rms_norm.restype = None
         self.lib, self.path = lib, path
 
-    def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """``x``: float32 [M, K]; ``qs``: uint8 [N, K/32, 16]; ``d``, ``m``: float32 [N, K/32]."""
-        return self._matmul(self.lib.cortex_q4_matmul, x, qs, d, m)
+    def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+        """``x``: float32 [M, K]; ``qs``: uint8 [N, K/32, 16]; ``dm``: float32 [2, N, K/32], the
+        blocks' scales d then offsets m (passed as two pointers into it: no indexing op per call)."""
+        m_ptr = dm.data_ptr() + dm.stride(0) * dm.element_size()
+        return self._matmul(self.lib.cortex_q4_matmul, x, qs, dm.data_ptr(), m_ptr)
 
     def q8_matmul(self, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``x``: float32 [M, K]; ``qs``: int8 [N, K]; ``d``: float32 [N, K/32]."""
-        return self._matmul(self.lib.cortex_q8_matmul, x, qs, d)
+        return self._matmul(self.lib.cortex_q8_matmul, x, qs, d.data_ptr())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """RMSNorm over the last dimension of float32 ``x``, times ``weight``."""
@@ -96,13 +98,12 @@ class NativeKernels:
         return None if rc else out
 
     @staticmethod
-    def _matmul(fn, x: torch.Tensor, qs: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    def _matmul(fn, x: torch.Tensor, qs: torch.Tensor, *scale_ptrs: int) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty(x.shape[0], qs.shape[0], dtype=torch.float32)
         if not x.shape[0]:
             return y
-        ptrs = (qs.data_ptr(), *(t.data_ptr() for t in scales))
-        if fn(x.data_ptr(), x.shape[0], x.shape[1], *ptrs, qs.shape[0], y.data_ptr()):
+        if fn(x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), *scale_ptrs, qs.shape[0], y.data_ptr()):
             raise MemoryError("native matmul: out of memory for the activation buffers")
         return y
 

@@ -178,7 +178,7 @@ class QuantLinear(nn.Module):
             if rows.dtype != torch.float32:
                 rows = rows.float()
             if self.kind == "int4":
-                y = self.kernels.q4_matmul(rows, self.packed, self.scales.data[0], self.scales.data[1])
+                y = self.kernels.q4_matmul(rows, self.packed, self.scales.data)
             else:
                 y = self.kernels.q8_matmul(rows, self.packed, self.scales)
             if x.dim() != 2:

@@ -119,8 +119,8 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         qk = apply_rotary(qk, cos, sin)  # q and k heads in one go
         q, k = qk.split((self.q_heads, self.kv_heads), dim=1)
-        kv.k[layer].index_copy_(0, batch.slots, k)
-        kv.v[layer].index_copy_(0, batch.slots, v)
+        kv.k_layers[layer].index_copy_(0, batch.slots, k)
+        kv.v_layers[layer].index_copy_(0, batch.slots, v)
 
         out = attend(q, kv, layer, batch)
         return self.o_proj(out.reshape(T, self.q_heads * self.head_dim))
