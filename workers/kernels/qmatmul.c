@@ -12,9 +12,10 @@
  * and the same 8 of the next block in its high half, so one conversion to float and one
  * multiply-add by a vector of two block scales finish two blocks (the activations are stored in
  * that order when quantized; the weights unpack into it for free). A weight row is unpacked once
- * per tile of ROWS activation rows and stays in L1 while every tile of the step passes over it, so
- * each weight byte comes from memory once per step. Each output row's sum is accumulated in the
- * same order whatever the number of rows, so a sequence gets the same result alone or in a batch.
+ * per tile of ROWS activation rows; its block of rows stays in L1 while every tile of the step
+ * passes over it, so each weight byte comes from memory once per step (up to ROW_CHUNK rows).
+ * Each output row's sum is accumulated in the same order whatever the number of rows, so a
+ * sequence gets the same result alone or in a batch.
  *
  * Threads: OpenMP, the runtime PyTorch already loaded (same soname), so both share one pool.
  */
@@ -25,6 +26,7 @@
 #define QK 32
 #define ROWS 4        /* activation rows sharing one unpacked weight pair (registers) */
 #define ROW_CHUNK 64  /* activation rows per pass over the weights (their int16 copies stay in L2) */
+#define BLOCK_N 16    /* weight rows per block of the output (see matmul) */
 
 static float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -193,18 +195,23 @@ static int matmul(const float *x, int M, int K, const void *qs, const float *wd,
     }
     const int nb = K / QK;
     const size_t row_bytes = wm ? (size_t)nb * QK / 2 : (size_t)K;
+    /* Blocks of BLOCK_N weight rows and tiles of ROWS activation rows: both stay in L1 while the
+     * tiles pass over the block (an activation row's int16 copy is 2 K bytes: at K = 1536 the
+     * whole step's no longer fits and was re-read from L2 for every weight row). */
 #pragma omp parallel
     for (int c0 = 0; c0 < M; c0 += ROW_CHUNK) {
         const int c1 = c0 + ROW_CHUNK < M ? c0 + ROW_CHUNK : M;
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const void *wq = (const uint8_t *)qs + (size_t)n * row_bytes;
-            const float *dn = wd + (size_t)n * nb, *mn = wm ? wm + (size_t)n * nb : NULL;
-            for (int r0 = c0; r0 < c1; r0 += ROWS) {
+        for (int n0 = 0; n0 < N; n0 += BLOCK_N) {
+            const int n1 = n0 + BLOCK_N < N ? n0 + BLOCK_N : N;
+            for (int r0 = c0; r0 < c1; r0 += ROWS)
+                for (int n = n0; n < n1; n++) {
+                    const void *wq = (const uint8_t *)qs + (size_t)n * row_bytes;
+                    const float *dn = wd + (size_t)n * nb, *mn = wm ? wm + (size_t)n * nb : NULL;
 #define TILE(R) tile(R, &a, r0, nb, wq, dn, mn, y, N, n)
-                BY_ROWS(c1 - r0, TILE)
+                    BY_ROWS(c1 - r0, TILE)
 #undef TILE
-            }
+                }
         }
     }
     act_free(&a);
