@@ -25,7 +25,9 @@ import torch
 
 log = logging.getLogger("cortex.worker")
 
-SOURCES = tuple(Path(__file__).with_name("kernels") / name for name in ("qmatmul.c", "attention.c", "norm.c"))
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c"))
+HEADERS = (KERNELS / "simd.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
 _c_int = ctypes.c_int
 
@@ -42,7 +44,8 @@ class NativeKernels:
         lib.cortex_q4_matmul.restype = lib.cortex_q8_matmul.restype = lib.cortex_paged_attention.restype = _c_int
         lib.cortex_rms_norm.argtypes = [vp, _c_int, _c_int, vp, ctypes.c_float, vp]
         lib.cortex_add_rms_norm.argtypes = [vp, vp, _c_int, _c_int, vp, ctypes.c_float, vp, vp]
-        lib.cortex_rms_norm.restype = lib.cortex_add_rms_norm.restype = None
+        lib.cortex_swiglu.argtypes = [vp, _c_int, _c_int, vp]
+        lib.cortex_rms_norm.restype = lib.cortex_add_rms_norm.restype = lib.cortex_swiglu.restype = None
         self.lib, self.path = lib, path
 
     def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,14 @@ class NativeKernels:
             x.data_ptr(), delta.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, total.data_ptr(), out.data_ptr()
         )
         return total, out
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for float32 rows laid out [gate | up] (the fused projection's output)."""
+        gate_up = gate_up.contiguous()
+        inter = gate_up.shape[-1] // 2
+        out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+        self.lib.cortex_swiglu(gate_up.data_ptr(), gate_up.numel() // (2 * inter), inter, out.data_ptr())
+        return out
 
     def paged_attention(
         self,
@@ -142,7 +153,8 @@ def load() -> NativeKernels | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         log.info("native kernels: this CPU has no AVX2; using PyTorch's kernels")
         return None
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
     for cache in (_cache_dir(), Path(tempfile.gettempdir()) / f"cortex-kernels-{os.getuid()}"):
         target = cache / f"cortex-{digest}.so"
         try:

@@ -19,21 +19,15 @@
  *
  * Threads: OpenMP, the runtime PyTorch already loaded (same soname), so both share one pool.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "simd.h"
 
 #define QK 32
 #define ROWS 4        /* activation rows sharing one unpacked weight pair (registers) */
 #define ROW_CHUNK 64  /* activation rows per pass over the weights (their int16 copies stay in L2) */
 #define BLOCK_N 16    /* weight rows per block of the output (see matmul) */
-
-static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* Activations of a step, quantized, in pair order. Per row and pair of blocks (b0, b1):
  *   q:   64 int16, four vectors [b0 x[8c .. 8c+7] | b1 x[8c .. 8c+7]] for c = 0..3;

@@ -1,6 +1,6 @@
-"""RMSNorm on the CPU (workers/kernels/norm.c): the native kernel computes what PyTorch's
-``rms_norm`` computes, alone and fused with the residual add, for any row width, and a row's
-result does not depend on the other rows."""
+"""Row-wise layer ops on the CPU (workers/kernels/pointwise.c): the native RMSNorm computes what
+PyTorch's ``rms_norm`` computes, alone and fused with the residual add, and the native SwiGLU what
+``silu(gate) * up`` computes, for any width; a row's result does not depend on the other rows."""
 
 from __future__ import annotations
 
@@ -40,3 +40,14 @@ def test_other_dtypes_keep_the_reference_arithmetic():
     assert torch.equal(norm(x), want)
     total, normed = norm.add_forward(x, x)
     assert torch.equal(total, x + x) and torch.equal(normed, norm(x + x))
+
+
+@pytest.mark.parametrize("inter", [1536, 20, 3])
+def test_native_swiglu_matches_silu_times_up(inter):
+    g = torch.Generator().manual_seed(inter)
+    gate_up = torch.randn(6, 2 * inter, generator=g) * 6  # large negative and positive gates too
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])[: min(3, inter)]
+    got = native.kernels().swiglu(gate_up)
+    gate, up = gate_up.split(inter, dim=-1)
+    assert torch.allclose(got, torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    assert torch.equal(native.kernels().swiglu(gate_up[3:4]), got[3:4])

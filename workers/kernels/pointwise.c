@@ -1,5 +1,5 @@
-/* RMSNorm for the CPU (AVX2 + FMA, float32): one call per norm instead of PyTorch's half dozen
- * element-wise ops, each of which costs more in dispatch than the arithmetic at decode sizes.
+/* Row-wise and element-wise layer ops for the CPU (AVX2 + FMA, float32): one call each instead of
+ * several PyTorch ops, each of which costs more in dispatch than the arithmetic at decode sizes.
  *
  *   out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w
  *
@@ -7,16 +7,10 @@
  * and normalizes that sum, the step between attention and MLP. Rows are independent, so a row's
  * result does not depend on what else is in the batch.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
 
-static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "simd.h"
 
 static void norm_row(const float *x, int D, const float *w, float eps, float *out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -53,5 +47,22 @@ void cortex_add_rms_norm(const float *x, const float *delta, int M, int D, const
             _mm256_storeu_ps(sum + o + i, _mm256_add_ps(_mm256_loadu_ps(x + o + i), _mm256_loadu_ps(delta + o + i)));
         for (; i < D; i++) sum[o + i] = x[o + i] + delta[o + i];
         norm_row(sum + o, D, w, eps, out + o);
+    }
+}
+
+/* SwiGLU: out[r] = silu(gate) * up, where row r of gu is [gate (I) | up (I)]; out: [M, I]. */
+void cortex_swiglu(const float *gu, int M, int I, float *out) {
+#pragma omp parallel for schedule(static) if ((long)M * I >= 65536)
+    for (int r = 0; r < M; r++) {
+        const float *g = gu + (size_t)r * 2 * I, *u = g + I;
+        float *o = out + (size_t)r * I;
+        int i = 0;
+        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_xor_ps(x, sign))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
