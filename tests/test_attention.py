@@ -104,3 +104,31 @@ def test_shapes_the_kernel_does_not_take_fall_back_to_pytorch():
     assert native.kernels().paged_attention(q, cache.k[0], cache.v[0], batch.decode_blocks,
                                             batch.decode_lengths, BLOCK_SIZE, 0.2) is None  # fmt: skip
     assert (attend(q, cache, 0, batch) - _reference(q, cache, batch)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("head_dim", [64, 48, 128])
+def test_native_rope_and_kv_write_match_pytorch(head_dim):
+    """The step's RoPE and KV write in one native pass: q as ``apply_rotary`` rotates it, rotated k
+    and plain v in each row's slot, other slots untouched."""
+    from workers.arch.config import ModelConfig
+    from workers.arch.llama import Rotary, apply_rotary
+
+    g = torch.Generator().manual_seed(head_dim)
+    T, hq, hkv = 5, 9, 3
+    cfg = ModelConfig.from_hf(
+        {"model_type": "llama", "hidden_size": hq * head_dim, "num_attention_heads": hq,
+         "num_key_value_heads": hkv, "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 8,
+         "rope_theta": 10000.0}
+    )  # fmt: skip
+    cos, sin = Rotary(cfg)(torch.tensor([0, 1, 7, 40, 41]), torch.float32)
+    heads = torch.randn(T, hq + 2 * hkv, head_dim, generator=g)
+    slots = torch.tensor([3, 17, 8, 30, 31])
+    k_pool, v_pool = torch.zeros(32, hkv, head_dim), torch.zeros(32, hkv, head_dim)
+    q = native.kernels().rope_store(heads, cos, sin, slots, k_pool, v_pool, hq)
+    want = apply_rotary(heads[:, : hq + hkv], cos, sin)
+    assert torch.allclose(q, want[:, :hq], atol=1e-5)
+    assert torch.allclose(k_pool[slots], want[:, hq:], atol=1e-5)
+    assert torch.equal(v_pool[slots], heads[:, hq + hkv :])
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_pool[untouched].any() and not v_pool[untouched].any()

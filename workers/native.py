@@ -45,7 +45,9 @@ class NativeKernels:
         lib.cortex_rms_norm.argtypes = [vp, _c_int, _c_int, vp, ctypes.c_float, vp]
         lib.cortex_add_rms_norm.argtypes = [vp, vp, _c_int, _c_int, vp, ctypes.c_float, vp, vp]
         lib.cortex_swiglu.argtypes = [vp, _c_int, _c_int, vp]
-        lib.cortex_rms_norm.restype = lib.cortex_add_rms_norm.restype = lib.cortex_swiglu.restype = None
+        lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp]
+        for fn in (lib.cortex_rms_norm, lib.cortex_add_rms_norm, lib.cortex_swiglu, lib.cortex_rope_store):
+            fn.restype = None
         self.lib, self.path = lib, path
 
     def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
@@ -85,6 +87,28 @@ class NativeKernels:
         out = gate_up.new_empty(*gate_up.shape[:-1], inter)
         self.lib.cortex_swiglu(gate_up.data_ptr(), gate_up.numel() // (2 * inter), inter, out.data_ptr())
         return out
+
+    def rope_store(
+        self,
+        heads: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        slots: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        q_heads: int,
+    ) -> torch.Tensor:
+        """RoPE on the step's q and k heads and the KV write, in one call. ``heads``: float32
+        [T, Hq + 2 Hkv, D]; ``cos``, ``signed_sin``: [T, 1, D]; ``slots``: int64 [T]; the pools:
+        one layer's [slots, Hkv, D]. Returns the rotated q [T, Hq, D]."""
+        heads, cos, signed_sin = heads.contiguous(), cos.contiguous(), signed_sin.contiguous()
+        T, _, d = heads.shape
+        q = heads.new_empty(T, q_heads, d)
+        self.lib.cortex_rope_store(
+            heads.data_ptr(), T, q_heads, k_pool.shape[1], d, cos.data_ptr(), signed_sin.data_ptr(),
+            slots.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), q.data_ptr(),
+        )  # fmt: skip
+        return q
 
     def paged_attention(
         self,

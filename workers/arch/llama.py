@@ -113,17 +113,27 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         heads = self.qkv_proj(x).view(T, self.q_heads + 2 * self.kv_heads, self.head_dim)
-        qk, v = heads.split((self.q_heads + self.kv_heads, self.kv_heads), dim=1)
         if self.q_norm is not None:  # Qwen3: per-head norm after projection, before RoPE
-            q, k = qk.split((self.q_heads, self.kv_heads), dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        qk = apply_rotary(qk, cos, sin)  # q and k heads in one go
-        q, k = qk.split((self.q_heads, self.kv_heads), dim=1)
-        kv.k_layers[layer].index_copy_(0, batch.slots, k)
-        kv.v_layers[layer].index_copy_(0, batch.slots, v)
-
+            q, k, v = heads.split((self.q_heads, self.kv_heads, self.kv_heads), dim=1)
+            heads = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=1)
+        q = self._rope_and_store(heads, cos, sin, kv, layer, batch)
         out = attend(q, kv, layer, batch)
         return self.o_proj(out.reshape(T, self.q_heads * self.head_dim))
+
+    def _rope_and_store(
+        self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch
+    ) -> torch.Tensor:
+        """Rotate q and k, write k and v to their slots; return q. One native pass on the CPU."""
+        k_pool, v_pool = kv.k_layers[layer], kv.v_layers[layer]
+        cpu32 = heads.device.type == "cpu" and heads.dtype == k_pool.dtype == torch.float32
+        kernels = native.kernels() if cpu32 and self.head_dim % 16 == 0 else None
+        if kernels is not None:
+            return kernels.rope_store(heads, cos, sin, batch.slots, k_pool, v_pool, self.q_heads)
+        qk, v = heads.split((self.q_heads + self.kv_heads, self.kv_heads), dim=1)
+        q, k = apply_rotary(qk, cos, sin).split((self.q_heads, self.kv_heads), dim=1)  # q and k in one go
+        k_pool.index_copy_(0, batch.slots, k)
+        v_pool.index_copy_(0, batch.slots, v)
+        return q
 
 
 class MLP(nn.Module):

@@ -141,3 +141,33 @@ int cortex_paged_attention(const float *q, const float *k, const float *v, const
     }
     return failed ? -1 : 0;
 }
+
+/* RoPE and the KV write of one step, in one pass over the projections.
+ *   qkv: [T, Hq + 2 Hkv, D], the step's q, k and v heads; cos, ssin: [T, D] per row, ssin the sin
+ *   with the first half negated (rotate_half's sign folded in); slots: [T].
+ * Writes rotated q to q_out [T, Hq, D] and rotated k and plain v to the pool's slot of each row:
+ * x * cos + roll(x, D / 2) * ssin, as workers/arch/llama.py's apply_rotary. D must be a multiple
+ * of 16 (the caller checks). */
+void cortex_rope_store(const float *qkv, int T, int Hq, int Hkv, int D, const float *cos, const float *ssin,
+                       const int64_t *slots, float *k_pool, float *v_pool, float *q_out) {
+    const int half = D / 2, heads = Hq + 2 * Hkv;
+#pragma omp parallel for schedule(static) if (T >= 32)
+    for (int t = 0; t < T; t++) {
+        const float *row = qkv + (size_t)t * heads * D, *c = cos + (size_t)t * D, *s = ssin + (size_t)t * D;
+        const size_t slot = (size_t)slots[t];
+        for (int h = 0; h < Hq + Hkv; h++) {
+            const float *x = row + (size_t)h * D;
+            float *dst = h < Hq ? q_out + ((size_t)t * Hq + h) * D : k_pool + (slot * Hkv + h - Hq) * D;
+            for (int i = 0; i < D; i += 8) {
+                const float *partner = x + (i < half ? i + half : i - half);
+                const __m256 xc = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(c + i));
+                _mm256_storeu_ps(dst + i, _mm256_fmadd_ps(_mm256_loadu_ps(partner), _mm256_loadu_ps(s + i), xc));
+            }
+        }
+        for (int h = 0; h < Hkv; h++) {
+            const float *x = row + (size_t)(Hq + Hkv + h) * D;
+            float *dst = v_pool + (slot * Hkv + h) * D;
+            for (int i = 0; i < D; i += 8) _mm256_storeu_ps(dst + i, _mm256_loadu_ps(x + i));
+        }
+    }
+}
