@@ -26,10 +26,25 @@ import torch
 log = logging.getLogger("cortex.worker")
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c"))
-HEADERS = (KERNELS / "simd.h",)
+SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c", "decode.c"))
+HEADERS = (KERNELS / "simd.h", KERNELS / "kernels.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
 _c_int = ctypes.c_int
+
+
+class Linear(ctypes.Structure):
+    """decode.c's ``linear_t``: one block-format weight (``m`` NULL for Q8)."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("m", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64)]  # fmt: skip
+
+
+class Layer(ctypes.Structure):
+    """decode.c's ``layer_t``: one decoder layer's weights."""
+
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("qkv", Linear), ("o", Linear), ("gate_up", Linear),
+                ("down", Linear)]  # fmt: skip
 
 
 class NativeKernels:
@@ -45,6 +60,10 @@ class NativeKernels:
         lib.cortex_rms_norm.argtypes = [vp, _c_int, _c_int, vp, ctypes.c_float, vp]
         lib.cortex_add_rms_norm.argtypes = [vp, vp, _c_int, _c_int, vp, ctypes.c_float, vp, vp]
         lib.cortex_swiglu.argtypes = [vp, _c_int, _c_int, vp]
+        i64, f32 = ctypes.c_int64, ctypes.c_float
+        lib.cortex_decode_layers.argtypes = [vp, _c_int, _c_int, vp, *[_c_int] * 5, f32, vp, vp, vp, vp, vp, i64,
+                                             vp, _c_int, vp, _c_int, f32]  # fmt: skip
+        lib.cortex_decode_layers.restype = _c_int
         lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp]
         for fn in (lib.cortex_rms_norm, lib.cortex_add_rms_norm, lib.cortex_swiglu, lib.cortex_rope_store):
             fn.restype = None
@@ -109,6 +128,19 @@ class NativeKernels:
             slots.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), q.data_ptr(),
         )  # fmt: skip
         return q
+
+    def decode_layers(self, x: torch.Tensor, layers, dims: tuple[int, ...], eps: float, cos, sin, kv, batch) -> None:
+        """Every decoder layer of an all-decode step, in place on the residual stream ``x`` [T, H]
+        (decode.c). ``layers``: a ``Layer`` array; ``dims``: (Hq, Hkv, D, intermediate)."""
+        hq, hkv, d, inter = dims
+        rc = self.lib.cortex_decode_layers(
+            x.data_ptr(), x.shape[0], x.shape[1], ctypes.addressof(layers), len(layers), hq, hkv, d, inter, eps,
+            cos.data_ptr(), sin.data_ptr(), batch.slots.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(),
+            kv.k.stride(0), batch.decode_blocks.data_ptr(), batch.decode_blocks.shape[1],
+            batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5,
+        )  # fmt: skip
+        if rc:
+            raise MemoryError("native decode step: out of memory for its buffers")
 
     def paged_attention(
         self,

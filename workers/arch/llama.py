@@ -231,16 +231,64 @@ class LlamaModel(nn.Module):
                         out[f"{parent}.{part}.{leaf}"] = piece
         return out
 
+    native_decode = True  # tests turn it off to compare with the layer-by-layer path
+
+    def _native_layers(self, batch: StepBatch, kv: PagedKVCache):
+        """The layers' weights as decode.c takes them, when this step can run there: every row
+        decodes, one rank, float32 on the CPU, every linear in a native block format without a
+        bias. Built once (weights do not move once loaded)."""
+        if not self.native_decode or batch.prefills or batch.decode_rows is None or kv.k.dtype != torch.float32:
+            return None
+        if not hasattr(self, "_layer_table"):
+            self._layer_table = _layer_table(self)
+        return self._layer_table
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Run one step; return fp32 logits of each sequence's last token ([S, vocab]), or of every
         token ([T, vocab]) when ``all_logits``."""
         cos, sin = self.rotary(batch.positions, self.dtype)
         x = self.model.embed_tokens(batch.tokens)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, kv, i, batch)
+        layers = self._native_layers(batch, kv)
+        if layers is not None:  # every row decodes: all layers in one native call, same arithmetic
+            x = x.contiguous()
+            dims = (self.layout.q_heads, self.layout.kv_heads, self.cfg.head_dim, self.layout.inter)
+            native.kernels().decode_layers(x, layers, dims, self.cfg.rms_norm_eps, cos, sin, kv, batch)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, kv, i, batch)
         x = x if all_logits else x[batch.last_rows]
         x = self.model.norm(x)
         if self.lm_head is None:  # tied, dense
             return F.linear(x, self.model.embed_tokens.weight).float()
         return self.lm_head(x).float()  # nn.Linear, or a packed QuantLinear (tied ones too)
+
+
+def _layer_table(model: LlamaModel):
+    """ctypes ``Layer`` array for decode.c, or None when a layer cannot run there."""
+    from workers.quant import QuantLinear
+
+    kernels = native.kernels()
+    if kernels is None or model.tp.world_size != 1 or model.dtype != torch.float32 or model.cfg.head_dim % 16:
+        return None
+
+    def linear(m) -> native.Linear | None:
+        if not (isinstance(m, QuantLinear) and m.impl == "native" and m.bias is None):
+            return None
+        d = m.scales.data
+        if m.kind == "int4":  # scales [2, N, K/32]: d, then m
+            return native.Linear(m.packed.data_ptr(), d.data_ptr(), d[1].data_ptr(), m.out_features, m.in_features)
+        return native.Linear(m.packed.data_ptr(), d.data_ptr(), None, m.out_features, m.in_features)
+
+    table = (native.Layer * len(model.model.layers))()
+    for entry, layer in zip(table, model.model.layers, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = [linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if any(p is None for p in parts) or any(n.weight.device.type != "cpu" for n in norms):
+            return None
+        entry.input_norm, entry.post_norm = (n.weight.data_ptr() for n in norms)
+        if attn.q_norm is not None:
+            entry.q_norm, entry.k_norm = attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr()
+        entry.qkv, entry.o, entry.gate_up, entry.down = parts
+    return table

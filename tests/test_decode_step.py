@@ -1,0 +1,59 @@
+"""The native decode step (workers/kernels/decode.c): when every row of a step decodes, all decoder
+layers run in one native call, which must give the layer-by-layer forward's logits bit for bit
+(the same kernels in the same order), for Llama and Qwen3 (q/k norms), Q4 and Q8 layers, several
+sequences of different lengths; and steps it cannot take (prefill chunks, dense weights) keep
+the layer-by-layer path."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from workers.arch import ModelConfig, model_class
+from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
+from workers.weights import load_weights
+
+pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+
+
+def _model(path, quantize: str):
+    cfg = ModelConfig.from_hf_dir(path)
+    model = model_class(cfg)(cfg)
+    load_weights(model, "safetensors", [str(f) for f in sorted(path.glob("*.safetensors"))], quantize=quantize)
+    return model
+
+
+def _run(model, native: bool) -> list[torch.Tensor]:
+    """Three prompts prefilled together, then five steps where all three decode (greedy)."""
+    model.native_decode = native
+    cache = PagedKVCache(*model.kv_shape(), torch.device("cpu"), 16)
+    prompts = [[5, 9, 2, 7], list(range(3, 23)), [11] * 9]
+    tables = [[0, 1], [2, 3, 4], [5, 6]]
+    seqs = [(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
+    logits = [model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache)]
+    lengths = [len(p) for p in prompts]
+    for _ in range(5):
+        nxt = logits[-1].argmax(-1).tolist()
+        seqs = [([n], L, t) for n, L, t in zip(nxt, lengths, tables, strict=True)]
+        logits.append(model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache))
+        lengths = [L + 1 for L in lengths]
+    return logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_the_native_decode_step_equals_the_layer_by_layer_forward(tmp_path, arch, quantize):
+    model = _model(make_checkpoint(tmp_path, arch, tied=True), quantize)
+    fused, stepwise = _run(model, native=True), _run(model, native=False)
+    assert model._layer_table is not None  # the decode steps did run natively
+    for a, b in zip(fused, stepwise, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_dense_weights_keep_the_layer_by_layer_path(tmp_path):
+    model = _model(make_checkpoint(tmp_path, "llama", tied=False), "none")
+    _run(model, native=True)
+    assert model._layer_table is None

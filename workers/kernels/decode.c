@@ -1,0 +1,67 @@
+/* A whole decode step's decoder layers in one call: the same kernels the model's Python forward
+ * calls one by one (so the same results, bit for bit), without a Python round trip per op. At one
+ * sequence the round trips cost about a third of a step: some 300 calls into PyTorch and ctypes.
+ *
+ * Only for steps where every row decodes (prefill chunks need PyTorch's attention), on one rank
+ * (no all-reduce between layers), with every linear in a native block format and no biases; the
+ * caller checks (workers/arch/llama.py).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+typedef struct {
+    const void *q;        /* Q4: uint8 [N, K/32, 16]; Q8: int8 [N, K] */
+    const float *d, *m;   /* [N, K/32] scales and (Q4 only; NULL for Q8) offsets */
+    int64_t n, k;
+} linear_t;
+
+typedef struct {
+    const float *input_norm, *post_norm; /* [H] */
+    const float *q_norm, *k_norm;        /* [D] each (Qwen3), or NULL */
+    linear_t qkv, o, gate_up, down;
+} layer_t;
+
+static int linear(const linear_t *w, const float *x, int M, float *y) {
+    if (w->m) return cortex_q4_matmul(x, M, (int)w->k, (const uint8_t *)w->q, w->d, w->m, (int)w->n, y);
+    return cortex_q8_matmul(x, M, (int)w->k, (const int8_t *)w->q, w->d, (int)w->n, y);
+}
+
+/* x: [T, H], the residual stream, updated in place through all L layers. The KV pools are
+ * [L, slots, Hkv, D] (layer_stride floats per layer); cos, ssin, slots, tables, lengths as the
+ * kernels they go to. Returns 0, or -1 when a buffer could not be allocated. */
+int cortex_decode_layers(float *x, int T, int H, const layer_t *layers, int L, int Hq, int Hkv, int D, int inter,
+                         float eps, const float *cos, const float *ssin, const int64_t *slots, float *k_pool,
+                         float *v_pool, int64_t layer_stride, const int64_t *tables, int width,
+                         const int64_t *lengths, int block, float scale) {
+    const int heads = Hq + 2 * Hkv;
+    float *h = malloc(sizeof(float) * T * H), *qkv = malloc(sizeof(float) * T * heads * D);
+    float *q = malloc(sizeof(float) * T * Hq * D), *att = malloc(sizeof(float) * T * Hq * D);
+    float *o = malloc(sizeof(float) * T * H), *gu = malloc(sizeof(float) * T * 2 * inter);
+    float *act = malloc(sizeof(float) * T * inter);
+    int rc = (h && qkv && q && att && o && gu && act) ? 0 : -1;
+    for (int l = 0; l < L && !rc; l++) {
+        const layer_t *w = &layers[l];
+        float *kl = k_pool + l * layer_stride, *vl = v_pool + l * layer_stride;
+        cortex_rms_norm(x, T, H, w->input_norm, eps, h);
+        if ((rc = linear(&w->qkv, h, T, qkv))) break;
+        if (w->q_norm)
+            for (int t = 0; t < T; t++) { /* per head, in place: q heads, then k heads */
+                float *row = qkv + (size_t)t * heads * D;
+                cortex_rms_norm(row, Hq, D, w->q_norm, eps, row);
+                cortex_rms_norm(row + (size_t)Hq * D, Hkv, D, w->k_norm, eps, row + (size_t)Hq * D);
+            }
+        cortex_rope_store(qkv, T, Hq, Hkv, D, cos, ssin, slots, kl, vl, q);
+        if ((rc = cortex_paged_attention(q, kl, vl, tables, width, lengths, T, Hq, Hkv, D, block, scale, att))) break;
+        if ((rc = linear(&w->o, att, T, o))) break;
+        cortex_add_rms_norm(x, o, T, H, w->post_norm, eps, x, h);
+        if ((rc = linear(&w->gate_up, h, T, gu))) break;
+        cortex_swiglu(gu, T, inter, act);
+        if ((rc = linear(&w->down, act, T, o))) break;
+        for (size_t i = 0; i < (size_t)T * H; i++) x[i] += o[i];
+    }
+    free(h), free(qkv), free(q), free(att), free(o), free(gu), free(act);
+    return rc;
+}
