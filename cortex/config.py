@@ -69,6 +69,7 @@ class EngineConfig:
     group_timeout_s: float
     max_waiting: int
     kv_cache_mb: int
+    kv_cache_dtype: str  # auto (float16 for float32 models on the CPU, else the model's) | a dtype
     max_batch_tokens: int
     prefill_chunk: int
     max_seqs: int
@@ -228,6 +229,7 @@ ENGINE = {
     "group_timeout_s": ((int, float), 60.0, _positive),
     "max_waiting": (int, 256, _positive),
     "kv_cache_mb": (int, 1024, _positive),
+    "kv_cache_dtype": (str, "auto", _one_of("auto", "float32", "float16", "bfloat16")),
     "max_batch_tokens": (int, 512, _positive),
     "prefill_chunk": (int, 256, _positive),
     "max_seqs": (int, 64, _positive),
@@ -437,6 +439,7 @@ def load(file: str | Path | None = None) -> Config:
             group_timeout_s=float(eng["group_timeout_s"]),
             max_waiting=eng["max_waiting"],
             kv_cache_mb=eng["kv_cache_mb"],
+            kv_cache_dtype=eng["kv_cache_dtype"],
             max_batch_tokens=eng["max_batch_tokens"],
             prefill_chunk=eng["prefill_chunk"],
             max_seqs=eng["max_seqs"],

@@ -368,13 +368,22 @@ class Leader:
             dtype = "float32" if device == "cpu" else "bfloat16"
         return dtype
 
-    def _kv_blocks(self, state: ModelState, n: int, dtype: str) -> int:
-        return max(1, self.cfg.engine.kv_cache_mb * 2**20 // kv_block_bytes(state.files.config, n, dtype))
+    def _kv_dtype(self, state: ModelState, device: str) -> str:
+        """The KV pool's dtype. auto: float16 for a float32 model on the CPU (half the bytes per
+        token, read by the native kernels; greedy text unchanged on the default model), else the
+        model's own dtype."""
+        kv, dtype = self.cfg.engine.kv_cache_dtype, self._dtype(state, device)
+        if kv == "auto":
+            kv = "float16" if device == "cpu" and dtype == "float32" else dtype
+        return kv
+
+    def _kv_blocks(self, state: ModelState, n: int, kv_dtype: str) -> int:
+        return max(1, self.cfg.engine.kv_cache_mb * 2**20 // kv_block_bytes(state.files.config, n, kv_dtype))
 
     def _estimate(self, state: ModelState, device: str, n: int) -> int:
         """Bytes per rank: estimated weights (measured ones once it has loaded) plus its KV pool."""
-        files, dtype = state.files, self._dtype(state, device)
-        kv = self._kv_blocks(state, n, dtype) * kv_block_bytes(files.config, n, dtype)
+        files, dtype, kv_dtype = state.files, self._dtype(state, device), self._kv_dtype(state, device)
+        kv = self._kv_blocks(state, n, kv_dtype) * kv_block_bytes(files.config, n, kv_dtype)
         if state.measured_bytes:  # its weights as measured at its last load
             return state.measured_bytes + kv
         pack = memory.packing(state.entry.quantize, files.format, device.split(":")[0])
@@ -471,8 +480,9 @@ class Leader:
             return  # sent by _send_pending_loads once every rank's worker answers
         files, n, gen = state.files, len(state.ranks), state.load_gen
         dtype = self._dtype(state, self.devices[state.ranks[0]])
+        kv_dtype = self._kv_dtype(state, self.devices[state.ranks[0]])
         address = f"127.0.0.1:{free_port()}" if n > 1 else ""
-        kv_blocks = self._kv_blocks(state, n, dtype)
+        kv_blocks = self._kv_blocks(state, n, kv_dtype)
         state.load_in_flight = True
 
         def msg(i: int) -> LoadDenseShard:
@@ -488,6 +498,7 @@ class Leader:
                 group_timeout_s=self.cfg.engine.group_timeout_s,
                 vocab_limit=files.tokenizer.vocab_size,
                 kv_blocks=kv_blocks,
+                kv_dtype=kv_dtype,
                 quantize=state.entry.quantize,
             )
 

@@ -61,6 +61,7 @@ class LoadDenseShard:
     vocab_limit: int = 0  # ids >= this are never sampled (the tokenizer's size); 0 = model vocab
     kv_blocks: int = 0  # KV cache blocks to allocate (the leader's block manager hands them out)
     quantize: str = "auto"  # auto | none | int8 | int4: weight-only packed linears on the CPU
+    kv_dtype: str = ""  # the KV pool's dtype ("": the model's)
 
 
 @message

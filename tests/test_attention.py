@@ -12,18 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from workers import native
+from workers.arch.config import ModelConfig
 from workers.attention import attend
 from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
 
 pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
 
 
-def _cache_and_batch(lengths: list[int], kv_heads: int, head_dim: int, seed: int = 0):
+def _cache_and_batch(lengths: list[int], kv_heads: int, head_dim: int, seed: int = 0, dtype=torch.float32):
     """A cache full of random keys and values, and a decode step of one token per sequence whose
     blocks are scattered over the pool (shuffled), as a long-running server's are."""
     g = torch.Generator().manual_seed(seed)
     need = sum(-(-n // BLOCK_SIZE) for n in lengths)
-    cache = PagedKVCache(1, kv_heads, head_dim, torch.float32, torch.device("cpu"), need + 3)
+    cache = PagedKVCache(1, kv_heads, head_dim, dtype, torch.device("cpu"), need + 3)
     cache.k.copy_(torch.randn(cache.k.shape, generator=g) * 2)
     cache.v.copy_(torch.randn(cache.v.shape, generator=g))
     free = torch.randperm(need + 3, generator=g).tolist()
@@ -41,8 +42,8 @@ def _reference(q: torch.Tensor, cache: PagedKVCache, batch: StepBatch) -> torch.
     for i, length in enumerate(batch.decode_lengths.tolist()):
         blocks = batch.decode_blocks[i]
         slots = torch.tensor([int(blocks[p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(length)])
-        k = cache.k[0, slots].repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
-        v = cache.v[0, slots].repeat_interleave(group, dim=1).transpose(0, 1)
+        k = cache.k[0, slots].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        v = cache.v[0, slots].float().repeat_interleave(group, dim=1).transpose(0, 1)
         w = torch.softmax((q[i, :, None, :] @ k.transpose(1, 2)).double() / q.shape[-1] ** 0.5, dim=-1)
         out.append((w.float() @ v)[:, 0])
     return torch.stack(out)
@@ -110,7 +111,6 @@ def test_shapes_the_kernel_does_not_take_fall_back_to_pytorch():
 def test_native_rope_and_kv_write_match_pytorch(head_dim):
     """The step's RoPE and KV write in one native pass: q as ``apply_rotary`` rotates it, rotated k
     and plain v in each row's slot, other slots untouched."""
-    from workers.arch.config import ModelConfig
     from workers.arch.llama import Rotary, apply_rotary
 
     g = torch.Generator().manual_seed(head_dim)
@@ -132,3 +132,28 @@ def test_native_rope_and_kv_write_match_pytorch(head_dim):
     untouched = torch.ones(32, dtype=torch.bool)
     untouched[slots] = False
     assert not k_pool[untouched].any() and not v_pool[untouched].any()
+
+
+def test_a_float16_pool_is_read_and_written_by_the_same_kernels():
+    """kv_cache_dtype = float16 (the CPU default): attention reads the half-precision keys and
+    values exactly (as float32 after conversion), and RoPE stores k and v rounded as PyTorch's
+    ``.half()`` rounds them."""
+    lengths = [1, 17, 100, 257]
+    cache, batch = _cache_and_batch(lengths, 3, 64, dtype=torch.float16)
+    q = torch.randn(len(lengths), 9, 64, generator=torch.Generator().manual_seed(5))
+    want = _reference(q, cache, batch)
+    assert (attend(q, cache, 0, batch) - want).abs().max() < 1e-5
+    assert (attend(q, cache, 0, batch, native_ok=False) - want).abs().max() < 1e-5
+
+    from workers.arch.llama import Rotary, apply_rotary
+
+    cfg = ModelConfig.from_hf(
+        {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+         "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 8}
+    )  # fmt: skip
+    cos, sin = Rotary(cfg)(torch.tensor([3, 9]), torch.float32)
+    heads = torch.randn(2, 15, 64, generator=torch.Generator().manual_seed(6))
+    k_pool, v_pool = torch.zeros(8, 3, 64, dtype=torch.float16), torch.zeros(8, 3, 64, dtype=torch.float16)
+    native.kernels().rope_store(heads, cos, sin, torch.tensor([2, 5]), k_pool, v_pool, 9)
+    assert torch.equal(k_pool[[2, 5]], apply_rotary(heads[:, 9:12], cos, sin).half())
+    assert torch.equal(v_pool[[2, 5]], heads[:, 12:].half())

@@ -64,6 +64,7 @@ CASES = [
     ('[node]\ndevices = ["gpu0"]\n', MODELS, "cortex.toml", ["[node] devices", "cuda:0"]),
     ('[eviction]\nstrategy = "random"\n', MODELS, "cortex.toml", ["[eviction] strategy", "lru, priority"]),
     ("[engine]\nstep_timeout_s = 0\n", MODELS, "cortex.toml", ["[engine] step_timeout_s", "> 0"]),
+    ('[engine]\nkv_cache_dtype = "int8"\n', MODELS, "cortex.toml", ["[engine] kv_cache_dtype", "float16"]),
     ('[[peers]]\nname = "x"\n', MODELS, "cortex.toml", ["[[peers]] #1 endpoint", "required"]),
     ("", '[[models]]\nid = "m"\n', "models.toml", ["[[models]] m", "exactly one of 'path' or 'source'"]),
     ("", MODELS + 'source = "hf:x/y"\n', "models.toml", ["exactly one of 'path' or 'source'"]),

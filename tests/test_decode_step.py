@@ -26,10 +26,11 @@ def _model(path, quantize: str):
     return model
 
 
-def _run(model, native: bool) -> list[torch.Tensor]:
+def _run(model, native: bool, kv_dtype=torch.float32) -> list[torch.Tensor]:
     """Three prompts prefilled together, then five steps where all three decode (greedy)."""
     model.native_decode = native
-    cache = PagedKVCache(*model.kv_shape(), torch.device("cpu"), 16)
+    layers, kv_heads, head_dim, _ = model.kv_shape()
+    cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, torch.device("cpu"), 16)
     prompts = [[5, 9, 2, 7], list(range(3, 23)), [11] * 9]
     tables = [[0, 1], [2, 3, 4], [5, 6]]
     seqs = [(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
@@ -45,9 +46,10 @@ def _run(model, native: bool) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("quantize", ["int4", "int8"])
-def test_the_native_decode_step_equals_the_layer_by_layer_forward(tmp_path, arch, quantize):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
+def test_the_native_decode_step_equals_the_layer_by_layer_forward(tmp_path, arch, quantize, kv_dtype):
     model = _model(make_checkpoint(tmp_path, arch, tied=True), quantize)
-    fused, stepwise = _run(model, native=True), _run(model, native=False)
+    fused, stepwise = _run(model, True, kv_dtype), _run(model, False, kv_dtype)
     assert model._layer_table is not None  # the decode steps did run natively
     for a, b in zip(fused, stepwise, strict=True):
         assert torch.equal(a, b)

@@ -377,3 +377,14 @@ def test_a_client_that_hangs_up_on_a_non_streamed_request_cancels_it(tmp_path, t
         assert time.monotonic() - t0 < 5  # long before the ~20 s the rest of the generation would take
     finally:
         srv.stop()
+
+
+def test_the_kv_pool_is_float16_on_the_cpu_by_default(engine_server, tiny_qwen3):
+    """kv_cache_dtype = "auto": a float32 model on the CPU keeps keys and values as float16, so
+    its kv_cache_mb holds twice the blocks it would in float32."""
+    from workers.sharding import kv_block_bytes
+
+    cfg = ModelConfig.from_hf_dir(tiny_qwen3)
+    engine = httpx.get(engine_server.url + "/health").json()["models"][0]["engine"]
+    assert engine["kv_blocks_total"] == 8 * 2**20 // kv_block_bytes(cfg, 1, "float16")
+    assert kv_block_bytes(cfg, 1, "float16") * 2 == kv_block_bytes(cfg, 1, "float32")

@@ -3,8 +3,8 @@
 Prefill chunks (several new tokens of one sequence) gather their context and run PyTorch's
 ``scaled_dot_product_attention``: causal, compute-bound, well served by its matrix products.
 Decode rows (one new token each) use the native kernel (workers/kernels/attention.c) when it is
-built and the cache is float32 on the CPU: it reads keys and values through the block tables in
-place. Gathering 16 padded contexts per layer cost about as much as the whole model's matrix
+built and the queries are float32 on the CPU (the pool float32 or float16): it reads keys and
+values through the block tables in place. Gathering 16 padded contexts per layer cost about as much as the whole model's matrix
 products; the kernel is 20x cheaper. Elsewhere (CUDA, other dtypes) one batched SDPA call over
 the gathered, padded contexts.
 """
@@ -29,8 +29,8 @@ def attend(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch, nati
     for s in batch.prefills:  # several new tokens: causal over the chunk, after any cached prefix
         keys, values = kv.gather(layer, s.blocks)  # [blocks, block_size, kv, hd]
         L, offset = s.length, s.length - s.n
-        keys = keys.flatten(0, 1)[:L].transpose(0, 1)[None]
-        values = values.flatten(0, 1)[:L].transpose(0, 1)[None]
+        keys = keys.flatten(0, 1)[:L].transpose(0, 1)[None].to(q.dtype)  # the pool may be narrower
+        values = values.flatten(0, 1)[:L].transpose(0, 1)[None].to(q.dtype)
         mask = None
         if offset:  # a cached prefix: row i sees positions up to offset + i
             mask = torch.arange(L, device=q.device)[None, :] <= torch.arange(offset, L, device=q.device)[:, None]
@@ -53,7 +53,8 @@ def _decode(
     q: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch, scale: float, gqa: bool, native_ok: bool
 ) -> torch.Tensor:
     """One new token per sequence: [B, Hq, D]."""
-    kernels = native.kernels() if native_ok and q.device.type == "cpu" and q.dtype == torch.float32 else None
+    cpu32 = q.device.type == "cpu" and q.dtype == torch.float32 and kv.k.dtype in native.POOL_DTYPES
+    kernels = native.kernels() if native_ok and cpu32 else None
     if kernels is not None:
         out = kernels.paged_attention(
             q, kv.k_layers[layer], kv.v_layers[layer], batch.decode_blocks, batch.decode_lengths, kv.block_size, scale
@@ -61,8 +62,8 @@ def _decode(
         if out is not None:
             return out
     keys, values = kv.gather(layer, batch.decode_blocks)  # [B, Nmax, block_size, kv, hd]
-    keys = keys.flatten(1, 2).permute(0, 2, 1, 3)  # [B, kv, Lmax, hd]
-    values = values.flatten(1, 2).permute(0, 2, 1, 3)
+    keys = keys.flatten(1, 2).permute(0, 2, 1, 3).to(q.dtype)  # [B, kv, Lmax, hd]
+    values = values.flatten(1, 2).permute(0, 2, 1, 3).to(q.dtype)
     o = F.scaled_dot_product_attention(
         q[:, :, None, :], keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
     )

@@ -28,7 +28,7 @@ log = logging.getLogger("cortex.worker")
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c", "decode.c"))
 HEADERS = (KERNELS / "simd.h", KERNELS / "kernels.h")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm")
 _c_int = ctypes.c_int
 
 
@@ -55,16 +55,16 @@ class NativeKernels:
         vp = ctypes.c_void_p
         lib.cortex_q4_matmul.argtypes = [vp, _c_int, _c_int, vp, vp, vp, _c_int, vp]
         lib.cortex_q8_matmul.argtypes = [vp, _c_int, _c_int, vp, vp, _c_int, vp]
-        lib.cortex_paged_attention.argtypes = [vp, vp, vp, vp, _c_int, vp, *[_c_int] * 5, ctypes.c_float, vp]
+        lib.cortex_paged_attention.argtypes = [vp, vp, vp, vp, _c_int, vp, *[_c_int] * 5, ctypes.c_float, vp, _c_int]
         lib.cortex_q4_matmul.restype = lib.cortex_q8_matmul.restype = lib.cortex_paged_attention.restype = _c_int
         lib.cortex_rms_norm.argtypes = [vp, _c_int, _c_int, vp, ctypes.c_float, vp]
         lib.cortex_add_rms_norm.argtypes = [vp, vp, _c_int, _c_int, vp, ctypes.c_float, vp, vp]
         lib.cortex_swiglu.argtypes = [vp, _c_int, _c_int, vp]
         i64, f32 = ctypes.c_int64, ctypes.c_float
         lib.cortex_decode_layers.argtypes = [vp, _c_int, _c_int, vp, *[_c_int] * 5, f32, vp, vp, vp, vp, vp, i64,
-                                             vp, _c_int, vp, _c_int, f32]  # fmt: skip
+                                             vp, _c_int, vp, _c_int, f32, _c_int]  # fmt: skip
         lib.cortex_decode_layers.restype = _c_int
-        lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp]
+        lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp, _c_int]
         for fn in (lib.cortex_rms_norm, lib.cortex_add_rms_norm, lib.cortex_swiglu, lib.cortex_rope_store):
             fn.restype = None
         self.lib, self.path = lib, path
@@ -125,7 +125,7 @@ class NativeKernels:
         q = heads.new_empty(T, q_heads, d)
         self.lib.cortex_rope_store(
             heads.data_ptr(), T, q_heads, k_pool.shape[1], d, cos.data_ptr(), signed_sin.data_ptr(),
-            slots.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), q.data_ptr(),
+            slots.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), q.data_ptr(), _half(k_pool),
         )  # fmt: skip
         return q
 
@@ -137,7 +137,7 @@ class NativeKernels:
             x.data_ptr(), x.shape[0], x.shape[1], ctypes.addressof(layers), len(layers), hq, hkv, d, inter, eps,
             cos.data_ptr(), sin.data_ptr(), batch.slots.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(),
             kv.k.stride(0), batch.decode_blocks.data_ptr(), batch.decode_blocks.shape[1],
-            batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5,
+            batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5, _half(kv.k),
         )  # fmt: skip
         if rc:
             raise MemoryError("native decode step: out of memory for its buffers")
@@ -160,7 +160,7 @@ class NativeKernels:
         B, hq, d = q.shape
         rc = self.lib.cortex_paged_attention(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1], lengths.data_ptr(),
-            B, hq, k.shape[1], d, block_size, scale, out.data_ptr(),
+            B, hq, k.shape[1], d, block_size, scale, out.data_ptr(), _half(k),
         )  # fmt: skip
         return None if rc else out
 
@@ -173,6 +173,13 @@ class NativeKernels:
         if fn(x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), *scale_ptrs, qs.shape[0], y.data_ptr()):
             raise MemoryError("native matmul: out of memory for the activation buffers")
         return y
+
+
+POOL_DTYPES = (torch.float32, torch.float16)  # KV pool dtypes the kernels read and write
+
+
+def _half(pool: torch.Tensor) -> int:
+    return int(pool.dtype == torch.float16)
 
 
 def _cache_dir() -> Path:

@@ -114,11 +114,16 @@ class Worker:
         quantize = getattr(msg, "quantize", "auto")
         load_weights(model, msg.format, msg.files, _progress_logger(msg.model_id), quantize, self.device.type)
         model.eval()
-        cache = PagedKVCache(*model.kv_shape(), self.device, max(msg.kv_blocks, 1))
+        layers, kv_heads, head_dim, _ = model.kv_shape()
+        kv_dtype = getattr(torch, getattr(msg, "kv_dtype", "") or msg.dtype)  # the leader's [engine] kv_cache_dtype
+        cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, self.device, max(msg.kv_blocks, 1))
         self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = time.monotonic() - t0
-        log.info("loaded %s: %.1f MB of weights in %.1fs", msg.model_id, param_bytes / 1e6, seconds)
+        log.info(
+            "loaded %s: %.1f MB of weights in %.1fs; KV pool %.1f MB (%s)",
+            msg.model_id, param_bytes / 1e6, seconds, cache.nbytes() / 1e6, str(kv_dtype).removeprefix("torch."),
+        )  # fmt: skip
         return Loaded(
             model_id=msg.model_id,
             param_bytes=param_bytes,

@@ -125,14 +125,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Rotate q and k, write k and v to their slots; return q. One native pass on the CPU."""
         k_pool, v_pool = kv.k_layers[layer], kv.v_layers[layer]
-        cpu32 = heads.device.type == "cpu" and heads.dtype == k_pool.dtype == torch.float32
+        cpu32 = heads.device.type == "cpu" and heads.dtype == torch.float32 and k_pool.dtype in native.POOL_DTYPES
         kernels = native.kernels() if cpu32 and self.head_dim % 16 == 0 else None
         if kernels is not None:
             return kernels.rope_store(heads, cos, sin, batch.slots, k_pool, v_pool, self.q_heads)
         qk, v = heads.split((self.q_heads + self.kv_heads, self.kv_heads), dim=1)
         q, k = apply_rotary(qk, cos, sin).split((self.q_heads, self.kv_heads), dim=1)  # q and k in one go
-        k_pool.index_copy_(0, batch.slots, k)
-        v_pool.index_copy_(0, batch.slots, v)
+        k_pool.index_copy_(0, batch.slots, k.to(k_pool.dtype))  # the pool may be narrower (kv_cache_dtype)
+        v_pool.index_copy_(0, batch.slots, v.to(v_pool.dtype))
         return q
 
 
@@ -237,7 +237,9 @@ class LlamaModel(nn.Module):
         """The layers' weights as decode.c takes them, when this step can run there: every row
         decodes, one rank, float32 on the CPU, every linear in a native block format without a
         bias. Built once (weights do not move once loaded)."""
-        if not self.native_decode or batch.prefills or batch.decode_rows is None or kv.k.dtype != torch.float32:
+        if not self.native_decode or batch.prefills or batch.decode_rows is None:
+            return None
+        if kv.k.dtype not in native.POOL_DTYPES:
             return None
         if not hasattr(self, "_layer_table"):
             self._layer_table = _layer_table(self)

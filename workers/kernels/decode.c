@@ -30,12 +30,12 @@ static int linear(const linear_t *w, const float *x, int M, float *y) {
 }
 
 /* x: [T, H], the residual stream, updated in place through all L layers. The KV pools are
- * [L, slots, Hkv, D] (layer_stride floats per layer); cos, ssin, slots, tables, lengths as the
+ * [L, slots, Hkv, D] (layer_stride elements per layer; float16 when half, else float32); cos, ssin, slots, tables, lengths as the
  * kernels they go to. Returns 0, or -1 when a buffer could not be allocated. */
 int cortex_decode_layers(float *x, int T, int H, const layer_t *layers, int L, int Hq, int Hkv, int D, int inter,
-                         float eps, const float *cos, const float *ssin, const int64_t *slots, float *k_pool,
-                         float *v_pool, int64_t layer_stride, const int64_t *tables, int width,
-                         const int64_t *lengths, int block, float scale) {
+                         float eps, const float *cos, const float *ssin, const int64_t *slots, void *k_pool,
+                         void *v_pool, int64_t layer_stride, const int64_t *tables, int width,
+                         const int64_t *lengths, int block, float scale, int half) {
     const int heads = Hq + 2 * Hkv;
     float *h = malloc(sizeof(float) * T * H), *qkv = malloc(sizeof(float) * T * heads * D);
     float *q = malloc(sizeof(float) * T * Hq * D), *att = malloc(sizeof(float) * T * Hq * D);
@@ -44,7 +44,8 @@ int cortex_decode_layers(float *x, int T, int H, const layer_t *layers, int L, i
     int rc = (h && qkv && q && att && o && gu && act) ? 0 : -1;
     for (int l = 0; l < L && !rc; l++) {
         const layer_t *w = &layers[l];
-        float *kl = k_pool + l * layer_stride, *vl = v_pool + l * layer_stride;
+        const size_t elem = half ? 2 : 4, offset = (size_t)l * layer_stride * elem;
+        void *kl = (char *)k_pool + offset, *vl = (char *)v_pool + offset;
         cortex_rms_norm(x, T, H, w->input_norm, eps, h);
         if ((rc = linear(&w->qkv, h, T, qkv))) break;
         if (w->q_norm)
@@ -53,8 +54,9 @@ int cortex_decode_layers(float *x, int T, int H, const layer_t *layers, int L, i
                 cortex_rms_norm(row, Hq, D, w->q_norm, eps, row);
                 cortex_rms_norm(row + (size_t)Hq * D, Hkv, D, w->k_norm, eps, row + (size_t)Hq * D);
             }
-        cortex_rope_store(qkv, T, Hq, Hkv, D, cos, ssin, slots, kl, vl, q);
-        if ((rc = cortex_paged_attention(q, kl, vl, tables, width, lengths, T, Hq, Hkv, D, block, scale, att))) break;
+        cortex_rope_store(qkv, T, Hq, Hkv, D, cos, ssin, slots, kl, vl, q, half);
+        if ((rc = cortex_paged_attention(q, kl, vl, tables, width, lengths, T, Hq, Hkv, D, block, scale, att, half)))
+            break;
         if ((rc = linear(&w->o, att, T, o))) break;
         cortex_add_rms_norm(x, o, T, H, w->post_norm, eps, x, h);
         if ((rc = linear(&w->gate_up, h, T, gu))) break;

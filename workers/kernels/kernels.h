@@ -7,11 +7,11 @@
 int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const float *wd, const float *wm, int N,
                      float *y);
 int cortex_q8_matmul(const float *x, int M, int K, const int8_t *qs, const float *wd, int N, float *y);
-int cortex_paged_attention(const float *q, const float *k, const float *v, const int64_t *tables, int width,
-                           const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale,
-                           float *out);
+int cortex_paged_attention(const float *q, const void *k, const void *v, const int64_t *tables, int width,
+                           const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out,
+                           int half);
 void cortex_rope_store(const float *qkv, int T, int Hq, int Hkv, int D, const float *cos, const float *ssin,
-                       const int64_t *slots, float *k_pool, float *v_pool, float *q_out);
+                       const int64_t *slots, void *k_pool, void *v_pool, float *q_out, int half);
 void cortex_rms_norm(const float *x, int M, int D, const float *w, float eps, float *out);
 void cortex_add_rms_norm(const float *x, const float *delta, int M, int D, const float *w, float eps, float *sum,
                          float *out);

@@ -33,4 +33,18 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+/* The KV pool holds float32 or float16 (half = 1) values: eight of them, as float32, from element
+ * idx on; and the store back (rounding to nearest even, as PyTorch's conversion does). */
+static inline __m256 load_kv(const void *pool, size_t idx, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const unsigned short *)pool + idx)))
+                : _mm256_loadu_ps((const float *)pool + idx);
+}
+
+static inline void store_kv(void *pool, size_t idx, __m256 v, int half) {
+    if (half)
+        _mm_storeu_si128((__m128i *)((unsigned short *)pool + idx), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    else
+        _mm256_storeu_ps((float *)pool + idx, v);
+}
+
 #endif
