@@ -59,3 +59,16 @@ def test_dense_weights_keep_the_layer_by_layer_path(tmp_path):
     model = _model(make_checkpoint(tmp_path, "llama", tied=False), "none")
     _run(model, native=True)
     assert model._layer_table is None
+
+
+def test_without_native_kernels_a_float16_pool_still_decodes(tmp_path, monkeypatch):
+    """No C compiler: PyTorch's paths convert keys and values to and from the float16 pool and
+    compute what the native kernels compute on it."""
+    from workers import native
+
+    model = _model(make_checkpoint(tmp_path, "qwen3", tied=True), "none")
+    want = _run(model, True, torch.float16)
+    monkeypatch.setattr(native, "_kernels", None)
+    got = _run(model, True, torch.float16)
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() < 1e-3 * b.abs().max()

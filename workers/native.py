@@ -5,9 +5,11 @@ Why our own: PyTorch's packed int4 kernel needs bfloat16 activations (rounded to
 mantissa: greedy text drifts from the float32 model) and reaches about 6 GB/s for one row. These
 kernels keep the file's Q4/Q8 blocks exact, quantize activations per block of 32 to int16 (1.5e-5
 relative error: logits within 0.01 of float32) and use exact integer dot products, faster for one
-row and small batches. ``attention.c`` runs decode attention straight from the paged KV cache
-(no gather into padded tensors). When they cannot be built (no C compiler, no AVX2,
-``CORTEX_NATIVE_KERNELS=0``), ``workers.quant`` uses PyTorch's kernels instead.
+row and small batches (``qmatmul.c``). ``attention.c`` runs decode attention straight from the
+paged KV pool, float32 or float16 (no gather into padded tensors), and RoPE with the KV write;
+``pointwise.c`` the norms and SwiGLU; ``decode.c`` a whole all-decode step's layers in one call.
+When they cannot be built (no C compiler, no AVX2, ``CORTEX_NATIVE_KERNELS=0``), every caller
+takes its PyTorch path instead.
 """
 
 from __future__ import annotations
