@@ -53,8 +53,7 @@ def _decode(
     q: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch, scale: float, gqa: bool, native_ok: bool
 ) -> torch.Tensor:
     """One new token per sequence: [B, Hq, D]."""
-    cpu32 = q.device.type == "cpu" and q.dtype == torch.float32 and kv.k.dtype in native.POOL_DTYPES
-    kernels = native.kernels() if native_ok and cpu32 else None
+    kernels = native.for_tensor(q) if native_ok and kv.k.dtype in native.POOL_DTYPES else None
     if kernels is not None:
         out = kernels.paged_attention(
             q, kv.k_layers[layer], kv.v_layers[layer], batch.decode_blocks, batch.decode_lengths, kv.block_size, scale

@@ -236,6 +236,11 @@ def load() -> NativeKernels | None:
 _kernels: NativeKernels | None | bool = False  # False: not tried yet; this module is its only owner
 
 
+def for_tensor(x: torch.Tensor) -> NativeKernels | None:
+    """The kernels, for a float32 tensor on the CPU (what they compute on); else None."""
+    return kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+
+
 def kernels() -> NativeKernels | None:
     global _kernels
     if _kernels is False:

@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one op (native on the CPU); the same arithmetic as below for fp32
-            kernels = native.kernels() if x.device.type == "cpu" else None
+            kernels = native.for_tensor(x)
             if kernels is not None:
                 return kernels.rms_norm(x, self.weight, self.eps)
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + delta, norm(x + delta))``: a residual add and this norm, fused where possible."""
-        kernels = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        kernels = native.for_tensor(x)
         if kernels is not None:
             return kernels.add_rms_norm(x, delta, self.weight, self.eps)
         total = x + delta
@@ -125,8 +125,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Rotate q and k, write k and v to their slots; return q. One native pass on the CPU."""
         k_pool, v_pool = kv.k_layers[layer], kv.v_layers[layer]
-        cpu32 = heads.device.type == "cpu" and heads.dtype == torch.float32 and k_pool.dtype in native.POOL_DTYPES
-        kernels = native.kernels() if cpu32 and self.head_dim % 16 == 0 else None
+        fits = k_pool.dtype in native.POOL_DTYPES and self.head_dim % 16 == 0
+        kernels = native.for_tensor(heads) if fits else None
         if kernels is not None:
             return kernels.rope_store(heads, cos, sin, batch.slots, k_pool, v_pool, self.q_heads)
         qk, v = heads.split((self.q_heads + self.kv_heads, self.kv_heads), dim=1)
@@ -147,7 +147,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        kernels = native.kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        kernels = native.for_tensor(x)
         if kernels is not None:  # one pass instead of split, silu and multiply
             return self.down_proj(kernels.swiglu(gate_up))
         gate, up = gate_up.split(self.inter, dim=-1)
