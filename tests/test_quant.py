@@ -91,6 +91,8 @@ def test_native_kernels_build_here_and_compute_exact_block_products():
     assert _rel(head(x), _int16_activations(x) @ exact.T) < 1e-5
     layer = QuantLinear.int4(Q4Blocks.quantize(w), impl="native")
     assert _rel(layer(x), _int16_activations(x) @ layer.dequantized().T) < 1e-5
+    ragged = QuantLinear.int8(w[:75], impl="native")  # outputs in blocks of 16, the last one partial
+    assert _rel(ragged(x), _int16_activations(x) @ ragged.dequantized().T) < 1e-5
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the kernels")

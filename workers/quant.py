@@ -148,7 +148,10 @@ class QuantLinear(nn.Module):
             # byte j of a block: element j in the low nibble, element j + 16 in the high one (GGUF's order)
             q = np.ascontiguousarray(blocks.q).reshape(n, k // GROUP, GROUP)
             packed = torch.from_numpy(np.ascontiguousarray(q[..., : GROUP // 2] | (q[..., GROUP // 2 :] << 4)))
-            return cls("int4", packed, torch.stack((d, m)).float().contiguous(), k, n, impl=impl, **kw)
+            # scales [2, N, K/32]: d, then the offsets m by blocks of 16 rows, each block transposed
+            # ([N/16, K/32, 16]): the kernel adds them eight outputs at a time (qmatmul.c's `offsets`)
+            m_t = m.view(n // INT4_N_MULTIPLE, INT4_N_MULTIPLE, k // GROUP).transpose(1, 2).contiguous().view(n, -1)
+            return cls("int4", packed, torch.stack((d, m_t)).float().contiguous(), k, n, impl=impl, **kw)
         q = torch.from_numpy(np.ascontiguousarray(blocks.q)).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         # (q - 8) * scale + zero == d * q + m
@@ -200,7 +203,9 @@ class QuantLinear(nn.Module):
             if self.kind == "int8":
                 return (self.packed.float().view(n, k // GROUP, GROUP) * self.scales[..., None]).view(n, k)
             q = torch.cat((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
-            return (q * self.scales[0][..., None] + self.scales[1][..., None]).view(n, k)
+            b = INT4_N_MULTIPLE
+            m = self.scales[1].reshape(n // b, k // GROUP, b).transpose(1, 2).reshape(n, k // GROUP)
+            return (q * self.scales[0][..., None] + m[..., None]).view(n, k)
         if self.kind == "int8":
             return self.packed.float() * self.scales.float()[:, None]
         eye = torch.eye(self.in_features, dtype=ACT_DTYPE)

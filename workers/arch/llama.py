@@ -278,7 +278,7 @@ def _layer_table(model: LlamaModel):
         if not (isinstance(m, QuantLinear) and m.impl == "native" and m.bias is None):
             return None
         d = m.scales.data
-        if m.kind == "int4":  # scales [2, N, K/32]: d, then m
+        if m.kind == "int4":  # scales [2, N, K/32]: d, then m (see QuantLinear.int4)
             return native.Linear(m.packed.data_ptr(), d.data_ptr(), d[1].data_ptr(), m.out_features, m.in_features)
         return native.Linear(m.packed.data_ptr(), d.data_ptr(), None, m.out_features, m.in_features)
 

@@ -20,6 +20,7 @@
  * Threads: OpenMP, the runtime PyTorch already loaded (same soname), so both share one pool.
  */
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 #include "simd.h"
@@ -27,13 +28,14 @@
 #define QK 32
 #define ROWS 4        /* activation rows sharing one unpacked weight pair (registers) */
 #define ROW_CHUNK 64  /* activation rows per pass over the weights (their int16 copies stay in L2) */
-#define BLOCK_N 16    /* weight rows per block of the output (see matmul) */
+#define BLOCK_N 16    /* weight rows per block of the output (see matmul); Q4's offsets are stored by it */
 
 /* Activations of a step, quantized, in pair order. Per row and pair of blocks (b0, b1):
  *   q:   64 int16, four vectors [b0 x[8c .. 8c+7] | b1 x[8c .. 8c+7]] for c = 0..3;
  *   d:   8 floats [d0 x4 | d1 x4], the blocks' scales amax / 32767.
  * An odd last block pairs with zeros. Per row and block, sums[b] = d * sum(q): Q4's offsets m
- * contribute sum_b m[b] * sums[b] to a product, one short dot product per row at the end. */
+ * contribute sum_b m[b] * sums[b] to a product; `offsets` computes them for eight outputs at a time
+ * from the offsets stored transposed, before the integer products add to them. */
 typedef struct {
     int16_t *q;
     float *d, *sums;
@@ -105,7 +107,7 @@ static inline __m256 pair_scale(float lo, float hi) {
 }
 
 /* Unpack a pair of weight blocks (the second absent when !both) into the activations' order. */
-static inline void q4_pair(const uint8_t *wb, int both, __m256i w[4]) {
+static inline __attribute__((always_inline)) void q4_pair(const uint8_t *wb, int both, __m256i w[4]) {
     const __m256i bytes = both ? _mm256_loadu_si256((const __m256i *)wb)
                                : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)wb), 0);
     const __m256i mask = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
@@ -116,7 +118,7 @@ static inline void q4_pair(const uint8_t *wb, int both, __m256i w[4]) {
     w[3] = _mm256_unpackhi_epi8(hi, zero); /* 24-31 */
 }
 
-static inline void q8_pair(const int8_t *wb, int both, __m256i w[4]) {
+static inline __attribute__((always_inline)) void q8_pair(const int8_t *wb, int both, __m256i w[4]) {
     const __m128i z = _mm_setzero_si128();
     for (int h = 0; h < 2; h++) { /* h: elements 0-15, then 16-31 */
         const __m128i b0 = _mm_loadu_si128((const __m128i *)(wb + 16 * h));
@@ -128,47 +130,62 @@ static inline void q8_pair(const int8_t *wb, int both, __m256i w[4]) {
     }
 }
 
-/* One weight row n against R activation rows r0 .. r0 + R - 1 (R a constant after inlining:
- * accumulators stay in registers). wm NULL: Q8, else Q4. */
-static inline __attribute__((always_inline)) void tile(const int R, const act_t *a, int r0, int nb, const void *wq,
-                                                       const float *dn, const float *mn, float *y, int N, int n) {
-    __m256 acc[ROWS];
-    for (int t = 0; t < R; t++) acc[t] = _mm256_setzero_ps();
-    const int P = a->pairs;
-    for (int p = 0; p < P; p++) {
-        const int both = 2 * p + 1 < nb;
-        __m256i w[4];
-        if (mn)
-            q4_pair((const uint8_t *)wq + (size_t)p * QK, both, w);
-        else
-            q8_pair((const int8_t *)wq + (size_t)p * 2 * QK, both, w);
-        const __m256 wd = pair_scale(dn[2 * p], both ? dn[2 * p + 1] : 0.0f);
-        for (int t = 0; t < R; t++) {
-            const size_t at = (size_t)(r0 + t) * P + p;
-            const __m256i *xq = (const __m256i *)(a->q + at * 64);
-            const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(xq)),
-                                                 _mm256_madd_epi16(w[1], _mm256_loadu_si256(xq + 1)));
-            const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(xq + 2)),
-                                                 _mm256_madd_epi16(w[3], _mm256_loadu_si256(xq + 3)));
-            const __m256 scale = _mm256_mul_ps(wd, _mm256_loadu_ps(a->d + at * 8));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23)), scale, acc[t]);
-        }
-    }
+/* One unpacked weight pair (scales wd) against R activation rows, rows `stride` pairs apart. */
+static inline __attribute__((always_inline)) void pair_rows(const int R, __m256 *acc, const __m256i w[4], __m256 wd,
+                                                            const int16_t *xq, const float *xd, size_t stride) {
     for (int t = 0; t < R; t++) {
-        float off = 0.0f;
-        if (mn) { /* sum_b m[b] * sums[b], eight blocks at a time; the row's tail masked off */
-            const float *st = a->sums + (size_t)(r0 + t) * a->sums_stride;
-            __m256 o = _mm256_setzero_ps();
-            int b = 0;
-            for (; b + 8 <= nb; b += 8) o = _mm256_fmadd_ps(_mm256_loadu_ps(mn + b), _mm256_loadu_ps(st + b), o);
-            if (b < nb) {
-                const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb - b), lanes);
-                o = _mm256_fmadd_ps(_mm256_maskload_ps(mn + b, mask), _mm256_loadu_ps(st + b), o);
-            }
-            off = hsum(o);
-        }
-        y[(size_t)(r0 + t) * N + n] = hsum(acc[t]) + off;
+        const __m256i *x = (const __m256i *)(xq + t * stride * 64);
+        const __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(x)),
+                                             _mm256_madd_epi16(w[1], _mm256_loadu_si256(x + 1)));
+        const __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(x + 2)),
+                                             _mm256_madd_epi16(w[3], _mm256_loadu_si256(x + 3)));
+        const __m256 scale = _mm256_mul_ps(wd, _mm256_loadu_ps(xd + t * stride * 8));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23)), scale, acc[t]);
+    }
+}
+
+/* One weight row n against activation rows r0 .. r0 + R - 1, added to y (R and q8 constants after
+ * inlining: one loop per format and tile height, accumulators in registers). The pairs' loop has no
+ * branch: an odd last block is its own step. */
+static inline __attribute__((always_inline)) void tile(const int R, const int q8, const act_t *a, int r0, int nb,
+                                                       const void *wq, const float *dn, float *y, int N, int n) {
+    __m256 acc[ROWS];
+    for (int t = 0; t < ROWS; t++) acc[t] = _mm256_setzero_ps();
+    const size_t P = a->pairs;
+    const int16_t *xq = a->q + (size_t)r0 * P * 64;
+    const float *xd = a->d + (size_t)r0 * P * 8;
+    __m256i w[4];
+    for (int p = 0; p < nb / 2; p++) {
+        if (q8)
+            q8_pair((const int8_t *)wq + (size_t)p * 2 * QK, 1, w);
+        else
+            q4_pair((const uint8_t *)wq + (size_t)p * QK, 1, w);
+        pair_rows(R, acc, w, pair_scale(dn[2 * p], dn[2 * p + 1]), xq + p * 64, xd + p * 8, P);
+    }
+    if (nb % 2) {
+        const int p = nb / 2;
+        if (q8)
+            q8_pair((const int8_t *)wq + (size_t)p * 2 * QK, 0, w);
+        else
+            q4_pair((const uint8_t *)wq + (size_t)p * QK, 0, w);
+        pair_rows(R, acc, w, pair_scale(dn[2 * p], 0.0f), xq + p * 64, xd + p * 8, P);
+    }
+    /* the four rows' horizontal sums at once, in the same order for every row whatever R is (unused
+     * rows are zeros): batch invariance */
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    float s[4];
+    _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    for (int t = 0; t < R; t++) y[(size_t)(r0 + t) * N + n] += s[t];
+}
+
+/* Ask for weight row n + BLOCK_N (given row n's weights, scales and offsets): at one activation row
+ * the hardware prefetcher alone leaves the loads waiting on memory some of the time. */
+static inline void prefetch_row(const void *wq, size_t row_bytes, const float *dn, const float *mn, int nb) {
+    const char *next = (const char *)wq + BLOCK_N * row_bytes;
+    for (size_t off = 0; off < row_bytes; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+    for (int b = 0; b < nb; b += 16) {
+        _mm_prefetch((const char *)(dn + (size_t)BLOCK_N * nb + b), _MM_HINT_T0);
+        if (mn) _mm_prefetch((const char *)(mn + (size_t)BLOCK_N * nb + b), _MM_HINT_T0);
     }
 }
 
@@ -180,15 +197,37 @@ static inline __attribute__((always_inline)) void tile(const int R, const act_t 
     default: call(1);       \
     }
 
-/* y[M, N] = x[M, K] @ w[N, K]^T for either block format; wm is NULL for Q8. */
-static int matmul(const float *x, int M, int K, const void *qs, const float *wd, const float *wm, int N, float *y) {
+/* Q4's offsets, y[r, n] = sum_b m[n, b] * sums[r, b], for rows r0 .. r1 - 1 and the block of
+ * BLOCK_N outputs from n0, eight at a time. mt holds the offsets by blocks of BLOCK_N rows, each
+ * transposed ([N / BLOCK_N, nb, BLOCK_N]): a block's are contiguous, as its weights are. Q8 has none. */
+static void offsets(const act_t *a, int nb, const float *mt, int N, int r0, int r1, int n0, int n1, float *y) {
+    for (int r = r0; r < r1; r++) {
+        const float *st = a->sums + (size_t)r * a->sums_stride;
+        float *yr = y + (size_t)r * N + n0;
+        if (!mt) {
+            for (int j = 0; j < n1 - n0; j++) yr[j] = 0.0f;
+            continue;
+        }
+        const float *mb = mt + (size_t)n0 * nb;
+        for (int j = 0; j < BLOCK_N; j += 8) {
+            __m256 o = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++)
+                o = _mm256_fmadd_ps(_mm256_loadu_ps(mb + (size_t)b * BLOCK_N + j), _mm256_set1_ps(st[b]), o);
+            _mm256_storeu_ps(yr + j, o);
+        }
+    }
+}
+
+/* y[M, N] = x[M, K] @ w[N, K]^T for either block format (Q4: N a multiple of BLOCK_N); mt (Q4's
+ * offsets, see `offsets`) NULL for Q8. */
+static int matmul(const float *x, int M, int K, const void *qs, const float *wd, const float *mt, int N, float *y) {
     act_t a;
     if (act_alloc(&a, x, M, K)) {
         act_free(&a);
         return -1;
     }
     const int nb = K / QK;
-    const size_t row_bytes = wm ? (size_t)nb * QK / 2 : (size_t)K;
+    const size_t row_bytes = mt ? (size_t)nb * QK / 2 : (size_t)K;
     /* Blocks of BLOCK_N weight rows and tiles of ROWS activation rows: both stay in L1 while the
      * tiles pass over the block (an activation row's int16 copy is 2 K bytes: at K = 1536 the
      * whole step's no longer fits and was re-read from L2 for every weight row). */
@@ -198,13 +237,22 @@ static int matmul(const float *x, int M, int K, const void *qs, const float *wd,
 #pragma omp for schedule(static)
         for (int n0 = 0; n0 < N; n0 += BLOCK_N) {
             const int n1 = n0 + BLOCK_N < N ? n0 + BLOCK_N : N;
+            offsets(&a, nb, mt, N, c0, c1, n0, n1, y);
             for (int r0 = c0; r0 < c1; r0 += ROWS)
                 for (int n = n0; n < n1; n++) {
                     const void *wq = (const uint8_t *)qs + (size_t)n * row_bytes;
-                    const float *dn = wd + (size_t)n * nb, *mn = wm ? wm + (size_t)n * nb : NULL;
-#define TILE(R) tile(R, &a, r0, nb, wq, dn, mn, y, N, n)
-                    BY_ROWS(c1 - r0, TILE)
-#undef TILE
+                    const float *dn = wd + (size_t)n * nb;
+                    if (r0 == c0 && n + BLOCK_N < N) /* the next block's row, while this one computes */
+                        prefetch_row(wq, row_bytes, dn, mt ? mt + (size_t)n * nb : NULL, nb);
+#define TILE_Q4(R) tile(R, 0, &a, r0, nb, wq, dn, y, N, n)
+#define TILE_Q8(R) tile(R, 1, &a, r0, nb, wq, dn, y, N, n)
+                    if (mt) {
+                        BY_ROWS(c1 - r0, TILE_Q4)
+                    } else {
+                        BY_ROWS(c1 - r0, TILE_Q8)
+                    }
+#undef TILE_Q4
+#undef TILE_Q8
                 }
         }
     }
@@ -212,10 +260,11 @@ static int matmul(const float *x, int M, int K, const void *qs, const float *wd,
     return 0;
 }
 
-/* Q4 weights: qs [N, K/32, 16] bytes, d and m [N, K/32]. */
-int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const float *wd, const float *wm, int N,
+/* Q4 weights: qs [N, K/32, 16] bytes, d [N, K/32], mt the offsets by blocks of 16 rows, each block
+ * transposed: [N/16, K/32, 16]. */
+int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const float *wd, const float *mt, int N,
                      float *y) {
-    return matmul(x, M, K, qs, wd, wm, N, y);
+    return matmul(x, M, K, qs, wd, mt, N, y);
 }
 
 /* Q8 weights: qs [N, K] int8, d [N, K/32]. */
