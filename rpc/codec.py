@@ -65,33 +65,51 @@ def _decode(frame: bytes) -> tuple[int, Any]:
     return msg_id, _build(cls, body)
 
 
+_PLAIN = (int, float, str, bool, bytes, type(None))
+
+
 def _to_wire(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, _PLAIN):  # most values: checked first, a step carries hundreds of them
+        return value
+    names = _field_names(type(value))
+    if names is not None:
+        return {name: _to_wire(getattr(value, name)) for name in names}
     if isinstance(value, (list, tuple)):
-        return [_to_wire(v) for v in value]
+        return [v if isinstance(v, _PLAIN) else _to_wire(v) for v in value]
     if isinstance(value, dict):
         return {k: _to_wire(v) for k, v in value.items()}
     return value
 
 
 @functools.cache
-def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
-    """A class's type hints and field names: resolving the hints costs about a millisecond for a
-    message like Submit, far more than the rest of decoding, and they never change."""
-    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+
+
+Convert = typing.Callable[[Any, str], Any]  # (wire value, where it sits) -> checked value
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, tuple[Convert, str]], frozenset[str]]:
+    """Per field of a message class: its converter and its name for errors. Resolving type hints
+    costs about a millisecond for a message like Submit and walking them per value most of a
+    step's decoding; both happen once per class."""
+    hints = typing.get_type_hints(cls)
+    names = frozenset(f.name for f in dataclasses.fields(cls))
+    return {name: (_converter(hints[name]), f"{cls.__name__}.{name}") for name in names}, names
 
 
 def _build(cls: type, data: Any) -> Any:
     if not isinstance(data, dict):
         raise DecodeError(f"{cls.__name__}: expected a map, got {type(data).__name__}")
-    hints, names = _fields(cls)
-    unknown = set(data) - names
+    fields, names = _fields(cls)
+    unknown = data.keys() - names
     if unknown:
         raise DecodeError(f"{cls.__name__}: unknown fields {sorted(map(repr, unknown))}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, f"{cls.__name__}.{name}")
+        convert, where = fields[name]
+        kwargs[name] = convert(value, where)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -101,31 +119,58 @@ def _build(cls: type, data: Any) -> Any:
 _SCALARS = {int: (int,), float: (float, int), str: (str,), bool: (bool,), bytes: (bytes,)}
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+@functools.cache
+def _converter(hint: Any) -> Convert:
+    """A function that checks (and for floats, converts) a wire value against a type hint."""
     origin = typing.get_origin(hint)
     if hint is Any:
-        return value
+        return lambda value, where: value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(options[0], value, where)
+        args = typing.get_args(hint)
+        inner = _converter(next(a for a in args if a is not type(None)))
+        if type(None) not in args:
+            return inner
+        return lambda value, where: None if value is None else inner(value, where)
     if origin is list:
-        if not isinstance(value, list):
-            raise DecodeError(f"{where}: expected a list")
         (item,) = typing.get_args(hint) or (Any,)
-        return [_convert(item, v, where) for v in value]
+        return _list_converter(item)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise DecodeError(f"{where}: expected a map")
-        return value
+
+        def mapping(value: Any, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise DecodeError(f"{where}: expected a map")
+            return value
+
+        return mapping
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value)
-    accepted = _SCALARS.get(hint)
-    if accepted is not None:
+        return lambda value, where: _build(hint, value)
+    if hint in _SCALARS:
+        return _scalar_converter(hint)
+    return lambda value, where: value
+
+
+def _scalar_converter(hint: type) -> Convert:
+    accepted = _SCALARS[hint]
+
+    def scalar(value: Any, where: str) -> Any:
         if isinstance(value, bool) and hint is not bool:
             raise DecodeError(f"{where}: expected {hint.__name__}, got bool")
         if not isinstance(value, accepted):
             raise DecodeError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
         return float(value) if hint is float else value
-    return value
+
+    return scalar
+
+
+def _list_converter(item: Any) -> Convert:
+    convert = _converter(item)
+    exact = item if item in (int, str, bool, bytes) else None  # values of exactly this type pass as they are
+
+    def items(value: Any, where: str) -> Any:
+        if not isinstance(value, list):
+            raise DecodeError(f"{where}: expected a list")
+        if exact is not None and all(type(v) is exact for v in value):  # token ids, block tables
+            return value
+        return [convert(v, where) for v in value]
+
+    return items
