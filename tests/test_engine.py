@@ -244,7 +244,8 @@ def test_a_disconnected_stream_frees_its_kv_at_once(tmp_path, tiny_qwen3):
             "ignore_eos": True,
         }
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
-            for n, _ in enumerate(r.iter_lines()):
+            lines = r.iter_lines()  # held: a dropped line iterator closes the connection at once
+            for n, _ in enumerate(lines):
                 if n > 20:
                     break
             stats = _engine_stats(srv)
