@@ -104,6 +104,19 @@ class Q4Blocks:
         return w.reshape(n, k)
 
 
+def _pair_interleave(q: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Int8 blocks ``q`` [N, K/32, 32] as the native kernel reads them, [N, K]: each full pair of
+    blocks interleaved by eights (b0 0-7, b1 0-7, b0 8-15, ...), so one sign-extending load gives
+    eight inputs of both blocks; an odd last block stays as it is. ``inverse``: back to blocks."""
+    n, nb = q.shape[0], q.shape[1]
+    pairs = nb // 2
+    head, tail = q[:, : 2 * pairs], q[:, 2 * pairs :]
+    shape = (n, pairs, 4, 2, 8) if inverse else (n, pairs, 2, 4, 8)
+    head = head.reshape(shape).transpose(2, 3).reshape(n, 2 * pairs, GROUP)
+    out = torch.cat((head, tail), dim=1)
+    return out if inverse else out.reshape(n, nb * GROUP)
+
+
 def int4_fits(out_features: int, in_features: int) -> bool:
     return out_features % INT4_N_MULTIPLE == 0 and in_features % GROUP == 0
 
@@ -169,7 +182,7 @@ class QuantLinear(nn.Module):
             g = w.reshape(n, k // GROUP, GROUP)
             amax = g.abs().amax(-1)
             q = (g * torch.where(amax > 0, 127 / amax, 0)[..., None]).round().clamp(-127, 127).to(torch.int8)
-            return cls("int8", q.reshape(n, k), (amax / 127).contiguous(), k, n, impl="native", **kw)
+            return cls("int8", _pair_interleave(q), (amax / 127).contiguous(), k, n, impl="native", **kw)
         scale = w.abs().amax(dim=1) / 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -201,7 +214,8 @@ class QuantLinear(nn.Module):
         n, k = self.out_features, self.in_features
         if self.impl == "native":
             if self.kind == "int8":
-                return (self.packed.float().view(n, k // GROUP, GROUP) * self.scales[..., None]).view(n, k)
+                q = _pair_interleave(self.packed.view(n, k // GROUP, GROUP), inverse=True)
+                return (q.float().view(n, k // GROUP, GROUP) * self.scales[..., None]).view(n, k)
             q = torch.cat((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
             b = INT4_N_MULTIPLE
             m = self.scales[1].reshape(n // b, k // GROUP, b).transpose(1, 2).reshape(n, k // GROUP)
