@@ -1118,6 +1118,7 @@ class Leader:
                 "kv_blocks_used": b.used,
                 "kv_block_size": b.block_size,
                 "kv_blocks_cached": len(b.by_hash),
+                "kv_dtype": self._kv_dtype(state, self.devices[state.ranks[0]]) if state.ranks else None,
             }
         return out
 

@@ -387,5 +387,6 @@ def test_the_kv_pool_is_float16_on_the_cpu_by_default(engine_server, tiny_qwen3)
 
     cfg = ModelConfig.from_hf_dir(tiny_qwen3)
     engine = httpx.get(engine_server.url + "/health").json()["models"][0]["engine"]
+    assert engine["kv_dtype"] == "float16"  # operators see what the pool holds
     assert engine["kv_blocks_total"] == 8 * 2**20 // kv_block_bytes(cfg, 1, "float16")
     assert kv_block_bytes(cfg, 1, "float16") * 2 == kv_block_bytes(cfg, 1, "float32")

@@ -460,16 +460,19 @@ MODEL_STATE = _obj(
         "error": _null(STR),
         "engine": _obj(
             {
-                k: INT
-                for k in (
-                    "running",
-                    "waiting",
-                    "preemptions",
-                    "kv_blocks_total",
-                    "kv_blocks_used",
-                    "kv_block_size",
-                    "kv_blocks_cached",
-                )
+                **{
+                    k: INT
+                    for k in (
+                        "running",
+                        "waiting",
+                        "preemptions",
+                        "kv_blocks_total",
+                        "kv_blocks_used",
+                        "kv_block_size",
+                        "kv_blocks_cached",
+                    )
+                },
+                "kv_dtype": _null({**STR, "description": "What the KV pool holds: float32, float16 or bfloat16."}),
             },
             description="Scheduler and KV cache counters, while loaded.",
         ),
