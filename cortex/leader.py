@@ -609,21 +609,35 @@ class Leader:
         self._send_pending_loads()
 
     def _send_pending_loads(self) -> None:
-        """Loads that wait for workers to come up (at start-up, or after a crash)."""
+        """Loads that wait for workers to come up (at start-up, or after a crash), and for the
+        group's previous incarnation to be torn down (no Unload still unanswered)."""
         for state in self.registry.models.values():
-            if state.status in ("loading", "recovering") and not state.load_in_flight and state.files is not None:
+            if (
+                state.status in ("loading", "recovering")
+                and not state.load_in_flight
+                and state.files is not None
+                and not state.unloading
+            ):
                 self._send_load(state)
 
     def _unload_ranks(self, state: ModelState, ranks: list[int]) -> None:
         """Free the model on these ranks. A rank that does not answer is wedged (e.g. blocked in a
-        collective with a dead peer) and is killed."""
+        collective with a dead peer) and is killed. Until every rank has answered or been killed, no
+        reload is sent: a rank that took one would wait in the group's rendezvous for a peer that is
+        about to be killed, miss the next Unload and be killed in turn, round after round."""
         for r in ranks:
             if not self.workers[r].alive():
                 continue
+            state.unloading[r] = state.unloading.get(r, 0) + 1
 
             def done(_replies, error, r=r):
+                left = state.unloading.pop(r, 1) - 1
+                if left:
+                    state.unloading[r] = left
                 if error and error.kind == "timeout":
-                    self._kill_group_rank(r, f"did not answer Unload({state.id})")
+                    self._kill_group_rank(r, f"did not answer Unload({state.id})")  # its death reloads
+                elif not (error and error.kind == "died"):  # it answered: the reload may go
+                    self._send_pending_loads()
 
             self._call([r], lambda _: Unload(state.id), UNLOAD_TIMEOUT_S, done)
 

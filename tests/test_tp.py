@@ -305,6 +305,36 @@ def test_a_step_past_the_watchdog_fails_fast_and_the_group_is_rebuilt(tmp_path, 
         srv.stop()
 
 
+def test_a_step_that_fails_on_one_rank_while_another_is_wedged_recovers_the_group(tmp_path, qwen3_kv2):
+    """One rank answers a step with an error while its peer is stuck in it: the leader unloads
+    both, kills the one that cannot answer, and reloads the group once every rank is torn down
+    (a reload sent earlier made the survivors wait for a peer about to be killed, round after
+    round)."""
+    if not (qwen3_kv2 / "tokenizer.json").exists():
+        train_tiny_tokenizer(qwen3_kv2)
+    stall, fail = tmp_path / "stall", tmp_path / "fail"
+    srv = Server(
+        tmp_path / "srv",
+        f'[[models]]\nid = "m"\npath = "{qwen3_kv2}"\ntensor_parallel = 2\npreload = true\n',
+        cortex_extra="[engine]\nstep_timeout_s = 60\n",  # the error, not the watchdog, starts the recovery
+        devices='["cpu", "cpu"]',
+        env={"CORTEX_TEST_STALL_FILE": str(stall), "CORTEX_TEST_FAIL_FILE": str(fail)},
+    )
+    try:
+        srv.wait_healthy()
+        stall.write_text("")
+        fail.write_text("")  # the next step: one rank stalls for 30 s, the other fails at once
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_failed"
+        after = srv.wait_healthy(timeout=60)
+        assert after["models"][0]["status"] == "loaded"
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4})
+        assert r.status_code == 200
+        assert srv.logs().count("did not answer Unload") == 1  # the wedged rank, once
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_packed_weights_of_each_rank_are_its_slice_of_the_whole(qwen3_kv2, quantize):
     """quantize = int8/int4 with TP: each rank packs only its slice (column layers: its rows, row layers:

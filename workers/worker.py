@@ -37,8 +37,11 @@ LOAD_DELAY_ENV = "CORTEX_TEST_LOAD_DELAY_S"
 # sleep this long in every step, to emulate a slower device (e.g. so a client can disconnect mid-way);
 STEP_DELAY_ENV = "CORTEX_TEST_STEP_DELAY_S"
 # stall one step for 30 s if this file exists (deleted first: one stall, even across restarts),
-# so a test can watch the step watchdog fire.
+# so a test can watch the step watchdog fire; with a tensor-parallel group, one rank takes it.
 STALL_FILE_ENV = "CORTEX_TEST_STALL_FILE"
+# fail one step with an error if this file exists (deleted first); checked after the stall file,
+# so with both, one rank of a group stalls and another fails the same step.
+FAIL_FILE_ENV = "CORTEX_TEST_FAIL_FILE"
 
 
 @dataclass
@@ -211,10 +214,19 @@ def _maybe_stall() -> None:
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     if delay:
         time.sleep(delay)
-    path = os.environ.get(STALL_FILE_ENV)
-    if path and os.path.exists(path):
-        os.unlink(path)
-        time.sleep(30)
+    for env, act in ((STALL_FILE_ENV, lambda: time.sleep(30)), (FAIL_FILE_ENV, _fail)):
+        path = os.environ.get(env)
+        if path:
+            try:
+                os.unlink(path)  # the rank that takes the file acts; a TP peer finds it gone
+            except FileNotFoundError:
+                continue
+            act()
+            return
+
+
+def _fail() -> None:
+    raise RuntimeError("test fault: this step fails")
 
 
 def _progress_logger(model_id: str):

@@ -33,6 +33,7 @@ class ModelState:
     load_reason: str = ""  # demand | operator | preload: a demand load nobody waits for is cancelled
     evictions: int = 0
     load_seconds: float = 0.0  # how long its last load took
+    unloading: dict[int, int] = field(default_factory=dict)  # rank -> Unloads sent, not yet answered
 
     def __post_init__(self) -> None:
         self.pinned = self.entry.pinned
