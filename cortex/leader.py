@@ -476,7 +476,7 @@ class Leader:
                 [self.devices[r] for r in state.ranks],
                 state.est_bytes / 2**20,
             )
-        if not all(self.workers[r].ready for r in state.ranks):
+        if not all(self.workers[r].ready and not self.workers[r].expected_exit for r in state.ranks):
             return  # sent by _send_pending_loads once every rank's worker answers
         files, n, gen = state.files, len(state.ranks), state.load_gen
         dtype = self._dtype(state, self.devices[state.ranks[0]])
