@@ -20,7 +20,6 @@
  * Threads: OpenMP, the runtime PyTorch already loaded (same soname), so both share one pool.
  */
 #include <stdint.h>
-#include <math.h>
 #include <stdlib.h>
 
 #include "simd.h"
@@ -39,7 +38,7 @@
 typedef struct {
     int16_t *q;
     float *d, *sums;
-    int pairs, sums_stride;
+    int pairs, blocks;
 } act_t;
 
 static void quantize_row(const float *x, int nb, int16_t *q, float *d, float *sums) {
@@ -87,13 +86,13 @@ static int act_alloc(act_t *a, const float *x, int M, int K) {
      * two lines, and the products are bound by these loads (9-14% at 16 rows) */
     a->q = (int16_t *)aligned_alloc(64, np * 64 * sizeof(int16_t));
     a->d = (float *)aligned_alloc(64, (np * 8 * sizeof(float) + 63) & ~(size_t)63);
-    a->sums_stride = (nb + 7) & ~7;
-    a->sums = (float *)calloc((size_t)M * a->sums_stride, sizeof(float));
+    a->blocks = nb;
+    a->sums = (float *)malloc((size_t)M * nb * sizeof(float));
     if (!a->q || !a->d || !a->sums) return -1;
 #pragma omp parallel for schedule(static) if (M > 8)
     for (int r = 0; r < M; r++)
         quantize_row(x + (size_t)r * K, nb, a->q + (size_t)r * a->pairs * 64, a->d + (size_t)r * a->pairs * 8,
-                     a->sums + (size_t)r * a->sums_stride);
+                     a->sums + (size_t)r * a->blocks);
     return 0;
 }
 
@@ -133,6 +132,15 @@ static inline __attribute__((always_inline)) void q8_pair(const int8_t *wb, int 
                                        _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(wb + 8 * c))), 0);
 }
 
+/* Weight pair p of a row in either format (q8 a constant after inlining). */
+static inline __attribute__((always_inline)) void unpack_pair(const int q8, const void *wq, int p, int both,
+                                                              __m256i w[4]) {
+    if (q8)
+        q8_pair((const int8_t *)wq + (size_t)p * 2 * QK, both, w);
+    else
+        q4_pair((const uint8_t *)wq + (size_t)p * QK, both, w);
+}
+
 /* One unpacked weight pair (scales wd) against R activation rows, rows `stride` pairs apart. */
 static inline __attribute__((always_inline)) void pair_rows(const int R, __m256 *acc, const __m256i w[4], __m256 wd,
                                                             const int16_t *xq, const float *xd, size_t stride) {
@@ -159,18 +167,12 @@ static inline __attribute__((always_inline)) void tile(const int R, const int q8
     const float *xd = a->d + (size_t)r0 * P * 8;
     __m256i w[4];
     for (int p = 0; p < nb / 2; p++) {
-        if (q8)
-            q8_pair((const int8_t *)wq + (size_t)p * 2 * QK, 1, w);
-        else
-            q4_pair((const uint8_t *)wq + (size_t)p * QK, 1, w);
+        unpack_pair(q8, wq, p, 1, w);
         pair_rows(R, acc, w, pair_scale(dn[2 * p], dn[2 * p + 1]), xq + p * 64, xd + p * 8, P);
     }
     if (nb % 2) {
         const int p = nb / 2;
-        if (q8)
-            q8_pair((const int8_t *)wq + (size_t)p * 2 * QK, 0, w);
-        else
-            q4_pair((const uint8_t *)wq + (size_t)p * QK, 0, w);
+        unpack_pair(q8, wq, p, 0, w);
         pair_rows(R, acc, w, pair_scale(dn[2 * p], 0.0f), xq + p * 64, xd + p * 8, P);
     }
     /* the four rows' horizontal sums at once, in the same order for every row whatever R is (unused
@@ -205,7 +207,7 @@ static inline void prefetch_row(const void *wq, size_t row_bytes, const float *d
  * transposed ([N / BLOCK_N, nb, BLOCK_N]): a block's are contiguous, as its weights are. Q8 has none. */
 static void offsets(const act_t *a, int nb, const float *mt, int N, int r0, int r1, int n0, int n1, float *y) {
     for (int r = r0; r < r1; r++) {
-        const float *st = a->sums + (size_t)r * a->sums_stride;
+        const float *st = a->sums + (size_t)r * a->blocks;
         float *yr = y + (size_t)r * N + n0;
         if (!mt) {
             for (int j = 0; j < n1 - n0; j++) yr[j] = 0.0f;
