@@ -44,6 +44,7 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/decode.py $(ARGS)
+	$(BIN)/python bench/batched.py
 	$(BIN)/python bench/serve.py
 
 # Benchmark-only: llama.cpp's Python binding compiles from source (about 12 minutes on 2 cores).

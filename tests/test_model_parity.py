@@ -71,6 +71,21 @@ def test_chunked_prefill_equals_one_prefill(tmp_path):
     assert (rest - whole[20:]).abs().max() < 1e-5
 
 
+def test_sequences_stepped_together_get_what_each_gets_alone(tmp_path):
+    """LocalRunner.step_many (bench/batched.py's driver): one decode step over three sequences of
+    different lengths gives each the logits it gets when stepped by itself."""
+    model = _load(make_checkpoint(tmp_path, "llama", True))
+    alone, together = LocalRunner(model, torch.device("cpu")), LocalRunner(model, torch.device("cpu"))
+    prompts = {1: [5, 6, 7, 8], 2: list(range(3, 30)), 3: [9, 10]}
+    for seq, ids in prompts.items():
+        alone.step(seq, ids[:-1], 0)
+        together.step(seq, ids[:-1], 0)
+    want = torch.stack([alone.step(seq, ids[-1:], len(ids) - 1) for seq, ids in prompts.items()])
+    got = together.step_many([(seq, ids[-1:], len(ids) - 1) for seq, ids in prompts.items()])
+    assert got.shape == want.shape
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_restarting_a_sequence_at_position_zero_forgets_its_past(tmp_path):
     model = _load(make_checkpoint(tmp_path, "llama", True))
     run = LocalRunner(model, torch.device("cpu"))

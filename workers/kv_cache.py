@@ -132,20 +132,29 @@ class LocalRunner:
     """Drive a model sequence by sequence without a leader: for tests and benchmarks. (In the
     server, the leader's block manager owns block tables and batches many sequences per step.)"""
 
-    def __init__(self, model, device: torch.device, num_blocks: int = 256):
+    def __init__(self, model, device: torch.device, num_blocks: int = 256, kv_dtype: torch.dtype | None = None):
         self.model, self.device = model, device
-        self.cache = PagedKVCache(*model.kv_shape(), device, num_blocks)
+        layers, kv_heads, head_dim, dtype = model.kv_shape()
+        self.cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype or dtype, device, num_blocks)
         self.tables: dict[int, list[int]] = {}
         self.next_block = 0
 
     def step(self, seq_id: int, tokens: list[int], start_pos: int, all_logits: bool = False) -> torch.Tensor:
         """Logits of the last token ([vocab]) or of every new token ([n, vocab])."""
-        table = self.tables.setdefault(seq_id, [])
-        while len(table) * BLOCK_SIZE < start_pos + len(tokens):
-            if self.next_block >= self.cache.num_blocks:
-                raise RuntimeError("LocalRunner: out of KV blocks")
-            table.append(self.next_block)
-            self.next_block += 1
-        batch = StepBatch.build([(tokens, start_pos, table)], BLOCK_SIZE, self.device)
-        logits = self.model(batch, self.cache, all_logits=all_logits)
+        logits = self.step_many([(seq_id, tokens, start_pos)], all_logits)
         return logits if all_logits else logits[0]
+
+    def step_many(self, seqs: list[tuple[int, list[int], int]], all_logits: bool = False) -> torch.Tensor:
+        """One model step over several sequences, (seq_id, new tokens, start position) each: the last
+        logits of each sequence ([len(seqs), vocab]), or every new token's."""
+        rows = []
+        for seq_id, tokens, start_pos in seqs:
+            table = self.tables.setdefault(seq_id, [])
+            while len(table) * BLOCK_SIZE < start_pos + len(tokens):
+                if self.next_block >= self.cache.num_blocks:
+                    raise RuntimeError("LocalRunner: out of KV blocks")
+                table.append(self.next_block)
+                self.next_block += 1
+            rows.append((tokens, start_pos, table))
+        batch = StepBatch.build(rows, BLOCK_SIZE, self.device)
+        return self.model(batch, self.cache, all_logits=all_logits)

@@ -6,14 +6,15 @@
  * sequence's block table in place: scores for every position, an exact softmax over them, then the
  * weighted sum of values. Nothing is copied and no padding is computed.
  *
- * Each (sequence, KV head) is one task, computed in the same order whatever else is in the batch:
- * a sequence gets the same result alone or with others. GQA: query head i reads KV head
+ * Each (sequence, KV head) is computed in the same order whatever else is in the batch: a sequence
+ * gets the same result alone or with others. GQA: query head i reads KV head
  * i / (query heads per KV head), as Hugging Face's repeat_kv does; up to GQ heads of one group are
  * computed together, so each key and value is loaded (and converted from float16) once for all of
  * them rather than once per head.
  */
 #include <math.h>
 #include <stdint.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "simd.h"
@@ -25,13 +26,27 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 }
 
 #define GQ 4 /* query heads of one KV group computed together: each key and value is loaded once for all */
+#define VW 8 /* most vectors of a value row one pass accumulates (see block_values) */
+
+/* Ask for `rows` rows of `span` elements each, from pool element first on, rows `stride` apart:
+ * the next block of a walk over a block table, while this one computes. */
+static inline void prefetch_rows(const void *pool, size_t first, size_t stride, int rows, size_t span, const int half,
+                                 const int hint) {
+    const size_t elem = half ? 2 : 4;
+    const char *at = (const char *)pool + first * elem;
+    for (int j = 0; j < rows; j++, at += stride * elem)
+        for (size_t off = 0; off < span * elem; off += 64) {
+            if (hint == 0) _mm_prefetch(at + off, _MM_HINT_T0);
+            else _mm_prefetch(at + off, _MM_HINT_T1);
+        }
+}
 
 /* s[g][j] = scale * q[g] . k[j] for G (a constant after inlining, <= GQ) query heads and the n keys
  * at pool elements k, k + stride, ...: two keys at a time, each eight dimensions of a key loaded
  * (and converted from float16) once for all G heads. */
 static inline __attribute__((always_inline)) void scores(const int G, const float *const *q, const void *pool,
                                                          size_t k, size_t stride, int n, int D, float scale,
-                                                         float *const *s, int64_t at, int half) {
+                                                         float *const *s, int64_t at, const int half) {
     const __m256 zero = _mm256_setzero_ps();
     int j = 0;
     for (; j + 2 <= n; j += 2) {
@@ -64,37 +79,6 @@ static inline __attribute__((always_inline)) void scores(const int G, const floa
     }
 }
 
-/* out[g][0 .. D) = inv_l[g] * sum over the context of p[g][j] * v[j] for G heads, 16 dimensions at
- * a time: each value vector is loaded once for all G heads. */
-static inline __attribute__((always_inline)) void weighted_values(const int G, const float *const *p,
-                                                                  const int64_t *table, int64_t L, int block,
-                                                                  const void *pool, size_t v, size_t stride, int D,
-                                                                  const float *inv_l, float *const *out, int half) {
-    for (int c = 0; c < D; c += 16) {
-        const int two = D - c >= 16;
-        __m256 acc[GQ][2];
-        for (int g = 0; g < GQ; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-        for (int64_t start = 0; start < L; start += block) {
-            const int n = (int)(L - start < block ? L - start : block);
-            const size_t vb = v + (size_t)table[start / block] * block * stride + c;
-            for (int j = 0; j < n; j++) {
-                const size_t vj = vb + j * stride;
-                const __m256 v0 = load_kv(pool, vj, half), v1 = two ? load_kv(pool, vj + 8, half) : v0;
-                for (int g = 0; g < G; g++) {
-                    const __m256 pg = _mm256_set1_ps(p[g][start + j]);
-                    acc[g][0] = _mm256_fmadd_ps(pg, v0, acc[g][0]);
-                    acc[g][1] = _mm256_fmadd_ps(pg, v1, acc[g][1]);
-                }
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            const __m256 inv = _mm256_set1_ps(inv_l[g]);
-            _mm256_storeu_ps(out[g] + c, _mm256_mul_ps(acc[g][0], inv));
-            if (two) _mm256_storeu_ps(out[g] + c + 8, _mm256_mul_ps(acc[g][1], inv));
-        }
-    }
-}
-
 /* Softmax in place over p[0 .. L): subtract the largest score, exponentiate eight at a time (p has
  * room up to the next multiple of 8); returns 1 / the sum of the weights (0 when it is 0). */
 static float softmax(float *p, int64_t L) {
@@ -111,25 +95,104 @@ static float softmax(float *p, int64_t L) {
     return l > 0.0f ? 1.0f / l : 0.0f;
 }
 
-/* G query heads (q[g], out[g]) against one KV head (offset kv in the pools) of a sequence whose
- * context is L positions in blocks `table`; p[g]: room for L + 8 weights each. */
-static inline __attribute__((always_inline)) void heads(const int G, const float *const *q, const void *k,
-                                                        const void *v, size_t kv, size_t stride, const int64_t *table,
-                                                        int64_t L, int block, int D, float scale, float *const *p,
-                                                        float *const *out, int half) {
+/* Dimensions c .. c + 8 W of out[g] += sum over the n values of one block (pool elements v,
+ * v + stride, ...) of p[g][j] * v[j], for G heads (G, W constants after inlining); out starts at
+ * zero with the first block (first). Each value vector is loaded once for all G heads. The sums
+ * stay in float32 between blocks, so the order of additions is the same as one pass over the
+ * whole context. */
+static inline __attribute__((always_inline)) void values_pass(const int G, const int W, const float *const *p,
+                                                              int n, const void *pool, size_t v, size_t stride, int c,
+                                                              int first, float *const *out, const int half) {
+    __m256 acc[GQ][VW];
+    for (int g = 0; g < G; g++)
+        for (int w = 0; w < W; w++) acc[g][w] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out[g] + c + 8 * w);
+    for (int j = 0; j < n; j++) {
+        __m256 pg[GQ];
+        for (int g = 0; g < G; g++) pg[g] = _mm256_set1_ps(p[g][j]);
+        for (int w = 0; w < W; w++) {
+            const __m256 x = load_kv(pool, v + j * stride + c + 8 * w, half);
+            for (int g = 0; g < G; g++) acc[g][w] = _mm256_fmadd_ps(pg[g], x, acc[g][w]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int w = 0; w < W; w++) _mm256_storeu_ps(out[g] + c + 8 * w, acc[g][w]);
+}
+
+/* One block's values for G heads: passes as wide as the registers allow (G x W accumulators, at
+ * most 12 of the 16), then single vectors for what is left of D. */
+static inline __attribute__((always_inline)) void block_values(const int G, const float *const *p, int n,
+                                                               const void *pool, size_t v, size_t stride, int D,
+                                                               int first, float *const *out, const int half) {
+    const int W = G == 1 ? 8 : G == 4 ? 2 : 4;
+    int c = 0;
+    for (; c + 8 * W <= D; c += 8 * W) values_pass(G, W, p, n, pool, v, stride, c, first, out, half);
+    for (; c < D; c += 8) values_pass(G, 1, p, n, pool, v, stride, c, first, out, half);
+}
+
+/* A unit of work: up to GQ query heads of one KV head's group, of one sequence. */
+typedef struct {
+    int G;                  /* query heads: 1 .. GQ */
+    size_t kv;              /* the KV head's first element within a slot: h * D */
+    const float *q[GQ];     /* [D] each */
+    float *out[GQ], *p[GQ]; /* out [D]; p: the context's scores, then weights (room for L + 8) */
+    float inv[GQ];          /* 1 / the sum of each head's weights */
+} unit_t;
+
+#define BY_G(G, call) \
+    switch (G) { \
+    case 4: call(4); break; \
+    case 3: call(3); break; \
+    case 2: call(2); break; \
+    default: call(1); \
+    }
+
+/* Units u[0 .. U) of one sequence, whose context is L positions in blocks `table`; their KV heads
+ * span elements first .. first + span of each slot. The walks over keys and over values go block
+ * by block and, within a block, unit by unit: a block holds the rows of all its slots' KV heads
+ * together, so what a task reads is one contiguous run at a time, and the next block is prefetched
+ * while this one computes (a jump the hardware prefetcher does not follow). */
+static inline __attribute__((always_inline)) void sequence(unit_t *u, int U, const void *k, const void *v,
+                                                           size_t stride, size_t first, size_t span,
+                                                           const int64_t *table, int64_t L, int block, int D,
+                                                           float scale, const int half) {
     for (int64_t start = 0; start < L; start += block) {
         const int n = (int)(L - start < block ? L - start : block);
-        scores(G, q, k, (size_t)table[start / block] * block * stride + kv, stride, n, D, scale, p, start, half);
+        const size_t base = (size_t)table[start / block] * block * stride;
+        if (start + block < L) prefetch_rows(k, (size_t)table[start / block + 1] * block * stride + first, stride, block, span, half, 0);
+        prefetch_rows(v, base + first, stride, n, span, half, 1);
+        for (int i = 0; i < U; i++) {
+#define SCORES(G) scores(G, u[i].q, k, base + u[i].kv, stride, n, D, scale, u[i].p, start, half)
+            BY_G(u[i].G, SCORES)
+#undef SCORES
+        }
     }
-    float inv_l[GQ];
-    for (int g = 0; g < G; g++) inv_l[g] = softmax(p[g], L);
-    weighted_values(G, (const float *const *)p, table, L, block, v, kv, stride, D, inv_l, out, half);
+    for (int i = 0; i < U; i++)
+        for (int g = 0; g < u[i].G; g++) u[i].inv[g] = softmax(u[i].p[g], L);
+    for (int64_t start = 0; start < L; start += block) {
+        const int n = (int)(L - start < block ? L - start : block);
+        const size_t base = (size_t)table[start / block] * block * stride;
+        if (start + block < L) prefetch_rows(v, (size_t)table[start / block + 1] * block * stride + first, stride, block, span, half, 0);
+        for (int i = 0; i < U; i++) {
+            const float *p[GQ];
+            for (int g = 0; g < u[i].G; g++) p[g] = u[i].p[g] + start;
+#define VALUES(G) block_values(G, p, n, v, base + u[i].kv, stride, D, start == 0, u[i].out, half)
+            BY_G(u[i].G, VALUES)
+#undef VALUES
+        }
+    }
+    for (int i = 0; i < U; i++)
+        for (int g = 0; g < u[i].G; g++) {
+            const __m256 inv = _mm256_set1_ps(u[i].inv[g]);
+            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(u[i].out[g] + c, _mm256_mul_ps(_mm256_loadu_ps(u[i].out[g] + c), inv));
+        }
 }
 
 /* out[b, h] = softmax(scale * q[b, h] . K[b]) V[b] for query head h of sequence b, whose context is
  * positions 0 .. lengths[b] - 1 held in blocks tables[b, 0 ..] of the cache.
  *   q, out: [B, Hq, D]; k, v: [slots, Hkv, D] (slot = block * block + offset), float32, or float16
  *   when half; tables: [B, width].
+ * A task is one sequence's KV heads h0 .. h0 + per_task - 1: all of them when there are sequences
+ * enough to keep the threads busy (each task then reads whole blocks), fewer when there are not.
  * Returns -1 (nothing computed) for shapes it does not handle; the caller then uses PyTorch. */
 int cortex_paged_attention(const float *q, const void *k, const void *v, const int64_t *tables, int width,
                            const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out,
@@ -138,42 +201,46 @@ int cortex_paged_attention(const float *q, const void *k, const void *v, const i
     if (D % 8 || Hq % Hkv) return -1;
     int64_t longest = 0;
     for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    const int threads = omp_get_max_threads();
+    const int chunks = B >= 2 * threads ? 1 : (2 * threads + B - 1) / B; /* tasks per sequence */
+    const int per_task = (Hkv + (chunks < Hkv ? chunks : Hkv) - 1) / (chunks < Hkv ? chunks : Hkv);
+    const int tasks_per_seq = (Hkv + per_task - 1) / per_task, units_per_head = (group + GQ - 1) / GQ;
+    const int max_units = per_task * units_per_head;
+    const size_t stride = (size_t)Hkv * D; /* from one slot's K (or V) of a head to the next */
     int failed = 0;
-#pragma omp parallel if (B * Hkv > 1)
+#pragma omp parallel if (B * tasks_per_seq > 1)
     {
-        /* the softmax weights of GQ heads' contexts: per thread, reused */
+        /* per thread, reused: the units of a task and their heads' softmax weights */
         const size_t room = (size_t)longest + 8;
-        float *buf = (float *)malloc(GQ * room * sizeof(float));
-        if (!buf) {
+        unit_t *u = malloc(sizeof(unit_t) * max_units);
+        float *buf = malloc(sizeof(float) * max_units * GQ * room);
+        if (!u || !buf) {
 #pragma omp atomic write
             failed = 1;
         }
-        float *p[GQ];
-        for (int g = 0; g < GQ; g++) p[g] = buf ? buf + g * room : NULL;
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < B * Hkv; task++) {
-            if (!buf) continue;
-            const int b = task / Hkv, h = task % Hkv;
+        for (int task = 0; task < B * tasks_per_seq; task++) {
+            if (!u || !buf) continue;
+            const int b = task / tasks_per_seq, h0 = task % tasks_per_seq * per_task;
+            const int h1 = h0 + per_task < Hkv ? h0 + per_task : Hkv;
+            int U = 0;
+            for (int h = h0; h < h1; h++)
+                for (int g0 = 0; g0 < group; g0 += GQ, U++) {
+                    u[U].G = group - g0 < GQ ? group - g0 : GQ;
+                    u[U].kv = (size_t)h * D;
+                    for (int g = 0; g < u[U].G; g++) {
+                        const size_t row = ((size_t)b * Hq + h * group + g0 + g) * D;
+                        u[U].q[g] = q + row, u[U].out[g] = out + row, u[U].p[g] = buf + ((size_t)U * GQ + g) * room;
+                    }
+                }
             const int64_t L = lengths[b], *table = tables + (size_t)b * width;
-            const size_t stride = (size_t)Hkv * D; /* from one slot's K (or V) of head h to the next */
-            for (int g0 = 0; g0 < group; g0 += GQ) {
-                const int gn = group - g0 < GQ ? group - g0 : GQ;
-                const float *qs[GQ];
-                float *os[GQ];
-                for (int g = 0; g < gn; g++) {
-                    const size_t row = ((size_t)b * Hq + h * group + g0 + g) * D;
-                    qs[g] = q + row, os[g] = out + row;
-                }
-#define HEADS(G) heads(G, qs, k, v, (size_t)h * D, stride, table, L, block, D, scale, p, os, half)
-                switch (gn) {
-                case 4: HEADS(4); break;
-                case 3: HEADS(3); break;
-                case 2: HEADS(2); break;
-                default: HEADS(1);
-                }
-#undef HEADS
-            }
+            /* one copy of the loops per pool dtype: no branch per load */
+            if (half)
+                sequence(u, U, k, v, stride, (size_t)h0 * D, (size_t)(h1 - h0) * D, table, L, block, D, scale, 1);
+            else
+                sequence(u, U, k, v, stride, (size_t)h0 * D, (size_t)(h1 - h0) * D, table, L, block, D, scale, 0);
         }
+        free(u);
         free(buf);
     }
     return failed ? -1 : 0;
