@@ -28,6 +28,7 @@
 #define ROWS 4        /* activation rows sharing one unpacked weight pair (registers; 6 made one-row products 10% slower) */
 #define ROW_CHUNK 64  /* activation rows per pass over the weights (their int16 copies stay in L2) */
 #define BLOCK_N 16    /* weight rows per block of the output (see matmul); Q4's offsets are stored by it */
+_Static_assert(BLOCK_N == 16, "offsets() computes a block as two groups of eight");
 
 /* Activations of a step, quantized, in pair order. Per row and pair of blocks (b0, b1):
  *   q:   64 int16, four vectors [b0 x[8c .. 8c+7] | b1 x[8c .. 8c+7]] for c = 0..3;
@@ -204,22 +205,28 @@ static inline void prefetch_row(const void *wq, size_t row_bytes, const float *d
 
 /* Q4's offsets, y[r, n] = sum_b m[n, b] * sums[r, b], for rows r0 .. r1 - 1 and the block of
  * BLOCK_N outputs from n0, eight at a time. mt holds the offsets by blocks of BLOCK_N rows, each
- * transposed ([N / BLOCK_N, nb, BLOCK_N]): a block's are contiguous, as its weights are. Q8 has none. */
+ * transposed ([N / BLOCK_N, nb, BLOCK_N]): a block's are contiguous, as its weights are. Q8 has none.
+ * Each sum is one chain of fused multiply-adds over the blocks, in block order; two rows' two
+ * groups of eight run side by side, four chains at once, so the loop waits on no single one. */
 static void offsets(const act_t *a, int nb, const float *mt, int N, int r0, int r1, int n0, int n1, float *y) {
-    for (int r = r0; r < r1; r++) {
-        const float *st = a->sums + (size_t)r * a->blocks;
-        float *yr = y + (size_t)r * N + n0;
-        if (!mt) {
-            for (int j = 0; j < n1 - n0; j++) yr[j] = 0.0f;
-            continue;
+    if (!mt) {
+        for (int r = r0; r < r1; r++)
+            for (int j = 0; j < n1 - n0; j++) y[(size_t)r * N + n0 + j] = 0.0f;
+        return;
+    }
+    const float *mb = mt + (size_t)n0 * nb;
+    for (int r = r0; r < r1; r += 2) {
+        const int two = r + 1 < r1;
+        const float *s0 = a->sums + (size_t)r * a->blocks, *s1 = two ? s0 + a->blocks : s0;
+        __m256 o00 = _mm256_setzero_ps(), o01 = o00, o10 = o00, o11 = o00;
+        for (int b = 0; b < nb; b++) {
+            const __m256 m0 = _mm256_loadu_ps(mb + (size_t)b * BLOCK_N), m1 = _mm256_loadu_ps(mb + (size_t)b * BLOCK_N + 8);
+            const __m256 x0 = _mm256_set1_ps(s0[b]), x1 = _mm256_set1_ps(s1[b]);
+            o00 = _mm256_fmadd_ps(m0, x0, o00), o01 = _mm256_fmadd_ps(m1, x0, o01);
+            o10 = _mm256_fmadd_ps(m0, x1, o10), o11 = _mm256_fmadd_ps(m1, x1, o11);
         }
-        const float *mb = mt + (size_t)n0 * nb;
-        for (int j = 0; j < BLOCK_N; j += 8) {
-            __m256 o = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++)
-                o = _mm256_fmadd_ps(_mm256_loadu_ps(mb + (size_t)b * BLOCK_N + j), _mm256_set1_ps(st[b]), o);
-            _mm256_storeu_ps(yr + j, o);
-        }
+        _mm256_storeu_ps(y + (size_t)r * N + n0, o00), _mm256_storeu_ps(y + (size_t)r * N + n0 + 8, o01);
+        if (two) _mm256_storeu_ps(y + (size_t)(r + 1) * N + n0, o10), _mm256_storeu_ps(y + (size_t)(r + 1) * N + n0 + 8, o11);
     }
 }
 
