@@ -28,16 +28,18 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 #define GQ 4 /* query heads of one KV group computed together: each key and value is loaded once for all */
 #define VW 8 /* most vectors of a value row one pass accumulates (see block_values) */
 
-/* Ask for `rows` rows of `span` elements each, from pool element first on, rows `stride` apart:
- * the next block of a walk over a block table, while this one computes. */
+/* Ask for `rows` rows of `span` elements each, from pool element first on, rows `stride` apart
+ * (a block of a walk over a block table, ahead of its use): into L1 (l2 = 0) or L2 (l2 = 1). */
 static inline void prefetch_rows(const void *pool, size_t first, size_t stride, int rows, size_t span, const int half,
-                                 const int hint) {
+                                 const int l2) {
     const size_t elem = half ? 2 : 4;
     const char *at = (const char *)pool + first * elem;
     for (int j = 0; j < rows; j++, at += stride * elem)
         for (size_t off = 0; off < span * elem; off += 64) {
-            if (hint == 0) _mm_prefetch(at + off, _MM_HINT_T0);
-            else _mm_prefetch(at + off, _MM_HINT_T1);
+            if (l2)
+                _mm_prefetch(at + off, _MM_HINT_T1);
+            else
+                _mm_prefetch(at + off, _MM_HINT_T0);
         }
 }
 
@@ -158,7 +160,8 @@ static inline __attribute__((always_inline)) void sequence(unit_t *u, int U, con
     for (int64_t start = 0; start < L; start += block) {
         const int n = (int)(L - start < block ? L - start : block);
         const size_t base = (size_t)table[start / block] * block * stride;
-        if (start + block < L) prefetch_rows(k, (size_t)table[start / block + 1] * block * stride + first, stride, block, span, half, 0);
+        if (start + block < L) /* the next block's keys to L1; this block's values to L2 */
+            prefetch_rows(k, (size_t)table[start / block + 1] * block * stride + first, stride, block, span, half, 0);
         prefetch_rows(v, base + first, stride, n, span, half, 1);
         for (int i = 0; i < U; i++) {
 #define SCORES(G) scores(G, u[i].q, k, base + u[i].kv, stride, n, D, scale, u[i].p, start, half)
@@ -171,7 +174,8 @@ static inline __attribute__((always_inline)) void sequence(unit_t *u, int U, con
     for (int64_t start = 0; start < L; start += block) {
         const int n = (int)(L - start < block ? L - start : block);
         const size_t base = (size_t)table[start / block] * block * stride;
-        if (start + block < L) prefetch_rows(v, (size_t)table[start / block + 1] * block * stride + first, stride, block, span, half, 0);
+        if (start + block < L)
+            prefetch_rows(v, (size_t)table[start / block + 1] * block * stride + first, stride, block, span, half, 0);
         for (int i = 0; i < U; i++) {
             const float *p[GQ];
             for (int g = 0; g < u[i].G; g++) p[g] = u[i].p[g] + start;
@@ -183,7 +187,8 @@ static inline __attribute__((always_inline)) void sequence(unit_t *u, int U, con
     for (int i = 0; i < U; i++)
         for (int g = 0; g < u[i].G; g++) {
             const __m256 inv = _mm256_set1_ps(u[i].inv[g]);
-            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(u[i].out[g] + c, _mm256_mul_ps(_mm256_loadu_ps(u[i].out[g] + c), inv));
+            float *o = u[i].out[g];
+            for (int c = 0; c < D; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), inv));
         }
 }
 
@@ -202,8 +207,9 @@ int cortex_paged_attention(const float *q, const void *k, const void *v, const i
     int64_t longest = 0;
     for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
     const int threads = omp_get_max_threads();
-    const int chunks = B >= 2 * threads ? 1 : (2 * threads + B - 1) / B; /* tasks per sequence */
-    const int per_task = (Hkv + (chunks < Hkv ? chunks : Hkv) - 1) / (chunks < Hkv ? chunks : Hkv);
+    /* tasks per sequence: enough for two per thread, at most one per KV head */
+    const int wanted = B >= 2 * threads ? 1 : (2 * threads + B - 1) / B, cuts = wanted < Hkv ? wanted : Hkv;
+    const int per_task = (Hkv + cuts - 1) / cuts; /* KV heads per task */
     const int tasks_per_seq = (Hkv + per_task - 1) / per_task, units_per_head = (group + GQ - 1) / GQ;
     const int max_units = per_task * units_per_head;
     const size_t stride = (size_t)Hkv * D; /* from one slot's K (or V) of a head to the next */
@@ -230,7 +236,8 @@ int cortex_paged_attention(const float *q, const void *k, const void *v, const i
                     u[U].kv = (size_t)h * D;
                     for (int g = 0; g < u[U].G; g++) {
                         const size_t row = ((size_t)b * Hq + h * group + g0 + g) * D;
-                        u[U].q[g] = q + row, u[U].out[g] = out + row, u[U].p[g] = buf + ((size_t)U * GQ + g) * room;
+                        u[U].q[g] = q + row, u[U].out[g] = out + row;
+                        u[U].p[g] = buf + ((size_t)U * GQ + g) * room;
                     }
                 }
             const int64_t L = lengths[b], *table = tables + (size_t)b * width;

@@ -220,13 +220,15 @@ static void offsets(const act_t *a, int nb, const float *mt, int N, int r0, int 
         const float *s0 = a->sums + (size_t)r * a->blocks, *s1 = two ? s0 + a->blocks : s0;
         __m256 o00 = _mm256_setzero_ps(), o01 = o00, o10 = o00, o11 = o00;
         for (int b = 0; b < nb; b++) {
-            const __m256 m0 = _mm256_loadu_ps(mb + (size_t)b * BLOCK_N), m1 = _mm256_loadu_ps(mb + (size_t)b * BLOCK_N + 8);
+            const float *mrow = mb + (size_t)b * BLOCK_N;
+            const __m256 m0 = _mm256_loadu_ps(mrow), m1 = _mm256_loadu_ps(mrow + 8);
             const __m256 x0 = _mm256_set1_ps(s0[b]), x1 = _mm256_set1_ps(s1[b]);
             o00 = _mm256_fmadd_ps(m0, x0, o00), o01 = _mm256_fmadd_ps(m1, x0, o01);
             o10 = _mm256_fmadd_ps(m0, x1, o10), o11 = _mm256_fmadd_ps(m1, x1, o11);
         }
-        _mm256_storeu_ps(y + (size_t)r * N + n0, o00), _mm256_storeu_ps(y + (size_t)r * N + n0 + 8, o01);
-        if (two) _mm256_storeu_ps(y + (size_t)(r + 1) * N + n0, o10), _mm256_storeu_ps(y + (size_t)(r + 1) * N + n0 + 8, o11);
+        float *y0 = y + (size_t)r * N + n0, *y1 = y0 + N;
+        _mm256_storeu_ps(y0, o00), _mm256_storeu_ps(y0 + 8, o01);
+        if (two) _mm256_storeu_ps(y1, o10), _mm256_storeu_ps(y1 + 8, o11);
     }
 }
 
