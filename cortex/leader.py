@@ -975,9 +975,12 @@ class Leader:
             result = replies[state.ranks[0]]
             self.schedulers[state.id].done(work)
             logprobs = result.logprobs or [None] * len(work)
-            for w, token, lp in zip(work, result.tokens, logprobs, strict=True):
+            errors = result.errors or [""] * len(work)
+            for w, token, lp, err in zip(work, result.tokens, logprobs, errors, strict=True):
                 if w.seq.cancelled:
                     self._retire(w.seq)
+                elif err:
+                    self._fail_sampling(state, w.seq, err)
                 elif w.samples:
                     self._on_token(w.seq, token, lp)
 
@@ -1046,6 +1049,15 @@ class Leader:
             sched = self.schedulers.get(s.model_id)
             if sched is not None:
                 sched.remove(s)
+
+    def _fail_sampling(self, state: ModelState, seq: Sequence, error: str) -> None:
+        """A worker could not sample seq's token: its request fails (500) while the model and the
+        step's other sequences go on, and the workers drop the sampling state of its choices."""
+        if seq.key not in self.requests:
+            return  # a sibling choice failed in the same step
+        ids = [c.seq_id for c in self._choices(seq.request_id)]
+        self._fail(seq, "internal", f"sampling failed: {error}")
+        self._call(state.ranks, lambda _: ClearKvCache(state.id, ids), 30.0, _ignore)
 
     def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
         for seq in [s for s in self.requests.values() if s.model_id == state.id]:

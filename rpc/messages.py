@@ -130,6 +130,9 @@ class StepResult:
     # per SeqInput, when its sampling asked for logprobs: [logprob of the sampled token,
     # [[token id, logprob], ...] of the most likely ones]; else None
     logprobs: list[list[Any] | None] | None = None
+    # per SeqInput, why sampling its token failed ("" where it did not); None when nothing failed.
+    # One sequence's bad distribution fails that request only, not the step's others.
+    errors: list[str] | None = None
 
 
 @message

@@ -291,6 +291,32 @@ def test_worker_load_generate_clear_unload(worker, tmp_path):
     assert client.call(Ping(), 10).models == []
 
 
+def test_a_sequence_whose_sampling_fails_fails_alone(worker, tmp_path):
+    """A distribution no draw can come from (a NaN bias; the API refuses NaN, a worker must not
+    depend on that) fails its own sequence; the step's other sequences get their tokens."""
+    _, client = worker
+    path = make_checkpoint(tmp_path, "llama", tied=True)
+    load = LoadDenseShard(
+        model_id="tiny-nan",
+        format="safetensors",
+        files=[str(p) for p in path.glob("*.safetensors")],
+        config=ModelConfig.from_hf_dir(path).to_dict(),
+        dtype="float32",
+        kv_blocks=4,
+    )
+    assert isinstance(client.call(load, 60), Loaded)
+    poisoned = SamplingParams(temperature=1.0, logit_bias={5: float("nan")})
+    step = GenerateStep(
+        "tiny-nan",
+        [SeqInput(1, [3, 4, 5], 0, poisoned, [0]), SeqInput(2, [3, 4, 5], 0, SamplingParams(temperature=0.0), [1])],
+    )
+    result = client.call(step, 30)
+    assert isinstance(result, StepResult)
+    assert result.tokens[0] == -1 and "RuntimeError" in result.errors[0]
+    assert result.tokens[1] >= 0 and result.errors[1] == ""
+    assert client.call(Unload("tiny-nan"), 10) == Ack()
+
+
 @pytest.mark.parametrize(
     "frame",
     [

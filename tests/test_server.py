@@ -12,6 +12,10 @@ import httpx
 import openai
 import pytest
 
+from cortex.api.engine_client import EngineClient
+from cortex.api.errors import ApiError
+from rpc.engine import Finished, Submit
+from rpc.messages import SamplingParams
 from tests.conftest import Server, json_events, read_sse, tiny_models_toml
 
 HI = [{"role": "user", "content": "Hello, world!"}]
@@ -140,6 +144,47 @@ def test_malformed_json_is_400(tiny_server):
     )
     assert r.status_code == 400
     assert _error(r)["code"] == "invalid_json"
+
+
+def test_nan_and_infinity_are_not_json(tiny_server):
+    """Python's json reads them; JSON has none. A NaN would slip past every range check."""
+    for word in ("NaN", "Infinity", "-Infinity"):
+        body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": '
+        r = _post(tiny_server, None, content=body + word.encode() + b"}", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        assert _error(r)["code"] == "invalid_json" and word in _error(r)["message"]
+    r = httpx.post(
+        tiny_server.url + "/v1/messages",
+        content=b'{"model": "tiny", "max_tokens": 2, "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert (
+        _post(
+            tiny_server, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        ).status_code
+        == 200
+    )
+
+
+def test_a_request_whose_sampling_fails_fails_alone(tiny_server):
+    """The worker cannot draw from a request's distribution (a NaN bias: the API refuses NaN, so
+    only a direct engine client can send one). That request, both its choices, gets a 500; a
+    request sharing its steps completes, and every KV block comes back."""
+    client = EngineClient(f"ipc://{tiny_server.root / 'run'}/engine.sock", event_timeout_s=60)
+    ask = [{"role": "user", "content": "hi"}]
+    good = client.submit(Submit("good", "tiny", ask, SamplingParams(temperature=0.0), max_tokens=60, ignore_eos=True))
+    bad = client.submit(
+        Submit("bad", "tiny", ask, SamplingParams(temperature=1.0, logit_bias={5: float("nan")}), max_tokens=8, n=2)
+    )
+    with pytest.raises(ApiError) as failed:
+        list(bad.events())
+    assert failed.value.status == 500 and "sampling failed" in failed.value.message
+    done = [ev for ev in good.events() if isinstance(ev, Finished)]
+    assert len(done) == 1 and done[0].completion_tokens == 60
+    engine = tiny_server.health()["models"][0]["engine"]
+    assert engine["kv_blocks_used"] == 0 and engine["running"] == 0
 
 
 def test_body_must_be_an_object(tiny_server):

@@ -23,6 +23,7 @@ from rpc.messages import (
     Loaded,
     Ping,
     Pong,
+    SeqInput,
     StepResult,
     Unload,
 )
@@ -136,8 +137,6 @@ class Worker:
         )
 
     def step(self, msg: GenerateStep) -> StepResult | Error:
-        from workers.sampling import new_generator, sample, token_logprobs
-
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Error(kind="unknown_model", message=f"model {msg.model_id!r} is not loaded on this worker")
@@ -148,33 +147,46 @@ class Worker:
             [(s.tokens, s.start_pos, s.block_table) for s in msg.seqs], rm.cache.block_size, self.device
         )
         logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
-        out, logprobs = [], []
+        out, logprobs, errors = [], [], []
         for i, s in enumerate(msg.seqs):
             if s.prompt is not None:
                 rm.prompts[s.seq_id] = s.prompt
+            token, lp, error = -1, None, ""
             if s.sample and rm.tp.rank == 0:
-                if s.seq_id not in rm.generators:  # its own generator: reproducible whatever else runs
-                    rm.generators[s.seq_id] = new_generator(s.sampling, self.device)
-                output = rm.outputs.setdefault(s.seq_id, [])
-                token = sample(
-                    logits[i],
-                    s.sampling,
-                    rm.generators[s.seq_id],
-                    rm.vocab_limit,
-                    rm.prompts.get(s.seq_id, ()),
-                    output,
-                    s.allowed,
-                )
-                output.append(token)
-                out.append(token)
-                want = s.sampling.logprobs
-                logprobs.append(token_logprobs(logits[i], token, want, rm.vocab_limit) if want >= 0 else None)
-            else:
-                out.append(-1)
-                logprobs.append(None)
+                try:
+                    token, lp = self._sample(rm, s, logits[i])
+                except Exception as exc:  # this sequence's request fails; the step's others go on
+                    log.exception("sampling sequence %d failed", s.seq_id)
+                    error = f"{type(exc).__name__}: {exc}"
+            out.append(token)
+            logprobs.append(lp)
+            errors.append(error)
         return StepResult(
-            model_id=msg.model_id, tokens=out, logprobs=logprobs if any(x is not None for x in logprobs) else None
+            model_id=msg.model_id,
+            tokens=out,
+            logprobs=logprobs if any(x is not None for x in logprobs) else None,
+            errors=errors if any(errors) else None,
         )
+
+    def _sample(self, rm: ResidentModel, s: SeqInput, logits) -> tuple[int, list | None]:
+        """One sequence's next token, and its logprobs when asked for."""
+        from workers.sampling import new_generator, sample, token_logprobs
+
+        if s.seq_id not in rm.generators:  # its own generator: reproducible whatever else runs
+            rm.generators[s.seq_id] = new_generator(s.sampling, self.device)
+        output = rm.outputs.setdefault(s.seq_id, [])
+        token = sample(
+            logits,
+            s.sampling,
+            rm.generators[s.seq_id],
+            rm.vocab_limit,
+            rm.prompts.get(s.seq_id, ()),
+            output,
+            s.allowed,
+        )
+        output.append(token)
+        want = s.sampling.logprobs
+        return token, token_logprobs(logits, token, want, rm.vocab_limit) if want >= 0 else None
 
     def clear(self, msg: ClearKvCache) -> Ack:
         rm = self.models.get(msg.model_id)

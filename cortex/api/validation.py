@@ -31,12 +31,18 @@ def read_json(req: falcon.Request, max_bytes: int) -> dict[str, Any]:
         raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
     req.context.raw_body = raw  # a request another leader serves is forwarded as the client sent it
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_not_json)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, _not_json's
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+def _not_json(word: str) -> float:
+    """Python's json module reads NaN and Infinity, which JSON has no words for. Refused: a NaN passes
+    every range check (each comparison is false), and a NaN penalty would poison the sampler."""
+    raise ValueError(f"{word} is not a JSON value")
 
 
 _MISSING = object()
