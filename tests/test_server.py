@@ -173,16 +173,20 @@ def test_a_request_whose_sampling_fails_fails_alone(tiny_server):
     only a direct engine client can send one). That request, both its choices, gets a 500; a
     request sharing its steps completes, and every KV block comes back."""
     client = EngineClient(f"ipc://{tiny_server.root / 'run'}/engine.sock", event_timeout_s=60)
-    ask = [{"role": "user", "content": "hi"}]
-    good = client.submit(Submit("good", "tiny", ask, SamplingParams(temperature=0.0), max_tokens=60, ignore_eos=True))
-    bad = client.submit(
-        Submit("bad", "tiny", ask, SamplingParams(temperature=1.0, logit_bias={5: float("nan")}), max_tokens=8, n=2)
-    )
-    with pytest.raises(ApiError) as failed:
-        list(bad.events())
-    assert failed.value.status == 500 and "sampling failed" in failed.value.message
-    done = [ev for ev in good.events() if isinstance(ev, Finished)]
-    assert len(done) == 1 and done[0].completion_tokens == 60
+    try:
+        ask = [{"role": "user", "content": "hi"}]
+        good = client.submit(
+            Submit("good", "tiny", ask, SamplingParams(temperature=0.0), max_tokens=60, ignore_eos=True)
+        )
+        poisoned = SamplingParams(temperature=1.0, logit_bias={5: float("nan")})
+        bad = client.submit(Submit("bad", "tiny", ask, poisoned, max_tokens=8, n=2))
+        with pytest.raises(ApiError) as failed:
+            list(bad.events())
+        assert failed.value.status == 500 and "sampling failed" in failed.value.message
+        done = [ev for ev in good.events() if isinstance(ev, Finished)]
+        assert len(done) == 1 and done[0].completion_tokens == 60
+    finally:
+        client.close()
     engine = tiny_server.health()["models"][0]["engine"]
     assert engine["kv_blocks_used"] == 0 and engine["running"] == 0
 

@@ -72,6 +72,14 @@ class EngineClient:
             return client
         return RpcClient(self.endpoint, self._context())
 
+    def close(self) -> None:
+        """Close every socket and the context (the front keeps its client for the process's life;
+        a short-lived client must call this, or the context's finalizer waits for its sockets)."""
+        if self._ctx is not None and self._pid == os.getpid():
+            self._ctx.destroy(linger=0)
+        self._ctx, self._pid = None, 0
+        self._local = threading.local()
+
     def _release(self, client: RpcClient) -> None:
         """Keep a socket whose exchange ended cleanly for this thread's next request."""
         idle = self._idle()
