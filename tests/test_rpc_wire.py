@@ -260,18 +260,16 @@ def test_worker_survives_garbage_and_wrong_requests(worker, tmp_path):
     assert proc.poll() is None and isinstance(client.call(Ping(), 10), Pong)
 
 
+def _load_tiny(path, model_id: str, **kw) -> LoadDenseShard:
+    """Load a local checkpoint's safetensors, float32, whole (one rank)."""
+    files = [str(p) for p in path.glob("*.safetensors")]
+    config = ModelConfig.from_hf_dir(path).to_dict()
+    return LoadDenseShard(model_id=model_id, format="safetensors", files=files, config=config, dtype="float32", **kw)
+
+
 def test_worker_load_generate_clear_unload(worker, tmp_path):
     _, client = worker
-    path = make_checkpoint(tmp_path, "qwen3", tied=True)
-    load = LoadDenseShard(
-        model_id="tiny",
-        format="safetensors",
-        files=[str(p) for p in path.glob("*.safetensors")],
-        config=ModelConfig.from_hf_dir(path).to_dict(),
-        dtype="float32",
-        vocab_limit=400,
-        kv_blocks=8,
-    )
+    load = _load_tiny(make_checkpoint(tmp_path, "qwen3", tied=True), "tiny", vocab_limit=400, kv_blocks=8)
     loaded = client.call(load, 60)
     assert isinstance(loaded, Loaded) and loaded.param_bytes > 0 and loaded.kv_blocks == 8
     assert client.call(load, 10).kind == "load_failed"  # already loaded: refused, not duplicated
@@ -295,15 +293,7 @@ def test_a_sequence_whose_sampling_fails_fails_alone(worker, tmp_path):
     """A distribution no draw can come from (a NaN bias; the API refuses NaN, a worker must not
     depend on that) fails its own sequence; the step's other sequences get their tokens."""
     _, client = worker
-    path = make_checkpoint(tmp_path, "llama", tied=True)
-    load = LoadDenseShard(
-        model_id="tiny-nan",
-        format="safetensors",
-        files=[str(p) for p in path.glob("*.safetensors")],
-        config=ModelConfig.from_hf_dir(path).to_dict(),
-        dtype="float32",
-        kv_blocks=4,
-    )
+    load = _load_tiny(make_checkpoint(tmp_path, "llama", tied=True), "tiny-nan", kv_blocks=4)
     assert isinstance(client.call(load, 60), Loaded)
     poisoned = SamplingParams(temperature=1.0, logit_bias={5: float("nan")})
     step = GenerateStep(
