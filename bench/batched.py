@@ -171,7 +171,7 @@ def main() -> None:
             longest = max(map(len, texts)) + args.tokens
             llama = LlamaCppBatched(str(files.files[0]), args.threads, max(sizes), longest, len(long_prompt))
 
-    rates: dict[tuple[str, int], list[float]] = {}
+    rates: dict[tuple[str, int | str], list[float]] = {}  # (engine, sequences or "prefill")
     cortex_decode(model, texts[:2], 4)  # warm-up
     if llama:
         llama.decode(texts[:2], 4)
