@@ -18,6 +18,40 @@ from tests.checkpoints import make_checkpoint, write_chatml_tokenizer_config
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# Deadlines for things that happen "at once" on a quiet machine. Tests poll a condition up to these,
+# never sleep a fixed time, and never bound how long something took: on 2 cores under a load of 8
+# every step takes several times longer, and a test must still pass there (only slower).
+SETTLE_S = 60  # a state change the server makes on its own: a freed slot, a restart, a peer seen
+STOP_WAIT_S = 60  # SIGTERM to a whole process tree gone; past it, SIGKILL
+
+
+def wait_for(condition, timeout: float = SETTLE_S, what: str = "", every: float = 0.05):
+    """Poll ``condition`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(every)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every Prometheus sample at ``url`` as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=30).text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -101,15 +135,20 @@ class Server:
     def wait_healthy(self, timeout: float = 120) -> dict:
         self.wait_http(timeout)
         deadline = time.monotonic() + timeout
+        last = "no answer"
         while time.monotonic() < deadline:
-            r = httpx.get(self.url + "/health", timeout=5)
-            if r.status_code == 200:
-                return r.json()
+            try:
+                r = httpx.get(self.url + "/health", timeout=30)
+                if r.status_code == 200:
+                    return r.json()
+                last = r.text
+            except httpx.HTTPError as e:  # a busy machine answers slowly, not never
+                last = repr(e)
             time.sleep(0.2)
-        raise TimeoutError(f"not healthy: {r.text}\n{self.logs()}")
+        raise TimeoutError(f"not healthy: {last}\n{self.logs()}")
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
+        return httpx.get(self.url + "/health", timeout=30).json()
 
     def logs(self) -> str:
         self.log.flush()
@@ -125,7 +164,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -177,3 +216,17 @@ def smol_server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+def pytest_sessionstart(session) -> None:
+    """Name the CPU that ran this, with the SIMD kernels torch and our own use, at the top of every
+    report (``-q`` included): a failure on one kind of machine is then told from one everywhere."""
+    from workers import cpu, native
+
+    kernels = native.kernels()
+    flags = " ".join(f for f in native.FLAGS if f.startswith("-m"))
+    built = f"built with {flags}" if kernels else "unavailable (PyTorch fallback)"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"cpu: {cpu.describe()}")
+        reporter.write_line(f"native kernels: {built}")

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server
+from tests.conftest import Server, scrape, value, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HI = [{"role": "user", "content": "Hello, world! How are you today?"}]
@@ -142,31 +141,8 @@ def admin_json(srv: Server, *args: str) -> dict:
     return json.loads(r.stdout)
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample as {(name, sorted labels): value}."""
-    text = httpx.get(url, timeout=5).text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def families(url: str) -> set[str]:
-    return {f.name for f in text_string_to_metric_families(httpx.get(url, timeout=5).text)}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels``."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
-
-
-def wait_for(cond, timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    return {f.name for f in text_string_to_metric_families(httpx.get(url, timeout=30).text)}
 
 
 # -- systemd notification ------------------------------------------------------------------------------
@@ -177,8 +153,8 @@ def test_ready_reaches_notify_socket_only_after_the_api_answers(srv, notify):
     assert notify.health_at_ready in (200, 503), notify.health_at_ready  # the API answered (503: still loading)
     lines = notify.lines()
     assert any(ln.startswith("STATUS=") for ln in lines)
-    wait_for(lambda: notify.lines().count("WATCHDOG=1") >= 2, 5, "watchdog pings at half of WATCHDOG_USEC")
-    wait_for(lambda: any("1 model(s) loaded" in ln for ln in notify.lines()), 10, "a STATUS line after preload")
+    wait_for(lambda: notify.lines().count("WATCHDOG=1") >= 2, what="watchdog pings at half of WATCHDOG_USEC")
+    wait_for(lambda: any("1 model(s) loaded" in ln for ln in notify.lines()), what="a STATUS line after preload")
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
@@ -443,9 +419,9 @@ def test_a_dead_worker_is_counted_restarted_and_its_model_reloaded(srv):
     before = scrape(srv.metrics_url)
     pid = admin_json(srv, "workers")["workers"][0]["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: admin_json(srv, "workers")["workers"][0]["pid"] != pid, 30, "a new worker")
+    wait_for(lambda: admin_json(srv, "workers")["workers"][0]["pid"] != pid, what="a new worker")
     srv.wait_healthy()
-    wait_for(lambda: value(scrape(srv.metrics_url), "cortex_worker_up", rank="0") == 1, 10, "worker up again")
+    wait_for(lambda: value(scrape(srv.metrics_url), "cortex_worker_up", rank="0") == 1, what="worker up again")
     after = scrape(srv.metrics_url)
     assert (
         value(after, "cortex_worker_restarts_total", rank="0", device="cpu")

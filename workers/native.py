@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from workers import cpu
+
 log = logging.getLogger("cortex.worker")
 
 KERNELS = Path(__file__).with_name("kernels")
@@ -216,8 +218,8 @@ def load() -> NativeKernels | None:
     """The kernels, built on first use; None (with the reason logged once) when unavailable."""
     if os.environ.get("CORTEX_NATIVE_KERNELS", "1") == "0":
         return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        log.info("native kernels: this CPU has no AVX2; using PyTorch's kernels")
+    if not cpu.runs_native_kernels():
+        log.info("native kernels: this CPU has no AVX2 with FMA and F16C; using PyTorch's kernels")
         return None
     code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
     digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]

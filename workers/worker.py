@@ -262,6 +262,10 @@ def serve(endpoint: str, device: str, threads: int = 0) -> None:
         worker.torch.set_num_threads(threads)
     server = RpcServer(endpoint)
     log.info("worker %d serving %s on %s", os.getpid(), device, endpoint)
+    if device == "cpu":
+        from workers import cpu  # imports torch, as the Worker above has
+
+        log.info("CPU: %s", cpu.describe())
     while True:
         got = server.recv()
         if got is None:
