@@ -14,7 +14,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint format bench bench-deps clean
+.PHONY: install serve test test-fast lint format bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ format: install
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# While developing: everything but the tests marked slow (the real model, several servers, 5 s or more)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 bench: install
 	$(BIN)/python bench/decode.py $(ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,13 +16,14 @@ import httpx
 import pytest
 
 from tests.checkpoints import make_checkpoint, write_chatml_tokenizer_config
+from workers import cpu
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Deadlines for things that happen "at once" on a quiet machine. Tests poll a condition up to these,
 # never sleep a fixed time, and never bound how long something took: on 2 cores under a load of 8
 # every step takes several times longer, and a test must still pass there (only slower).
-SETTLE_S = 60  # a state change the server makes on its own: a freed slot, a restart, a peer seen
+SETTLE_S = 120  # a state change the server makes on its own: a freed slot, a restart, a peer seen
 STOP_WAIT_S = 60  # SIGTERM to a whole process tree gone; past it, SIGKILL
 
 
@@ -51,6 +53,12 @@ def value(samples: dict, name: str, **labels) -> float:
     """The sum of the samples of ``name`` whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+# The native kernels build where there is a C compiler and run where the CPU has AVX2, FMA and F16C;
+# their tests skip elsewhere (and assert that they built where they should have).
+NATIVE_EXPECTED = bool(shutil.which("cc") or shutil.which("gcc")) and cpu.runs_native_kernels()
+needs_native_kernels = pytest.mark.skipif(not NATIVE_EXPECTED, reason="no C compiler, or no AVX2 with FMA and F16C")
 
 
 def free_port() -> int:
@@ -151,7 +159,8 @@ class Server:
         return httpx.get(self.url + "/health", timeout=30).json()
 
     def logs(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.root / "serve.log").read_text(errors="replace")[-4000:]
 
     def children(self) -> list[int]:
@@ -230,3 +239,16 @@ def pytest_sessionstart(session) -> None:
     if reporter is not None:
         reporter.write_line(f"cpu: {cpu.describe()}")
         reporter.write_line(f"native kernels: {built}")
+
+
+# Fixtures that start the real default model or several servers: every test that uses one is slow.
+SLOW_FIXTURES = {"smol_server", "default_server", "fleet", "tp_server"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark ``slow`` (see setup.cfg) every test that uses a fixture of SLOW_FIXTURES, beside the
+    tests marked by hand: ``make test-fast`` (``-m "not slow"``) leaves them out, ``make test``
+    runs them all."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

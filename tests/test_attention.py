@@ -5,18 +5,17 @@ and head sizes, and the same result for a sequence whatever else is in the batch
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import needs_native_kernels
 from workers import native
 from workers.arch.config import ModelConfig
 from workers.attention import attend
 from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
 
-pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+pytestmark = needs_native_kernels
 
 
 def _cache_and_batch(lengths: list[int], kv_heads: int, head_dim: int, seed: int = 0, dtype=torch.float32):
@@ -155,5 +154,7 @@ def test_a_float16_pool_is_read_and_written_by_the_same_kernels():
     heads = torch.randn(2, 15, 64, generator=torch.Generator().manual_seed(6))
     k_pool, v_pool = torch.zeros(8, 3, 64, dtype=torch.float16), torch.zeros(8, 3, 64, dtype=torch.float16)
     native.kernels().rope_store(heads, cos, sin, torch.tensor([2, 5]), k_pool, v_pool, 9)
-    assert torch.equal(k_pool[[2, 5]], apply_rotary(heads[:, 9:12], cos, sin).half())
+    # one float16 rounding step at most: the kernel fuses multiply-adds, torch may not
+    want = apply_rotary(heads[:, 9:12], cos, sin).half().float()
+    torch.testing.assert_close(k_pool[[2, 5]].float(), want, rtol=2**-10, atol=2**-24)
     assert torch.equal(v_pool[[2, 5]], heads[:, 12:].half())

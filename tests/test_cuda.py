@@ -57,7 +57,10 @@ def test_cortex_serve_on_cuda_answers_like_the_cpu(tmp_path):
     texts = {}
     for device in ("cpu", "cuda:0"):
         srv = Server(
-            tmp_path / device.replace(":", ""), tiny_models_toml(path, 'dtype = "float32"'), devices=f'["{device}"]'
+            tmp_path / device.replace(":", ""),
+            tiny_models_toml(path, 'dtype = "float32"'),
+            '[engine]\nkv_cache_dtype = "float32"\n',  # the CPU's default pool is float16; CUDA's float32
+            devices=f'["{device}"]',
         )
         try:
             health = srv.wait_healthy()

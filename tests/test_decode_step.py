@@ -6,17 +6,16 @@ the layer-by-layer path."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint
+from tests.conftest import needs_native_kernels
 from workers.arch import ModelConfig, model_class
 from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
 from workers.weights import load_weights
 
-pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+pytestmark = needs_native_kernels
 
 
 def _model(path, quantize: str):

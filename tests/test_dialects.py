@@ -186,6 +186,7 @@ def test_openai_legacy_completions(oai, server):
         server.url + "/v1/completions",
         json={"model": "smol", "prompt": [504, 3575, 282, 4649, 314], "max_tokens": 3, "temperature": 0},
         headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
     ).json()
     assert tokens["usage"]["prompt_tokens"] == 5 and tokens["choices"][0]["text"]
 
@@ -203,10 +204,13 @@ def test_openai_errors(oai, server):
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model="smol", messages="not a list", max_tokens=2)  # type: ignore[arg-type]
     r = httpx.post(
-        server.url + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}
+        server.url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    assert httpx.get(server.url + "/health").status_code == 200  # open without a key
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200  # open without a key
 
 
 # -- Anthropic -------------------------------------------------------------------------------------------
@@ -314,7 +318,9 @@ def test_anthropic_errors(claude, server):
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model="smol", max_tokens=2, messages=[{"role": "user", "content": "word " * 600}])
     assert "context length" in e.value.body["error"]["message"]
-    r = httpx.post(server.url + "/v1/messages", content=b"[1,", headers={"x-api-key": KEY})
+    r = httpx.post(server.url + "/v1/messages", content=b"[1,", headers={"x-api-key": KEY}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(server.url + "/v1/messages", json={"model": "smol", "messages": ASK}, headers={"x-api-key": KEY})
+    r = httpx.post(
+        server.url + "/v1/messages", json={"model": "smol", "messages": ASK}, headers={"x-api-key": KEY}, timeout=30
+    )
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]

@@ -241,6 +241,7 @@ def _assert_cut_short(srv, max_tokens: int) -> None:
     assert 0 < value(samples, "cortex_generation_tokens_total") < max_tokens / 2
 
 
+@pytest.mark.slow
 def test_a_disconnected_stream_frees_its_kv_at_once(tmp_path, tiny_qwen3):
     # 20 ms per step: a generation outlives the moment its client leaves
     srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), env={"CORTEX_TEST_STEP_DELAY_S": "0.02"})
@@ -290,6 +291,7 @@ def test_a_slow_reader_loses_no_tokens(engine_server):
     assert events[-1]["usage"]["completion_tokens"] == 900
 
 
+@pytest.mark.slow
 def test_a_full_queue_answers_503_with_retry_after(tmp_path, tiny_qwen3):
     extra = "[engine]\nmax_seqs = 1\nmax_waiting = 2\nmax_requests_per_client = 0\n"
     # 20 ms per step: the first request runs for 20 s or more, until the test lets it go
@@ -396,7 +398,7 @@ def test_the_kv_pool_is_float16_on_the_cpu_by_default(engine_server, tiny_qwen3)
     from workers.sharding import kv_block_bytes
 
     cfg = ModelConfig.from_hf_dir(tiny_qwen3)
-    engine = httpx.get(engine_server.url + "/health").json()["models"][0]["engine"]
+    engine = httpx.get(engine_server.url + "/health", timeout=30).json()["models"][0]["engine"]
     assert engine["kv_dtype"] == "float16"  # operators see what the pool holds
     assert engine["kv_blocks_total"] == 8 * 2**20 // kv_block_bytes(cfg, 1, "float16")
     assert kv_block_bytes(cfg, 1, "float16") * 2 == kv_block_bytes(cfg, 1, "float32")

@@ -446,7 +446,7 @@ class Fleet:
 
 
 def _listing(srv: Server) -> bytes:
-    return httpx.get(srv.url + "/v1/models", timeout=10).content
+    return httpx.get(srv.url + "/v1/models", timeout=30).content
 
 
 def _settled(f: Fleet) -> bool:
@@ -666,5 +666,5 @@ def test_killing_b(fleet):
 
 
 def _up(srv: Server, node: str) -> bool:
-    nodes = httpx.get(srv.url + "/fleet", timeout=10).json()["nodes"]
+    nodes = httpx.get(srv.url + "/fleet", timeout=30).json()["nodes"]
     return next(n["up"] for n in nodes if n["name"] == node)

@@ -40,7 +40,7 @@ def api_schema(tiny_server) -> schemathesis.BaseSchema:
     config = schemathesis.Config.from_dict(
         {"base-url": tiny_server.url, "request-timeout": 60, "output": {"sanitization": {"enabled": False}}}
     )
-    r = httpx.get(tiny_server.url + "/openapi.json", timeout=10)
+    r = httpx.get(tiny_server.url + "/openapi.json", timeout=30)
     r.raise_for_status()
     return schemathesis.openapi.from_dict(r.json(), config=config)
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, scrape, value, wait_for
+from tests.conftest import STOP_WAIT_S, Server, scrape, value, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 HI = [{"role": "user", "content": "Hello, world! How are you today?"}]
@@ -97,7 +97,7 @@ class NotifyListener:
                 return
             if "READY=1" in data.split("\n") and self.health_at_ready is None:
                 try:
-                    self.health_at_ready = httpx.get(self.url + "/health", timeout=5).status_code
+                    self.health_at_ready = httpx.get(self.url + "/health", timeout=30).status_code
                 except httpx.HTTPError:
                     self.health_at_ready = -1
             self.messages.append(data)
@@ -120,7 +120,9 @@ def notify():
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_qwen3, notify):
     root = tmp_path_factory.mktemp("ops")
-    env = {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "1000000"}
+    # 10 ms per step: the drain and shutdown tests' 600-token streams are still running (6 s or
+    # more) when the admin command, the signal and the late request arrive, however busy the machine
+    env = {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "1000000", "CORTEX_TEST_STEP_DELAY_S": "0.01"}
     server = Server(root, models_toml(tiny_qwen3), '[logging]\nformat = "json"\n', env=env)
     notify.url = server.url
     try:
@@ -188,7 +190,7 @@ def test_metrics_after_traffic_match_the_usage_the_api_returned(srv):
     prompt += m.usage.input_tokens + m.usage.cache_read_input_tokens
     completion += m.usage.output_tokens
     cached += m.usage.cache_read_input_tokens
-    bad = httpx.post(srv.url + "/v1/chat/completions", json={"model": "nope", "messages": HI}, timeout=10)
+    bad = httpx.post(srv.url + "/v1/chat/completions", json={"model": "nope", "messages": HI}, timeout=30)
     assert bad.status_code == 404
 
     def requests(**labels) -> float:
@@ -256,7 +258,7 @@ def test_every_metric_family_is_exported_on_both_ports(srv):
     srv_families = families(srv.metrics_url)
     missing = [f for f in FAMILIES if f not in srv_families]
     assert not missing, missing
-    api = httpx.get(srv.url + "/metrics", timeout=5)
+    api = httpx.get(srv.url + "/metrics", timeout=30)
     assert api.status_code == 200 and "cortex_requests_total" in api.text
     doc = (ROOT / "docs" / "metrics.md").read_text()
     assert [f for f in FAMILIES if f"`{f}" not in doc] == []  # each family is documented
@@ -387,7 +389,7 @@ def test_reload_applies_keys_and_catalogue_and_leaves_unchanged_models_alone(srv
         result = admin_json(srv, "reload")
         assert result["added"] == ["extra"] and result["changed"] == ["spare"] and result["unchanged"] == ["tiny"]
         assert result["restart_required"] == ["[gateway] threads"]
-        denied = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI}, timeout=10)
+        denied = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI}, timeout=30)
         assert denied.status_code == 401
         oai = openai.OpenAI(base_url=srv.url + "/v1", api_key=NEW_KEY)
         assert (
@@ -438,7 +440,7 @@ def test_a_dead_worker_is_counted_restarted_and_its_model_reloaded(srv):
 def _long_stream(srv: Server, started: threading.Event, out: dict) -> None:
     body = {"model": "tiny", "messages": HI, "max_tokens": 600, "stream": True, "ignore_eos": True}
     lines = []
-    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 lines.append(line)
@@ -454,20 +456,20 @@ def test_drain_lets_a_running_stream_finish_and_refuses_new_requests(srv):
     try:
         drained = admin_json(srv, "drain")
         assert drained["draining"] is True
-        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI}, timeout=10)
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI}, timeout=30)
         assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
         assert r.json()["error"]["code"] == "draining"
-        a = httpx.post(srv.url + "/v1/messages", json={"model": "tiny", "messages": HI, "max_tokens": 3}, timeout=10)
+        a = httpx.post(srv.url + "/v1/messages", json={"model": "tiny", "messages": HI, "max_tokens": 3}, timeout=30)
         assert a.status_code == 503 and a.json()["type"] == "error" and "retry-after" in a.headers
-        h = httpx.get(srv.url + "/health", timeout=5)
+        h = httpx.get(srv.url + "/health", timeout=30)
         assert h.status_code == 503 and h.json()["status"] == "draining" and h.json()["draining"] is True
         wait_for(lambda: value(scrape(srv.metrics_url), "cortex_draining") == 1, what="the draining gauge")
-        t.join(60)
+        t.join(120)
         assert out["lines"][-1] == "data: [DONE]"
         assert json.loads(out["lines"][-2][6:])["choices"][0]["finish_reason"] == "length"
     finally:
         admin_json(srv, "undrain")
-    assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+    assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
 
 
 def test_sigterm_drains_a_running_stream_then_stops(srv, notify):
@@ -477,11 +479,11 @@ def test_sigterm_drains_a_running_stream_then_stops(srv, notify):
     assert started.wait(30)
     srv.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "STOPPING=1" in notify.lines(), what="STOPPING=1")
-    late = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI}, timeout=10)
+    late = httpx.post(srv.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI}, timeout=30)
     assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
-    t.join(60)
+    t.join(120)
     assert out["lines"][-1] == "data: [DONE]", out["lines"][-3:]
-    srv.proc.wait(30)
+    srv.proc.wait(STOP_WAIT_S)
     assert srv.proc.returncode == 0
 
 

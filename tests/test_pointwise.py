@@ -4,15 +4,14 @@ PyTorch's ``rms_norm`` computes, alone and fused with the residual add, and the 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
+from tests.conftest import needs_native_kernels
 from workers import native
 from workers.arch.llama import RMSNorm
 
-pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+pytestmark = needs_native_kernels
 
 
 @pytest.mark.parametrize("width", [576, 64, 100, 7])  # vector body, and tails the vectors do not cover

@@ -9,8 +9,6 @@ and Q8_0 blocks must keep their values exactly.
 
 from __future__ import annotations
 
-import shutil
-
 import gguf
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ import torch
 
 from cortex.models import source
 from tests.checkpoints import hf_model, make_checkpoint
+from tests.conftest import needs_native_kernels
 from tests.gguf_writer import write_gguf
 from tests.test_gguf_loading import IDS, _ckpt, _entry
 from workers import native
@@ -27,9 +26,8 @@ from workers.parallel import ParallelLinear
 from workers.quant import GROUP, Q4Blocks, QuantLinear
 from workers.weights import WeightsError, load_weights, resolve_quantize
 
-HAS_CC = bool(shutil.which("cc") or shutil.which("gcc"))
 IMPLS = [
-    pytest.param("native", marks=pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the kernels")),
+    pytest.param("native", marks=needs_native_kernels),
     "torch",
 ]
 
@@ -79,7 +77,7 @@ def test_int8_and_int4_layers_equal_the_dense_layer_within_tolerance(rows, impl)
     assert torch.allclose(Q4Blocks.quantize(b.dequantize()).dequantize(), b.dequantize(), atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the kernels")
+@needs_native_kernels
 def test_native_kernels_build_here_and_compute_exact_block_products():
     assert native.kernels() is not None  # a C compiler and AVX2: the kernels must build
     w = torch.randn(80, 160)
@@ -95,7 +93,7 @@ def test_native_kernels_build_here_and_compute_exact_block_products():
     assert _rel(ragged(x), _int16_activations(x) @ ragged.dequantized().T) < 1e-5
 
 
-@pytest.mark.skipif(not HAS_CC, reason="no C compiler to build the kernels")
+@needs_native_kernels
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_a_row_gets_the_same_bits_alone_or_in_any_batch(kind):
     """What makes seeded sampling reproducible whatever shares a step: no cross-row arithmetic."""
@@ -268,7 +266,7 @@ def test_the_quantize_key_reaches_the_workers(tmp_path):
     srv = Server(tmp_path, models)
     try:
         srv.wait_healthy(timeout=240)
-        sizes = {m["id"]: m["param_bytes"] for m in httpx.get(srv.url + "/models").json()["models"]}
+        sizes = {m["id"]: m["param_bytes"] for m in httpx.get(srv.url + "/models", timeout=30).json()["models"]}
         assert sizes["dense"] > 500e6 and sizes["packed"] < sizes["dense"] / 2, sizes
     finally:
         srv.stop()

@@ -131,7 +131,7 @@ def test_repetition_penalty_and_min_p_are_accepted_and_change_sampling(client):
 def test_bad_sampling_values_are_400(tiny_server, body, param):
     import httpx
 
-    r = httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, **body})
+    r = httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, **body}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
@@ -183,7 +183,9 @@ def test_streamed_logprobs_cover_every_token(client):
 def test_top_logprobs_without_logprobs_is_400(tiny_server):
     import httpx
 
-    r = httpx.post(tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, "top_logprobs": 2})
+    r = httpx.post(
+        tiny_server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HI, "top_logprobs": 2}, timeout=60
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
 
 

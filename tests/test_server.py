@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import httpx
 import openai
@@ -16,7 +15,7 @@ from cortex.api.engine_client import EngineClient
 from cortex.api.errors import ApiError
 from rpc.engine import Finished, Submit
 from rpc.messages import SamplingParams
-from tests.conftest import Server, json_events, read_sse, tiny_models_toml
+from tests.conftest import STOP_WAIT_S, Server, json_events, read_sse, tiny_models_toml, wait_for
 
 HI = [{"role": "user", "content": "Hello, world!"}]
 
@@ -119,7 +118,7 @@ def test_models_list_and_get(client):
 
 
 def test_health_reports_workers_and_models(tiny_server):
-    h = httpx.get(tiny_server.url + "/health").json()
+    h = httpx.get(tiny_server.url + "/health", timeout=30).json()
     assert h["status"] == "ok"
     assert h["workers"][0]["alive"] and h["workers"][0]["device"] == "cpu"
     assert h["models"][0]["status"] == "loaded"
@@ -242,7 +241,7 @@ def test_prompt_over_the_context_is_400(client):
 
 
 def test_unknown_route_and_method_use_the_envelope(tiny_server):
-    r = httpx.get(tiny_server.url + "/v1/nothing-here")
+    r = httpx.get(tiny_server.url + "/v1/nothing-here", timeout=30)
     assert r.status_code == 404 and _error(r)
     r = httpx.delete(tiny_server.url + "/v1/chat/completions")
     assert r.status_code == 405 and _error(r)
@@ -277,15 +276,17 @@ def test_concurrent_requests_all_complete(client):
 def test_requests_wait_for_a_loading_model_and_streams_get_keepalives(tmp_path, tiny_qwen3):
     """A cold model is not an error: the request waits for the load, a stream is kept alive with
     SSE comments meanwhile, and only past the waiting room's bound is it a 503 with Retry-After."""
+    gate = tmp_path / "hold-loads"  # the preload waits while it exists
+    gate.touch()
     srv = Server(
         tmp_path,
         tiny_models_toml(tiny_qwen3),
         "keepalive_s = 1\n[engine]\nmax_waiting = 1\n",
-        env={"CORTEX_TEST_LOAD_DELAY_S": "6"},
+        env={"CORTEX_TEST_LOAD_GATE_FILE": str(gate)},
     )
     try:
         srv.wait_http()
-        h = httpx.get(srv.url + "/health")
+        h = httpx.get(srv.url + "/health", timeout=30)
         assert h.status_code == 503 and h.json()["status"] == "loading"
         body = {"model": "tiny", "messages": HI, "max_tokens": 2, "stream": True}
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -294,29 +295,31 @@ def test_requests_wait_for_a_loading_model_and_streams_get_keepalives(tmp_path, 
             over = _post(srv, {"model": "tiny", "messages": HI, "max_tokens": 2})
             assert over.status_code == 503 and int(over.headers["retry-after"]) > 0, over.text
             assert _error(over)["code"] == "model_loading"
+            assert next(ln for ln in lines if ln) == ": keep-alive"  # while the load goes on
+            gate.unlink()
             rest = [ln for ln in lines if ln]
-        assert rest[0] == ": keep-alive" and rest[-1] == "data: [DONE]", rest
+        assert rest[-1] == "data: [DONE]", rest
         assert json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
         assert _post(srv, {"model": "tiny", "messages": HI, "max_tokens": 2}).status_code == 200
     finally:
         srv.stop()
 
 
+@pytest.mark.slow
 def test_worker_crash_fails_the_request_then_recovers(tmp_path, tiny_qwen3):
-    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3))
+    # 20 ms per step: the 1,500 tokens would take 30 s or more; the stream ends with the worker
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), env={"CORTEX_TEST_STEP_DELAY_S": "0.02"})
     try:
         pid = srv.wait_healthy()["workers"][0]["pid"]
         body = {"model": "tiny", "messages": HI, "max_tokens": 1500, "stream": True, "ignore_eos": True}
-        t0 = None
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
             events = []
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     events.append(json.loads(line[6:]))
                 if len(events) == 3:
                     os.kill(pid, signal.SIGKILL)
-                    t0 = time.monotonic()
-        assert time.monotonic() - t0 < 5
+        assert len([e for e in events if "choices" in e]) < 100  # cut off by the crash, not run to its end
         assert "error" in events[-1], events[-1]
         assert events[-1]["error"]["code"] == "worker_failed"
 
@@ -332,14 +335,16 @@ def test_worker_crash_fails_the_request_then_recovers(tmp_path, tiny_qwen3):
         srv.stop()
 
 
-def test_sigterm_stops_everything_within_10s(tmp_path, tiny_qwen3):
+def test_sigterm_stops_everything_in_order(tmp_path, tiny_qwen3):
+    """Every process exits on its own (systemd's stop timeout is never reached on a quiet box:
+    about 4 s here); nothing is killed."""
     srv = Server(tmp_path, tiny_models_toml(tiny_qwen3))
     srv.wait_healthy()
     children = srv.children()
     assert len(children) >= 2  # a worker and the gunicorn front
-    took = srv.stop()
-    assert took < 10
-    assert srv.proc.returncode == 0
+    srv.stop()
+    assert srv.proc.returncode == 0  # not the SIGKILL that stop() sends after STOP_WAIT_S
+    assert "SIGKILL" not in srv.logs()
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -355,10 +360,9 @@ def test_ctrl_c_to_the_process_group_stops_everything_in_order(tmp_path, tiny_qw
     srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), start_new_session=True)
     srv.wait_healthy()
     children = srv.children()
-    t0 = time.monotonic()
     os.killpg(srv.proc.pid, signal.SIGINT)
-    srv.proc.wait(15)
-    assert time.monotonic() - t0 < 10 and srv.proc.returncode == 0
+    srv.proc.wait(STOP_WAIT_S)
+    assert srv.proc.returncode == 0
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -371,10 +375,7 @@ def test_the_front_and_workers_never_outlive_a_killed_leader(tmp_path, tiny_qwen
     children = srv.children()
     srv.proc.kill()  # no chance to clean up
     srv.proc.wait()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in children):
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in children)
+    wait_for(lambda: not any(_alive(p) for p in children), what="the children to follow the leader")
     srv.stop()
 
 

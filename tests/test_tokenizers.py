@@ -76,6 +76,7 @@ def test_smollm2_gguf_tokenizer_round_trips(smollm2, text):
     assert smollm2.tokenizer.decode(smollm2.encode(text), skip_special_tokens=False) == text
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_tokenizer_equals_transformers_reading_of_the_same_file(smollm2):
     from transformers import AutoTokenizer
 

@@ -17,7 +17,7 @@ import torch
 from rpc.messages import Error, LoadDenseShard, Ping, Pong
 from rpc.transport import RpcClient
 from tests.checkpoints import make_checkpoint
-from tests.conftest import Server, train_tiny_tokenizer
+from tests.conftest import Server, train_tiny_tokenizer, wait_for
 from tests.tp_harness import run_tp
 from workers.arch.config import ModelConfig
 
@@ -79,6 +79,7 @@ def test_an_indivisible_split_is_refused_naming_model_dimension_and_n(tmp_path):
         check_split(cfg, 2, "m")
 
 
+@pytest.mark.slow
 def test_a_group_that_cannot_form_fails_the_load_and_the_worker_survives(tmp_path, qwen3_kv2):
     sock = f"ipc://{tmp_path}/w.sock"
     proc = subprocess.Popen([sys.executable, "-m", "workers.worker", "--endpoint", sock, "--device", "cpu"])
@@ -159,7 +160,7 @@ def tp_server(tmp_path_factory, qwen3_kv2, qwen3_kv1):
 SERVED = ("kv2-tp1", "kv2-tp2", "kv1-tp1", "kv1-tp2")
 
 
-def _wait_loaded(srv: Server, timeout: float = 120) -> dict:
+def _wait_loaded(srv: Server, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         models = {m["id"]: m for m in srv.health()["models"]}
@@ -182,7 +183,7 @@ def test_tp2_serves_the_same_greedy_text_as_tp1(tp_server, family):
 
 
 def test_tp_models_report_both_devices_and_half_the_bytes(tp_server):
-    models = {m["id"]: m for m in httpx.get(tp_server.url + "/models").json()["models"]}
+    models = {m["id"]: m for m in httpx.get(tp_server.url + "/models", timeout=30).json()["models"]}
     tp2, tp1 = models["kv2-tp2"], models["kv2-tp1"]
     assert tp2["devices"] == ["cpu", "cpu"] and tp1["devices"] == ["cpu"]
     assert len(tp2["rank_bytes"]) == 2
@@ -206,7 +207,7 @@ def test_load_unload_load_again(tp_server):
     r = httpx.post(url + "/models/load", json={"model": "spare2"}, timeout=120)
     assert r.json()["model"]["status"] == "loaded" and r.json()["model"]["devices"] == ["cpu", "cpu"]
     assert _chat(tp_server, "spare2", max_tokens=4).usage.completion_tokens == 4
-    models = {m["id"]: m for m in httpx.get(url + "/models").json()["models"]}
+    models = {m["id"]: m for m in httpx.get(url + "/models", timeout=30).json()["models"]}
     assert models["spare"]["rank_bytes"] == [] and models["spare"]["status"] == "unloaded"
 
 
@@ -214,7 +215,7 @@ def test_an_indivisible_model_is_refused_at_load_with_its_message(tp_server):
     model = {m["id"]: m for m in tp_server.health()["models"]}["odd-heads"]
     assert model["status"] == "failed"
     assert model["error"] == "odd-heads: num_attention_heads=3 is not divisible by tensor_parallel=2"
-    r = httpx.post(tp_server.url + "/v1/chat/completions", json={"model": "odd-heads", "messages": HI})
+    r = httpx.post(tp_server.url + "/v1/chat/completions", json={"model": "odd-heads", "messages": HI}, timeout=60)
     assert r.status_code == 503 and "num_attention_heads=3" in r.json()["error"]["message"]
 
 
@@ -229,16 +230,16 @@ def test_killing_one_tp_worker_mid_stream_fails_fast_then_recovers(tp_server):
     health = tp_server.health()
     victim = health["workers"][1]["pid"]
     body = {"model": "kv1-tp2", "messages": HI, "max_tokens": 1500, "stream": True, "ignore_eos": True}
-    events, t_kill = [], None
-    with httpx.stream("POST", tp_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+    events, killed = [], False
+    with httpx.stream("POST", tp_server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 events.append(line)
-            if len(events) == 3 and t_kill is None:
+            if len(events) == 3 and not killed:
                 os.kill(victim, signal.SIGKILL)
-                t_kill = time.monotonic()
-    assert time.monotonic() - t_kill < 5
+                killed = True
     assert '"worker_failed"' in events[-1]
+    assert len(events) < body["max_tokens"]  # the stream ended with the rank, not at its length
 
     models = _wait_loaded(tp_server)
     assert models["kv1-tp2"]["status"] == "loaded", models
@@ -248,6 +249,7 @@ def test_killing_one_tp_worker_mid_stream_fails_fast_then_recovers(tp_server):
     assert _chat(tp_server, "kv1-tp2", max_tokens=16).choices[0].message.content == one
 
 
+@pytest.mark.slow
 def test_tp_for_gguf_is_refused_with_a_clear_error(tmp_path):
     from cortex.models.source import _package_gguf
 
@@ -259,18 +261,17 @@ def test_tp_for_gguf_is_refused_with_a_clear_error(tmp_path):
     )
     try:
         srv.wait_http()
-        deadline = time.monotonic() + 60
-        while srv.health()["models"][0]["status"] != "failed" and time.monotonic() < deadline:
-            time.sleep(0.3)
+        wait_for(lambda: srv.health()["models"][0]["status"] == "failed", what="the load to fail")
         m = srv.health()["models"][0]
         assert m["status"] == "failed"
         assert "tensor parallelism is not supported for GGUF" in m["error"]
-        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "g", "messages": HI})
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "g", "messages": HI}, timeout=60)
         assert r.status_code == 503 and "GGUF" in r.json()["error"]["message"]
     finally:
         srv.stop()
 
 
+@pytest.mark.slow
 def test_a_step_past_the_watchdog_fails_fast_and_the_group_is_rebuilt(tmp_path, qwen3_kv2):
     if not (qwen3_kv2 / "tokenizer.json").exists():
         train_tiny_tokenizer(qwen3_kv2)
@@ -278,33 +279,33 @@ def test_a_step_past_the_watchdog_fails_fast_and_the_group_is_rebuilt(tmp_path, 
     srv = Server(
         tmp_path / "srv",
         f'[[models]]\nid = "m"\npath = "{qwen3_kv2}"\ntensor_parallel = 2\npreload = true\n',
-        cortex_extra="[engine]\nstep_timeout_s = 2\n",
+        cortex_extra="[engine]\nstep_timeout_s = 5\n",  # a step of this model takes milliseconds
         devices='["cpu", "cpu"]',
         env={"CORTEX_TEST_STALL_FILE": str(stall)},
     )
     try:
         before = [w["pid"] for w in srv.wait_healthy()["workers"]]
         stall.write_text("")  # the next step on either rank stalls for 30 s
-        t0 = time.monotonic()
         r = httpx.post(
             srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4}, timeout=60
         )
-        assert time.monotonic() - t0 < 10
+        # the watchdog's answer: a stalled step that ran its 30 s would have ended in a 200
         assert r.status_code == 503 and r.json()["error"]["code"] == "worker_failed"
         assert srv.health()["models"][0]["status"] == "recovering"  # at once, not once the deaths are reaped
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and any(w["pid"] in before for w in srv.health()["workers"]):
-            time.sleep(0.1)
+        wait_for(lambda: not any(w["pid"] in before for w in srv.health()["workers"]), what="the group's restart")
         after = srv.wait_healthy()
         assert not any(w["pid"] in before for w in after["workers"])  # the wedged group was restarted
         assert after["models"][0]["status"] == "loaded"
-        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4})
+        r = httpx.post(
+            srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4}, timeout=60
+        )
         assert r.status_code == 200
-        assert "took longer than 2s" in srv.logs()
+        assert "took longer than 5s" in srv.logs()
     finally:
         srv.stop()
 
 
+@pytest.mark.slow
 def test_a_step_that_fails_on_one_rank_while_another_is_wedged_recovers_the_group(tmp_path, qwen3_kv2):
     """One rank answers a step with an error while its peer is stuck in it: the leader unloads
     both, kills the one that cannot answer, and reloads the group once every rank is torn down
@@ -324,11 +325,15 @@ def test_a_step_that_fails_on_one_rank_while_another_is_wedged_recovers_the_grou
         srv.wait_healthy()
         stall.write_text("")
         fail.write_text("")  # the next step: one rank stalls for 30 s, the other fails at once
-        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4})
+        r = httpx.post(
+            srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4}, timeout=120
+        )
         assert r.status_code == 503 and r.json()["error"]["code"] == "worker_failed"
-        after = srv.wait_healthy(timeout=60)
+        after = srv.wait_healthy()
         assert after["models"][0]["status"] == "loaded"
-        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4})
+        r = httpx.post(
+            srv.url + "/v1/chat/completions", json={"model": "m", "messages": HI, "max_tokens": 4}, timeout=60
+        )
         assert r.status_code == 200
         assert srv.logs().count("did not answer Unload") == 1  # the wedged rank, once
     finally:

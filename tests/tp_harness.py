@@ -23,7 +23,7 @@ def _rank_main(rank: int, world: int, port: int, ckpt: str, prompt: list[int], s
 
     torch.set_num_threads(1)
     try:
-        tp = TPGroup.connect(rank, world, f"127.0.0.1:{port}", torch.device("cpu"), timeout_s=60)
+        tp = TPGroup.connect(rank, world, f"127.0.0.1:{port}", torch.device("cpu"), timeout_s=300)
         cfg = ModelConfig.from_hf_dir(Path(ckpt))
         model = model_class(cfg)(cfg, tp)
         load_weights(model, "safetensors", [str(p) for p in sorted(Path(ckpt).glob("*.safetensors"))])
@@ -39,7 +39,7 @@ def _rank_main(rank: int, world: int, port: int, ckpt: str, prompt: list[int], s
         out.put((rank, None, 0, f"{type(exc).__name__}: {exc}"))
 
 
-def run_tp(ckpt: Path, world: int, prompt: list[int], steps: list[int], timeout: float = 120):
+def run_tp(ckpt: Path, world: int, prompt: list[int], steps: list[int], timeout: float = 300):
     """Return (rank 0's logits per step, resident parameter bytes per rank)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

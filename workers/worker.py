@@ -35,6 +35,8 @@ log = logging.getLogger("cortex.worker")
 # Testing seams (mock only what cannot be made to happen on demand):
 # slow every load by this many seconds, so a test can observe "loading";
 LOAD_DELAY_ENV = "CORTEX_TEST_LOAD_DELAY_S"
+# hold every load while this file exists, so a test decides when "loading" ends, however slow the machine;
+LOAD_GATE_ENV = "CORTEX_TEST_LOAD_GATE_FILE"
 # sleep this long in every step, to emulate a slower device (e.g. so a client can disconnect mid-way);
 STEP_DELAY_ENV = "CORTEX_TEST_STEP_DELAY_S"
 # stall one step for 30 s if this file exists (deleted first: one stall, even across restarts),
@@ -106,6 +108,9 @@ class Worker:
         delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
         if delay:
             time.sleep(delay)
+        gate = os.environ.get(LOAD_GATE_ENV)
+        while gate and os.path.exists(gate):
+            time.sleep(0.02)
         cfg = ModelConfig.from_dict(msg.config)
         dtype = getattr(torch, msg.dtype)
         t0 = time.monotonic()
@@ -208,6 +213,7 @@ class Worker:
         del rm
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()
+        log.info("unloaded %s", msg.model_id)
         return Ack()
 
 
