@@ -19,7 +19,7 @@ from typing import Any
 
 SYSTEMD_RUN_DIR = Path("/run/cortex")  # RuntimeDirectory=cortex in systemd/cortex.service
 DEFAULT_CONFIG = Path("/etc/cortex/cortex.toml")
-MODEL_COMMANDS = ("load", "unload", "pin", "unpin", "evict")
+MODEL_COMMANDS = ("load", "unload", "pin", "unpin", "evict", "clear-cache")
 COMMANDS = ("status", "models", "workers", "peers", "drain", "undrain", "reload", *MODEL_COMMANDS)
 
 

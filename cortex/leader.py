@@ -42,11 +42,19 @@ from cortex.ops.admin import AdminServer
 from cortex.ops.engine_metrics import EngineMetrics
 from cortex.supervisor import WorkerHandle, resolve_devices
 from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, PeerFailed, Query, Started, Submit, Waiting
-from rpc.messages import ClearKvCache, Error, GenerateStep, LoadDenseShard, Ping, SeqInput, Unload
+from rpc.messages import (
+    KV_BLOCK_SIZE,
+    ClearKvCache,
+    Error,
+    GenerateStep,
+    LoadDenseShard,
+    Ping,
+    ReleaseSequences,
+    SeqInput,
+    Unload,
+)
 from rpc.transport import RpcServer
 from workers.sharding import ShardingError, check_split, kv_block_bytes
-
-BLOCK_SIZE = 16  # tokens per KV block
 
 log = logging.getLogger("cortex.leader")
 
@@ -512,11 +520,11 @@ class Leader:
                 return
             loaded = [replies[r] for r in state.ranks]
             blocks = min(r.kv_blocks for r in loaded)
-            state.kv_tokens = blocks * BLOCK_SIZE
+            state.kv_tokens = blocks * KV_BLOCK_SIZE
             state.kv_bytes = max(r.kv_bytes for r in loaded)
             state.load_seconds = max(r.load_seconds for r in loaded)
             self.schedulers[state.id] = Scheduler(
-                BlockManager(blocks, BLOCK_SIZE),
+                BlockManager(blocks, KV_BLOCK_SIZE, namespace=state.id),
                 self.cfg.engine.max_batch_tokens,
                 self.cfg.engine.prefill_chunk,
                 self.cfg.engine.max_seqs,
@@ -1036,7 +1044,7 @@ class Leader:
         state = self.registry.models[seq.model_id]
         self.registry.touch(state)  # recency counts from a request's end too: long streams stay warm
         if state.status == "loaded" and seq.admitted:
-            self._call(state.ranks, lambda _: ClearKvCache(state.id, [seq.seq_id]), 30.0, _ignore)
+            self._call(state.ranks, lambda _: ReleaseSequences(state.id, [seq.seq_id]), 30.0, _ignore)
 
     def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
         """Fail the request ``seq`` belongs to: one Failure, and its other choices stop too."""
@@ -1057,7 +1065,7 @@ class Leader:
             return  # a sibling choice failed in the same step
         ids = [c.seq_id for c in self._choices(seq.request_id)]
         self._fail(seq, "internal", f"sampling failed: {error}")
-        self._call(state.ranks, lambda _: ClearKvCache(state.id, ids), 30.0, _ignore)
+        self._call(state.ranks, lambda _: ReleaseSequences(state.id, ids), 30.0, _ignore)
 
     def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
         for seq in [s for s in self.requests.values() if s.model_id == state.id]:
@@ -1143,7 +1151,7 @@ class Leader:
                 "kv_blocks_total": b.num_blocks,
                 "kv_blocks_used": b.used,
                 "kv_block_size": b.block_size,
-                "kv_blocks_cached": len(b.by_hash),
+                "kv_blocks_cached": b.num_cached,
                 "kv_dtype": self._kv_dtype(state, self.devices[state.ranks[0]]) if state.ranks else None,
             }
         return out
@@ -1249,6 +1257,18 @@ class Leader:
         if kept is not None:
             return f"model '{state.id}' cannot be evicted: {kept}"
         self._evict(state, "admin", "by an operator")
+        return None
+
+    def clear_prefix_cache(self, state: ModelState) -> str | None:
+        """Drop every cached prompt of a loaded model that no request holds: their names go, and
+        the workers zero their blocks. Why it cannot be done, if so."""
+        sched = self.schedulers.get(state.id)
+        if state.status != "loaded" or sched is None:
+            return f"model '{state.id}' is {state.status}, not loaded"
+        blocks = sched.blocks.forget_free()
+        log.info("prefix cache of %s cleared by an operator: %d block(s) zeroed", state.id, len(blocks))
+        if blocks:
+            self._call(state.ranks, lambda _: ClearKvCache(state.id, blocks), 30.0, _ignore)
         return None
 
     def set_pinned(self, state: ModelState, pinned: bool) -> None:

@@ -11,6 +11,10 @@ from typing import Any
 
 from rpc.codec import message
 
+# Tokens per KV block: the unit of the leader's block tables and of the workers' pools (one value
+# for both sides of the wire, so it is declared here).
+KV_BLOCK_SIZE = 16
+
 
 @message
 class SamplingParams:
@@ -89,9 +93,18 @@ class GenerateStep:
 
 @message
 class ClearKvCache:
-    """Forget finished sequences: their sampling state (generator, penalty history). Their KV blocks
-    belong to the leader's block manager, which hands them out again (and may keep their contents
-    for the prefix cache), so the pool itself is not touched."""
+    """Zero KV blocks of a model's pool: the listed ones, or the whole pool. The leader owns the
+    block tables and sends this only for blocks no sequence holds (their prefix-cache names are
+    dropped first): e.g. an operator's ``cortex-admin clear-cache``, so no cached prompt survives."""
+
+    model_id: str
+    blocks: list[int] | None = None  # None = every block
+
+
+@message
+class ReleaseSequences:
+    """Forget finished sequences' sampling state (generator, penalty history). Their KV blocks are
+    the leader's to hand out again (it may keep their contents for the prefix cache)."""
 
     model_id: str
     seq_ids: list[int] | None = None  # None = every sequence

@@ -103,8 +103,56 @@ def test_cached_blocks_are_reused_least_recently_freed_first():
     bm.register(old, [1, 2, 3], 3, [])
     bm.release(old)
     fresh, _ = bm.allocate_prompt([7, 8, 9, 10, 11, 12, 13])  # needs all 4 blocks: evicts the cache
-    assert len(fresh) == 4 and not bm.by_hash
+    assert len(fresh) == 4 and not bm.by_digest
     assert bm.allocate_prompt([5]) is None  # nothing left
+
+
+def test_a_block_is_named_by_a_strong_digest_of_its_prefix_tokens_and_namespace():
+    a, b = BlockManager(8, 4, namespace="model-a"), BlockManager(8, 4, namespace="model-b")
+    tokens = list(range(12))
+    assert a.chain(tokens) == a.chain(tokens) and len(a.chain(tokens)) == 3
+    assert all(len(d) == 16 for d in a.chain(tokens))  # 128 bits
+    assert a.chain(tokens) != b.chain(tokens)  # another model's KV is another thing
+    assert a.chain([9, 9, 9, 9] + tokens[4:])[1] != a.chain(tokens)[1]  # same block, other prefix
+
+
+def test_a_forced_digest_collision_never_serves_another_prompts_kv(monkeypatch):
+    from cortex.engine import blocks
+
+    monkeypatch.setattr(blocks, "block_digest", lambda parent, tokens, namespace: b"\0" * 16)
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = list(range(9))
+    table, _ = bm.allocate_prompt(a)
+    bm.register(table, a, 9, [])
+    bm.release(table)
+    other = [50, 51, 52, 53, 4, 5, 6, 7, 8]  # every digest collides with a's
+    _, cached = bm.allocate_prompt(other)
+    assert cached == 0
+
+
+def test_a_cached_block_loses_its_name_when_the_block_before_it_is_overwritten(monkeypatch):
+    """With digests that ignore the prefix (a collision on every later block), a block whose
+    parent's slot now holds other tokens must not be matched through that slot. (Freeing tail
+    first overwrites children before parents; this holds whatever the order.)"""
+    from cortex.engine import blocks
+
+    real = blocks.block_digest
+    monkeypatch.setattr(blocks, "block_digest", lambda parent, tokens, namespace: real(b"", tokens, namespace))
+    bm = BlockManager(num_blocks=3, block_size=2)
+    first = [1, 2, 3, 4, 0]  # blocks X = [1, 2] and T = [3, 4], then the last token's
+    table, _ = bm.allocate_prompt(first)
+    bm.register(table, first, 4, [])
+    x_block, t_block, tail = table
+    bm.release(table)
+    bm.free.move_to_end(tail)
+    bm.free.move_to_end(t_block)  # X's slot goes first, T's last
+    z = [7, 8, 0]
+    z_table, _ = bm.allocate_prompt(z)
+    assert z_table[0] == x_block and t_block not in z_table
+    bm.register(z_table, z, 2, [])  # X's slot now holds [7, 8], and is named for it
+    bm.release(z_table)
+    _, cached = bm.allocate_prompt([7, 8, 3, 4, 0])  # [7, 8] matches; T was computed after [1, 2]
+    assert cached == 2
 
 
 def _seq(n_prompt: int, max_tokens: int = 100) -> Sequence:

@@ -324,6 +324,27 @@ def test_admin_reads_status_models_workers_peers(srv):
     assert human.returncode == 0 and "node test: ok" in human.stdout and "tiny" in human.stdout
 
 
+def test_admin_clear_cache_drops_cached_prompts(srv):
+    """cortex-admin clear-cache: no cached prompt survives (the workers zero the blocks; the
+    worker side is tests/test_rpc_wire.py); the next identical prompt is computed anew."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "clear-cache " * 40}]
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+    def cached_blocks() -> int:
+        return {m["id"]: m for m in srv.health()["models"]}["tiny"]["engine"]["kv_blocks_cached"]
+
+    assert cached_blocks() > 0
+    assert admin_json(srv, "clear-cache", "tiny")["status"] == "loaded"
+    assert cached_blocks() == 0
+    fresh = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    r = admin(srv, "clear-cache", "spare")
+    assert r.returncode == 1 and "not loaded" in r.stderr
+
+
 def test_admin_load_pin_unpin_evict_unload(srv):
     before = scrape(srv.metrics_url)
     loaded = admin_json(srv, "load", "spare")

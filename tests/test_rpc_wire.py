@@ -23,6 +23,7 @@ from rpc.messages import (
     Loaded,
     Ping,
     Pong,
+    ReleaseSequences,
     SamplingParams,
     SeqInput,
     StepResult,
@@ -56,8 +57,10 @@ SAMPLES = [
         ],
     ),
     StepResult(model_id="m", tokens=[5, -1]),
-    ClearKvCache(model_id="m", seq_ids=[1, 2]),
+    ClearKvCache(model_id="m", blocks=[1, 2]),
     ClearKvCache(model_id="m"),
+    ReleaseSequences(model_id="m", seq_ids=[1, 2]),
+    ReleaseSequences(model_id="m"),
     Unload(model_id="m"),
     Ack(),
     Error(kind="step_failed", message="boom"),
@@ -283,7 +286,8 @@ def test_worker_load_generate_clear_unload(worker, tmp_path):
     assert isinstance(both, StepResult) and both.tokens[1] == first.tokens[0]
     no_room = client.call(GenerateStep("tiny", [SeqInput(3, list(range(20)), 0, greedy, [2])]), 10)
     assert no_room.kind == "step_failed" and "block table" in no_room.message  # 20 tokens, one 16-slot block
-    assert client.call(ClearKvCache("tiny", [1, 2]), 10) == Ack()
+    assert client.call(ReleaseSequences("tiny", [1, 2]), 10) == Ack()
+    assert client.call(ClearKvCache("tiny"), 10) == Ack()
     assert client.call(Unload("tiny"), 10) == Ack()
     assert client.call(Unload("tiny"), 10) == Ack()  # idempotent
     assert client.call(Ping(), 10).models == []
@@ -329,4 +333,29 @@ def test_the_worker_survives_a_mixed_key_frame(worker):
 
 def test_clearing_a_model_the_worker_does_not_hold_is_an_ack(worker):
     _, client = worker
+    assert client.call(ReleaseSequences("never-loaded", [1]), 10) == Ack()
     assert client.call(ClearKvCache("never-loaded", [1]), 10) == Ack()
+
+
+def test_clear_kv_cache_zeroes_the_blocks_it_names_or_the_whole_pool(tmp_path):
+    """In-process, to look at the pool itself."""
+    from workers.worker import Worker
+
+    worker = Worker("cpu")
+    load = _load_tiny(make_checkpoint(tmp_path, "qwen3", tied=True), "tiny", vocab_limit=400, kv_blocks=4)
+    assert isinstance(worker.load(load), Loaded)
+    greedy = SamplingParams(temperature=0.0)
+    step = GenerateStep("tiny", [SeqInput(1, [3, 4, 5], 0, greedy, [0]), SeqInput(2, [6, 7], 0, greedy, [2])])
+    assert isinstance(worker.step(step), StepResult)
+    pool = worker.models["tiny"].cache
+    by_block = (pool.k.shape[0], pool.num_blocks, pool.block_size, *pool.k.shape[2:])
+
+    def filled(block: int) -> bool:
+        return bool(pool.k.view(by_block)[:, block].any() or pool.v.view(by_block)[:, block].any())
+
+    assert filled(0) and filled(2) and not filled(1)
+    assert worker.clear(ClearKvCache("tiny", [0])) == Ack()
+    assert not filled(0) and filled(2)
+    assert worker.clear(ClearKvCache("tiny")) == Ack()
+    assert not any(filled(b) for b in range(pool.num_blocks))
+    assert worker.unload(Unload("tiny")) == Ack()

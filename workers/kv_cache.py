@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK_SIZE = 16
+from rpc.messages import KV_BLOCK_SIZE as BLOCK_SIZE
 
 
 def bytes_per_block(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
@@ -37,6 +37,17 @@ class PagedKVCache:
         self.v = torch.zeros_like(self.k)
         # one view per layer, made once: indexing the pool tensor costs an op on every call
         self.k_layers, self.v_layers = list(self.k.unbind(0)), list(self.v.unbind(0))
+
+    def clear(self, blocks: list[int] | None = None) -> None:
+        """Zero ``blocks`` (every block when None) in every layer."""
+        if blocks is None:
+            self.k.zero_()
+            self.v.zero_()
+            return
+        shape = (self.k.shape[0], self.num_blocks, self.block_size, *self.k.shape[2:])
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
+        for pool in (self.k, self.v):
+            pool.view(shape).index_fill_(1, ids, 0)
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rpc.messages import KV_BLOCK_SIZE
 from workers.arch.config import ModelConfig
 
 
@@ -65,7 +66,7 @@ class HeadLayout:
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def kv_block_bytes(cfg: ModelConfig, world_size: int, dtype: str, block_size: int = 16) -> int:
+def kv_block_bytes(cfg: ModelConfig, world_size: int, dtype: str, block_size: int = KV_BLOCK_SIZE) -> int:
     """Bytes one KV block takes on each rank (keys and values of every layer)."""
     kv_heads = HeadLayout.for_rank(cfg, 0, world_size).kv_heads
     return 2 * cfg.num_layers * kv_heads * cfg.head_dim * block_size * _DTYPE_BYTES[dtype]

@@ -23,6 +23,7 @@ from rpc.messages import (
     Loaded,
     Ping,
     Pong,
+    ReleaseSequences,
     SeqInput,
     StepResult,
     Unload,
@@ -74,6 +75,7 @@ class Worker:
             LoadDenseShard: self.load,
             GenerateStep: self.step,
             ClearKvCache: self.clear,
+            ReleaseSequences: self.release,
             Unload: self.unload,
         }.get(type(msg))
         if handler is None:
@@ -194,6 +196,12 @@ class Worker:
         return token, token_logprobs(logits, token, want, rm.vocab_limit) if want >= 0 else None
 
     def clear(self, msg: ClearKvCache) -> Ack:
+        rm = self.models.get(msg.model_id)
+        if rm is not None:  # else nothing is held for it: clearing is done (idempotent, like Unload)
+            rm.cache.clear(msg.blocks)
+        return Ack()
+
+    def release(self, msg: ReleaseSequences) -> Ack:
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Ack()  # nothing held for it: forgetting is done (idempotent, like Unload)

@@ -104,7 +104,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.computed = 0
-        seq.block_hashes.clear()
+        seq.block_digests.clear()
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
@@ -113,4 +113,4 @@ class Scheduler:
         for w in work:
             w.seq.computed = w.start + len(w.tokens)
             w.seq.computed_once = True
-            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_hashes)
+            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_digests)

@@ -30,7 +30,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the KV cache
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
-    block_hashes: list[int] = field(default_factory=list)  # hash chain of its filled blocks
+    block_digests: list[bytes] = field(default_factory=list)  # digest chain of its filled blocks (blocks.py)
     admitted: bool = False
     computed_once: bool = False  # a step of it has run: the workers know its prompt
     pending_logprobs: list[dict] = field(default_factory=list)  # logprob entries not yet sent

@@ -103,6 +103,7 @@ COMMANDS: dict[str, Callable[[Leader, dict], dict]] = {
     "load": _load,
     "unload": _refusable(lambda leader, state: leader.unload(state)),
     "evict": _refusable(lambda leader, state: leader.evict(state)),
+    "clear-cache": _refusable(lambda leader, state: leader.clear_prefix_cache(state)),
     "pin": _pin(True),
     "unpin": _pin(False),
     "drain": _drain(True),

@@ -112,7 +112,7 @@ class EngineMetrics:
             total, used = (blocks.num_blocks, blocks.used) if blocks else (0, 0)
             m.KV_BLOCKS.labels(model_id, "total").set(total)
             m.KV_BLOCKS.labels(model_id, "used").set(used)
-            m.KV_BLOCKS.labels(model_id, "cached").set(len(blocks.by_hash) if blocks else 0)
+            m.KV_BLOCKS.labels(model_id, "cached").set(blocks.num_cached if blocks else 0)
             m.KV_USAGE.labels(model_id).set(used / total if total else 0.0)
         for w in leader.workers:
             m.WORKER_UP.labels(str(w.rank), w.device).set(1 if w.alive() and w.ready else 0)
