@@ -11,7 +11,6 @@ Reading model files (tokenizer, GGUF metadata) runs on a helper thread for the s
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import socket
@@ -41,6 +40,7 @@ from cortex.ops import reload as ops_reload
 from cortex.ops.admin import AdminServer
 from cortex.ops.engine_metrics import EngineMetrics
 from cortex.supervisor import WorkerHandle, resolve_devices
+from rpc.codec import replace
 from rpc.engine import Answer, Cancel, Delta, Failure, Finished, ModelOp, PeerFailed, Query, Started, Submit, Waiting
 from rpc.messages import (
     KV_BLOCK_SIZE,
@@ -827,7 +827,7 @@ class Leader:
         for i in range(req.n):  # n choices: n sequences; seeded ones get seed + i so they differ
             sampling = req.sampling
             if i and sampling.seed is not None:
-                sampling = dataclasses.replace(sampling, seed=sampling.seed + i)
+                sampling = replace(sampling, seed=sampling.seed + i)
             seq = Sequence(
                 request_id=rid,
                 peer=peer,

@@ -7,13 +7,11 @@ listed in ``cortex/ops/admin.py``.
 
 from __future__ import annotations
 
-from dataclasses import field
 from typing import Any
 
-from rpc.codec import message
+from rpc.codec import Message
 
 
-@message
-class AdminCommand:
+class AdminCommand(Message):
     command: str  # status | models | load | unload | pin | unpin | evict | drain | undrain | peers | reload | workers
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] = {}

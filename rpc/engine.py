@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from rpc.codec import message
+from rpc.codec import Message, Part
 from rpc.messages import SamplingParams
 
 
-@message
-class Submit:
+class Submit(Message):
     request_id: str
     model: str
     messages: list[dict[str, Any]]  # chat messages, already validated by the front
@@ -41,26 +40,22 @@ class Submit:
     hop: bool = False  # forwarded by a peer leader: serve it here or fail, never forward it again
 
 
-@message
-class Cancel:
+class Cancel(Message):
     request_id: str
 
 
-@message
-class Query:
+class Query(Message):
     what: str  # "models" | "health"
 
 
-@message
-class ModelOp:
+class ModelOp(Message):
     """Operator request: load or unload a catalogue model. Answered when done (Answer or Failure)."""
 
     op: str  # load | unload
     model: str
 
 
-@message
-class PeerFailed:
+class PeerFailed(Message):
     """The front could not get an answer from a peer it was sent to (no reply, or a 5xx before any
     byte): the leader counts it toward that peer's cooldown and re-polls it."""
 
@@ -68,28 +63,24 @@ class PeerFailed:
     reason: str
 
 
-@message
-class Answer:
+class Answer(Message):
     data: dict[str, Any]
 
 
-@message
-class Started:
+class Started(Message):
     request_id: str
     prompt_tokens: int
     reasoning: bool = False  # the prompt opened a <think> span: the output starts as reasoning
 
 
-@message
-class Waiting:
+class Waiting(Message):
     """Accepted, but the model is still loading: Started (or a Failure) follows once it is."""
 
     request_id: str
     reason: str
 
 
-@message
-class Target:
+class Target(Part):
     """A leader a request may be forwarded to."""
 
     node: str
@@ -98,8 +89,7 @@ class Target:
     model: str = ""  # when set, the body's model is rewritten to this id (an alias the target does not know)
 
 
-@message
-class Forward:
+class Forward(Message):
     """Answer to a Submit that another leader should serve: the front proxies the client's original
     HTTP request to ``targets[0]``, and once to ``targets[1]`` if the first refuses or is unreachable."""
 
@@ -108,8 +98,7 @@ class Forward:
     reason: str
 
 
-@message
-class Delta:
+class Delta(Message):
     request_id: str
     text: str
     completion_tokens: int
@@ -119,8 +108,7 @@ class Delta:
     index: int = 0  # which of the request's n choices
 
 
-@message
-class Finished:
+class Finished(Message):
     request_id: str
     finish_reason: str  # stop | length
     prompt_tokens: int
@@ -130,8 +118,7 @@ class Finished:
     stop_sequence: str | None = None  # the stop string that ended it, when one did
 
 
-@message
-class Failure:
+class Failure(Message):
     """A request-level error; ``kind`` decides the HTTP status the front answers with."""
 
     request_id: str

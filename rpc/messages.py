@@ -6,18 +6,16 @@ in, sampled token ids out. Weights are read by each rank from the files named in
 
 from __future__ import annotations
 
-from dataclasses import field
 from typing import Any
 
-from rpc.codec import message
+from rpc.codec import Message, Part
 
 # Tokens per KV block: the unit of the leader's block tables and of the workers' pools (one value
 # for both sides of the wire, so it is declared here).
 KV_BLOCK_SIZE = 16
 
 
-@message
-class SamplingParams:
+class SamplingParams(Part):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -35,8 +33,7 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
-@message
-class Error:
+class Error(Message):
     kind: str  # bad_frame | unknown_model | load_failed | step_failed | internal | timeout | worker_died
     message: str
 
@@ -44,13 +41,11 @@ class Error:
 # -- requests ------------------------------------------------------------------------------------
 
 
-@message
-class Ping:
+class Ping(Message):
     pass
 
 
-@message
-class LoadDenseShard:
+class LoadDenseShard(Message):
     """Load this rank's slice of a model. ``config`` is the parsed ModelConfig as a map."""
 
     model_id: str
@@ -68,8 +63,7 @@ class LoadDenseShard:
     kv_dtype: str = ""  # the KV pool's dtype ("": the model's)
 
 
-@message
-class SeqInput:
+class SeqInput(Part):
     """One sequence's part of a step: ``tokens`` go at positions ``start_pos ..``; its KV lives in
     ``block_table`` (block ids, in position order), which covers at least ``start_pos + len(tokens)``."""
 
@@ -77,7 +71,7 @@ class SeqInput:
     tokens: list[int]
     start_pos: int
     sampling: SamplingParams
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = []
     sample: bool = True  # False for a prefill chunk that is not the prompt's last
     prompt: list[int] | None = None  # the whole prompt, sent once when a penalty needs it
     # constrained decoding (JSON schema, tool calls): the tokens allowed next, one bit per token id
@@ -85,14 +79,12 @@ class SeqInput:
     allowed: bytes | None = None
 
 
-@message
-class GenerateStep:
+class GenerateStep(Message):
     model_id: str
     seqs: list[SeqInput]
 
 
-@message
-class ClearKvCache:
+class ClearKvCache(Message):
     """Zero KV blocks of a model's pool: the listed ones, or the whole pool. The leader owns the
     block tables and sends this only for blocks no sequence holds (their prefix-cache names are
     dropped first): e.g. an operator's ``cortex-admin clear-cache``, so no cached prompt survives."""
@@ -101,8 +93,7 @@ class ClearKvCache:
     blocks: list[int] | None = None  # None = every block
 
 
-@message
-class ReleaseSequences:
+class ReleaseSequences(Message):
     """Forget finished sequences' sampling state (generator, penalty history). Their KV blocks are
     the leader's to hand out again (it may keep their contents for the prefix cache)."""
 
@@ -110,16 +101,14 @@ class ReleaseSequences:
     seq_ids: list[int] | None = None  # None = every sequence
 
 
-@message
-class Unload:
+class Unload(Message):
     model_id: str
 
 
 # -- replies -------------------------------------------------------------------------------------
 
 
-@message
-class Pong:
+class Pong(Message):
     pid: int
     device: str
     models: list[str]
@@ -127,8 +116,7 @@ class Pong:
     memory_free: int = 0  # bytes free now: free VRAM, or the host's available RAM
 
 
-@message
-class Loaded:
+class Loaded(Message):
     model_id: str
     param_bytes: int
     load_seconds: float
@@ -136,8 +124,7 @@ class Loaded:
     kv_bytes: int = 0
 
 
-@message
-class StepResult:
+class StepResult(Message):
     model_id: str
     tokens: list[int]  # one per SeqInput, -1 where nothing was sampled (or on ranks > 0)
     # per SeqInput, when its sampling asked for logprobs: [logprob of the sampled token,
@@ -148,6 +135,5 @@ class StepResult:
     errors: list[str] | None = None
 
 
-@message
-class Ack:
+class Ack(Message):
     pass

@@ -3,6 +3,7 @@ kills the receiver, every call has a timeout, and stale replies never answer the
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -117,26 +118,39 @@ def test_the_samples_cover_every_message_type():
     assert defined - {type(s) for s in SAMPLES} <= {SamplingParams, SeqInput, engine.Target}  # nested only
 
 
+def _frame(msg_id, body) -> bytes:
+    """A frame as the wire carries one: [id, message map]."""
+    return msgpack.packb([msg_id, body])
+
+
 @pytest.mark.parametrize(
     "frame, words",
     [
         (b"\xc1\xff garbage", "not msgpack"),
-        (msgpack.packb([1, 2, 3]), "not a map"),
-        (msgpack.packb({"id": 1}), "unknown message type None"),
-        (msgpack.packb({"type": "Launch", "id": 1}), "unknown message type 'Launch'"),
-        (msgpack.packb({"type": "Unload", "id": 1, "model_id": "m", "force": True}), "unknown fields"),
-        (msgpack.packb({"type": "Unload", "id": 1}), "model_id"),
-        (msgpack.packb({"type": "Unload", "id": "one", "model_id": "m"}), "'id' must be an integer"),
-        (msgpack.packb({"type": "StepResult", "id": 1, "model_id": "m", "tokens": "123"}), "expected a list"),
+        (msgpack.packb({"type": "Ping", "id": 1}), "Expected `array`"),  # not [id, message]
+        (msgpack.packb([1, 2, 3]), "length 2"),
+        (_frame(1, {"model_id": "m"}), "missing required field `type`"),
+        (_frame(1, {"type": "Launch"}), "Invalid value 'Launch'"),
+        (_frame(1, {"type": "Unload", "model_id": "m", "force": True}), "unknown field `force`"),
+        (_frame(1, {"type": "Unload"}), "model_id"),
+        (_frame("one", {"type": "Unload", "model_id": "m"}), "Expected `int`, got `str` - at `$[0]`"),
+        (_frame(1, {"type": "StepResult", "model_id": "m", "tokens": "123"}), "Expected `array`, got `str`"),
         (
-            msgpack.packb({"type": "SeqInput", "id": 1, "seq_id": True, "tokens": [], "start_pos": 0, "sampling": {}}),
-            "expected int, got bool",
-        ),
-        (msgpack.packb({"type": "GenerateStep", "id": 1, "model_id": "m", "seqs": [{"seq_id": 1}]}), "SeqInput"),
+            _frame(
+                1,
+                {
+                    "type": "GenerateStep",
+                    "model_id": "m",
+                    "seqs": [{"seq_id": True, "tokens": [], "start_pos": 0, "sampling": {}}],
+                },
+            ),
+            "Expected `int`, got `bool` - at `$[1].seqs[0].seq_id`",
+        ),  # fmt: skip
+        (_frame(1, {"type": "GenerateStep", "model_id": "m", "seqs": [{"seq_id": 1}]}), "seqs[0]"),
     ],
 )
 def test_malformed_frames_are_decode_errors(frame, words):
-    with pytest.raises(DecodeError, match=words.replace("(", r"\(")):
+    with pytest.raises(DecodeError, match=re.escape(words)):
         decode(frame)
 
 
