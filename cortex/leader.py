@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 import zmq
 
 from cortex.api.auth import write_auth_file
-from cortex.chat import prompt as chat_prompt
 from cortex.chat.detokenizer import IncrementalDecoder
 from cortex.chat.prompt import opens_in_reasoning
-from cortex.chat.template import TemplateRenderError
 from cortex.chat.tokenizer import token_bytes
 from cortex.config import Config, ModelEntry
 from cortex.engine.blocks import BlockManager
-from cortex.engine.constraint import GrammarError, Grammars, Rules
+from cortex.engine.constraint import Grammars, Rules
+from cortex.engine.prepare import Prepared, Preparer, Refused, prepare
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
 from cortex.fleet.fleet import Fleet
@@ -112,6 +111,7 @@ class Leader:
         self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
         self.requests: dict[str, Sequence] = {}  # "request id#choice" -> sequence (waiting or running)
         self.grammars: dict[str, Grammars] = {}  # model id -> its grammar compiler (built on first use)
+        self.preparer = Preparer()  # prompts and grammars of new requests, off this loop
         self.file_reads: dict[concurrent.futures.Future, ModelState] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-files")
         self.stopping = threading.Event()
@@ -152,6 +152,8 @@ class Leader:
             parked, state.parked = state.parked, []
             for peer, req in parked:
                 self._reject(peer, req.request_id, "shutting_down", "the server is shutting down", 15)
+        for peer, req, _ in self.preparer.abandon():
+            self._reject(peer, req.request_id, "shutting_down", "the server is shutting down", 15)
         if self.fleet:
             self.fleet.stop()
         for w in self.workers:
@@ -176,6 +178,7 @@ class Leader:
             if w.pidfd is not None:
                 poller.register(w.pidfd, zmq.POLLIN)
                 by_fd[w.pidfd] = w
+        poller.register(self.preparer.wake_fd, zmq.POLLIN)
         ready = dict(poller.poll(self._poll_timeout_ms()))
         for w in list(by_fd.values()):
             if w.pidfd in ready:
@@ -193,6 +196,8 @@ class Leader:
                     self._on_front_safely(peer, msg)
         if self.admin.socket in ready:
             self.admin.serve_ready(self)
+        if self.preparer.wake_fd in ready:
+            self._take_prepared()
         self._check_file_reads()
         self._check_deadlines()
         self._check_queue_deadlines()
@@ -753,7 +758,6 @@ class Leader:
             if state.status == "unloaded":
                 self.load(state)  # may answer the parked request at once (no room for it)
             return
-        files, sched = state.files, self.schedulers[state.id]
         rules = Rules(
             json_schema=req.json_schema,
             tools=[t for t in req.tools or () if req.tool_name in (None, t["name"])] or None,
@@ -764,16 +768,38 @@ class Leader:
             return self._reject(
                 peer, rid, "invalid_request", f"tool_choice names {req.tool_name!r}, not among the tools"
             )
-        try:
-            prompt, prompt_text = self._prompt(files, req, rules)
-        except (TemplateRenderError, ValueError) as exc:
-            return self._reject(peer, rid, "invalid_request", str(exc))
+        if f"{rid}#0" in self.requests or rid in self.preparer:
+            return self._reject(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
+        files, grammars = state.files, self._grammars(state)
+        self.preparer.submit(rid, (peer, req, state.id), lambda: prepare(files, req, rules, grammars))
+
+    def _take_prepared(self) -> None:
+        """Admit the requests whose prompt and grammar are ready (one failure fails one request)."""
+        for rid, (peer, req, model_id), result in self.preparer.finished():
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                self._admit(peer, req, model_id, result)
+            except Exception as exc:
+                log.exception("admitting request %s failed", rid)
+                seq = self.requests.get(f"{rid}#0")
+                if seq is not None:
+                    self._fail(seq, "internal", f"internal error: {type(exc).__name__}")
+                else:
+                    self._reject(peer, rid, "internal", f"internal error: {type(exc).__name__}")
+
+    def _admit(self, peer: bytes, req: Submit, model_id: str, prepared: Prepared | Refused) -> None:
+        """A prepared request joins its model's queue, or is refused (context, limits, queue)."""
+        rid = req.request_id
+        state = self.registry.models.get(model_id)
+        if state is None or state.status != "loaded" or state.id not in self.schedulers:
+            return self._submit(peer, req)  # the model went away meanwhile: park, route or fail it anew
+        if isinstance(prepared, Refused):
+            return self._reject(peer, rid, prepared.kind, prepared.message)
+        prompt, prompt_text, constraints = prepared.prompt, prepared.prompt_text, prepared.constraints
         if req.count_only:
             return self.frontend.reply(peer, 0, Answer(data={"input_tokens": len(prompt)}))
-        try:
-            constraints = [self._grammars(state).constraint(rules) for _ in range(req.n)]
-        except GrammarError as exc:
-            return self._reject(peer, rid, "invalid_request", f"cannot constrain output to the schema: {exc}")
+        files, sched = state.files, self.schedulers[state.id]
         ctx = state.context_length
         if len(prompt) >= ctx:
             return self._reject(
@@ -802,8 +828,6 @@ class Leader:
                 "invalid_request",
                 f"max_tokens is {req.max_tokens}; model '{state.id}' generates at most {out_limit} tokens per request",
             )
-        if f"{rid}#0" in self.requests:
-            return self._reject(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
         limit = self.cfg.engine.max_requests_per_client
         if limit and req.client and sum(s.client == req.client for s in self.requests.values()) >= limit:
             return self._reject(
@@ -848,26 +872,6 @@ class Leader:
             peer, 0, Started(rid, len(prompt), prompt_text is not None and opens_in_reasoning(prompt_text))
         )
 
-    def _prompt(self, files: source.ModelFiles, req: Submit, rules: Rules) -> tuple[list[int], str | None]:
-        """The prompt's token ids, and its text when it came from a chat template."""
-        if req.prompt_ids is not None:
-            vocab = files.tokenizer.vocab_size
-            bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
-            return list(req.prompt_ids), None
-        if req.prompt is not None:
-            ids = files.tokenizer.encode(req.prompt)
-            if not ids:
-                raise ValueError("the prompt is empty: send at least one token of text")
-            return ids, None
-        thinking = req.thinking
-        if rules.json_schema is not None or rules.tool_mode == "required":
-            thinking = False  # output constrained from its first token leaves no room for a <think> span
-        tools = rules.tools if rules.tool_mode != "none" else None
-        text = chat_prompt.render(files.template, req.messages, tools, thinking, req.template_kwargs)
-        return files.tokenizer.encode(text), text
-
     def _grammars(self, state: ModelState) -> Grammars:
         grammars = self.grammars.get(state.id)
         if grammars is None:
@@ -889,6 +893,8 @@ class Leader:
         return max(1, min(60, len(sched.waiting) // max(len(sched.running), 1)))
 
     def _cancel(self, request_id: str) -> None:
+        if self.preparer.discard(request_id) is not None:
+            return  # gone before its prompt was ready: nothing was queued
         for state in self.registry.models.values():
             before = len(state.parked)
             state.parked = [(p, r) for p, r in state.parked if r.request_id != request_id]
@@ -1284,9 +1290,8 @@ class Leader:
         )
 
     def in_flight_count(self) -> int:
-        return len({s.request_id for s in self.requests.values()}) + sum(
-            len(s.parked) for s in self.registry.models.values()
-        )
+        running = len({s.request_id for s in self.requests.values()})
+        return running + len(self.preparer) + sum(len(s.parked) for s in self.registry.models.values())
 
     def set_draining(self, draining: bool) -> None:
         if draining != self.draining:

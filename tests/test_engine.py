@@ -3,6 +3,7 @@ by common prefixes and freed the moment nobody needs them; queues are bounded.""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import httpx
@@ -450,3 +451,51 @@ def test_the_kv_pool_is_float16_on_the_cpu_by_default(engine_server, tiny_qwen3)
     assert engine["kv_dtype"] == "float16"  # operators see what the pool holds
     assert engine["kv_blocks_total"] == 8 * 2**20 // kv_block_bytes(cfg, 1, "float16")
     assert kv_block_bytes(cfg, 1, "float16") * 2 == kv_block_bytes(cfg, 1, "float32")
+
+
+# A chat template that takes a long time (a second or so of Jinja loops) for the message "slow" only
+SLOW_TEMPLATE = (
+    '{%- if messages[-1].content == "slow" %}{% for i in range(100000) %}{% for j in range(40) %}'
+    "{% endfor %}{% endfor %}{% endif -%}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_slow_prompt_does_not_stall_the_running_streams(tmp_path, tiny_qwen3):
+    """Prompts are rendered, tokenized and compiled off the leader's loop: while one request's
+    chat template takes a long time, a running stream keeps getting tokens. (Rendered on the loop,
+    it got none until the template was done.)"""
+    (tmp_path / "slow.jinja").write_text(SLOW_TEMPLATE)
+    models = tiny_models_toml(tiny_qwen3, 'chat_template = "slow.jinja"')
+    srv = Server(tmp_path, models, env={"CORTEX_TEST_STEP_DELAY_S": "0.02"})
+    try:
+        srv.wait_healthy()
+        # 2,000 steps of 20 ms or more: the stream outlasts the slow prompt (it is cancelled after it)
+        body = {"model": "tiny", "messages": HI, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        received: list[str] = []
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for n, _ in enumerate(line for line in lines if '"content":"' in line):
+                if n == 3:  # the stream is generating
+                    break
+
+            def read() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    for line in lines:
+                        received.append(line)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            before = len(received)
+            slow = httpx.post(
+                srv.url + "/v1/chat/completions",
+                json={"model": "tiny", "messages": [{"role": "user", "content": "slow"}], "max_tokens": 1},
+                timeout=300,
+            )
+            during = len(received) - before
+        assert slow.status_code == 200, slow.text
+        assert during >= 10, f"the stream got {during} lines while the slow prompt was prepared"
+    finally:
+        srv.stop()

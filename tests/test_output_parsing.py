@@ -115,3 +115,46 @@ def test_a_forced_call_is_valid_json_for_any_choice_of_allowed_tokens(tmp_path):
     assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
     call = json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
     assert call["name"] == "f" and set(call["arguments"]) <= {"unit", "n"}
+
+
+def test_a_grammar_is_compiled_once_and_each_sequence_gets_its_own_state(tmp_path):
+    from cortex.engine.constraint import Grammars, Rules
+    from tests.conftest import train_tiny_tokenizer
+
+    train_tiny_tokenizer(tmp_path)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    grammars = Grammars(tok, tok.get_vocab_size(), [tok.token_to_id("<|im_end|>")])
+    rules = Rules(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}})
+    first, second = grammars.constraint(rules), grammars.constraint(rules)
+    assert grammars.compiles == 1
+    before = second.mask()
+    allowed = allowed_mask(first.mask(), tok.get_vocab_size(), torch.device("cpu")).nonzero().flatten().tolist()
+    first.advance(allowed[0], b"")  # one sequence moves on; the other's state does not
+    assert second.mask() == before and first.mask() != before
+    grammars.constraint(Rules(json_schema={"type": "object"}))
+    assert grammars.compiles == 2  # another schema is another grammar
+
+
+def test_the_preparer_wakes_the_loop_when_a_request_is_ready_and_forgets_cancelled_ones():
+    import select
+    import threading
+
+    from cortex.engine.prepare import Preparer, Refused
+
+    preparer = Preparer(threads=2)
+    gate = threading.Event()
+    preparer.submit("slow", "ctx-slow", lambda: gate.wait(60) and Refused("invalid_request", "late"))
+    preparer.submit("gone", "ctx-gone", lambda: gate.wait(60) and Refused("invalid_request", "never read"))
+    assert "slow" in preparer and len(preparer) == 2
+    assert select.select([preparer.wake_fd], [], [], 0)[0] == []  # nothing ready: the loop sleeps
+    assert preparer.finished() == []
+    assert preparer.discard("gone") == "ctx-gone"  # its client left
+    gate.set()
+    assert select.select([preparer.wake_fd], [], [], 60)[0] == [preparer.wake_fd]
+    done = []
+    while not done:
+        done = preparer.finished()
+    assert [(rid, ctx, r.message) for rid, ctx, r in done] == [("slow", "ctx-slow", "late")]
+    assert len(preparer) == 0 and preparer.abandon() == []

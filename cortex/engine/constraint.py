@@ -14,6 +14,8 @@ model writes freely until it opens a ``<tool_call>``; from there its call is con
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,24 +82,43 @@ def _lark_string(s: str) -> str:
 
 
 class Grammars:
-    """Compiles grammars against one model's vocabulary. Building the llguidance tokenizer reads
-    the whole vocabulary (about a second for Qwen's 151k tokens), so it happens once, on first use."""
+    """Compiles grammars against one model's vocabulary, and keeps the last ``CACHED`` compiled ones
+    by their text: a new sequence with a known grammar gets a copy of a fresh matcher, not a
+    compile. Building the llguidance tokenizer reads the whole vocabulary (about a second for
+    Qwen's 151k tokens), so it happens once, on first use. Thread-safe: requests are prepared on
+    threads (cortex/engine/prepare.py)."""
+
+    CACHED = 64
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
         self._source = (tokenizer, vocab_size, sorted(eos_ids))
         self._tok: llg.LLTokenizer | None = None
+        self._compiled: OrderedDict[str, llg.LLMatcher] = OrderedDict()  # grammar text -> unused matcher
+        self._lock = threading.Lock()
+        self.compiles = 0  # how many grammars were compiled (the rest came from the cache)
 
     @property
     def tokenizer(self) -> llg.LLTokenizer:
-        if self._tok is None:
-            tok, vocab, eos = self._source
-            self._tok = llg.LLTokenizer(tok.to_str(), n_vocab=vocab, eos_token=eos or None)
-        return self._tok
+        with self._lock:
+            if self._tok is None:
+                tok, vocab, eos = self._source
+                self._tok = llg.LLTokenizer(tok.to_str(), n_vocab=vocab, eos_token=eos or None)
+            return self._tok
 
     def _matcher(self, grammar: str) -> llg.LLMatcher:
-        m = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        with self._lock:
+            fresh = self._compiled.get(grammar)
+            if fresh is not None:
+                self._compiled.move_to_end(grammar)
+                return fresh.deep_copy()
+        m = llg.LLMatcher(self.tokenizer, grammar, log_level=0)  # outside the lock: compiles run side by side
         if m.is_error():
             raise GrammarError(m.get_error())
+        with self._lock:
+            self.compiles += 1
+            self._compiled[grammar] = m.deep_copy()
+            while len(self._compiled) > self.CACHED:
+                self._compiled.popitem(last=False)
         return m
 
     def constraint(self, rules: Rules) -> Constraint | None:
