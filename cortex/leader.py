@@ -547,6 +547,10 @@ class Leader:
             )
             self._answer_waiters(state)
             self._admit_parked(state)
+            # the grammar compiler reads the whole vocabulary (holding the GIL): once now, not
+            # in the middle of streams when the first JSON-mode request arrives
+            grammars = self._grammars(state)
+            self.preparer.run(lambda: grammars.tokenizer)
 
         self._call(state.ranks, msg, self.cfg.engine.load_timeout_s, done)
 

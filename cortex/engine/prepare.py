@@ -102,6 +102,10 @@ class Preparer:
         self._pending[request_id] = (context, future)
         future.add_done_callback(lambda _: self._wake())
 
+    def run(self, job: Callable[[], object]) -> None:
+        """Run ``job`` on a preparation thread, for its side effect (warming a cache)."""
+        self._pool.submit(job)
+
     def discard(self, request_id: str) -> Any | None:
         """Forget a request (its client left); its context, if it was being prepared."""
         got = self._pending.pop(request_id, None)
