@@ -30,6 +30,7 @@ from cortex.config import Config, ModelEntry
 from cortex.engine.blocks import BlockManager
 from cortex.engine.constraint import Grammars, Rules
 from cortex.engine.prepare import Prepared, Preparer, Refused, prepare
+from cortex.engine.requests import RequestTable
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
 from cortex.fleet.fleet import Fleet
@@ -109,7 +110,7 @@ class Leader:
         self.calls: list[Call] = []
         self.schedulers: dict[str, Scheduler] = {}  # model id -> its batcher, while loaded
         self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
-        self.requests: dict[str, Sequence] = {}  # "request id#choice" -> sequence (waiting or running)
+        self.requests = RequestTable()  # live sequences (waiting or running), indexed by request, model, client
         self.grammars: dict[str, Grammars] = {}  # model id -> its grammar compiler (built on first use)
         self.preparer = Preparer()  # prompts and grammars of new requests, off this loop
         self.file_reads: dict[concurrent.futures.Future, ModelState] = {}
@@ -146,7 +147,7 @@ class Leader:
         self.stopping.set()
 
     def shutdown(self) -> None:
-        for seq in list(self.requests.values()):
+        for seq in self.requests:
             self._fail(seq, "shutting_down", "the server is shutting down", retry_after=15)
         for state in self.registry.models.values():
             parked, state.parked = state.parked, []
@@ -414,7 +415,7 @@ class Leader:
 
     def _busy(self, state: ModelState) -> int:
         """Requests in flight, queued or waiting for it (a model with any is never evicted)."""
-        return sum(s.model_id == state.id for s in self.requests.values()) + len(state.parked) + len(state.waiters)
+        return len(self.requests.of_model(state.id)) + len(state.parked) + len(state.waiters)
 
     def _make_room(self, state: ModelState) -> memory.Room:
         residents = [
@@ -704,7 +705,7 @@ class Leader:
         except Exception as exc:
             log.exception("handling %s failed", type(msg).__name__)
             rid = getattr(msg, "request_id", "")
-            seq = self.requests.get(f"{rid}#0")
+            seq = self.requests.first(rid)
             if seq is not None:
                 self._fail(seq, "internal", f"internal error: {type(exc).__name__}")
             else:
@@ -772,7 +773,7 @@ class Leader:
             return self._reject(
                 peer, rid, "invalid_request", f"tool_choice names {req.tool_name!r}, not among the tools"
             )
-        if f"{rid}#0" in self.requests or rid in self.preparer:
+        if self.requests.has_request(rid) or rid in self.preparer:
             return self._reject(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
         files, grammars = state.files, self._grammars(state)
         self.preparer.submit(rid, (peer, req, state.id), lambda: prepare(files, req, rules, grammars))
@@ -786,7 +787,7 @@ class Leader:
                 self._admit(peer, req, model_id, result)
             except Exception as exc:
                 log.exception("admitting request %s failed", rid)
-                seq = self.requests.get(f"{rid}#0")
+                seq = self.requests.first(rid)
                 if seq is not None:
                     self._fail(seq, "internal", f"internal error: {type(exc).__name__}")
                 else:
@@ -833,7 +834,7 @@ class Leader:
                 f"max_tokens is {req.max_tokens}; model '{state.id}' generates at most {out_limit} tokens per request",
             )
         limit = self.cfg.engine.max_requests_per_client
-        if limit and req.client and sum(s.client == req.client for s in self.requests.values()) >= limit:
+        if limit and req.client and self.requests.requests_of(req.client) >= limit:
             return self._reject(
                 peer,
                 rid,
@@ -870,7 +871,7 @@ class Leader:
                 index=i,
                 constraint=constraints[i],
             )
-            self.requests[seq.key] = seq
+            self.requests.add(seq)
             sched.add(seq)
         self.frontend.reply(
             peer, 0, Started(rid, len(prompt), prompt_text is not None and opens_in_reasoning(prompt_text))
@@ -905,7 +906,7 @@ class Leader:
             if len(state.parked) < before:
                 self.stats.cancelled(state.id, "load")
                 self._drop_unwanted_load(state)
-        choices = self._choices(request_id)
+        choices = self.requests.choices(request_id)
         if choices:
             self.stats.cancelled(choices[0].model_id, _stage(choices[0]))
         for seq in choices:
@@ -924,9 +925,6 @@ class Leader:
             self._unload_ranks(state, state.ranks)  # after the Load on each worker: frees it
         self._give_up_load(state, "model_loading", "the load was cancelled")
         state.error = None
-
-    def _choices(self, request_id: str) -> list[Sequence]:
-        return [s for s in self.requests.values() if s.request_id == request_id]
 
     def _in_step(self, seq: Sequence) -> bool:
         return any(w.seq is seq for w in self.in_flight.get(seq.model_id, ()))
@@ -1046,7 +1044,7 @@ class Leader:
     def _retire(self, seq: Sequence) -> None:
         """Forget a sequence: its blocks go back to the pool (kept for the prefix cache), and the
         workers drop its sampling state."""
-        if self.requests.pop(seq.key, None) is not None:
+        if self.requests.remove(seq):
             self.stats.sequence_ended(seq, "cancelled" if seq.cancelled else "finished")
         sched = self.schedulers.get(seq.model_id)
         if sched is not None:
@@ -1058,11 +1056,11 @@ class Leader:
 
     def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
         """Fail the request ``seq`` belongs to: one Failure, and its other choices stop too."""
-        if seq.key not in self.requests:
+        if seq not in self.requests:
             return  # already failed with a sibling choice
         self.frontend.reply(seq.peer, 0, Failure(seq.request_id, kind, message, retry_after))
-        for s in [seq, *[c for c in self._choices(seq.request_id) if c is not seq]]:
-            if self.requests.pop(s.key, None) is not None:
+        for s in [seq, *[c for c in self.requests.choices(seq.request_id) if c is not seq]]:
+            if self.requests.remove(s):
                 self.stats.sequence_ended(s, "failed")
             sched = self.schedulers.get(s.model_id)
             if sched is not None:
@@ -1071,14 +1069,14 @@ class Leader:
     def _fail_sampling(self, state: ModelState, seq: Sequence, error: str) -> None:
         """A worker could not sample seq's token: its request fails (500) while the model and the
         step's other sequences go on, and the workers drop the sampling state of its choices."""
-        if seq.key not in self.requests:
+        if seq not in self.requests:
             return  # a sibling choice failed in the same step
-        ids = [c.seq_id for c in self._choices(seq.request_id)]
+        ids = [c.seq_id for c in self.requests.choices(seq.request_id)]
         self._fail(seq, "internal", f"sampling failed: {error}")
         self._call(state.ranks, lambda _: ReleaseSequences(state.id, ids), 30.0, _ignore)
 
     def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
-        for seq in [s for s in self.requests.values() if s.model_id == state.id]:
+        for seq in self.requests.of_model(state.id):
             self._fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
         self.in_flight.pop(state.id, None)
         if state.status == "failed":  # a recovery reloads, and parked requests go on waiting for it
@@ -1147,10 +1145,9 @@ class Leader:
 
     def _describe(self, state: ModelState) -> dict:
         out = state.describe(self.devices)
-        out["in_flight"] = sum(s.model_id == state.id and s.admitted for s in self.requests.values())
-        out["queued"] = sum(s.model_id == state.id and not s.admitted for s in self.requests.values()) + len(
-            state.parked
-        )
+        live = self.requests.of_model(state.id)
+        out["in_flight"] = sum(s.admitted for s in live)
+        out["queued"] = sum(not s.admitted for s in live) + len(state.parked)
         sched = self.schedulers.get(state.id)
         if sched is not None:
             b = sched.blocks
@@ -1251,7 +1248,7 @@ class Leader:
 
     def unload(self, state: ModelState) -> str | None:
         """Unload a model now (the management API, cortex-admin, reload); why it cannot be, if so."""
-        busy = [s for s in self.requests.values() if s.model_id == state.id]
+        busy = self.requests.of_model(state.id)
         if busy:
             return f"model '{state.id}' has {len(busy)} request(s) in flight"
         if state.status in ("loading", "recovering"):
@@ -1290,11 +1287,11 @@ class Leader:
         return (
             not state.parked
             and state.status not in ("loading", "recovering")
-            and not any(s.model_id == state.id for s in self.requests.values())
+            and not self.requests.has_model(state.id)
         )
 
     def in_flight_count(self) -> int:
-        running = len({s.request_id for s in self.requests.values()})
+        running = self.requests.request_count
         return running + len(self.preparer) + sum(len(s.parked) for s in self.registry.models.values())
 
     def set_draining(self, draining: bool) -> None:

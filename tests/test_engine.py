@@ -156,6 +156,28 @@ def test_a_cached_block_loses_its_name_when_the_block_before_it_is_overwritten(m
     assert cached == 2
 
 
+
+def test_the_request_table_answers_by_request_model_client_and_seq_id():
+    from cortex.engine.requests import RequestTable
+
+    def seq(rid, index=0, model="m", client="k1"):
+        return Sequence(rid, b"", model, 3, [1, 2, 3], SamplingParams(), 10, None, frozenset(), client, index)
+
+    table = RequestTable()
+    a0, a1, b0, c0 = seq("a"), seq("a", 1), seq("b", model="x"), seq("c", client="k2")
+    for s in (a0, a1, b0, c0):
+        table.add(s)
+    with pytest.raises(ValueError):
+        table.add(seq("a", 1))  # one sequence per choice
+    assert table.first("a") is a0 and table.choices("a") == [a0, a1] and table.choices("zz") == []
+    assert set(map(id, table.of_model("m"))) == {id(a0), id(a1), id(c0)} and table.has_model("x")
+    assert table.requests_of("k1") == 2 and table.requests_of("k2") == 1  # requests, not choices
+    assert table.by_seq_id(b0.seq_id) is b0 and len(table) == 4 and table.request_count == 3
+    assert table.remove(a0) and not table.remove(a0) and a0 not in table
+    assert table.requests_of("k1") == 2 and table.first("a") is a1  # a's second choice still runs
+    assert table.remove(a1) and table.requests_of("k1") == 1 and not table.has_request("a")
+    assert table.remove(b0) and not table.has_model("x") and list(table) == [c0]
+
 def _seq(n_prompt: int, max_tokens: int = 100) -> Sequence:
     from tokenizers import Tokenizer, models
 
