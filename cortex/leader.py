@@ -1285,9 +1285,7 @@ class Leader:
     def idle(self, state: ModelState) -> bool:
         """Nothing in flight, queued, parked or loading for this model."""
         return (
-            not state.parked
-            and state.status not in ("loading", "recovering")
-            and not self.requests.has_model(state.id)
+            not state.parked and state.status not in ("loading", "recovering") and not self.requests.has_model(state.id)
         )
 
     def in_flight_count(self) -> int:

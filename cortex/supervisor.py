@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import zmq
@@ -114,17 +113,3 @@ def resolve_devices(devices: list[str] | str) -> list[str]:
     except Exception:  # no torch CUDA runtime: a CPU host
         n = 0
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-
-
-def wait_port(host: str, port: int, timeout_s: float) -> bool:
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)

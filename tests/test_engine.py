@@ -156,7 +156,6 @@ def test_a_cached_block_loses_its_name_when_the_block_before_it_is_overwritten(m
     assert cached == 2
 
 
-
 def test_the_request_table_answers_by_request_model_client_and_seq_id():
     from cortex.engine.requests import RequestTable
 
@@ -177,6 +176,7 @@ def test_the_request_table_answers_by_request_model_client_and_seq_id():
     assert table.requests_of("k1") == 2 and table.first("a") is a1  # a's second choice still runs
     assert table.remove(a1) and table.requests_of("k1") == 1 and not table.has_request("a")
     assert table.remove(b0) and not table.has_model("x") and list(table) == [c0]
+
 
 def _seq(n_prompt: int, max_tokens: int = 100) -> Sequence:
     from tokenizers import Tokenizer, models

@@ -15,10 +15,6 @@ import torch
 from rpc.messages import KV_BLOCK_SIZE as BLOCK_SIZE
 
 
-def bytes_per_block(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
-    return 2 * layers * kv_heads * head_dim * block_size * torch.empty(0, dtype=dtype).element_size()
-
-
 class PagedKVCache:
     """K and V for every layer: [layers, num_blocks * block_size, kv_heads, head_dim] (slot-major)."""
 

@@ -95,13 +95,6 @@ class ParallelLinear(nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def column(
-    in_f: int, out_local: int, start: int, tp: TPGroup, dtype: torch.dtype, bias: bool = False
-) -> ParallelLinear:
-    shard = Shard(0, start, out_local)
-    return ParallelLinear(in_f, out_local, shard, tp, bias=bias, bias_shard=shard, dtype=dtype)
-
-
 def fused(in_f: int, parts: list[tuple[str, int, int]], tp: TPGroup, dtype: torch.dtype, bias: bool = False):
     """Several column-parallel projections of the same input as one layer (one matmul instead of
     several): ``parts`` are (checkpoint module name, local out features, start) in output order.

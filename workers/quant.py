@@ -89,10 +89,6 @@ class Q4Blocks:
         g0, g1 = start // GROUP, (start + length) // GROUP
         return Q4Blocks(self.q[:, start : start + length], self.d[:, g0:g1], self.m[:, g0:g1])
 
-    def permute_rows(self, fn) -> Q4Blocks:
-        """Apply a row permutation ``fn`` (a function of an [N, ...] array) to every part."""
-        return Q4Blocks(fn(self.q), fn(self.d), fn(self.m))
-
     @staticmethod
     def cat(parts: list[Q4Blocks]) -> Q4Blocks:
         return Q4Blocks(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("q", "d", "m")))

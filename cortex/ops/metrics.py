@@ -235,7 +235,3 @@ class Exporter:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
-
-
-def front_multiproc_env(path: Path) -> dict[str, str]:
-    return {MULTIPROC_ENV: str(path)}
