@@ -24,8 +24,8 @@ from rpc.messages import Error
 from rpc.transport import RpcServer
 
 if TYPE_CHECKING:
-    from cortex.leader import Leader
     from cortex.models.registry import ModelState
+    from cortex.ops.control import NodeControl
 
 log = logging.getLogger("cortex.admin")
 
@@ -42,7 +42,7 @@ class AdminError(Exception):
     message: str
 
 
-def _model(leader: Leader, args: dict[str, Any]) -> ModelState:
+def _model(leader: NodeControl, args: dict[str, Any]) -> ModelState:
     name = args.get("model")
     if not isinstance(name, str) or not name:
         raise AdminError("invalid_request", "this command needs a model id")
@@ -52,16 +52,16 @@ def _model(leader: Leader, args: dict[str, Any]) -> ModelState:
     return state
 
 
-def _load(leader: Leader, args: dict) -> dict:
+def _load(leader: NodeControl, args: dict) -> dict:
     state = _model(leader, args)
     leader.operator_load(state)
     return leader.describe_model(state)
 
 
-def _refusable(op: Callable[[Leader, ModelState], str | None]) -> Callable[[Leader, dict], dict]:
+def _refusable(op: Callable[[NodeControl, ModelState], str | None]) -> Callable[[NodeControl, dict], dict]:
     """An operation the leader may refuse (it returns why): the refusal is a conflict."""
 
-    def run(leader: Leader, args: dict) -> dict:
+    def run(leader: NodeControl, args: dict) -> dict:
         state = _model(leader, args)
         refusal = op(leader, state)
         if refusal:
@@ -71,8 +71,8 @@ def _refusable(op: Callable[[Leader, ModelState], str | None]) -> Callable[[Lead
     return run
 
 
-def _pin(pinned: bool) -> Callable[[Leader, dict], dict]:
-    def run(leader: Leader, args: dict) -> dict:
+def _pin(pinned: bool) -> Callable[[NodeControl, dict], dict]:
+    def run(leader: NodeControl, args: dict) -> dict:
         state = _model(leader, args)
         leader.set_pinned(state, pinned)
         return leader.describe_model(state)
@@ -80,22 +80,22 @@ def _pin(pinned: bool) -> Callable[[Leader, dict], dict]:
     return run
 
 
-def _drain(draining: bool) -> Callable[[Leader, dict], dict]:
-    def run(leader: Leader, _args: dict) -> dict:
+def _drain(draining: bool) -> Callable[[NodeControl, dict], dict]:
+    def run(leader: NodeControl, _args: dict) -> dict:
         leader.set_draining(draining)
         return {"draining": leader.draining, "in_flight": leader.in_flight_count()}
 
     return run
 
 
-def _reload(leader: Leader, _args: dict) -> dict:
+def _reload(leader: NodeControl, _args: dict) -> dict:
     result = leader.reload()
     if not result["ok"]:
         raise AdminError("rejected", result["error"])
     return result
 
 
-COMMANDS: dict[str, Callable[[Leader, dict], dict]] = {
+COMMANDS: dict[str, Callable[[NodeControl, dict], dict]] = {
     "status": lambda leader, _a: leader.health(),
     "models": lambda leader, _a: leader.query("models"),
     "workers": lambda leader, _a: {"workers": leader.health()["workers"]},
@@ -120,7 +120,7 @@ class AdminServer:
     def socket(self) -> zmq.Socket:
         return self.server.socket
 
-    def serve_ready(self, leader: Leader) -> None:
+    def serve_ready(self, leader: NodeControl) -> None:
         """Answer every command waiting on the socket."""
         for _ in range(16):
             got = self.server.recv(0)
@@ -130,7 +130,7 @@ class AdminServer:
             if msg is not None:
                 self.server.reply(peer, msg_id, self._run(leader, msg))
 
-    def _run(self, leader: Leader, msg: object) -> object:
+    def _run(self, leader: NodeControl, msg: object) -> object:
         if not isinstance(msg, AdminCommand):
             return Error(kind="bad_frame", message=f"{type(msg).__name__} is not an admin command")
         handler = COMMANDS.get(msg.command)

@@ -15,8 +15,8 @@ from cortex.ops import metrics as m
 if TYPE_CHECKING:
     from cortex.engine.scheduler import Work
     from cortex.engine.sequence import Sequence
-    from cortex.leader import Leader
     from cortex.models.registry import ModelState
+    from cortex.ops.control import NodeControl
 
 REFRESH_S = 0.25
 
@@ -80,7 +80,7 @@ class EngineMetrics:
 
     def _sync_counters(self, counters: dict[str, int]) -> None:
         """The leader counts evictions (``evictions:<reason>``) and defragmentation restarts in
-        ``Leader.counters`` (also shown by /health); the metrics follow them by difference."""
+        the leader's ``counters`` (also shown by /health); the metrics follow them by difference."""
         for key, count in counters.items():
             new = count - self.counted.get(key, 0)
             if new <= 0:
@@ -96,7 +96,7 @@ class EngineMetrics:
 
     # -- gauges ------------------------------------------------------------------------------------------
 
-    def refresh(self, leader: Leader, force: bool = False) -> None:
+    def refresh(self, leader: NodeControl, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last_refresh < REFRESH_S:
             return

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cortex.leader import Leader
+    from cortex.ops.control import NodeControl
 
 log = logging.getLogger("cortex.notify")
 
@@ -89,7 +89,7 @@ class Notifier:
             self.send("WATCHDOG=1")
 
 
-def status_line(leader: Leader) -> str:
+def status_line(leader: NodeControl) -> str:
     """One line for `systemctl status`: preload progress, then what is served."""
     states = list(leader.registry.models.values())
     loading = [s.id for s in states if s.status in ("loading", "recovering")]

@@ -20,7 +20,7 @@ from cortex.config import Catalogue, Config, ConfigError, ModelEntry, load
 from cortex.ops import metrics
 
 if TYPE_CHECKING:
-    from cortex.leader import Leader
+    from cortex.ops.control import NodeControl
 
 log = logging.getLogger("cortex.reload")
 
@@ -72,7 +72,7 @@ def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
     return dataclasses.replace(new, **sections), ignored
 
 
-def reload(leader: Leader) -> dict:
+def reload(leader: NodeControl) -> dict:
     """Read the files again and apply them; on any error nothing changes."""
     try:
         new = load(leader.cfg.file)
@@ -114,7 +114,7 @@ def reload(leader: Leader) -> dict:
     return result
 
 
-def settle(leader: Leader) -> None:
+def settle(leader: NodeControl) -> None:
     """Replace or remove the changed and removed models that are idle now (called every loop)."""
     for mid, entry in list(leader.pending_models.items()):
         state = leader.registry.models.get(mid)
