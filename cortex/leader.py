@@ -17,8 +17,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import zmq
 
@@ -28,6 +26,7 @@ from cortex.chat.prompt import opens_in_reasoning
 from cortex.chat.tokenizer import token_bytes
 from cortex.config import Config, ModelEntry
 from cortex.engine.blocks import BlockManager
+from cortex.engine.calls import WorkerCalls, ignore
 from cortex.engine.constraint import Grammars, Rules
 from cortex.engine.prepare import Prepared, Preparer, Refused, prepare
 from cortex.engine.requests import RequestTable
@@ -66,32 +65,11 @@ RETRY_AFTER_DRAINING_S = 30
 UNLOAD_TIMEOUT_S = 10.0  # a rank slower than this to unload is wedged and gets restarted
 
 
-def _ignore(_replies: object, _error: object) -> None:
-    pass
-
-
 def free_port() -> int:
     """A free loopback port for a tensor-parallel group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@dataclass
-class CallError:
-    kind: str  # error (the worker answered Error) | died | timeout
-    message: str
-
-
-@dataclass
-class Call:
-    """A request fanned out to one or more workers, complete when every rank has replied."""
-
-    ranks: list[int]
-    deadline: float
-    on_done: Callable[[dict[int, object] | None, CallError | None], None]  # (replies by rank, error)
-    ids: dict[int, int] = field(default_factory=dict)  # rank -> message id
-    replies: dict[int, object] = field(default_factory=dict)
 
 
 class Leader:
@@ -107,7 +85,7 @@ class Leader:
             WorkerHandle(r, d, run_dir, self.ctx, cfg.node.threads, cfg.log_level) for r, d in enumerate(self.devices)
         ]
         self.frontend: RpcServer | None = None
-        self.calls: list[Call] = []
+        self.calls = WorkerCalls(self.workers)  # messages to workers awaiting their replies
         self.schedulers: dict[str, Scheduler] = {}  # model id -> its batcher, while loaded
         self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
         self.requests = RequestTable()  # live sequences (waiting or running), indexed by request, model, client
@@ -186,7 +164,7 @@ class Leader:
                 self._on_worker_exit(w)
         for sock, w in by_socket.items():
             if sock in ready and w.client and w.client.socket is sock:
-                self._drain_worker(w)
+                self.calls.on_replies(w)
         if self.frontend.socket in ready:
             for _ in range(64):  # bounded, so a flood of requests cannot starve the workers
                 got = self.frontend.recv(0)
@@ -200,7 +178,7 @@ class Leader:
         if self.preparer.wake_fd in ready:
             self._take_prepared()
         self._check_file_reads()
-        self._check_deadlines()
+        self.calls.check_deadlines()
         self._check_queue_deadlines()
         self._maybe_defrag()
         if self.pending_models:
@@ -213,56 +191,6 @@ class Leader:
         if self.file_reads:
             return 20
         return 100  # wake regularly for deadlines and stop requests
-
-    # -- worker calls ---------------------------------------------------------------------------------
-
-    def _call(
-        self,
-        ranks: list[int],
-        msg_for_rank: Callable[[int], object],
-        timeout_s: float,
-        on_done: Callable[[dict[int, object] | None, CallError | None], None],
-    ) -> None:
-        """Send one message to each rank (``msg_for_rank(i)`` for the i-th); ``on_done`` runs once,
-        with every reply, or with the first error, death or timeout."""
-        call = Call(ranks, time.monotonic() + timeout_s, on_done)
-        for i, r in enumerate(ranks):
-            w = self.workers[r]
-            if not w.client or not w.alive():
-                on_done(None, CallError("died", f"worker {r} ({w.device}) is not running"))
-                return
-            call.ids[r] = w.client.send(msg_for_rank(i))
-        self.calls.append(call)
-
-    def _drain_worker(self, w: WorkerHandle) -> None:
-        while True:
-            got = w.client.recv(0)
-            if got is None:
-                return
-            msg_id, reply = got
-            for call in self.calls:
-                if call.ids.get(w.rank) == msg_id:
-                    self._complete(call, w.rank, reply)
-                    break
-            # a reply no call waits for is stale (its call timed out or failed): dropped
-
-    def _complete(self, call: Call, rank: int, reply: object) -> None:
-        if isinstance(reply, Error):
-            self._finish_call(call, None, CallError("error", f"worker {rank}: {reply.message}"))
-            return
-        call.replies[rank] = reply
-        if len(call.replies) == len(call.ranks):
-            self._finish_call(call, call.replies, None)
-
-    def _finish_call(self, call: Call, replies: dict | None, error: CallError | None) -> None:
-        if call in self.calls:
-            self.calls.remove(call)
-            call.on_done(replies, error)
-
-    def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        for call in [c for c in self.calls if c.deadline < now]:
-            self._finish_call(call, None, CallError("timeout", f"no reply from worker(s) {call.ranks} in time"))
 
     # -- workers --------------------------------------------------------------------------------------
 
@@ -282,7 +210,7 @@ class Leader:
                 self.budgets[w.rank] = self._budget(w.rank, pong.memory_free)
             self._send_pending_loads()
 
-        self._call([w.rank], lambda _: Ping(), PING_TIMEOUT_S, on_pong)
+        self.calls.call([w.rank], lambda _: Ping(), PING_TIMEOUT_S, on_pong)
 
     def _budget(self, rank: int, measured_free: int) -> int:
         """Bytes models may use on this rank's device: the configured budget, else what its worker
@@ -302,8 +230,7 @@ class Leader:
         if w.expected_exit:  # a defragmentation restart
             w.expected_exit = False
             log.info("worker %d (%s) stopped for defragmentation; restarting it", w.rank, w.device)
-            for call in [c for c in self.calls if w.rank in c.ranks]:
-                self._finish_call(call, None, CallError("died", "restarted for defragmentation"))
+            self.calls.fail_rank(w.rank, "died", "restarted for defragmentation")
             self._start_worker(w)
             return
         cause = f"worker {w.rank} ({w.device}) died: {how}"
@@ -313,8 +240,7 @@ class Leader:
         for state in self.registry.models.values():
             if w.rank in state.ranks and state.status in ("loaded", "loading", "recovering"):
                 self._recover(state, cause, dead_rank=w.rank)
-        for call in [c for c in self.calls if w.rank in c.ranks]:
-            self._finish_call(call, None, CallError("died", cause))
+        self.calls.fail_rank(w.rank, "died", cause)
         w.restarts += 1
         self.stats.worker_restarted(w.rank, w.device)
         self._start_worker(w)
@@ -553,7 +479,7 @@ class Leader:
             grammars = self._grammars(state)
             self.preparer.run(lambda: grammars.tokenizer)
 
-        self._call(state.ranks, msg, self.cfg.engine.load_timeout_s, done)
+        self.calls.call(state.ranks, msg, self.cfg.engine.load_timeout_s, done)
 
     def _room_for(self, state: ModelState) -> bool:
         """Evict what must go for ``state`` to fit on its ranks; False (and the load given up, its
@@ -657,7 +583,7 @@ class Leader:
                 elif not (error and error.kind == "died"):  # it answered: the reload may go
                     self._send_pending_loads()
 
-            self._call([r], lambda _: Unload(state.id), UNLOAD_TIMEOUT_S, done)
+            self.calls.call([r], lambda _: Unload(state.id), UNLOAD_TIMEOUT_S, done)
 
     def _kill_group_rank(self, rank: int, why: str) -> None:
         log.error("worker %d %s; restarting it", rank, why)
@@ -1000,7 +926,7 @@ class Leader:
                 elif w.samples:
                     self._on_token(w.seq, token, lp)
 
-        self._call(state.ranks, lambda _: step, self.cfg.engine.step_timeout_s, done)
+        self.calls.call(state.ranks, lambda _: step, self.cfg.engine.step_timeout_s, done)
 
     def _on_token(self, seq: Sequence, token: int, logprobs: list | None = None) -> None:
         if seq.constraint is not None:
@@ -1052,7 +978,7 @@ class Leader:
         state = self.registry.models[seq.model_id]
         self.registry.touch(state)  # recency counts from a request's end too: long streams stay warm
         if state.status == "loaded" and seq.admitted:
-            self._call(state.ranks, lambda _: ReleaseSequences(state.id, [seq.seq_id]), 30.0, _ignore)
+            self.calls.call(state.ranks, lambda _: ReleaseSequences(state.id, [seq.seq_id]), 30.0, ignore)
 
     def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
         """Fail the request ``seq`` belongs to: one Failure, and its other choices stop too."""
@@ -1073,7 +999,7 @@ class Leader:
             return  # a sibling choice failed in the same step
         ids = [c.seq_id for c in self.requests.choices(seq.request_id)]
         self._fail(seq, "internal", f"sampling failed: {error}")
-        self._call(state.ranks, lambda _: ReleaseSequences(state.id, ids), 30.0, _ignore)
+        self.calls.call(state.ranks, lambda _: ReleaseSequences(state.id, ids), 30.0, ignore)
 
     def _fail_model_requests(self, state: ModelState, kind: str, message: str) -> None:
         for seq in self.requests.of_model(state.id):
@@ -1275,7 +1201,7 @@ class Leader:
         blocks = sched.blocks.forget_free()
         log.info("prefix cache of %s cleared by an operator: %d block(s) zeroed", state.id, len(blocks))
         if blocks:
-            self._call(state.ranks, lambda _: ClearKvCache(state.id, blocks), 30.0, _ignore)
+            self.calls.call(state.ranks, lambda _: ClearKvCache(state.id, blocks), 30.0, ignore)
         return None
 
     def set_pinned(self, state: ModelState, pinned: bool) -> None:
