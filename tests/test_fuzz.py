@@ -117,6 +117,20 @@ def test_the_server_survived(tiny_server):
 HUGE = 2**70
 
 
+@pytest.mark.parametrize("name", [[[], {}], {"a": 1}, 7, None])
+def test_a_forced_tool_named_by_something_not_a_string_is_a_400(tiny_server, name):
+    tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+    body = {
+        "model": MODEL,
+        "messages": HI,
+        "max_tokens": 2,
+        "tools": [tool],
+        "tool_choice": {"type": "tool", "name": name},
+    }
+    r = httpx.post(tiny_server.url + "/v1/messages", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_a_logit_bias_key_of_superscript_digits_is_a_400(tiny_server, path):
     body = {"model": MODEL, "messages": HI, "prompt": "Hi", "max_tokens": 2, "logit_bias": {"\u00b2": 1}}

@@ -123,7 +123,7 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str, str | None, bool]:
         return tools or None, "required", None, parallel
     if kind == "tool":
         name = choice.get("name")
-        if name not in {t["name"] for t in tools}:
+        if not isinstance(name, str) or name not in {t["name"] for t in tools}:
             raise bad_field("tool_choice", f"tool_choice.name: {name!r} is not one of the tools.")
         return tools, "required", name, parallel
     raise bad_field("tool_choice", "tool_choice.type: expected auto, any, tool or none.")
