@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python bench/batched.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/codec.py
+	$(BIN)/python bench/loop.py
 
 # Benchmark-only: llama.cpp's Python binding compiles from source (about 12 minutes on 2 cores).
 bench-deps: install
