@@ -34,7 +34,7 @@ from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
 from cortex.fleet.fleet import Fleet
 from cortex.models import memory, source
-from cortex.models.registry import ModelState, Registry
+from cortex.models.registry import ModelState, ModelStatus, Registry
 from cortex.ops import reload as ops_reload
 from cortex.ops.admin import AdminServer
 from cortex.ops.engine_metrics import EngineMetrics
@@ -238,7 +238,11 @@ class Leader:
         if self.stopping.is_set():
             return
         for state in self.registry.models.values():
-            if w.rank in state.ranks and state.status in ("loaded", "loading", "recovering"):
+            if w.rank in state.ranks and state.status in (
+                ModelStatus.LOADED,
+                ModelStatus.LOADING,
+                ModelStatus.RECOVERING,
+            ):
                 self._recover(state, cause, dead_rank=w.rank)
         self.calls.fail_rank(w.rank, "died", cause)
         w.restarts += 1
@@ -259,11 +263,11 @@ class Leader:
         the model is placed, and room made for it, once they are known and its workers are up.
         ``reason``: demand (a request), operator, preload; a demand load nobody waits for any more
         is cancelled."""
-        if state.status in ("loading", "recovering", "loaded"):
+        if state.status in (ModelStatus.LOADING, ModelStatus.RECOVERING, ModelStatus.LOADED):
             if reason != "demand":
                 state.load_reason = reason  # somebody now wants it for itself
             return
-        state.status, state.error, state.ranks = "loading", None, []
+        state.status, state.error, state.ranks = ModelStatus.LOADING, None, []
         state.load_gen += 1
         state.load_reason = reason
         self.stats.load_begun(state)
@@ -365,7 +369,7 @@ class Leader:
         """Why this resident model may not be evicted now; None when it may."""
         if state.pinned:
             return "pinned"
-        if state.status != "loaded":
+        if state.status != ModelStatus.LOADED:
             return state.status
         busy = self._busy(state)
         if busy or state.id in self.in_flight:
@@ -461,7 +465,7 @@ class Leader:
                 self.cfg.engine.prefill_chunk,
                 self.cfg.engine.max_seqs,
             )
-            state.status, state.error = "loaded", None
+            state.status, state.error = ModelStatus.LOADED, None
             state.rank_bytes = [r.param_bytes for r in loaded]
             state.measured_bytes = max(state.rank_bytes)
             state.loads += 1
@@ -497,7 +501,7 @@ class Leader:
     def _give_up_load(self, state: ModelState, kind: str, message: str) -> None:
         """The load will not happen (no room, or nobody wants it any more): back to unloaded, and
         everyone waiting for it answered."""
-        state.status, state.error, state.ranks = "unloaded", message, []
+        state.status, state.error, state.ranks = ModelStatus.UNLOADED, message, []
         state.load_gen += 1
         state.load_in_flight = False
         retry = None if kind == "model_too_large" else RETRY_AFTER_NO_MEMORY_S
@@ -523,18 +527,18 @@ class Leader:
 
     def _unload_model(self, state: ModelState) -> None:
         """Free an idle loaded model on every rank (a load/unload cycle on each)."""
-        if state.status == "loaded":
+        if state.status == ModelStatus.LOADED:
             self._unload_ranks(state, state.ranks)
             for r in state.ranks:
                 self.cycles[r] += 1
             log.info("model %s unloaded from %s", state.id, [self.devices[r] for r in state.ranks])
         self.schedulers.pop(state.id, None)
-        state.status, state.error, state.rank_bytes, state.ranks = "unloaded", None, [], []
+        state.status, state.error, state.rank_bytes, state.ranks = ModelStatus.UNLOADED, None, [], []
         state.load_gen += 1
 
     def _load_failed(self, state: ModelState, error: str) -> None:
         log.error("loading %s failed: %s", state.id, error)
-        state.status, state.error = "failed", error
+        state.status, state.error = ModelStatus.FAILED, error
         state.load_in_flight = False
         self.stats.load_ended(state, ok=False)
         self._fail_model_requests(state, "model_failed", f"model {state.id!r} failed to load: {error}")
@@ -543,7 +547,7 @@ class Leader:
     def _recover(self, state: ModelState, cause: str, dead_rank: int | None = None) -> None:
         """Fail the model's requests, tear its group down and reload it once all its workers are up."""
         log.warning("model %s: %s; recovering", state.id, cause)
-        state.status, state.error = "recovering", cause
+        state.status, state.error = ModelStatus.RECOVERING, cause
         state.load_gen += 1
         self.stats.load_begun(state)  # the reload that follows is timed like any load
         state.load_in_flight = False
@@ -557,7 +561,7 @@ class Leader:
         group's previous incarnation to be torn down (no Unload still unanswered)."""
         for state in self.registry.models.values():
             if (
-                state.status in ("loading", "recovering")
+                state.status in (ModelStatus.LOADING, ModelStatus.RECOVERING)
                 and not state.load_in_flight
                 and state.files is not None
                 and not state.unloading
@@ -592,7 +596,7 @@ class Leader:
     def _answer_waiters(self, state: ModelState) -> None:
         waiters, state.waiters = state.waiters, []
         for peer in waiters:
-            if state.status == "loaded":
+            if state.status == ModelStatus.LOADED:
                 self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
             else:
                 self.frontend.reply(peer, 0, Failure("", "model_failed", f"model {state.id!r}: {state.error}"))
@@ -602,7 +606,7 @@ class Leader:
         if state is None:
             return self._reject(peer, "", "model_not_found", f"The model '{op.model}' does not exist")
         if op.op == "load":
-            if state.status == "loaded":
+            if state.status == ModelStatus.LOADED:
                 return self.frontend.reply(peer, 0, Answer(data=state.describe(self.devices)))
             state.waiters.append(peer)  # single flight: every caller waits for the one load
             self.operator_load(state)
@@ -664,7 +668,7 @@ class Leader:
         state = self.registry.resolve(req.model)
         # route: a model not resident here, or any model while draining (a draining node is not
         # routable in its own view either, so its new requests go to peers that can serve them)
-        if self.fleet and not req.hop and (self.draining or state is None or state.status != "loaded"):
+        if self.fleet and not req.hop and (self.draining or state is None or state.status != ModelStatus.LOADED):
             answer = self.fleet.decide(rid, req.model, self.health())
             if answer is not None:  # another node serves it, or no node can
                 return self.frontend.reply(peer, 0, answer)
@@ -672,8 +676,8 @@ class Leader:
             return self._reject(peer, rid, "draining", f"node {self.cfg.node.name} is draining", RETRY_AFTER_DRAINING_S)
         if state is None:
             return self._reject(peer, rid, "model_not_found", f"The model '{req.model}' does not exist")
-        if state.status != "loaded":
-            if state.status == "failed":
+        if state.status != ModelStatus.LOADED:
+            if state.status == ModelStatus.FAILED:
                 return self._reject(peer, rid, "model_failed", f"model '{state.id}' failed to load: {state.error}")
             if len(state.parked) >= self.cfg.engine.max_waiting:
                 return self._reject(
@@ -686,7 +690,7 @@ class Leader:
             # wait for the load: the front keeps the client's connection alive meanwhile (pings)
             state.parked.append((peer, req))
             self.frontend.reply(peer, 0, Waiting(rid, f"model '{state.id}' is {state.status}"))
-            if state.status == "unloaded":
+            if state.status == ModelStatus.UNLOADED:
                 self.load(state)  # may answer the parked request at once (no room for it)
             return
         rules = Rules(
@@ -723,7 +727,7 @@ class Leader:
         """A prepared request joins its model's queue, or is refused (context, limits, queue)."""
         rid = req.request_id
         state = self.registry.models.get(model_id)
-        if state is None or state.status != "loaded" or state.id not in self.schedulers:
+        if state is None or state.status != ModelStatus.LOADED or state.id not in self.schedulers:
             return self._submit(peer, req)  # the model went away meanwhile: park, route or fail it anew
         if isinstance(prepared, Refused):
             return self._reject(peer, rid, prepared.kind, prepared.message)
@@ -842,7 +846,7 @@ class Leader:
 
     def _drop_unwanted_load(self, state: ModelState) -> None:
         """Every client that caused a load has gone: stop it (the worker frees what it loaded)."""
-        if state.status != "loading" or state.load_reason != "demand" or state.parked or state.waiters:
+        if state.status != ModelStatus.LOADING or state.load_reason != "demand" or state.parked or state.waiters:
             return
         log.info("cancelling the load of %s: no request waits for it any more", state.id)
         self.counters["loads_cancelled"] += 1
@@ -875,7 +879,7 @@ class Leader:
             if model_id in self.in_flight or not sched.has_work():
                 continue
             state = self.registry.models[model_id]
-            if state.status != "loaded":
+            if state.status != ModelStatus.LOADED:
                 continue
             work = sched.plan()
             if work:
@@ -977,7 +981,7 @@ class Leader:
             sched.remove(seq)
         state = self.registry.models[seq.model_id]
         self.registry.touch(state)  # recency counts from a request's end too: long streams stay warm
-        if state.status == "loaded" and seq.admitted:
+        if state.status == ModelStatus.LOADED and seq.admitted:
             self.calls.call(state.ranks, lambda _: ReleaseSequences(state.id, [seq.seq_id]), 30.0, ignore)
 
     def _fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
@@ -1005,7 +1009,7 @@ class Leader:
         for seq in self.requests.of_model(state.id):
             self._fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
         self.in_flight.pop(state.id, None)
-        if state.status == "failed":  # a recovery reloads, and parked requests go on waiting for it
+        if state.status == ModelStatus.FAILED:  # a recovery reloads, and parked requests go on waiting for it
             parked, state.parked = state.parked, []
             for peer, req in parked:
                 self._reject(peer, req.request_id, kind, message, RETRY_AFTER_LOADING_S)
@@ -1030,21 +1034,21 @@ class Leader:
                 self._defrag(w)
 
     def _quiet(self, rank: int) -> bool:
-        on_rank = [s for s in self.registry.models.values() if rank in s.ranks and s.status != "unloaded"]
-        return all(s.status == "loaded" and not self._busy(s) and s.id not in self.in_flight for s in on_rank)
+        on_rank = [s for s in self.registry.models.values() if rank in s.ranks and s.status != ModelStatus.UNLOADED]
+        return all(s.status == ModelStatus.LOADED and not self._busy(s) and s.id not in self.in_flight for s in on_rank)
 
     def _defrag(self, w: WorkerHandle) -> None:
         log.info(
             "worker %d (%s): %d load/unload cycles; restarting it to defragment", w.rank, w.device, self.cycles[w.rank]
         )
         self.counters["defrag_restarts"] += 1
-        for state in [s for s in self.registry.models.values() if w.rank in s.ranks and s.status == "loaded"]:
+        for state in [s for s in self.registry.models.values() if w.rank in s.ranks and s.status == ModelStatus.LOADED]:
             others = [r for r in state.ranks if r != w.rank]
             self._unload_ranks(state, others)  # a tensor-parallel group re-forms from scratch
             self.schedulers.pop(state.id, None)
             state.load_gen += 1
             if state.pinned:
-                state.status = "loading"  # same ranks; sent once the new worker answers its Ping
+                state.status = ModelStatus.LOADING  # same ranks; sent once the new worker answers its Ping
                 state.load_in_flight, state.rank_bytes = False, []
             else:
                 self._evict(state, "defrag", f"while worker {w.rank} restarts")
@@ -1168,8 +1172,8 @@ class Leader:
 
     def operator_load(self, state: ModelState) -> None:
         """An operator's load (the management API, cortex-admin): it also retries a failed one."""
-        if state.status == "failed":
-            state.status = "unloaded"
+        if state.status == ModelStatus.FAILED:
+            state.status = ModelStatus.UNLOADED
         self.load(state, "operator")
 
     def unload(self, state: ModelState) -> str | None:
@@ -1177,14 +1181,14 @@ class Leader:
         busy = self.requests.of_model(state.id)
         if busy:
             return f"model '{state.id}' has {len(busy)} request(s) in flight"
-        if state.status in ("loading", "recovering"):
+        if state.status in (ModelStatus.LOADING, ModelStatus.RECOVERING):
             return f"model '{state.id}' is {state.status}"
         self._unload_model(state)
         return None
 
     def evict(self, state: ModelState) -> str | None:
         """An operator's eviction (reason "admin"); why it cannot be, if so."""
-        if state.status != "loaded":
+        if state.status != ModelStatus.LOADED:
             return f"model '{state.id}' is {state.status}, not loaded"
         kept = self._kept(state)
         if kept is not None:
@@ -1196,7 +1200,7 @@ class Leader:
         """Drop every cached prompt of a loaded model that no request holds: their names go, and
         the workers zero their blocks. Why it cannot be done, if so."""
         sched = self.schedulers.get(state.id)
-        if state.status != "loaded" or sched is None:
+        if state.status != ModelStatus.LOADED or sched is None:
             return f"model '{state.id}' is {state.status}, not loaded"
         blocks = sched.blocks.forget_free()
         log.info("prefix cache of %s cleared by an operator: %d block(s) zeroed", state.id, len(blocks))
@@ -1211,7 +1215,9 @@ class Leader:
     def idle(self, state: ModelState) -> bool:
         """Nothing in flight, queued, parked or loading for this model."""
         return (
-            not state.parked and state.status not in ("loading", "recovering") and not self.requests.has_model(state.id)
+            not state.parked
+            and state.status not in (ModelStatus.LOADING, ModelStatus.RECOVERING)
+            and not self.requests.has_model(state.id)
         )
 
     def in_flight_count(self) -> int:

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from cortex.config import Catalogue, ModelEntry
 from cortex.models.source import ModelFiles
 
-STATUSES = ("unloaded", "loading", "loaded", "recovering", "failed")
+
+class ModelStatus(StrEnum):
+    """Where a catalogue model is in its life on this node (a str: JSON and logs show the value)."""
+
+    UNLOADED = "unloaded"  # nothing resident; a request or an operator loads it
+    LOADING = "loading"  # its workers are reading it; requests for it wait (parked)
+    LOADED = "loaded"  # serving
+    RECOVERING = "recovering"  # a rank died or wedged: the group is torn down and reloaded
+    FAILED = "failed"  # its load failed; requests are refused with the reason until it is retried
 
 
 @dataclass
 class ModelState:
     entry: ModelEntry
-    status: str = "unloaded"
+    status: ModelStatus = ModelStatus.UNLOADED
     files: ModelFiles | None = None
     ranks: list[int] = field(default_factory=list)  # worker ranks holding its shards, rank order
     error: str | None = None
@@ -52,7 +61,7 @@ class ModelState:
     @property
     def resident(self) -> bool:
         """Holds (or is about to hold) memory on its ranks."""
-        return self.status in ("loading", "loaded", "recovering") and bool(self.ranks)
+        return self.status in (ModelStatus.LOADING, ModelStatus.LOADED, ModelStatus.RECOVERING) and bool(self.ranks)
 
     @property
     def bytes_per_rank(self) -> int:
@@ -65,7 +74,9 @@ class ModelState:
         return {
             "id": self.id,
             "status": self.status,
-            "devices": [devices[r] for r in self.ranks] if self.status in ("loaded", "recovering") else [],
+            "devices": [devices[r] for r in self.ranks]
+            if self.status in (ModelStatus.LOADED, ModelStatus.RECOVERING)
+            else [],
             "tensor_parallel": self.entry.tensor_parallel,
             "context_length": self.context_length or None,
             "param_bytes": sum(self.rank_bytes),

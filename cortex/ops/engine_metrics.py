@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from cortex.models.registry import ModelStatus
 from cortex.ops import metrics as m
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class EngineMetrics:
             waiting = (len(sched.waiting) if sched else 0) + len(state.parked)
             m.RUNNING.labels(model_id).set(running)
             m.WAITING.labels(model_id).set(waiting)
-            m.MODEL_LOADED.labels(model_id).set(1 if state.status == "loaded" else 0)
+            m.MODEL_LOADED.labels(model_id).set(1 if state.status == ModelStatus.LOADED else 0)
             blocks = sched.blocks if sched else None
             total, used = (blocks.num_blocks, blocks.used) if blocks else (0, 0)
             m.KV_BLOCKS.labels(model_id, "total").set(total)

@@ -14,6 +14,8 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from cortex.models.registry import ModelStatus
+
 if TYPE_CHECKING:
     from cortex.ops.control import NodeControl
 
@@ -92,8 +94,8 @@ class Notifier:
 def status_line(leader: NodeControl) -> str:
     """One line for `systemctl status`: preload progress, then what is served."""
     states = list(leader.registry.models.values())
-    loading = [s.id for s in states if s.status in ("loading", "recovering")]
-    loaded = sum(s.status == "loaded" for s in states)
+    loading = [s.id for s in states if s.status in (ModelStatus.LOADING, ModelStatus.RECOVERING)]
+    loaded = sum(s.status == ModelStatus.LOADED for s in states)
     if leader.draining:
         return f"draining: {leader.in_flight_count()} request(s) in flight"
     if loading:
