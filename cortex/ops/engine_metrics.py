@@ -1,4 +1,4 @@
-"""The leader's measurements: one-line calls from ``cortex/leader.py`` land here.
+"""The leader's measurements: one-line calls from the rooms of ``cortex/leader/`` land here.
 
 Everything runs on the leader's loop thread; only the metric objects are read by the exporter
 thread. Gauges are refreshed from leader state a few times a second rather than on every change,

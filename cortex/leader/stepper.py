@@ -1,0 +1,251 @@
+"""The stepper: the running requests of every loaded model, one batched step at a time.
+
+It owns the per-model schedulers (created when a model loads, dropped when it goes), the table
+of live sequences and the step in flight per model. Each loop turn it plans the next step of
+every model that has work and none in flight, sends one ``GenerateStep`` to the model's ranks,
+and applies the result: tokens to sequences, text and finish to the front, blocks back to the
+pool. A failed step fails its requests here and asks the lifecycle to recover the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from cortex.chat.tokenizer import token_bytes
+from cortex.engine.blocks import BlockManager
+from cortex.engine.calls import CallError, ignore
+from cortex.engine.requests import RequestTable
+from cortex.engine.scheduler import Scheduler, Work
+from cortex.engine.sequence import Sequence
+from cortex.leader.shared import RETRY_AFTER_LOADING_S, Shared
+from cortex.models.registry import ModelState, ModelStatus
+from rpc.engine import Delta, Finished
+from rpc.messages import KV_BLOCK_SIZE, ClearKvCache, GenerateStep, ReleaseSequences, SeqInput
+
+if TYPE_CHECKING:
+    from cortex.leader.lifecycle import ModelLifecycle
+
+log = logging.getLogger("cortex.leader")
+
+
+class Stepper:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.schedulers: dict[str, Scheduler] = {}  # model id -> its batcher, while loaded
+        self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
+        self.requests = RequestTable()  # live sequences (waiting or running)
+        self.lifecycle: ModelLifecycle  # wired by Leader: recovers a model whose step failed
+
+    # -- models come and go ---------------------------------------------------------------------------
+
+    def start_model(self, state: ModelState, kv_blocks: int) -> None:
+        engine = self.shared.cfg.engine
+        blocks = BlockManager(kv_blocks, KV_BLOCK_SIZE, namespace=state.id)
+        self.schedulers[state.id] = Scheduler(blocks, engine.max_batch_tokens, engine.prefill_chunk, engine.max_seqs)
+
+    def stop_model(self, model_id: str) -> None:
+        self.schedulers.pop(model_id, None)
+
+    def busy(self, state: ModelState) -> int:
+        """Requests in flight, queued or waiting for it (a model with any is never evicted)."""
+        return len(self.requests.of_model(state.id)) + len(state.parked) + len(state.waiters)
+
+    def stepping(self, model_id: str) -> bool:
+        return model_id in self.in_flight
+
+    def in_step(self, seq: Sequence) -> bool:
+        return any(w.seq is seq for w in self.in_flight.get(seq.model_id, ()))
+
+    def add(self, seq: Sequence) -> None:
+        """An admitted sequence joins its model's queue."""
+        self.requests.add(seq)
+        self.schedulers[seq.model_id].add(seq)
+
+    # -- steps ------------------------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Start the next step of every loaded model that has work and no step in flight."""
+        for model_id, sched in self.schedulers.items():
+            if model_id in self.in_flight or not sched.has_work():
+                continue
+            state = self.shared.registry.models[model_id]
+            if state.status != ModelStatus.LOADED:
+                continue
+            work = sched.plan()
+            if work:
+                self._step(state, work)
+
+    def _step(self, state: ModelState, work: list[Work]) -> None:
+        step = GenerateStep(state.id, [_seq_input(w) for w in work])
+        self.in_flight[state.id] = work
+        self.shared.stats.step_started(state.id, work)
+        gen = state.load_gen
+
+        def done(replies: dict, error: CallError | None) -> None:
+            self.in_flight.pop(state.id, None)
+            if gen != state.load_gen:
+                return  # the model was torn down meanwhile; its requests were already failed
+            if error:
+                self._step_failed(state, work, error)
+            else:
+                self._apply(state, work, replies[state.ranks[0]])
+
+        self.shared.calls.call(state.ranks, lambda _: step, self.shared.cfg.engine.step_timeout_s, done)
+
+    def _step_failed(self, state: ModelState, work: list[Work], error: CallError) -> None:
+        for w in work:
+            self.fail(w.seq, "worker_failed", f"generation failed: {error.message}", RETRY_AFTER_LOADING_S)
+        if error.kind == "timeout":
+            self.lifecycle.kill_group(state, f"a step took longer than {self.shared.cfg.engine.step_timeout_s:g}s")
+        elif len(state.ranks) > 1 or error.kind == "died":
+            self.lifecycle.recover(state, f"a step failed: {error.message}")  # ranks may disagree now
+
+    def _apply(self, state: ModelState, work: list[Work], result) -> None:
+        self.schedulers[state.id].done(work)
+        logprobs = result.logprobs or [None] * len(work)
+        errors = result.errors or [""] * len(work)
+        for w, token, lp, err in zip(work, result.tokens, logprobs, errors, strict=True):
+            if w.seq.cancelled:
+                self.retire(w.seq)
+            elif err:
+                self._fail_sampling(state, w.seq, err)
+            elif w.samples:
+                self._on_token(w.seq, token, lp)
+
+    def _on_token(self, seq: Sequence, token: int, logprobs: list | None = None) -> None:
+        if seq.constraint is not None:
+            tok = self.shared.registry.models[seq.model_id].files.tokenizer.tokenizer
+            seq.constraint.advance(token, token_bytes(tok, token))
+        self.shared.stats.token(seq)
+        text, finish = seq.append(token)
+        entry = self._logprob_entry(seq, token, logprobs) if logprobs is not None else None
+        if entry is not None and (finish != "stop" or token not in seq.eos_ids):
+            seq.pending_logprobs.append(entry)
+        if text or seq.pending_logprobs:
+            delta = Delta(seq.request_id, text, seq.output_len, seq.pending_logprobs or None, seq.index)
+            self.shared.reply(seq.peer, delta)
+            seq.pending_logprobs = []
+        if finish:
+            self.shared.reply(
+                seq.peer,
+                Finished(
+                    seq.request_id,
+                    finish,
+                    seq.prompt_len,
+                    seq.output_len,
+                    seq.cached_tokens,
+                    seq.index,
+                    seq.decoder.matched,
+                ),
+            )
+            self.retire(seq)
+
+    def _logprob_entry(self, seq: Sequence, token: int, logprobs: list) -> dict:
+        tok = self.shared.registry.models[seq.model_id].files.tokenizer.tokenizer
+
+        def one(tid: int, lp: float) -> dict:
+            raw = token_bytes(tok, tid)
+            return {"token": raw.decode(errors="replace"), "logprob": lp, "bytes": list(raw)}
+
+        chosen, top = logprobs
+        return {**one(token, chosen), "top_logprobs": [one(t, lp) for t, lp in top]}
+
+    # -- endings ----------------------------------------------------------------------------------------
+
+    def retire(self, seq: Sequence) -> None:
+        """Forget a sequence: its blocks go back to the pool (kept for the prefix cache), and the
+        workers drop its sampling state."""
+        if self.requests.remove(seq):
+            self.shared.stats.sequence_ended(seq, "cancelled" if seq.cancelled else "finished")
+        sched = self.schedulers.get(seq.model_id)
+        if sched is not None:
+            sched.remove(seq)
+        state = self.shared.registry.models[seq.model_id]
+        self.shared.registry.touch(state)  # recency counts from a request's end too: long streams stay warm
+        if state.status == ModelStatus.LOADED and seq.admitted:
+            release = ReleaseSequences(state.id, [seq.seq_id])
+            self.shared.calls.call(state.ranks, lambda _: release, 30.0, ignore)
+
+    def cancel(self, request_id: str) -> None:
+        """The client went away: its sequences stop (retired now, or when their step returns)."""
+        choices = self.requests.choices(request_id)
+        if choices:
+            self.shared.stats.cancelled(choices[0].model_id, _stage(choices[0]))
+        for seq in choices:
+            seq.cancelled = True
+            if not self.in_step(seq):
+                self.retire(seq)  # else retired when its step returns: the worker is writing its blocks
+
+    def fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
+        """Fail the request ``seq`` belongs to: one Failure, and its other choices stop too."""
+        if seq not in self.requests:
+            return  # already failed with a sibling choice
+        self.shared.refuse(seq.peer, seq.request_id, kind, message, retry_after)
+        for s in [seq, *[c for c in self.requests.choices(seq.request_id) if c is not seq]]:
+            if self.requests.remove(s):
+                self.shared.stats.sequence_ended(s, "failed")
+            sched = self.schedulers.get(s.model_id)
+            if sched is not None:
+                sched.remove(s)
+
+    def fail_request(self, request_id: str, kind: str, message: str) -> bool:
+        """Fail a live request by id; False when no sequence of it is live."""
+        seq = self.requests.first(request_id)
+        if seq is None:
+            return False
+        self.fail(seq, kind, message)
+        return True
+
+    def _fail_sampling(self, state: ModelState, seq: Sequence, error: str) -> None:
+        """A worker could not sample seq's token: its request fails (500) while the model and the
+        step's other sequences go on, and the workers drop the sampling state of its choices."""
+        if seq not in self.requests:
+            return  # a sibling choice failed in the same step
+        release = ReleaseSequences(state.id, [c.seq_id for c in self.requests.choices(seq.request_id)])
+        self.fail(seq, "internal", f"sampling failed: {error}")
+        self.shared.calls.call(state.ranks, lambda _: release, 30.0, ignore)
+
+    def fail_model(self, state: ModelState, kind: str, message: str) -> None:
+        """Every live request of the model fails (its load failed, or its group is being recovered)."""
+        for seq in self.requests.of_model(state.id):
+            self.fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
+        self.in_flight.pop(state.id, None)
+
+    def clear_prefix_cache(self, state: ModelState) -> str | None:
+        """Drop every cached prompt of a loaded model that no request holds: their names go, and
+        the workers zero their blocks. Why it cannot be done, if so."""
+        sched = self.schedulers.get(state.id)
+        if state.status != ModelStatus.LOADED or sched is None:
+            return f"model '{state.id}' is {state.status}, not loaded"
+        blocks = sched.blocks.forget_free()
+        log.info("prefix cache of %s cleared by an operator: %d block(s) zeroed", state.id, len(blocks))
+        if blocks:
+            clear = ClearKvCache(state.id, blocks)
+            self.shared.calls.call(state.ranks, lambda _: clear, 30.0, ignore)
+        return None
+
+    def fail_all(self, kind: str, message: str, retry_after: int | None = None) -> None:
+        for seq in list(self.requests):
+            self.fail(seq, kind, message, retry_after)
+
+
+def _seq_input(w: Work) -> SeqInput:
+    seq = w.seq
+    return SeqInput(
+        seq.seq_id,
+        w.tokens,
+        w.start,
+        seq.sampling,
+        list(seq.block_table),
+        w.samples,
+        prompt=seq.tokens[: seq.prompt_len] if w.first and seq.sampling.needs_history else None,
+        allowed=seq.constraint.mask() if w.samples and seq.constraint else None,
+    )
+
+
+def _stage(seq: Sequence) -> str:
+    """Where a cancelled request was: queued, prefilling its prompt, or decoding."""
+    if seq.output_len:
+        return "decode"
+    return "queue" if seq.admitted_at is None else "prefill"
