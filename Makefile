@@ -14,7 +14,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint format bench bench-deps clean
+.PHONY: install serve test test-fast lint format docs bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ test: lint
 # While developing: everything but the tests marked slow (the real model, several servers, 5 s or more)
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# docs/configuration.md is written from the key declarations in cortex/config.py (a test checks it)
+docs: install
+	$(BIN)/python -m cortex.config_reference > docs/configuration.md
 
 bench: install
 	$(BIN)/python bench/decode.py $(ARGS)

@@ -3,13 +3,32 @@ key and what was expected, and `cortex serve` exits with status 2 before startin
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from cortex.config import ConfigError, HostPort, load
+from cortex.config import (
+    SECTIONS,
+    ConfigError,
+    EngineConfig,
+    EvictionConfig,
+    FleetConfig,
+    GatewayConfig,
+    HostPort,
+    ModelEntry,
+    PeerConfig,
+    default_run_dir,
+    load,
+)
+from cortex.config_reference import render, toml_default
+from cortex.config_schema import keys
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = '[[models]]\nid = "m"\npath = "weights/m"\n'
 
@@ -147,3 +166,103 @@ def test_a_relative_config_path_gives_absolute_model_paths(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     cfg = load("cortex.toml")
     assert cfg.file.is_absolute() and cfg.catalogue.models[0].path == tmp_path / "weights" / "m"
+
+
+# -- each key declared once: defaults, checks and docs/configuration.md come from the declarations ----------
+
+
+def test_left_out_keys_take_their_declared_defaults(tmp_path):
+    cfg = load(write(tmp_path, ""))
+    assert (cfg.engine, cfg.eviction, cfg.fleet) == (EngineConfig(), EvictionConfig(), FleetConfig())
+    assert cfg.gateway == GatewayConfig() and cfg.gateway.open_paths == ("/health", "/metrics")
+    assert cfg.node.name == socket.gethostname() and cfg.node.run_dir == default_run_dir()
+    assert cfg.node.models_config == tmp_path / "models.toml"  # relative to cortex.toml
+    assert (cfg.log_level, cfg.log_format, cfg.log_content) == ("INFO", "text", False)
+    (m,) = cfg.catalogue.models
+    assert (m.tensor_parallel, m.dtype, m.quantize, m.aliases, m.devices, m.chat_template) == (
+        1,
+        "auto",
+        "auto",
+        (),
+        None,
+        None,
+    )
+
+
+def test_values_become_their_declared_types(tmp_path):
+    (tmp_path / "keys").write_text("# clients\nsk-file\n\n")
+    (tmp_path / "admin").write_text("sk-admin-file\n")
+    cfg = load(
+        write(
+            tmp_path,
+            '[node]\nname = ""\nrun_dir = ""\ndrain_timeout_s = 5\n'
+            '[gateway]\nlisten = "[::1]:9000"\napi_keys = ["sk-a"]\napi_key_file = "keys"\nadmin_key_file = "admin"\n'
+            "[fleet]\ncooldown_s = 7\n",
+            MODELS + 'aliases = ["mm"]\n',
+        )
+    )
+    assert cfg.node.name == socket.gethostname() and cfg.node.run_dir == default_run_dir()  # "" = the computed default
+    assert type(cfg.node.drain_timeout_s) is float and type(cfg.fleet.cooldown_s) is float
+    assert cfg.gateway.listen == HostPort("::1", 9000)
+    assert cfg.gateway.api_keys == ("sk-a", "sk-file") and cfg.gateway.admin_keys == ("sk-admin-file",)
+    assert cfg.catalogue.models[0].aliases == ("mm",) and cfg.catalogue.resolve("mm").id == "m"
+
+
+@pytest.mark.parametrize(
+    "cortex, words",
+    [
+        ("[node]\ndevices = 3\n", ["[node] devices", "expected a string or a list, got an integer 3"]),
+        ("[engine]\nmax_waiting = 1.5\n", ["[engine] max_waiting", "expected an integer, got a number 1.5"]),
+        ("[engine]\nstep_timeout_s = true\n", ["expected an integer or a number, got a boolean True"]),
+        ("[node]\nthreads = -1\n", ["[node] threads", "expected an integer >= 0, got -1"]),
+        ('[logging]\nlevel = "LOUD"\n', ["[logging] level", "expected one of DEBUG, INFO, WARNING, ERROR; got 'LOUD'"]),
+        ("[logging]\nlog_level = 1\n", ["[logging] log_level", "unknown key (known keys: level, format, log_content)"]),
+        ('[gateway]\napi_keys = [""]\n', ["[gateway] api_keys", "non-empty API keys"]),
+        ('[gateway]\napi_key_file = "absent"\n', ["[gateway] api_key_file", "cannot read"]),
+        ("[node]\n[node.extra]\n", ["[node] extra", "unknown key"]),
+        ('[[peers]]\nname = " "\nendpoint = "http://x"\n', ["[[peers]] #1 name", "expected a non-empty name"]),
+        ("node = 1\n", ["[node]", "expected a table, got int"]),
+    ],
+)
+def test_each_declared_constraint_is_checked(tmp_path, cortex, words):
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, cortex))
+    assert str(e.value).startswith(str(tmp_path / "cortex.toml"))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_model_paths_expand_home_and_the_template_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load(write(tmp_path, "", '[[models]]\nid = "m"\npath = "~/w"\n'))
+    assert cfg.catalogue.models[0].path == tmp_path / "home" / "w"
+    with pytest.raises(ConfigError, match=r"\[\[models\]\] m chat_template: .*t\.jinja is not a file"):
+        load(write(tmp_path, "", MODELS + 'chat_template = "t.jinja"\n'))
+
+
+def test_the_configuration_reference_is_generated_from_the_declarations():
+    """docs/configuration.md is `python -m cortex.config_reference` (make docs): it cannot drift."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert doc == render(), "docs/configuration.md is stale: run `make docs`"
+    for section, cls in [*SECTIONS.items(), ("[peers]", PeerConfig), ("[models]", ModelEntry)]:
+        assert f"### `[{section}]`" in doc
+        for name, d in keys(cls).items():
+            assert d.key.doc, f"[{section}] {name} has no doc"
+            assert f"| `{name}` |" in doc
+
+
+def test_the_embedded_files_write_the_declared_defaults():
+    """conf/cortex.toml shows every key (commented out where it has no value) with its declared default."""
+    text = (ROOT / "conf" / "cortex.toml").read_text()
+    data = tomllib.loads(text)
+    for section, cls in SECTIONS.items():
+        for name, d in keys(cls).items():
+            if name in data.get(section, {}):
+                assert data[section][name] == toml_default(d), f"[{section}] {name}"
+            else:
+                assert re.search(rf"^# {name} = ", text, re.M), f"[{section}] {name} is not in conf/cortex.toml"
+    assert set(data) == set(SECTIONS)
+    for name in keys(PeerConfig):
+        assert re.search(rf"^# {name} = ", text, re.M), f"[[peers]] {name} is not in conf/cortex.toml"
+    header = (ROOT / "conf" / "models.toml").read_text().split("[[models]]\n")[0]
+    assert [n for n in keys(ModelEntry) if not re.search(rf"^#   {n}\b|\| {n}\b", header, re.M)] == []
