@@ -7,10 +7,34 @@ dialect-neutral: both the OpenAI and the Anthropic resources build the same ``Su
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from rpc.codec import Message, Part
 from rpc.messages import SamplingParams
+
+
+class FailureKind(StrEnum):
+    """Why a request (or an operator's command) failed. The front maps each kind to an HTTP status
+    and each dialect's error type (``cortex/api/errors.py`` FAILURES, one entry per kind)."""
+
+    MODEL_NOT_FOUND = "model_not_found"  # no model (or alias) of that name, here or on any peer
+    MODEL_LOADING = "model_loading"  # too many requests already wait for its load
+    MODEL_FAILED = "model_failed"  # its load failed; an operator's load retries it
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt (+ max_tokens) over its context
+    INVALID_REQUEST = "invalid_request"  # well-formed but unservable (unknown tool, bad schema, limit)
+    WORKER_FAILED = "worker_failed"  # a worker died or a step failed mid-generation
+    OVERLOADED = "overloaded"  # the model's queue is full, or the request waited too long in it
+    SHUTTING_DOWN = "shutting_down"
+    DRAINING = "draining"  # the node refuses new requests (cortex-admin drain, SIGTERM)
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # the front cannot reach its leader
+    CONFLICT = "conflict"  # an operator's command that the model's state forbids now
+    INSUFFICIENT_MEMORY = "insufficient_memory"  # no room even after every eviction allowed
+    MODEL_TOO_LARGE = "model_too_large"  # larger than a device's whole budget: retrying cannot help
+    INTERNAL = "internal"  # a bug; the request fails, the node goes on
+    RATE_LIMITED = "rate_limited"  # the client's in-flight limit
+    FLEET_UNAVAILABLE = "fleet_unavailable"  # the model is known only to nodes that are down
+    REJECTED = "rejected"  # an operator's command refused as a whole (e.g. a reload of a broken file)
 
 
 class Submit(Message):
@@ -122,6 +146,6 @@ class Failure(Message):
     """A request-level error; ``kind`` decides the HTTP status the front answers with."""
 
     request_id: str
-    kind: str  # model_not_found | model_loading | model_failed | context_length_exceeded | invalid_request | worker_failed | overloaded | shutting_down | draining | conflict | rate_limited
+    kind: FailureKind
     message: str
     retry_after: int | None = None

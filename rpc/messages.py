@@ -6,6 +6,7 @@ in, sampled token ids out. Weights are read by each rank from the files named in
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from rpc.codec import Message, Part
@@ -33,8 +34,18 @@ class SamplingParams(Part):
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
+class ErrorKind(StrEnum):
+    """Why a worker (or any RPC server) could not answer a message."""
+
+    BAD_FRAME = "bad_frame"  # not a message this server knows, or not decodable at all
+    UNKNOWN_MODEL = "unknown_model"  # the model is not loaded on this worker
+    LOAD_FAILED = "load_failed"
+    STEP_FAILED = "step_failed"
+    INTERNAL = "internal"
+
+
 class Error(Message):
-    kind: str  # bad_frame | unknown_model | load_failed | step_failed | internal | timeout | worker_died
+    kind: ErrorKind
     message: str
 
 

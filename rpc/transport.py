@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 
 from rpc.codec import DecodeError, decode, encode
-from rpc.messages import Error
+from rpc.messages import Error, ErrorKind
 
 
 class RpcTimeout(TimeoutError):
@@ -53,7 +53,7 @@ class RpcServer:
         try:
             msg_id, msg = decode(payload)
         except DecodeError as exc:
-            self.reply(peer, 0, Error(kind="bad_frame", message=str(exc)))
+            self.reply(peer, 0, Error(kind=ErrorKind.BAD_FRAME, message=str(exc)))
             return peer, 0, None
         return peer, msg_id, msg
 
@@ -93,7 +93,7 @@ class RpcClient:
         try:
             return decode(payload)
         except DecodeError as exc:
-            return 0, Error(kind="bad_frame", message=str(exc))
+            return 0, Error(kind=ErrorKind.BAD_FRAME, message=str(exc))
 
     def call(self, msg: Any, timeout_s: float) -> Any:
         """Send ``msg`` and return its reply (an ``Error`` reply is returned, not raised)."""

@@ -64,7 +64,7 @@ SAMPLES = [
     ReleaseSequences(model_id="m"),
     Unload(model_id="m"),
     Ack(),
-    Error(kind="step_failed", message="boom"),
+    Error(kind=messages.ErrorKind.STEP_FAILED, message="boom"),
     engine.Submit(
         request_id="r",
         model="m",
@@ -95,7 +95,7 @@ SAMPLES = [
     engine.Delta(request_id="r", text="héllo 🤖", completion_tokens=2),
     engine.Finished(request_id="r", finish_reason="length", prompt_tokens=3, completion_tokens=5),
     engine.Finished(request_id="r", finish_reason="stop", prompt_tokens=3, completion_tokens=5, stop_sequence="\n"),
-    engine.Failure(request_id="r", kind="model_loading", message="wait", retry_after=5),
+    engine.Failure(request_id="r", kind=engine.FailureKind.MODEL_LOADING, message="wait", retry_after=5),
     engine.Forward(
         request_id="r",
         targets=[engine.Target("b", "http://b:31313", "k"), engine.Target("c", "http://c:31313", model="m")],
@@ -115,7 +115,22 @@ def test_the_samples_cover_every_message_type():
     defined = {
         c for m in (messages, engine) for c in vars(m).values() if isinstance(c, type) and c.__module__ == m.__name__
     }
-    assert defined - {type(s) for s in SAMPLES} <= {SamplingParams, SeqInput, engine.Target}  # nested only
+    assert defined - {type(s) for s in SAMPLES} <= {
+        SamplingParams,
+        SeqInput,
+        engine.Target,
+        engine.FailureKind,
+        messages.ErrorKind,
+    }  # nested
+
+
+def test_every_failure_kind_has_one_http_meaning():
+    """Failure kinds are an enum on the wire; the front maps each one, and nothing else, to a status."""
+    from cortex.api.errors import FAILURES
+
+    assert set(FAILURES) == set(engine.FailureKind)
+    _, back = decode(encode(engine.Failure("r", engine.FailureKind.OVERLOADED, "busy", 3), 1))
+    assert back.kind is engine.FailureKind.OVERLOADED
 
 
 def _frame(msg_id, body) -> bytes:
@@ -147,6 +162,10 @@ def _frame(msg_id, body) -> bytes:
             "Expected `int`, got `bool` - at `$[1].seqs[0].seq_id`",
         ),  # fmt: skip
         (_frame(1, {"type": "GenerateStep", "model_id": "m", "seqs": [{"seq_id": 1}]}), "seqs[0]"),
+        (
+            _frame(1, {"type": "Failure", "request_id": "r", "kind": "oops", "message": "m"}),
+            "Invalid enum value 'oops'",
+        ),
     ],
 )
 def test_malformed_frames_are_decode_errors(frame, words):
@@ -208,7 +227,7 @@ def test_a_late_reply_never_answers_the_next_call(endpoint):
         if isinstance(msg, Unload) and not first.is_set():
             first.set()
             time.sleep(0.5)  # answers after the caller gave up
-            return Error(kind="late", message="stale")
+            return Error(kind=messages.ErrorKind.INTERNAL, message="stale")
         return Ack()
 
     _serve(endpoint, slow_then_fast, stop)

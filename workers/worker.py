@@ -18,6 +18,7 @@ from rpc.messages import (
     Ack,
     ClearKvCache,
     Error,
+    ErrorKind,
     GenerateStep,
     LoadDenseShard,
     Loaded,
@@ -79,12 +80,14 @@ class Worker:
             Unload: self.unload,
         }.get(type(msg))
         if handler is None:
-            return Error(kind="bad_frame", message=f"{type(msg).__name__} is not a worker request")
+            return Error(kind=ErrorKind.BAD_FRAME, message=f"{type(msg).__name__} is not a worker request")
         try:
             return handler(msg)
         except Exception as exc:  # a failed request must never kill the worker
             log.exception("%s failed", type(msg).__name__)
-            kind = {LoadDenseShard: "load_failed", GenerateStep: "step_failed"}.get(type(msg), "internal")
+            kind = {LoadDenseShard: ErrorKind.LOAD_FAILED, GenerateStep: ErrorKind.STEP_FAILED}.get(
+                type(msg), ErrorKind.INTERNAL
+            )
             return Error(kind=kind, message=f"{type(exc).__name__}: {exc}")
 
     def ping(self, msg: Ping) -> Pong:
@@ -106,7 +109,7 @@ class Worker:
 
         torch = self.torch
         if msg.model_id in self.models:
-            return Error(kind="load_failed", message=f"model {msg.model_id!r} is already loaded on this worker")
+            return Error(kind=ErrorKind.LOAD_FAILED, message=f"model {msg.model_id!r} is already loaded on this worker")
         delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
         if delay:
             time.sleep(delay)
@@ -146,7 +149,7 @@ class Worker:
     def step(self, msg: GenerateStep) -> StepResult | Error:
         rm = self.models.get(msg.model_id)
         if rm is None:
-            return Error(kind="unknown_model", message=f"model {msg.model_id!r} is not loaded on this worker")
+            return Error(kind=ErrorKind.UNKNOWN_MODEL, message=f"model {msg.model_id!r} is not loaded on this worker")
         from workers.kv_cache import StepBatch
 
         _maybe_stall()

@@ -28,6 +28,7 @@ from rpc.engine import (
     Cancel,
     Delta,
     Failure,
+    FailureKind,
     Finished,
     Forward,
     ModelOp,
@@ -98,7 +99,7 @@ class EngineClient:
             self._release(client) if got else client.close()
         if not isinstance(reply, Answer):
             raise ApiError(
-                503, "the engine is not answering", "service_unavailable", "engine_unavailable", retry_after=5
+                503, "the engine is not answering", "service_unavailable", FailureKind.ENGINE_UNAVAILABLE, retry_after=5
             )
         return reply.data
 
@@ -229,7 +230,7 @@ class Generation:
         if not self._started(first):
             self.done = True
             self._give_back()
-            if self.record is not None and isinstance(first, Failure) and first.kind == "model_not_found":
+            if self.record is not None and isinstance(first, Failure) and first.kind == FailureKind.MODEL_NOT_FOUND:
                 self.record.unknown_model()
             if isinstance(first, Forward):  # another leader serves it: the proxy takes over
                 raise ForwardTo(first)

@@ -10,26 +10,30 @@ import json
 
 import falcon
 
+from rpc.engine import FailureKind
+
 # leader failure kind -> (HTTP status, OpenAI error type, code)
-FAILURES = {
-    "model_not_found": (404, "invalid_request_error", "model_not_found"),
-    "model_loading": (503, "service_unavailable", "model_loading"),
-    "model_failed": (503, "service_unavailable", "model_load_failed"),
-    "context_length_exceeded": (400, "invalid_request_error", "context_length_exceeded"),
-    "invalid_request": (400, "invalid_request_error", None),
-    "worker_failed": (503, "service_unavailable", "worker_failed"),
-    "overloaded": (503, "service_unavailable", "overloaded"),
-    "shutting_down": (503, "service_unavailable", "shutting_down"),
-    "draining": (503, "service_unavailable", "draining"),
-    "engine_unavailable": (503, "service_unavailable", "engine_unavailable"),
-    "conflict": (409, "invalid_request_error", "conflict"),
+FAILURES: dict[FailureKind, tuple[int, str, str | None]] = {
+    FailureKind.MODEL_NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    FailureKind.MODEL_LOADING: (503, "service_unavailable", "model_loading"),
+    FailureKind.MODEL_FAILED: (503, "service_unavailable", "model_load_failed"),
+    FailureKind.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error", "context_length_exceeded"),
+    FailureKind.INVALID_REQUEST: (400, "invalid_request_error", None),
+    FailureKind.WORKER_FAILED: (503, "service_unavailable", "worker_failed"),
+    FailureKind.OVERLOADED: (503, "service_unavailable", "overloaded"),
+    FailureKind.SHUTTING_DOWN: (503, "service_unavailable", "shutting_down"),
+    FailureKind.DRAINING: (503, "service_unavailable", "draining"),
+    FailureKind.ENGINE_UNAVAILABLE: (503, "service_unavailable", "engine_unavailable"),
+    FailureKind.CONFLICT: (409, "invalid_request_error", "conflict"),
     # no room for a model even after every eviction the policy allows (retry: residents may go idle)
-    "insufficient_memory": (503, "service_unavailable", "insufficient_memory"),
+    FailureKind.INSUFFICIENT_MEMORY: (503, "service_unavailable", "insufficient_memory"),
     # a model larger than a device's whole budget: retrying cannot help
-    "model_too_large": (507, "server_error", "model_too_large"),
-    "internal": (500, "server_error", "internal_error"),
-    "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
-    "fleet_unavailable": (503, "service_unavailable", "model_unavailable"),  # only on nodes that are down
+    FailureKind.MODEL_TOO_LARGE: (507, "server_error", "model_too_large"),
+    FailureKind.INTERNAL: (500, "server_error", "internal_error"),
+    FailureKind.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_exceeded"),
+    FailureKind.FLEET_UNAVAILABLE: (503, "service_unavailable", "model_unavailable"),  # only on nodes that are down
+    # an operator's command refused as a whole (the admin socket; never an HTTP request)
+    FailureKind.REJECTED: (400, "invalid_request_error", "rejected"),
 }
 
 
@@ -48,7 +52,7 @@ class ApiError(Exception):
         self.param, self.retry_after = param, retry_after
 
     @classmethod
-    def from_failure(cls, kind: str, message: str, retry_after: int | None = None) -> ApiError:
+    def from_failure(cls, kind: FailureKind, message: str, retry_after: int | None = None) -> ApiError:
         status, type_, code = FAILURES.get(kind, (500, "server_error", kind))
         return cls(status, message, type_, code, retry_after=retry_after)
 

@@ -11,14 +11,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from cortex.supervisor import WorkerHandle
 from rpc.messages import Error
 
 
+class CallErrorKind(StrEnum):
+    ERROR = "error"  # a worker answered Error
+    DIED = "died"  # a worker of the call died, or was not running
+    TIMEOUT = "timeout"  # no complete answer before the call's deadline
+
+
 @dataclass
 class CallError:
-    kind: str  # error (the worker answered Error) | died | timeout
+    kind: CallErrorKind
     message: str
 
 
@@ -52,7 +59,7 @@ class WorkerCalls:
         for i, r in enumerate(ranks):
             w = self.workers[r]
             if not w.client or not w.alive():
-                on_done(None, CallError("died", f"worker {r} ({w.device}) is not running"))
+                on_done(None, CallError(CallErrorKind.DIED, f"worker {r} ({w.device}) is not running"))
                 return
             call.ids[r] = w.client.send(msg_for_rank(i))
         self._calls.append(call)
@@ -69,13 +76,13 @@ class WorkerCalls:
             if call is None:
                 continue
             if isinstance(reply, Error):
-                self._finish(call, None, CallError("error", f"worker {w.rank}: {reply.message}"))
+                self._finish(call, None, CallError(CallErrorKind.ERROR, f"worker {w.rank}: {reply.message}"))
                 continue
             call.replies[w.rank] = reply
             if len(call.replies) == len(call.ranks):
                 self._finish(call, call.replies, None)
 
-    def fail_rank(self, rank: int, kind: str, message: str) -> None:
+    def fail_rank(self, rank: int, kind: CallErrorKind, message: str) -> None:
         """Every call waiting on ``rank`` fails now (its worker died or is being restarted)."""
         for call in [c for c in self._calls if rank in c.ranks]:
             self._finish(call, None, CallError(kind, message))
@@ -83,7 +90,7 @@ class WorkerCalls:
     def check_deadlines(self) -> None:
         now = time.monotonic()
         for call in [c for c in self._calls if c.deadline < now]:
-            self._finish(call, None, CallError("timeout", f"no reply from worker(s) {call.ranks} in time"))
+            self._finish(call, None, CallError(CallErrorKind.TIMEOUT, f"no reply from worker(s) {call.ranks} in time"))
 
     def _finish(self, call: Call, replies: dict | None, error: CallError | None) -> None:
         if call in self._calls:

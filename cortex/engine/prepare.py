@@ -21,7 +21,7 @@ from typing import Any
 from cortex.chat import prompt as chat_prompt
 from cortex.engine.constraint import Constraint, GrammarError, Grammars, Rules
 from cortex.models import source
-from rpc.engine import Submit
+from rpc.engine import FailureKind, Submit
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Prepared:
 class Refused:
     """The request cannot be served as sent: answered with this kind and message (a 400)."""
 
-    kind: str
+    kind: FailureKind
     message: str
 
 
@@ -44,13 +44,13 @@ def prepare(files: source.ModelFiles, req: Submit, rules: Rules, grammars: Gramm
     try:
         ids, text = prompt_ids(files, req, rules)
     except ValueError as exc:  # a template that refuses the messages (TemplateRenderError), a bad id
-        return Refused("invalid_request", str(exc))
+        return Refused(FailureKind.INVALID_REQUEST, str(exc))
     if req.count_only:
         return Prepared(ids, text, [])
     try:
         constraints = [grammars.constraint(rules) for _ in range(req.n)]
     except GrammarError as exc:
-        return Refused("invalid_request", f"cannot constrain output to the schema: {exc}")
+        return Refused(FailureKind.INVALID_REQUEST, f"cannot constrain output to the schema: {exc}")
     return Prepared(ids, text, constraints)
 
 

@@ -13,7 +13,7 @@ from cortex.config import Config
 from cortex.fleet.peers import Peers
 from cortex.fleet.router import route
 from cortex.fleet.view import NodeView, node_view
-from rpc.engine import Failure, Forward, Target
+from rpc.engine import Failure, FailureKind, Forward, Target
 
 MAX_TARGETS = 2  # the first choice and one failover
 
@@ -78,9 +78,9 @@ class Fleet:
         peers = [node_view(s.health, s.endpoint, routable=s.routable, name=s.name) for s in snaps if s.health]
         r = route(name, local, peers)
         if r.error == "model_not_found":
-            return Failure(request_id, "model_not_found", r.message)
+            return Failure(request_id, FailureKind.MODEL_NOT_FOUND, r.message)
         if r.error:
-            return Failure(request_id, "fleet_unavailable", r.message, self.retry_after)
+            return Failure(request_id, FailureKind.FLEET_UNAVAILABLE, r.message, self.retry_after)
         if r.local:
             return None
         targets = [

@@ -31,7 +31,7 @@ from cortex.leader.stepper import Stepper
 from cortex.models import source
 from cortex.models.registry import ModelState, ModelStatus
 from rpc.codec import replace
-from rpc.engine import Answer, Started, Submit, Waiting
+from rpc.engine import Answer, FailureKind, Started, Submit, Waiting
 
 log = logging.getLogger("cortex.leader")
 
@@ -54,16 +54,18 @@ class Admission:
         """Route, park or refuse the request, or hand it to a preparation thread."""
         rid, shared = req.request_id, self.shared
         if shared.stopping.is_set():
-            return shared.refuse(peer, rid, "shutting_down", "the server is shutting down", RETRY_AFTER_SHUTDOWN_S)
+            return shared.refuse(
+                peer, rid, FailureKind.SHUTTING_DOWN, "the server is shutting down", RETRY_AFTER_SHUTDOWN_S
+            )
         state = shared.registry.resolve(req.model)
         answer = self.route(req, state)
         if answer is not None:  # another node serves it, or no node can
             return shared.reply(peer, answer)
         if self.draining:
             name = shared.cfg.node.name
-            return shared.refuse(peer, rid, "draining", f"node {name} is draining", RETRY_AFTER_DRAINING_S)
+            return shared.refuse(peer, rid, FailureKind.DRAINING, f"node {name} is draining", RETRY_AFTER_DRAINING_S)
         if state is None:
-            return shared.refuse(peer, rid, "model_not_found", f"The model '{req.model}' does not exist")
+            return shared.refuse(peer, rid, FailureKind.MODEL_NOT_FOUND, f"The model '{req.model}' does not exist")
         if state.status != ModelStatus.LOADED:
             return self._park(peer, req, state)
         rules = Rules(
@@ -74,9 +76,9 @@ class Admission:
         )
         if req.tool_name is not None and not rules.tools:
             message = f"tool_choice names {req.tool_name!r}, not among the tools"
-            return shared.refuse(peer, rid, "invalid_request", message)
+            return shared.refuse(peer, rid, FailureKind.INVALID_REQUEST, message)
         if self.stepper.requests.has_request(rid) or rid in self.preparer:
-            return shared.refuse(peer, rid, "invalid_request", f"request id {rid!r} is already in use")
+            return shared.refuse(peer, rid, FailureKind.INVALID_REQUEST, f"request id {rid!r} is already in use")
         files, grammars = state.files, self.grammars_of(state)
         self.preparer.submit(rid, (peer, req, state.id), lambda: prepare(files, req, rules, grammars))
 
@@ -90,19 +92,21 @@ class Admission:
 
     def fail_internal(self, peer: bytes, request_id: str, exc: Exception) -> None:
         message = f"internal error: {type(exc).__name__}"
-        if not self.stepper.fail_request(request_id, "internal", message):
-            self.shared.refuse(peer, request_id, "internal", message)
+        if not self.stepper.fail_request(request_id, FailureKind.INTERNAL, message):
+            self.shared.refuse(peer, request_id, FailureKind.INTERNAL, message)
 
     def _park(self, peer: bytes, req: Submit, state: ModelState) -> None:
         """The model is not loaded: the request waits for its load (started now if need be)."""
         rid = req.request_id
         if state.status == ModelStatus.FAILED:
-            return self.shared.refuse(peer, rid, "model_failed", f"model '{state.id}' failed to load: {state.error}")
+            return self.shared.refuse(
+                peer, rid, FailureKind.MODEL_FAILED, f"model '{state.id}' failed to load: {state.error}"
+            )
         if len(state.parked) >= self.shared.cfg.engine.max_waiting:
             message = (
                 f"model '{state.id}' is {state.status} and {len(state.parked)} requests wait for it; retry shortly"
             )
-            return self.shared.refuse(peer, rid, "model_loading", message, RETRY_AFTER_LOADING_S)
+            return self.shared.refuse(peer, rid, FailureKind.MODEL_LOADING, message, RETRY_AFTER_LOADING_S)
         # the front keeps the client's connection alive meanwhile (pings)
         state.parked.append((peer, req))
         self.shared.reply(peer, Waiting(rid, f"model '{state.id}' is {state.status}"))
@@ -173,13 +177,13 @@ class Admission:
         ctx = state.context_length
         if prompt_len >= ctx:
             return (
-                "context_length_exceeded",
+                FailureKind.CONTEXT_LENGTH_EXCEEDED,
                 f"This model's maximum context length is {ctx} tokens. However, your messages "
                 f"resulted in {prompt_len} tokens. Please reduce the length of the messages.",
             )
         if req.max_tokens is not None and req.max_tokens > ctx - prompt_len:
             return (
-                "context_length_exceeded",
+                FailureKind.CONTEXT_LENGTH_EXCEEDED,
                 f"This model's maximum context length is {ctx} tokens. However, you requested "
                 f"{prompt_len + req.max_tokens} tokens ({prompt_len} in the messages, "
                 f"{req.max_tokens} in the completion). Please reduce the length of the messages "
@@ -188,16 +192,20 @@ class Admission:
         out_limit = state.entry.max_output_tokens
         if out_limit and req.max_tokens is not None and req.max_tokens > out_limit:
             return (
-                "invalid_request",
+                FailureKind.INVALID_REQUEST,
                 f"max_tokens is {req.max_tokens}; model '{state.id}' generates at most {out_limit} tokens per request",
             )
         engine = self.shared.cfg.engine
         limit = engine.max_requests_per_client
         if limit and req.client and self.stepper.requests.requests_of(req.client) >= limit:
-            return ("rate_limited", f"this client already has {limit} requests in flight; retry when one finishes", 1)
+            return (
+                FailureKind.RATE_LIMITED,
+                f"this client already has {limit} requests in flight; retry when one finishes",
+                1,
+            )
         if len(sched.waiting) >= engine.max_waiting:
             message = f"model '{state.id}' has {len(sched.waiting)} requests waiting; retry shortly"
-            return ("overloaded", message, retry_after(sched))
+            return (FailureKind.OVERLOADED, message, retry_after(sched))
         return None
 
     # -- grammars -------------------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ class Admission:
         for sched in self.stepper.schedulers.values():
             for seq in [s for s in sched.waiting if not s.admitted and now - s.arrived > limit]:
                 message = f"waited {limit:g}s in the queue without starting; retry later"
-                self.stepper.fail(seq, "overloaded", message, retry_after(sched))
+                self.stepper.fail(seq, FailureKind.OVERLOADED, message, retry_after(sched))
 
     def in_flight(self) -> int:
         """Requests this node still owes an answer: preparing, parked on a load, queued or running."""
@@ -245,13 +253,13 @@ class Admission:
     def shutdown(self) -> None:
         """Every request not yet answered gets a clear 503 (queued and running ones: the stepper)."""
         message, retry = "the server is shutting down", RETRY_AFTER_SHUTDOWN_S
-        self.stepper.fail_all("shutting_down", message, retry)
+        self.stepper.fail_all(FailureKind.SHUTTING_DOWN, message, retry)
         for state in self.shared.registry.models.values():
             parked, state.parked = state.parked, []
             for peer, req in parked:
-                self.shared.refuse(peer, req.request_id, "shutting_down", message, retry)
+                self.shared.refuse(peer, req.request_id, FailureKind.SHUTTING_DOWN, message, retry)
         for peer, req, _ in self.preparer.abandon():
-            self.shared.refuse(peer, req.request_id, "shutting_down", message, retry)
+            self.shared.refuse(peer, req.request_id, FailureKind.SHUTTING_DOWN, message, retry)
 
 
 def eos_ids(files: source.ModelFiles) -> set[int]:

@@ -17,13 +17,13 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from cortex.engine.calls import CallError
+from cortex.engine.calls import CallError, CallErrorKind
 from cortex.leader.placement import Placement
 from cortex.leader.shared import RETRY_AFTER_LOADING_S, RETRY_AFTER_NO_MEMORY_S, Shared
 from cortex.leader.stepper import Stepper
 from cortex.models import source
 from cortex.models.registry import ModelState, ModelStatus
-from rpc.engine import Answer, Failure
+from rpc.engine import Answer, Failure, FailureKind
 from rpc.messages import KV_BLOCK_SIZE, LoadDenseShard, Unload
 from workers.sharding import ShardingError, check_split
 
@@ -196,7 +196,7 @@ class ModelLifecycle:
         waiters answered) when it cannot fit."""
         room = self.placement.make_room(state)
         if room.refusal is not None:
-            kind = "model_too_large" if room.never_fits else "insufficient_memory"
+            kind = FailureKind.MODEL_TOO_LARGE if room.never_fits else FailureKind.INSUFFICIENT_MEMORY
             log.warning("cannot load %s: %s", state.id, room.refusal)
             self._give_up_load(state, kind, f"model '{state.id}' cannot be loaded: {room.refusal}")
             return False
@@ -205,13 +205,13 @@ class ModelLifecycle:
             self.evict(self.shared.registry.models[victim.id], strategy, f"to make room for {state.id}")
         return True
 
-    def _give_up_load(self, state: ModelState, kind: str, message: str) -> None:
+    def _give_up_load(self, state: ModelState, kind: FailureKind, message: str) -> None:
         """The load will not happen (no room, or nobody wants it any more): back to unloaded, and
         everyone waiting for it answered."""
         state.status, state.error, state.ranks = ModelStatus.UNLOADED, message, []
         state.load_gen += 1
         state.load_in_flight = False
-        retry = None if kind == "model_too_large" else RETRY_AFTER_NO_MEMORY_S
+        retry = None if kind == FailureKind.MODEL_TOO_LARGE else RETRY_AFTER_NO_MEMORY_S
         parked, state.parked = state.parked, []
         for peer, req in parked:
             self.shared.refuse(peer, req.request_id, kind, message, retry)
@@ -225,10 +225,10 @@ class ModelLifecycle:
         state.load_in_flight = False
         self.shared.stats.load_ended(state, ok=False)
         message = f"model {state.id!r} failed to load: {error}"
-        self.stepper.fail_model(state, "model_failed", message)
+        self.stepper.fail_model(state, FailureKind.MODEL_FAILED, message)
         parked, state.parked = state.parked, []
         for peer, req in parked:
-            self.shared.refuse(peer, req.request_id, "model_failed", message, RETRY_AFTER_LOADING_S)
+            self.shared.refuse(peer, req.request_id, FailureKind.MODEL_FAILED, message, RETRY_AFTER_LOADING_S)
         self.answer_waiters(state)
 
     def answer_waiters(self, state: ModelState) -> None:
@@ -238,7 +238,7 @@ class ModelLifecycle:
             if state.status == ModelStatus.LOADED:
                 self.shared.reply(peer, Answer(data=state.describe(self.shared.devices)))
             else:
-                self.shared.reply(peer, Failure("", "model_failed", f"model {state.id!r}: {state.error}"))
+                self.shared.reply(peer, Failure("", FailureKind.MODEL_FAILED, f"model {state.id!r}: {state.error}"))
 
     def drop_unwanted_load(self, state: ModelState) -> None:
         """Every client that caused a load has gone: stop it (the worker frees what it loaded)."""
@@ -249,7 +249,7 @@ class ModelLifecycle:
         self.file_reads = {f: s for f, s in self.file_reads.items() if s is not state}
         if state.load_in_flight:
             self.unload_ranks(state, state.ranks)  # after the Load on each worker: frees it
-        self._give_up_load(state, "model_loading", "the load was cancelled")
+        self._give_up_load(state, FailureKind.MODEL_LOADING, "the load was cancelled")
         state.error = None
 
     # -- unloading ----------------------------------------------------------------------------------------
@@ -291,9 +291,9 @@ class ModelLifecycle:
                 left = state.unloading.pop(r, 1) - 1
                 if left:
                     state.unloading[r] = left
-                if error and error.kind == "timeout":
+                if error and error.kind == CallErrorKind.TIMEOUT:
                     self.supervisor.kill(r, f"did not answer Unload({state.id})")  # its death reloads
-                elif not (error and error.kind == "died"):  # it answered: the reload may go
+                elif not (error and error.kind == CallErrorKind.DIED):  # it answered: the reload may go
                     self.send_pending_loads()
 
             self.shared.calls.call([r], lambda _: Unload(state.id), UNLOAD_TIMEOUT_S, done)
@@ -307,7 +307,7 @@ class ModelLifecycle:
         state.load_gen += 1
         self.shared.stats.load_begun(state)  # the reload that follows is timed like any load
         state.load_in_flight = False
-        self.stepper.fail_model(state, "worker_failed", f"model {state.id!r} failed: {cause}")
+        self.stepper.fail_model(state, FailureKind.WORKER_FAILED, f"model {state.id!r} failed: {cause}")
         self.stepper.stop_model(state.id)
         self.unload_ranks(state, [r for r in state.ranks if r != dead_rank])
         self.send_pending_loads()

@@ -38,8 +38,8 @@ from cortex.models.registry import ModelState, ModelStatus, Registry
 from cortex.ops import reload as ops_reload
 from cortex.ops.admin import AdminServer
 from cortex.supervisor import WorkerHandle, resolve_devices
-from rpc.engine import Answer, Cancel, ModelOp, PeerFailed, Query, Submit
-from rpc.messages import Error
+from rpc.engine import Answer, Cancel, FailureKind, ModelOp, PeerFailed, Query, Submit
+from rpc.messages import Error, ErrorKind
 from rpc.transport import RpcServer
 
 log = logging.getLogger("cortex.leader")
@@ -189,7 +189,9 @@ class Leader:
             if self.fleet:
                 self.fleet.report_failure(msg.endpoint, msg.reason)
         else:
-            self.shared.reply(peer, Error(kind="bad_frame", message=f"{type(msg).__name__} is not a front request"))
+            self.shared.reply(
+                peer, Error(kind=ErrorKind.BAD_FRAME, message=f"{type(msg).__name__} is not a front request")
+            )
 
     def _route(self, req: Submit, state: ModelState | None) -> object | None:
         """The fleet's answer for a model not resident here, or any model while draining (a draining
@@ -204,7 +206,7 @@ class Leader:
     def _model_op(self, peer: bytes, op: ModelOp) -> None:
         state = self.registry.resolve(op.model)
         if state is None:
-            return self.shared.refuse(peer, "", "model_not_found", f"The model '{op.model}' does not exist")
+            return self.shared.refuse(peer, "", FailureKind.MODEL_NOT_FOUND, f"The model '{op.model}' does not exist")
         if op.op == "load":
             if state.status == ModelStatus.LOADED:
                 return self.shared.reply(peer, Answer(data=state.describe(self.devices)))
@@ -218,9 +220,9 @@ class Leader:
         elif op.op == "evict":
             refusal = self.evict(state)
         else:
-            return self.shared.refuse(peer, "", "invalid_request", f"unknown model operation {op.op!r}")
+            return self.shared.refuse(peer, "", FailureKind.INVALID_REQUEST, f"unknown model operation {op.op!r}")
         if refusal:
-            return self.shared.refuse(peer, "", "conflict", refusal)
+            return self.shared.refuse(peer, "", FailureKind.CONFLICT, refusal)
         self.shared.reply(peer, Answer(data=state.describe(self.devices)))
 
     # -- views ------------------------------------------------------------------------------------------

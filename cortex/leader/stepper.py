@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 from cortex.chat.tokenizer import token_bytes
 from cortex.engine.blocks import BlockManager
-from cortex.engine.calls import CallError, ignore
+from cortex.engine.calls import CallError, CallErrorKind, ignore
 from cortex.engine.requests import RequestTable
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
 from cortex.leader.shared import RETRY_AFTER_LOADING_S, Shared
 from cortex.models.registry import ModelState, ModelStatus
-from rpc.engine import Delta, Finished
+from rpc.engine import Delta, FailureKind, Finished
 from rpc.messages import KV_BLOCK_SIZE, ClearKvCache, GenerateStep, ReleaseSequences, SeqInput
 
 if TYPE_CHECKING:
@@ -95,10 +95,10 @@ class Stepper:
 
     def _step_failed(self, state: ModelState, work: list[Work], error: CallError) -> None:
         for w in work:
-            self.fail(w.seq, "worker_failed", f"generation failed: {error.message}", RETRY_AFTER_LOADING_S)
-        if error.kind == "timeout":
+            self.fail(w.seq, FailureKind.WORKER_FAILED, f"generation failed: {error.message}", RETRY_AFTER_LOADING_S)
+        if error.kind == CallErrorKind.TIMEOUT:
             self.lifecycle.kill_group(state, f"a step took longer than {self.shared.cfg.engine.step_timeout_s:g}s")
-        elif len(state.ranks) > 1 or error.kind == "died":
+        elif len(state.ranks) > 1 or error.kind == CallErrorKind.DIED:
             self.lifecycle.recover(state, f"a step failed: {error.message}")  # ranks may disagree now
 
     def _apply(self, state: ModelState, work: list[Work], result) -> None:
@@ -177,7 +177,7 @@ class Stepper:
             if not self.in_step(seq):
                 self.retire(seq)  # else retired when its step returns: the worker is writing its blocks
 
-    def fail(self, seq: Sequence, kind: str, message: str, retry_after: int | None = None) -> None:
+    def fail(self, seq: Sequence, kind: FailureKind, message: str, retry_after: int | None = None) -> None:
         """Fail the request ``seq`` belongs to: one Failure, and its other choices stop too."""
         if seq not in self.requests:
             return  # already failed with a sibling choice
@@ -189,7 +189,7 @@ class Stepper:
             if sched is not None:
                 sched.remove(s)
 
-    def fail_request(self, request_id: str, kind: str, message: str) -> bool:
+    def fail_request(self, request_id: str, kind: FailureKind, message: str) -> bool:
         """Fail a live request by id; False when no sequence of it is live."""
         seq = self.requests.first(request_id)
         if seq is None:
@@ -203,10 +203,10 @@ class Stepper:
         if seq not in self.requests:
             return  # a sibling choice failed in the same step
         release = ReleaseSequences(state.id, [c.seq_id for c in self.requests.choices(seq.request_id)])
-        self.fail(seq, "internal", f"sampling failed: {error}")
+        self.fail(seq, FailureKind.INTERNAL, f"sampling failed: {error}")
         self.shared.calls.call(state.ranks, lambda _: release, 30.0, ignore)
 
-    def fail_model(self, state: ModelState, kind: str, message: str) -> None:
+    def fail_model(self, state: ModelState, kind: FailureKind, message: str) -> None:
         """Every live request of the model fails (its load failed, or its group is being recovered)."""
         for seq in self.requests.of_model(state.id):
             self.fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
@@ -225,7 +225,7 @@ class Stepper:
             self.shared.calls.call(state.ranks, lambda _: clear, 30.0, ignore)
         return None
 
-    def fail_all(self, kind: str, message: str, retry_after: int | None = None) -> None:
+    def fail_all(self, kind: FailureKind, message: str, retry_after: int | None = None) -> None:
         for seq in list(self.requests):
             self.fail(seq, kind, message, retry_after)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from cortex.engine.calls import CallError
+from cortex.engine.calls import CallError, CallErrorKind
 from cortex.leader.lifecycle import ModelLifecycle
 from cortex.leader.placement import Placement
 from cortex.leader.shared import Shared
@@ -73,7 +73,7 @@ class WorkerSupervisor:
         if w.expected_exit:  # a defragmentation restart
             w.expected_exit = False
             log.info("worker %d (%s) stopped for defragmentation; restarting it", w.rank, w.device)
-            self.shared.calls.fail_rank(w.rank, "died", "restarted for defragmentation")
+            self.shared.calls.fail_rank(w.rank, CallErrorKind.DIED, "restarted for defragmentation")
             self.start(w)
             return
         cause = f"worker {w.rank} ({w.device}) died: {how}"
@@ -81,7 +81,7 @@ class WorkerSupervisor:
         if self.shared.stopping.is_set():
             return
         self.lifecycle.worker_died(w.rank, cause)
-        self.shared.calls.fail_rank(w.rank, "died", cause)
+        self.shared.calls.fail_rank(w.rank, CallErrorKind.DIED, cause)
         w.restarts += 1
         self.shared.stats.worker_restarted(w.rank, w.device)
         self.start(w)

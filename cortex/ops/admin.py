@@ -19,8 +19,8 @@ import zmq
 
 from cortex.ops import metrics
 from rpc.admin import AdminCommand
-from rpc.engine import Answer, Failure
-from rpc.messages import Error
+from rpc.engine import Answer, Failure, FailureKind
+from rpc.messages import Error, ErrorKind
 from rpc.transport import RpcServer
 
 if TYPE_CHECKING:
@@ -38,17 +38,17 @@ def endpoint(run_dir: Path) -> str:
 
 @dataclass
 class AdminError(Exception):
-    kind: str  # model_not_found | conflict | invalid_request | rejected
+    kind: FailureKind
     message: str
 
 
 def _model(leader: NodeControl, args: dict[str, Any]) -> ModelState:
     name = args.get("model")
     if not isinstance(name, str) or not name:
-        raise AdminError("invalid_request", "this command needs a model id")
+        raise AdminError(FailureKind.INVALID_REQUEST, "this command needs a model id")
     state = leader.registry.resolve(name)
     if state is None:
-        raise AdminError("model_not_found", f"no model {name!r} in the catalogue")
+        raise AdminError(FailureKind.MODEL_NOT_FOUND, f"no model {name!r} in the catalogue")
     return state
 
 
@@ -65,7 +65,7 @@ def _refusable(op: Callable[[NodeControl, ModelState], str | None]) -> Callable[
         state = _model(leader, args)
         refusal = op(leader, state)
         if refusal:
-            raise AdminError("conflict", refusal)
+            raise AdminError(FailureKind.CONFLICT, refusal)
         return leader.describe_model(state)
 
     return run
@@ -91,7 +91,7 @@ def _drain(draining: bool) -> Callable[[NodeControl, dict], dict]:
 def _reload(leader: NodeControl, _args: dict) -> dict:
     result = leader.reload()
     if not result["ok"]:
-        raise AdminError("rejected", result["error"])
+        raise AdminError(FailureKind.REJECTED, result["error"])
     return result
 
 
@@ -132,10 +132,12 @@ class AdminServer:
 
     def _run(self, leader: NodeControl, msg: object) -> object:
         if not isinstance(msg, AdminCommand):
-            return Error(kind="bad_frame", message=f"{type(msg).__name__} is not an admin command")
+            return Error(kind=ErrorKind.BAD_FRAME, message=f"{type(msg).__name__} is not an admin command")
         handler = COMMANDS.get(msg.command)
         if handler is None:
-            return Failure("", "invalid_request", f"unknown command {msg.command!r}; known: {', '.join(COMMANDS)}")
+            return Failure(
+                "", FailureKind.INVALID_REQUEST, f"unknown command {msg.command!r}; known: {', '.join(COMMANDS)}"
+            )
         try:
             data = handler(leader, msg.args)
         except AdminError as exc:
@@ -144,7 +146,7 @@ class AdminServer:
         except Exception as exc:  # a bug in one command must not take the loop down
             log.exception("admin command %s failed", msg.command)
             metrics.ADMIN_COMMANDS.labels(msg.command, "error").inc()
-            return Failure("", "internal", f"internal error: {type(exc).__name__}: {exc}")
+            return Failure("", FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         metrics.ADMIN_COMMANDS.labels(msg.command, "ok").inc()
         return Answer(data=data)
 
