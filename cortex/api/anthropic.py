@@ -13,84 +13,73 @@ from typing import Any
 import falcon
 
 from cortex.api import sse
+from cortex.api.bodies import (
+    AnthropicCountTokensRequest,
+    AnthropicDocumentBlock,
+    AnthropicImageBlock,
+    AnthropicMessagesRequest,
+    AnthropicPrompt,
+    AnthropicRedactedThinkingBlock,
+    AnthropicTextBlock,
+    AnthropicThinkingBlock,
+    AnthropicToolResultBlock,
+    AnthropicToolUseBlock,
+    Block,
+)
 from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
 from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded
-from cortex.api.validation import field, read_json
+from cortex.api.validation import decode
 from cortex.chat.output import Reasoning, Text, ToolCall
 from rpc.engine import Finished, Submit
 from rpc.messages import SamplingParams
 
 
-def _text_blocks(content: Any, where: str) -> str:
+def _text(content: str | list[AnthropicTextBlock]) -> str:
     """A string, or text blocks (a system prompt, a tool result)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise bad_field(where, f"{where}: expected a string or an array of text blocks.")
-    texts = []
-    for j, b in enumerate(content):
-        if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
-            kind = b.get("type") if isinstance(b, dict) else type(b).__name__
-            raise bad_field(f"{where}.{j}", f"{where}.{j}: block type {kind!r} is not supported here; expected text.")
-        texts.append(b["text"])
-    return "\n".join(texts)
+    return content if isinstance(content, str) else "\n".join(b.text for b in content)
 
 
-def parse_messages(body: dict) -> list[dict[str, Any]]:
+def parse_messages(body: AnthropicPrompt) -> list[dict[str, Any]]:
     """Anthropic turns -> chat-template messages (tool results become ``tool`` messages)."""
     out: list[dict[str, Any]] = []
-    system = body.get("system")
-    if system is not None:
-        out.append({"role": "system", "content": _text_blocks(system, "system")})
-    messages = field(body, "messages", list, required=True)
-    if not messages:
-        raise bad_field("messages", "messages: at least one message is required.")
-    for i, m in enumerate(messages):
-        where = f"messages.{i}"
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise bad_field(where, f"{where}.role: expected 'user' or 'assistant'.")
-        content = m.get("content")
-        if isinstance(content, str):
-            out.append({"role": m["role"], "content": content})
-            continue
-        if not isinstance(content, list):
-            raise bad_field(f"{where}.content", f"{where}.content: expected a string or an array of content blocks.")
-        out += _blocks(m["role"], content, f"{where}.content")
+    if body.system is not None:
+        out.append({"role": "system", "content": _text(body.system)})
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+        else:
+            out += _blocks(m.role, m.content, f"messages.{i}.content")
     return out
 
 
-def _blocks(role: str, blocks: list, where: str) -> list[dict[str, Any]]:
+_ONLY = {  # block types only one side of the conversation sends
+    AnthropicThinkingBlock: "assistant",
+    AnthropicRedactedThinkingBlock: "assistant",
+    AnthropicToolUseBlock: "assistant",
+    AnthropicToolResultBlock: "user",
+}
+
+
+def _blocks(role: str, blocks: list[Block], where: str) -> list[dict[str, Any]]:
     text, reasoning, calls, results = [], [], [], []
     for j, b in enumerate(blocks):
-        kind = b.get("type") if isinstance(b, dict) else None
-        at = f"{where}.{j}"
-        if kind == "text" and isinstance(b.get("text"), str):
-            text.append(b["text"])
-        elif kind == "thinking" and role == "assistant":
-            reasoning.append(str(b.get("thinking", "")))
-        elif kind == "redacted_thinking" and role == "assistant":
-            continue
-        elif kind == "tool_use" and role == "assistant":
-            if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
-                raise bad_field(at, f"{at}: tool_use needs a name and an input object.")
-            calls.append(
-                {
-                    "id": b.get("id"),
-                    "type": "function",
-                    "function": {"name": b["name"], "arguments": b.get("input", {})},
-                }
-            )
-        elif kind == "tool_result" and role == "user":
-            content = b.get("content", "")
-            result = _text_blocks(content, f"{at}.content") if content else ""
-            if b.get("is_error"):
-                result = f"Error: {result}"
-            results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": result})
-        elif kind in ("image", "document"):
+        kind, at = b.__struct_config__.tag, f"{where}.{j}"
+        if isinstance(b, (AnthropicImageBlock, AnthropicDocumentBlock)):
             raise bad_field(at, f"{at}: {kind} blocks are not supported by this model.")
-        else:
+        if _ONLY.get(type(b), role) != role:
             raise bad_field(at, f"{at}: unexpected content block {kind!r} in a {role} message.")
+        if isinstance(b, AnthropicTextBlock):
+            text.append(b.text)
+        elif isinstance(b, AnthropicThinkingBlock):
+            reasoning.append(b.thinking)
+        elif isinstance(b, AnthropicToolUseBlock):
+            calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}})
+        elif isinstance(b, AnthropicToolResultBlock):
+            result = _text(b.content) if b.content else ""
+            if b.is_error:
+                result = f"Error: {result}"
+            results.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": result})
     out: list[dict[str, Any]] = list(results)
     if text or calls or reasoning or not results:
         msg: dict[str, Any] = {"role": role, "content": "\n".join(text)}
@@ -102,68 +91,44 @@ def _blocks(role: str, blocks: list, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def parse_tools(body: dict) -> tuple[list[dict] | None, str, str | None, bool]:
+def parse_tools(body: AnthropicPrompt) -> tuple[list[dict] | None, str, str | None, bool]:
     """(tools, tool_choice none|auto|required, forced name, parallel calls allowed)."""
-    tools = []
-    for i, t in enumerate(field(body, "tools", list) or []):
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
-            raise bad_field(f"tools.{i}", f"tools.{i}: a tool needs a name.")
-        if t.get("type") not in (None, "custom"):
-            raise bad_field(f"tools.{i}", f"tools.{i}: server tool type {t['type']!r} is not supported.")
-        schema = t.get("input_schema", {"type": "object"})
-        if not isinstance(schema, dict):
-            raise bad_field(f"tools.{i}.input_schema", f"tools.{i}.input_schema: expected a JSON schema object.")
-        tools.append({"name": t["name"], "description": t.get("description") or "", "parameters": schema})
-    choice = field(body, "tool_choice", dict, default={"type": "auto"})
-    kind = choice.get("type")
-    parallel = not choice.get("disable_parallel_tool_use", False)
+    tools = [
+        {
+            "name": t.name,
+            "description": t.description or "",
+            "parameters": t.input_schema,
+        }
+        for t in body.tools or []
+    ]
+    choice = body.tool_choice
+    kind = choice.type if choice else "auto"
+    parallel = not (choice and choice.disable_parallel_tool_use)
     if kind in ("auto", "none"):
         return tools or None, kind, None, parallel
     if kind == "any":
         return tools or None, "required", None, parallel
-    if kind == "tool":
-        name = choice.get("name")
-        if not isinstance(name, str) or name not in {t["name"] for t in tools}:
-            raise bad_field("tool_choice", f"tool_choice.name: {name!r} is not one of the tools.")
-        return tools, "required", name, parallel
-    raise bad_field("tool_choice", "tool_choice.type: expected auto, any, tool or none.")
+    if choice.name not in {t["name"] for t in tools}:
+        raise bad_field("tool_choice", f"tool_choice.name: {choice.name!r} is not one of the tools.")
+    return tools, "required", choice.name, parallel
 
 
-def parse_thinking(body: dict) -> bool:
-    """Anthropic models think only when asked to; so do ours (Qwen3's switch)."""
-    thinking = field(body, "thinking", dict)
-    if thinking is None:
-        return False
-    kind = thinking.get("type")
-    if kind not in ("enabled", "disabled", "adaptive"):
-        raise bad_field("thinking", "thinking.type: expected enabled or disabled.")
-    return kind != "disabled"
-
-
-def parse_submit(body: dict, req: falcon.Request, max_tokens_required: bool = True) -> Submit:
-    number = (int, float)
+def parse_submit(body: AnthropicPrompt, req: falcon.Request) -> Submit:
     tools, tool_choice, tool_name, parallel = parse_tools(body)
-    stops = field(body, "stop_sequences", list)
-    if stops is not None and not all(isinstance(s, str) for s in stops):
-        raise bad_field("stop_sequences", "stop_sequences: expected an array of strings.")
     return Submit(
         request_id=f"msg_{uuid.uuid4().hex[:24]}",
-        model=field(body, "model", str, required=True),
+        model=body.model,
         messages=parse_messages(body),
-        sampling=SamplingParams(
-            temperature=float(field(body, "temperature", number, default=1.0, lo=0, hi=1)),
-            top_p=float(field(body, "top_p", number, default=1.0, lo=0, hi=1)),
-            top_k=field(body, "top_k", int, default=0, lo=0),
-            seed=field(body, "seed", int),  # an extension: reproducible sampling, as in the OpenAI dialect
-        ),
-        max_tokens=field(body, "max_tokens", int, required=max_tokens_required, lo=1),
-        stop=stops or None,
+        sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed),
+        max_tokens=body.max_tokens,
+        stop=body.stop_sequences or None,
         client=client_id(req),
         tools=tools,
         tool_choice=tool_choice,
         tool_name=tool_name,
         parallel_tool_calls=parallel,
-        thinking=parse_thinking(body),
+        # Anthropic models think only when asked to; so do ours (Qwen3's switch)
+        thinking=body.thinking is not None and body.thinking.type != "disabled",
         hop=forwarded(req),
     )
 
@@ -173,12 +138,11 @@ class Messages:
         self.engine, self.max_body_bytes, self.keepalive_s = engine, max_body_bytes, keepalive_s
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = read_json(req, self.max_body_bytes)
+        body = decode(req, AnthropicMessagesRequest, self.max_body_bytes)
         submit = parse_submit(body, req)
-        stream = field(body, "stream", bool, default=False)
         tools = bool(submit.tools) and submit.tool_choice != "none"
         gen = self.engine.submit(submit, req.context.get("record"))
-        if stream:
+        if body.stream:
             resp.content_type = "text/event-stream"
             resp.set_headers(sse.HEADERS)
             resp.stream = self._stream(gen, tools)
@@ -327,7 +291,6 @@ class CountTokens:
         self.engine, self.max_body_bytes = engine, max_body_bytes
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = read_json(req, self.max_body_bytes)
-        submit = parse_submit(body, req, max_tokens_required=False)
+        submit = parse_submit(decode(req, AnthropicCountTokensRequest, self.max_body_bytes), req)
         submit.count_only = True
         resp.media = {"input_tokens": self.engine.count_tokens(submit)}

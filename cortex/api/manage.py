@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import falcon
 
+from cortex.api.bodies import ModelName
 from cortex.api.engine_client import EngineClient
-from cortex.api.validation import field, read_json
+from cortex.api.validation import decode
 
 
 class ModelLoad:
@@ -17,8 +18,7 @@ class ModelLoad:
         self.engine, self.max_body_bytes, self.timeout_s, self.op = engine, max_body_bytes, timeout_s, op
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = read_json(req, self.max_body_bytes)
-        model = field(body, "model", str, required=True)
+        model = decode(req, ModelName, self.max_body_bytes).model
         resp.media = {"model": self.engine.model_op(self.op, model, self.timeout_s)}
 
 
