@@ -137,6 +137,9 @@ class EngineConfig:
     kv_cache_dtype: str = key("auto", "auto: float16 for float32 models on the CPU, else theirs", choices=KV_DTYPES)
     max_batch_tokens: int = key(512, "tokens per step, all sequences together (decodes first)", gt=0)
     prefill_chunk: int = key(256, "longest prompt piece per step, so decodes never stall long", gt=0)
+    step_target_ms: int = key(
+        50, "while sequences decode, prompt pieces shrink so a step takes about this long; 0 = off", ge=0
+    )
     max_seqs: int = key(64, "sequences in the running batch", gt=0)
 
 

@@ -158,3 +158,25 @@ def test_a_float16_pool_is_read_and_written_by_the_same_kernels():
     want = apply_rotary(heads[:, 9:12], cos, sin).half().float()
     torch.testing.assert_close(k_pool[[2, 5]].float(), want, rtol=2**-10, atol=2**-24)
     assert torch.equal(v_pool[[2, 5]], heads[:, 12:].half())
+
+
+def test_prompt_chunks_read_in_place_match_gathered_attention():
+    """Every row of a prompt chunk is one query against the positions up to its own: the native
+    kernel reads them through the block table, with or without a cached prefix, beside decodes."""
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float16):
+        cache = PagedKVCache(1, 3, 64, dtype, torch.device("cpu"), 40)
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g) * 2)
+        cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+        seqs = [
+            ([1] * 37, 0, [11, 2, 30]),  # a first chunk: causal from position 0
+            ([2], 40, [5, 6, 7]),  # a decode
+            ([3] * 9, 200, [*range(12, 25), 31]),  # a chunk after 200 cached positions, crossing a block
+            ([4] * 2, 15, [8, 9]),  # two rows at a block edge
+        ]
+        batch = StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu"))
+        q = torch.randn(49, 9, 64, generator=g)
+        got = attend(q, cache, 0, batch)
+        assert "row_tables" in vars(batch)  # the rows went to the kernel, not to SDPA
+        want = attend(q, cache, 0, batch, native_ok=False)
+        assert (got - want).abs().max() < 1e-5, dtype

@@ -8,6 +8,7 @@ only reads and writes the slots it is told to.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,26 @@ class StepBatch:
     decode_mask: torch.Tensor | None  # [B, 1, 1, Nmax * block] True for real positions; None: all real
     decode_lengths: torch.Tensor | None  # [B] their context lengths (this step's token included)
     last_rows: torch.Tensor  # [S] the last row of every sequence (whose logits may be sampled)
+
+    @functools.cached_property
+    def row_tables(self) -> torch.Tensor:
+        """[T, Nmax] the context blocks of every row, prompt-chunk rows included (each row of a
+        chunk sees its sequence's blocks; ``row_lengths`` stops it at its own position): every row
+        as a single-query row, for the native kernel, which reads the pool in place."""
+        widths = [s.blocks.numel() for s in self.prefills]
+        if self.decode_blocks is not None:
+            widths.append(self.decode_blocks.shape[1])
+        out = torch.zeros(self.tokens.shape[0], max(widths), dtype=torch.long, device=self.tokens.device)
+        for s in self.prefills:
+            out[s.start : s.end, : s.blocks.numel()] = s.blocks
+        if self.decode_rows is not None:
+            out[self.decode_rows, : self.decode_blocks.shape[1]] = self.decode_blocks
+        return out
+
+    @functools.cached_property
+    def row_lengths(self) -> torch.Tensor:
+        """[T] how many positions each row attends to: its own position and all before it."""
+        return self.positions + 1
 
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device) -> StepBatch:

@@ -2,7 +2,9 @@
 
 Every step takes, within a token budget: one token of every decoding sequence (oldest first), then
 chunks of prompts being prefilled, then new sequences from the queue as long as their prompt's
-blocks fit. A long prompt is split into chunks so it never stalls the decoding of others. When the
+blocks fit. A long prompt is split into chunks so it never stalls the decoding of others: at most
+``prefill_chunk`` tokens, and, while other sequences decode, only as much as the model's step clock
+predicts fits in ``step_target_s`` (``cortex/engine/step_clock.py``). When the
 KV pool runs out, the newest sequence is preempted: its blocks are freed and it is recomputed later
 (its output so far is kept; only its KV is rebuilt).
 """
@@ -10,10 +12,12 @@ KV pool runs out, the newest sequence is preempted: its blocks are freed and it 
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 
 from cortex.engine.blocks import BlockManager
 from cortex.engine.sequence import Sequence
+from cortex.engine.step_clock import PROBE_UNITS, StepClock, tokens_within, units
 
 
 @dataclass
@@ -21,6 +25,7 @@ class Work:
     seq: Sequence
     tokens: list[int]
     start: int
+    decode: bool = False  # the next token of a sequence that is generating (not a prompt chunk)
 
     @property
     def first(self) -> bool:
@@ -33,9 +38,22 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_tokens: int, prefill_chunk: int, max_seqs: int):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batch_tokens: int,
+        prefill_chunk: int,
+        max_seqs: int,
+        step_target_s: float = 0.0,
+        attention_k: float = math.inf,
+    ):
+        """``step_target_s``: while sequences decode, a step's prefill is sized to end within it (0:
+        off). ``attention_k``: the model's ``attention_span_equivalent`` (how cost grows with context)."""
         self.blocks = blocks
         self.max_batch_tokens, self.prefill_chunk, self.max_seqs = max_batch_tokens, prefill_chunk, max_seqs
+        self.step_target_s, self.attention_k = step_target_s, attention_k
+        self.clock = StepClock()
+        self._allowance: float | None = None  # prefill units left in the step being planned; None: no cap
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -66,12 +84,13 @@ class Scheduler:
                 continue
             if not self._grow(seq, seq.computed + 1, work):
                 continue
-            work.append(Work(seq, seq.tokens[-1:], seq.computed))
+            work.append(Work(seq, seq.tokens[-1:], seq.computed, decode=True))
             budget -= 1
+        self._allowance = self._prefill_allowance(decoding=bool(work))
         for seq in self.running:  # then prompts being prefilled, a chunk each
-            if seq.pending > 1 and budget > 0:
+            if seq.pending > 1 and budget > 0 and self._may_prefill():
                 budget -= self._chunk(seq, budget, work)
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs and self._may_prefill():
             seq = self.waiting[0]
             # keep a block in hand for each running sequence, so admitting does not force preemption
             got = self.blocks.allocate_prompt(seq.tokens, reserve=len(self.running))
@@ -85,8 +104,20 @@ class Scheduler:
             budget -= self._chunk(seq, budget, work)
         return work
 
+    def _prefill_allowance(self, decoding: bool) -> float | None:
+        if not decoding or not self.step_target_s:
+            return None  # nobody waits on this step, or no target: whole chunks
+        allowance = self.clock.prefill_allowance(self.step_target_s)
+        return PROBE_UNITS if allowance is None else allowance
+
+    def _may_prefill(self) -> bool:
+        return self._allowance is None or self._allowance > 0
+
     def _chunk(self, seq: Sequence, budget: int, work: list[Work]) -> int:
         n = min(seq.pending, self.prefill_chunk, budget)
+        if self._allowance is not None:
+            n = min(n, tokens_within(self._allowance, seq.computed, self.attention_k))
+            self._allowance -= units(n, seq.computed, self.attention_k)
         work.append(Work(seq, seq.tokens[seq.computed : seq.computed + n], seq.computed))
         return n
 
@@ -108,8 +139,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def done(self, work: list[Work]) -> None:
-        """Record a finished step: the fed tokens now have KV; name the blocks they filled."""
+    def done(self, work: list[Work], seconds: float | None = None) -> None:
+        """Record a finished step (and how long it took): the fed tokens now have KV; name the
+        blocks they filled."""
+        if seconds is not None:
+            prefill = sum(units(len(w.tokens), w.start, self.attention_k) for w in work if not w.decode)
+            self.clock.observe(prefill, seconds)
         for w in work:
             w.seq.computed = w.start + len(w.tokens)
             w.seq.computed_once = True

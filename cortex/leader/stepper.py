@@ -10,6 +10,7 @@ pool. A failed step fails its requests here and asks the lifecycle to recover th
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from cortex.chat.tokenizer import token_bytes
@@ -18,6 +19,7 @@ from cortex.engine.calls import CallError, CallErrorKind, ignore
 from cortex.engine.requests import RequestTable
 from cortex.engine.scheduler import Scheduler, Work
 from cortex.engine.sequence import Sequence
+from cortex.engine.step_clock import attention_span_equivalent
 from cortex.leader.shared import RETRY_AFTER_LOADING_S, Shared
 from cortex.models.registry import ModelState, ModelStatus
 from rpc.engine import Delta, FailureKind, Finished
@@ -42,7 +44,14 @@ class Stepper:
     def start_model(self, state: ModelState, kv_blocks: int) -> None:
         engine = self.shared.cfg.engine
         blocks = BlockManager(kv_blocks, KV_BLOCK_SIZE, namespace=state.id)
-        self.schedulers[state.id] = Scheduler(blocks, engine.max_batch_tokens, engine.prefill_chunk, engine.max_seqs)
+        self.schedulers[state.id] = Scheduler(
+            blocks,
+            engine.max_batch_tokens,
+            engine.prefill_chunk,
+            engine.max_seqs,
+            step_target_s=engine.step_target_ms / 1000,
+            attention_k=attention_span_equivalent(state.files.config),
+        )
 
     def stop_model(self, model_id: str) -> None:
         self.schedulers.pop(model_id, None)
@@ -80,7 +89,7 @@ class Stepper:
         step = GenerateStep(state.id, [_seq_input(w) for w in work])
         self.in_flight[state.id] = work
         self.shared.stats.step_started(state.id, work)
-        gen = state.load_gen
+        gen, sent = state.load_gen, time.monotonic()
 
         def done(replies: dict, error: CallError | None) -> None:
             self.in_flight.pop(state.id, None)
@@ -89,7 +98,7 @@ class Stepper:
             if error:
                 self._step_failed(state, work, error)
             else:
-                self._apply(state, work, replies[state.ranks[0]])
+                self._apply(state, work, replies[state.ranks[0]], time.monotonic() - sent)
 
         self.shared.calls.call(state.ranks, lambda _: step, self.shared.cfg.engine.step_timeout_s, done)
 
@@ -101,8 +110,8 @@ class Stepper:
         elif len(state.ranks) > 1 or error.kind == CallErrorKind.DIED:
             self.lifecycle.recover(state, f"a step failed: {error.message}")  # ranks may disagree now
 
-    def _apply(self, state: ModelState, work: list[Work], result) -> None:
-        self.schedulers[state.id].done(work)
+    def _apply(self, state: ModelState, work: list[Work], result, seconds: float) -> None:
+        self.schedulers[state.id].done(work, seconds)
         logprobs = result.logprobs or [None] * len(work)
         errors = result.errors or [""] * len(work)
         for w, token, lp, err in zip(work, result.tokens, logprobs, errors, strict=True):
