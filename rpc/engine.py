@@ -37,6 +37,20 @@ class FailureKind(StrEnum):
     REJECTED = "rejected"  # an operator's command refused as a whole (e.g. a reload of a broken file)
 
 
+class NodeStatus(StrEnum):
+    """A node's readiness, the ``status`` of its ``Query("health")`` answer and of ``GET /health``."""
+
+    OK = "ok"  # every wanted model loaded, every worker up
+    DEGRADED = "degraded"  # serving, with something broken: a worker restarting, a model failed
+    LOADING = "loading"  # not serving yet: workers starting, preloaded models loading
+    DRAINING = "draining"  # refusing new requests (cortex-admin drain, SIGTERM)
+
+    @property
+    def serving(self) -> bool:
+        """Whether load balancers should send it requests (``/health`` answers 200)."""
+        return self in (NodeStatus.OK, NodeStatus.DEGRADED)
+
+
 class Submit(Message):
     request_id: str
     model: str
@@ -62,6 +76,7 @@ class Submit(Message):
     json_schema: dict[str, Any] | None = None  # constrain output to this schema ({}: any JSON object)
     thinking: bool | None = None  # None: the model's default; False: ask a thinking model not to think
     hop: bool = False  # forwarded by a peer leader: serve it here or fail, never forward it again
+    cache_salt: str | None = None  # prompts share cached KV only with requests of the same salt
 
 
 class Cancel(Message):

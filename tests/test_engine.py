@@ -117,6 +117,29 @@ def test_a_block_is_named_by_a_strong_digest_of_its_prefix_tokens_and_namespace(
     assert a.chain([9, 9, 9, 9] + tokens[4:])[1] != a.chain(tokens)[1]  # same block, other prefix
 
 
+def test_prompts_share_cached_blocks_only_within_their_cache_salt(monkeypatch):
+    """Tenants that send different ``cache_salt``s never share a block; the same salt does. Even
+    with every digest colliding, a hit checks the salt."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    prompt = list(range(13))
+    table, _ = bm.allocate_prompt(prompt, salt=b"tenant-a")
+    bm.register(table, prompt, 13, [], b"tenant-a")
+    bm.release(table)
+    assert bm.allocate_prompt(prompt, salt=b"tenant-b")[1] == 0
+    assert bm.allocate_prompt(prompt)[1] == 0  # no salt is a salt of its own
+    assert bm.allocate_prompt(prompt, salt=b"tenant-a")[1] == 12
+    assert bm.chain(prompt, salt=b"tenant-a") != bm.chain(prompt, salt=b"tenant-b")
+
+    from cortex.engine import blocks
+
+    monkeypatch.setattr(blocks, "block_digest", lambda parent, tokens, namespace: b"\0" * 16)
+    bm = BlockManager(num_blocks=8, block_size=4)
+    table, _ = bm.allocate_prompt(prompt[:9], salt=b"tenant-a")
+    bm.register(table, prompt[:9], 9, [], b"tenant-a")
+    bm.release(table)
+    assert bm.allocate_prompt(prompt[:9], salt=b"tenant-b")[1] == 0
+
+
 def test_a_forced_digest_collision_never_serves_another_prompts_kv(monkeypatch):
     from cortex.engine import blocks
 

@@ -380,3 +380,41 @@ def test_catalogue_sources_aliases_limits_and_statuses(start, tiny_qwen3, tmp_pa
     assert listed["local"]["status"] == "loaded" and listed["local"]["devices"] == ["cpu"]
     assert listed["not-cached"]["status"] == "failed" and listed["not-cached"]["devices"] == []
     assert listed["alpha"]["alias_for"] == "local"
+
+
+# -- a broken model -----------------------------------------------------------------------------------
+
+
+def test_a_broken_model_file_is_a_final_error_naming_it_and_the_node_keeps_serving(start, tiny_qwen3, tmp_path):
+    """One catalogue model whose weights file is cut short: its requests get a 500 that names the
+    file and the reason and tells clients not to retry (no Retry-After, ``x-should-retry: false``),
+    in each dialect; the node is degraded, not down (/health 200), and its other model serves."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_qwen3, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    srv = start(catalogue(tiny_qwen3, ["good"]) + catalogue(broken, ["broken"]), budget_mb=64)
+
+    r = chat(srv, "broken")
+    assert r.status_code == 500, r.text
+    assert r.headers.get("x-should-retry") == "false" and "retry-after" not in r.headers
+    err = r.json()["error"]
+    assert err["code"] == "model_load_failed"
+    assert "model.safetensors" in err["message"], err["message"]
+    again = httpx.post(
+        srv.url + "/v1/messages",
+        json={"model": "broken", "max_tokens": 4, "messages": HI},
+        headers={"anthropic-version": "2023-06-01"},
+        timeout=60,
+    )
+    assert again.status_code == 500 and again.json()["error"]["type"] == "api_error", again.text
+    assert "model.safetensors" in again.json()["error"]["message"]
+    assert again.headers.get("x-should-retry") == "false"
+
+    health = httpx.get(srv.url + "/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert {m["id"]: m["status"] for m in health.json()["models"]} == {"good": "unloaded", "broken": "failed"}
+    assert chat(srv, "good").status_code == 200
+    assert httpx.get(srv.url + "/health/live", timeout=30).status_code == 200

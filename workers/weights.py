@@ -58,7 +58,6 @@ def _copy(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
 
 def _index(files: list[Path]) -> dict[str, Path]:
     """Tensor name -> file, from model.safetensors.index.json when present, else file headers."""
-    from safetensors import safe_open
 
     index_files = [f for f in files if f.name.endswith(".index.json")]
     if index_files:
@@ -66,10 +65,21 @@ def _index(files: list[Path]) -> dict[str, Path]:
         return {k: index_files[0].parent / v for k, v in weight_map.items()}
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
+        with _open(f) as h:
             for k in h.keys():  # noqa: SIM118 (safe_open is not iterable)
                 out[k] = f
     return out
+
+
+def _open(f: Path):
+    """A safetensors file, or a WeightsError naming the file and what is wrong with it (a cut-short
+    download, a file that is not safetensors): the operator must be able to find it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except Exception as exc:
+        raise WeightsError(f"{f}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
 class SafetensorsReader:
@@ -80,12 +90,10 @@ class SafetensorsReader:
         self.handles: dict[Path, object] = {}
 
     def _slice(self, name: str):
-        from safetensors import safe_open
-
         f = self.where.get(name)
         if f is None:
             raise WeightsError(f"tensor {name!r} is missing from the checkpoint")
-        h = self.handles.get(f) or self.handles.setdefault(f, safe_open(str(f), framework="pt", device="cpu"))
+        h = self.handles.get(f) or self.handles.setdefault(f, _open(f))
         return h.get_slice(name)
 
     def storage(self, name: str) -> str:

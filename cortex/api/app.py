@@ -65,7 +65,9 @@ def create_app(settings: dict | None = None) -> falcon.App:
     app.add_route("/openapi.json", OpenApiDocument())
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id:path}", models, suffix="one")
-    app.add_route("/health", Health(engine))
+    health = Health(engine)
+    app.add_route("/health", health)
+    app.add_route("/health/live", health, suffix="live")
     if s.get("metrics_url"):
         app.add_route("/metrics", MetricsProxy(s["metrics_url"]))
     app.add_route("/fleet", Fleet(engine))

@@ -21,6 +21,8 @@ import falcon
 from cortex.api.errors import ApiError
 from cortex.fleet.proxy import HOP
 
+LIVENESS = "/health/live"  # always open: a liveness probe carries no key, and the answer says nothing
+
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -118,7 +120,7 @@ class ApiKeys:
             self._follow_file()
         req.context.from_peer = not self.digests and req.get_header(HOP) is not None
         admin = is_admin_path(req.path)
-        if req.method == "OPTIONS" or req.path in self.open_paths and not admin:
+        if req.method == "OPTIONS" or req.path == LIVENESS or req.path in self.open_paths and not admin:
             return
         if not self.digests and not (admin and self.admin_digests):
             return  # admin keys alone protect the management API only

@@ -16,7 +16,8 @@ from rpc.engine import FailureKind
 FAILURES: dict[FailureKind, tuple[int, str, str | None]] = {
     FailureKind.MODEL_NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
     FailureKind.MODEL_LOADING: (503, "service_unavailable", "model_loading"),
-    FailureKind.MODEL_FAILED: (503, "service_unavailable", "model_load_failed"),
+    # its file is broken or it does not fit its devices: final until an operator acts (x-should-retry: false)
+    FailureKind.MODEL_FAILED: (500, "server_error", "model_load_failed"),
     FailureKind.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error", "context_length_exceeded"),
     FailureKind.INVALID_REQUEST: (400, "invalid_request_error", None),
     FailureKind.WORKER_FAILED: (503, "service_unavailable", "worker_failed"),
@@ -37,6 +38,11 @@ FAILURES: dict[FailureKind, tuple[int, str, str | None]] = {
 }
 
 
+# failures that no retry can fix: clients are told so (x-should-retry: false, honoured by the
+# OpenAI and Anthropic SDKs and by Claude Code), and given no Retry-After
+FINAL = frozenset({FailureKind.MODEL_FAILED, FailureKind.MODEL_TOO_LARGE})
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -46,14 +52,17 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: int | None = None,
+        final: bool = False,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
-        self.param, self.retry_after = param, retry_after
+        self.param, self.retry_after, self.final = param, retry_after, final
 
     @classmethod
     def from_failure(cls, kind: FailureKind, message: str, retry_after: int | None = None) -> ApiError:
         status, type_, code = FAILURES.get(kind, (500, "server_error", kind))
+        if kind in FINAL:
+            return cls(status, message, type_, code, final=True)
         return cls(status, message, type_, code, retry_after=retry_after)
 
     def body(self, dialect: str = "openai") -> dict:
@@ -95,6 +104,8 @@ def _render(req: falcon.Request, resp: falcon.Response, err: ApiError) -> None:
     resp.text = json.dumps(err.body(dialect_of(req)))
     if err.retry_after is not None:
         resp.set_header("Retry-After", str(err.retry_after))
+    if err.final:
+        resp.set_header("x-should-retry", "false")
 
 
 def handle_api_error(req, resp, err: ApiError, params) -> None:

@@ -199,14 +199,24 @@ PATHS = {
         "get": _op(
             "health",
             "Operations",
-            "Workers and models as the leader sees them; 200 only when serving. No key needed (open_paths).",
+            "Readiness: workers and models as the leader sees them; 200 while serving (ok, or degraded: "
+            "something is broken but the rest serves). No key needed (open_paths).",
             {
-                **_ok("Serving (status ok).", "Health"),
+                **_ok("Serving (status ok or degraded).", "Health"),
                 "503": {
-                    "description": "Loading, degraded, or the engine is down (status says which).",
+                    "description": "Loading, draining, or the engine is down (status says which).",
                     "content": {JSON: {"schema": _ref("Health")}},
                 },
             },
+            security=PUBLIC,
+        )
+    },
+    "/health/live": {
+        "get": _op(
+            "liveness",
+            "Operations",
+            "Liveness: this front process answers (the leader is not asked). Never needs a key.",
+            _ok("Alive.", {"type": "object", "properties": {"status": {"type": "string", "const": "live"}}}),
             security=PUBLIC,
         )
     },

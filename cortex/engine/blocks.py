@@ -3,9 +3,11 @@
 A full block is named by a digest of its tokens and of everything before it (a hash chain), so two
 prompts that share a prefix share its blocks. The digest is a cryptographic one (BLAKE2b, 128 bits)
 over the parent's digest, the block's token ids and the pool's namespace (the model, and whatever
-else changes what the KV holds). The digest only finds a candidate: a hit is one whose tokens are
-the prompt's and whose parent is the block just matched, and a block's name goes when its parent
-is overwritten. So another prompt's KV is never handed out, even if two digests were to collide.
+else changes what the KV holds); a prompt's first block hangs off its request's cache salt, so
+requests with different salts (tenants that must not share a cache) never share a block. The digest
+only finds a candidate: a hit is one whose tokens are the prompt's, whose salt is the request's and
+whose parent is the block just matched, and a block's name goes when its parent is overwritten. So
+another prompt's KV is never handed out, even if two digests were to collide.
 
 Blocks are reference-counted; a block nobody uses goes back to the free list but keeps its contents
 and name until it is handed out again, so a later request (the next turn of a chat, the same system
@@ -20,6 +22,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 Digest = bytes
+
+
+def salt_root(salt: bytes) -> Digest:
+    """The parent a prompt's first block hangs off: nothing, or a digest of its cache salt."""
+    return hashlib.blake2b(salt, digest_size=16, person=b"cortex-kv-salt").digest() if salt else b""
 
 
 def block_digest(parent: Digest, tokens: list[int], namespace: bytes) -> Digest:
@@ -37,6 +44,7 @@ class CachedBlock:
     digest: Digest
     parent: int | None  # the block holding the tokens before these; None for a prompt's first block
     tokens: tuple[int, ...]
+    salt: bytes = b""  # the cache salt of the request that computed it
 
 
 class BlockManager:
@@ -62,25 +70,25 @@ class BlockManager:
         """Blocks whose contents are named in the prefix cache (in use or free)."""
         return len(self.cached)
 
-    def chain(self, tokens: list[int], digests: list[Digest] | None = None) -> list[Digest]:
+    def chain(self, tokens: list[int], digests: list[Digest] | None = None, salt: bytes = b"") -> list[Digest]:
         """Digests of each full block of ``tokens``, extending ``digests`` (those of its first
         blocks, already known) instead of starting over."""
         out = list(digests or [])
         bs = self.block_size
-        parent = out[-1] if out else b""
+        parent = out[-1] if out else salt_root(salt)
         for i in range(len(out), len(tokens) // bs):
             parent = block_digest(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
             out.append(parent)
         return out
 
-    def allocate_prompt(self, tokens: list[int], reserve: int = 0) -> tuple[list[int], int] | None:
+    def allocate_prompt(self, tokens: list[int], reserve: int = 0, salt: bytes = b"") -> tuple[list[int], int] | None:
         """Blocks for a new sequence's ``tokens``, reusing cached full blocks of its prefix.
 
         Returns (block table, tokens already computed) or None when fewer than ``reserve`` blocks
         would stay free. The last token is always computed anew (its logits are needed), so its
         block is never a shared one.
         """
-        hits = self._hits(tokens)
+        hits = self._hits(tokens, salt)
         fresh = -(-len(tokens) // self.block_size) - len(hits)
         reusable_free = sum(1 for b in hits if self.refs[b] == 0)
         if self.num_free - reusable_free - fresh < reserve:
@@ -90,15 +98,20 @@ class BlockManager:
         table = hits + [self._take_fresh() for _ in range(fresh)]
         return table, len(hits) * self.block_size
 
-    def _hits(self, tokens: list[int]) -> list[int]:
+    def _hits(self, tokens: list[int], salt: bytes) -> list[int]:
         """The cached blocks that hold ``tokens``' prefix, each one verified: its tokens are the
-        prompt's, and its parent is the block matched before it."""
+        prompt's, its salt the request's, and its parent is the block matched before it."""
         bs, hits = self.block_size, []
-        for i, digest in enumerate(self.chain(tokens[: ((len(tokens) - 1) // bs) * bs])):
+        for i, digest in enumerate(self.chain(tokens[: ((len(tokens) - 1) // bs) * bs], salt=salt)):
             b = self.by_digest.get(digest)
             held = self.cached.get(b) if b is not None else None
             parent = hits[-1] if hits else None
-            if held is None or held.parent != parent or held.tokens != tuple(tokens[i * bs : (i + 1) * bs]):
+            if (
+                held is None
+                or held.parent != parent
+                or held.salt != salt
+                or held.tokens != tuple(tokens[i * bs : (i + 1) * bs])
+            ):
                 break
             hits.append(b)
         return hits
@@ -111,11 +124,13 @@ class BlockManager:
         table += [self._take_fresh() for _ in range(need)]
         return True
 
-    def register(self, table: list[int], tokens: list[int], computed: int, digests: list[Digest]) -> None:
+    def register(
+        self, table: list[int], tokens: list[int], computed: int, digests: list[Digest], salt: bytes = b""
+    ) -> None:
         """Name the blocks that ``computed`` tokens have filled, so later prompts can reuse them.
         ``digests`` is the sequence's chain so far; it is extended in place (each block hashed once)."""
         known, bs = len(digests), self.block_size
-        digests[:] = self.chain(tokens[:computed], digests)
+        digests[:] = self.chain(tokens[:computed], digests, salt)
         for i in range(known, len(digests)):
             b, digest = table[i], digests[i]
             parent = table[i - 1] if i else None
@@ -123,7 +138,7 @@ class BlockManager:
                 continue  # named already, or the same prefix is cached in other blocks
             if parent is not None and parent not in self.cached:
                 continue  # a name is only reachable through its parent's
-            self.cached[b] = CachedBlock(digest, parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            self.cached[b] = CachedBlock(digest, parent, tuple(tokens[i * bs : (i + 1) * bs]), salt)
             self.by_digest[digest] = b
             if parent is not None:
                 self.children.setdefault(parent, set()).add(b)

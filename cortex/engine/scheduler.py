@@ -93,7 +93,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and self._may_prefill():
             seq = self.waiting[0]
             # keep a block in hand for each running sequence, so admitting does not force preemption
-            got = self.blocks.allocate_prompt(seq.tokens, reserve=len(self.running))
+            got = self.blocks.allocate_prompt(seq.tokens, reserve=len(self.running), salt=seq.cache_salt)
             if got is None:
                 break
             self.waiting.popleft()
@@ -148,4 +148,4 @@ class Scheduler:
         for w in work:
             w.seq.computed = w.start + len(w.tokens)
             w.seq.computed_once = True
-            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_digests)
+            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_digests, w.seq.cache_salt)

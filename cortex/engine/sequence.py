@@ -37,6 +37,7 @@ class Sequence:
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
     constraint: Constraint | None = None  # grammar the output must follow (JSON schema, tool calls)
+    cache_salt: bytes = b""  # prompts share cached KV blocks only with requests of the same salt
     # monotonic times for the metrics: first step, first and latest sampled token
     admitted_at: float | None = None
     first_token_at: float | None = None

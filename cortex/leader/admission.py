@@ -167,6 +167,7 @@ class Admission:
                 client=req.client,
                 index=i,
                 constraint=prepared.constraints[i],
+                cache_salt=(req.cache_salt or "").encode(),
             )
             self.stepper.add(seq)
         reasoning = prepared.prompt_text is not None and opens_in_reasoning(prepared.prompt_text)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from cortex.engine.calls import CallError, CallErrorKind
 from cortex.leader.placement import Placement
-from cortex.leader.shared import RETRY_AFTER_LOADING_S, RETRY_AFTER_NO_MEMORY_S, Shared
+from cortex.leader.shared import RETRY_AFTER_NO_MEMORY_S, Shared
 from cortex.leader.stepper import Stepper
 from cortex.models import source
 from cortex.models.registry import ModelState, ModelStatus
@@ -224,11 +224,11 @@ class ModelLifecycle:
         state.status, state.error = ModelStatus.FAILED, error
         state.load_in_flight = False
         self.shared.stats.load_ended(state, ok=False)
-        message = f"model {state.id!r} failed to load: {error}"
-        self.stepper.fail_model(state, FailureKind.MODEL_FAILED, message)
+        message = f"model {state.id!r} failed to load: {error}"  # final until an operator loads it again
+        self.stepper.fail_model(state, FailureKind.MODEL_FAILED, message, retry_after=None)
         parked, state.parked = state.parked, []
         for peer, req in parked:
-            self.shared.refuse(peer, req.request_id, FailureKind.MODEL_FAILED, message, RETRY_AFTER_LOADING_S)
+            self.shared.refuse(peer, req.request_id, FailureKind.MODEL_FAILED, message)
         self.answer_waiters(state)
 
     def answer_waiters(self, state: ModelState) -> None:

@@ -215,10 +215,12 @@ class Stepper:
         self.fail(seq, FailureKind.INTERNAL, f"sampling failed: {error}")
         self.shared.calls.call(state.ranks, lambda _: release, 30.0, ignore)
 
-    def fail_model(self, state: ModelState, kind: FailureKind, message: str) -> None:
+    def fail_model(
+        self, state: ModelState, kind: FailureKind, message: str, retry_after: int | None = RETRY_AFTER_LOADING_S
+    ) -> None:
         """Every live request of the model fails (its load failed, or its group is being recovered)."""
         for seq in self.requests.of_model(state.id):
-            self.fail(seq, kind, message, retry_after=RETRY_AFTER_LOADING_S)
+            self.fail(seq, kind, message, retry_after)
         self.in_flight.pop(state.id, None)
 
     def clear_prefix_cache(self, state: ModelState) -> str | None:

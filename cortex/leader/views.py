@@ -16,6 +16,7 @@ from cortex.leader.shared import Shared
 from cortex.leader.stepper import Stepper
 from cortex.leader.supervision import WorkerSupervisor
 from cortex.models.registry import ModelState, ModelStatus
+from rpc.engine import NodeStatus
 
 
 class Views:
@@ -80,16 +81,15 @@ class Views:
         workers = self.supervisor.describe()
         models = [self.model(s) for s in registry.models.values()]
         wanted = [m for m in models if m["status"] != ModelStatus.UNLOADED or registry.models[m["id"]].entry.preload]
-        if not all(w["alive"] for w in workers) or any(
+        status = NodeStatus.OK
+        if self.admission.draining:
+            status = NodeStatus.DRAINING  # 503: load balancers and peers route around this node
+        elif not all(w["alive"] for w in workers) or any(
             m["status"] in (ModelStatus.RECOVERING, ModelStatus.FAILED) for m in wanted
         ):
-            status = "degraded"
+            status = NodeStatus.DEGRADED  # still serving what is not broken (200)
         elif any(m["status"] == ModelStatus.LOADING for m in wanted) or not all(w["ready"] for w in workers):
-            status = "loading"
-        else:
-            status = "ok"
-        if self.admission.draining:
-            status = "draining"  # 503: load balancers and peers route around this node
+            status = NodeStatus.LOADING
         schedulers = self.stepper.schedulers.values()
         return {
             "status": status,
