@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def running_server(threads: int, engine: str = "", env: dict | None = None) -> Iterator[str]:
+def running_server(threads: int, engine: str = "", env: dict | None = None, gateway: str = "") -> Iterator[str]:
     """Yield the base URL of a healthy server; stop it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,7 +26,7 @@ def running_server(threads: int, engine: str = "", env: dict | None = None) -> I
     run = Path(tempfile.mkdtemp())
     (run / "cortex.toml").write_text(
         f'[node]\nrun_dir = "{run}"\nthreads = {threads}\nmodels_config = "{ROOT / "conf" / "models.toml"}"\n'
-        f'[gateway]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n[engine]\n{engine}\n'
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nworkers = 2\n{gateway}\n[engine]\n{engine}\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "cortex.cli", "serve", "--config", str(run / "cortex.toml")],

@@ -106,6 +106,17 @@ def test_beside_a_decoding_stream_chunks_shrink_as_the_context_grows():
     assert chunks == sorted(chunks, reverse=True)
 
 
+def test_new_prompts_still_start_when_decoding_alone_takes_longer_than_the_target():
+    """A big batch on a slow device: decode-only steps of 80 ms against a 50 ms target. New
+    requests must not wait for every stream to end: each step carries at least a probe's worth."""
+    sched, stream, prompt = _decoding_and_long_prompt(target_s=0.05)
+    sched.clock.observe(0, 0.08)
+    sched.clock.observe(10, 0.105)
+    assert sched.clock.prefill_allowance(0.05) < 0
+    assert _step(sched, stream) == tokens_within(PROBE_UNITS, 0, 3072)
+    assert prompt.computed > 0
+
+
 def test_without_a_target_or_without_decodes_prompts_get_whole_chunks():
     sched, stream, _ = _decoding_and_long_prompt(target_s=0.0)
     assert _step(sched, stream) == 256

@@ -108,7 +108,9 @@ class Scheduler:
         if not decoding or not self.step_target_s:
             return None  # nobody waits on this step, or no target: whole chunks
         allowance = self.clock.prefill_allowance(self.step_target_s)
-        return PROBE_UNITS if allowance is None else allowance
+        # at least a probe's worth: decodes alone may take longer than the target (a big batch on a
+        # slow device), and new requests must still start rather than wait for every stream to end
+        return PROBE_UNITS if allowance is None else max(allowance, PROBE_UNITS)
 
     def _may_prefill(self) -> bool:
         return self._allowance is None or self._allowance > 0

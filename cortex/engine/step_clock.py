@@ -20,7 +20,7 @@ import math
 
 from workers.arch.config import ModelConfig
 
-PROBE_UNITS = 16.0  # the prefill allowed beside decodes before any prefill step was timed
+PROBE_UNITS = 16.0  # prefill beside decodes before any prefill step was timed, and at least this always
 SMOOTHING = 0.3  # weight of the newest step in the running estimates
 
 
