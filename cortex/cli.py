@@ -24,6 +24,9 @@ log = logging.getLogger("cortex")
 SHUTDOWN_GRACE_S = 6.0  # the front gets this long to finish; the whole stop stays under 10 s
 
 
+# gunicorn's gthread worker, answering gunicorn's own errors (400, 431 ...) in JSON (cortex/api/serve.py)
+FRONT_WORKER_CLASS = "cortex.api.serve.JsonErrorWorker"
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # cortex.ops.metrics.MULTIPROC_ENV, before prometheus-client loads
 
 
@@ -45,6 +48,7 @@ def _start_front(
     peer_digest = [auth.digest(cfg.fleet.peer_key)] if cfg.fleet.peer_key and cfg.gateway.api_keys else []
     settings = {
         "engine": engine_endpoint,
+        "leader_pid": os.getpid(),  # a stream fails at once when the leader dies (cortex/api/engine_client.py)
         "event_timeout_s": cfg.engine.step_timeout_s + 30,
         "load_timeout_s": cfg.engine.load_timeout_s + 30,
         "max_body_bytes": cfg.gateway.max_body_mb * 1024 * 1024,
@@ -68,7 +72,7 @@ def _start_front(
         "--bind", str(listen),
         "--workers", str(cfg.gateway.workers),
         "--threads", str(cfg.gateway.threads),
-        "--worker-class", "gthread",
+        "--worker-class", FRONT_WORKER_CLASS,
         "--graceful-timeout", str(int(SHUTDOWN_GRACE_S) - 1),
         "--keep-alive", "5",
         "--log-level", "warning",

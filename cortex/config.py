@@ -97,7 +97,9 @@ class NodeConfig:
         factory=default_run_dir,
         doc='sockets and metric files; "" = $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/cortex, else /tmp/cortex-$UID',
     )
-    models_config: Path = key(Path("models.toml"), "the model catalogue (models.toml, below)")
+    models_config: Path = key(
+        Path("models.toml"), "the model catalogue (models.toml, below); left unset, a pure gateway needs none"
+    )
     memory_budget_mb: int = key(0, "per device, for weights + KV; 0 = measured (free VRAM, or RAM shared)", ge=0)
     memory_headroom_mb: int = key(512, "per device, kept free for activations and allocator slack", ge=0)
     threads: int = key(0, "torch threads per CPU worker; 0 = torch's default (all cores)", ge=0)
@@ -275,7 +277,10 @@ def load(file: str | Path | None = None) -> Config:
             raise ConfigError(path, f"[[peers]] {name}", "duplicate peer name")
 
     node: NodeConfig = tables["node"]
-    catalogue = load_catalogue(node.models_config)
+    if node.devices == [] and "models_config" not in data.get("node", {}) and not node.models_config.exists():
+        catalogue = Catalogue([], {})  # a pure gateway needs no catalogue of its own: it routes everything
+    else:
+        catalogue = load_catalogue(node.models_config)
     gw: GatewayConfig = tables["gateway"]
     tables["gateway"] = dataclasses.replace(
         gw,

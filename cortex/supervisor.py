@@ -6,6 +6,7 @@ moment a worker exits, whether or not a call is in flight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -87,6 +88,9 @@ class WorkerHandle:
         if self.client:
             self.client.close()
             self.client = None
+        # the worker removes its socket file when it exits normally; not when it had to be killed
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.endpoint[len("ipc://") :])
 
     def terminate(self) -> None:
         """SIGTERM, without waiting: the leader's poll sees the exit."""

@@ -7,7 +7,9 @@ one awaited is stale (its call timed out) and is dropped, so it can never be mis
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import itertools
 import os
 import time
@@ -24,9 +26,13 @@ class RpcTimeout(TimeoutError):
 
 
 class RpcServer:
-    """Binds ``endpoint``; receives ``(peer, id, message)`` and replies to a peer."""
+    """Binds ``endpoint``; receives ``(peer, id, message)`` and replies to a peer.
 
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, mode: int | None = None):
+    An ``ipc://`` socket file is made ``mode`` (0600 unless told otherwise: only this user may
+    connect) and removed when the server closes, or when its process exits normally (a worker
+    stopped with SIGTERM never calls ``close``)."""
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, mode: int | None = 0o600):
         self.ctx = ctx or zmq.Context.instance()
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -35,13 +41,16 @@ class RpcServer:
         # reads slowly, and a streaming client would lose tokens. What one peer can queue is bounded
         # by its request anyway (max_tokens events).
         self.socket.setsockopt(zmq.SNDHWM, 0)
-        if endpoint.startswith("ipc://"):
-            path = endpoint[len("ipc://") :]
-            if os.path.exists(path):
-                os.unlink(path)  # left by a process that died; binding over it would fail or mislead
+        self._remove_file = None  # removes the socket file this server made (also registered atexit)
+        path = endpoint[len("ipc://") :] if endpoint.startswith("ipc://") else None
+        if path and os.path.exists(path):
+            os.unlink(path)  # left by a process that died; binding over it would fail or mislead
         self.socket.bind(endpoint)
-        if mode is not None and endpoint.startswith("ipc://"):
-            os.chmod(endpoint[len("ipc://") :], mode)
+        if path:
+            if mode is not None:
+                os.chmod(path, mode)  # in the run dir (0700), so nobody else reached it meanwhile
+            self._remove_file = functools.partial(_remove_socket_file, path, os.stat(path).st_ino, os.getpid())
+            atexit.register(self._remove_file)
         self.endpoint = endpoint
 
     def recv(self, timeout_ms: int | None = None) -> tuple[bytes, int, Any] | None:
@@ -64,6 +73,20 @@ class RpcServer:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        if self._remove_file is not None:
+            self._remove_file()
+            atexit.unregister(self._remove_file)  # this very partial: other servers' hooks stay
+            self._remove_file = None
+
+
+def _remove_socket_file(path: str, inode: int, pid: int) -> None:
+    """Remove the socket file this process bound, never one a successor bound at the same path
+    since (another inode), nor from a forked child that inherited the exit hook (another pid)."""
+    if os.getpid() != pid:
+        return
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
 
 
 class RpcClient:

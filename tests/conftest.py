@@ -147,7 +147,7 @@ class Server:
         while time.monotonic() < deadline:
             try:
                 r = httpx.get(self.url + "/health", timeout=30)
-                if r.status_code == 200:
+                if r.status_code == 200 and r.json()["status"] == "ok":  # degraded serves (200) but is not healthy
                     return r.json()
                 last = r.text
             except httpx.HTTPError as e:  # a busy machine answers slowly, not never

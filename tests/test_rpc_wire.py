@@ -120,6 +120,7 @@ def test_the_samples_cover_every_message_type():
         SeqInput,
         engine.Target,
         engine.FailureKind,
+        engine.NodeStatus,
         messages.ErrorKind,
     }  # nested
 

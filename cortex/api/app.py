@@ -35,7 +35,7 @@ def create_app(settings: dict | None = None) -> falcon.App:
     s = settings or json.loads(os.environ[ENV])
     if settings is None:  # a gunicorn worker: its own log setup (gunicorn configures only its own loggers)
         logs.setup(s.get("log_level", "INFO"), s.get("log_format", "text"))
-    engine = EngineClient(s["engine"], s["event_timeout_s"], s.get("load_timeout_s", 900.0))
+    engine = EngineClient(s["engine"], s["event_timeout_s"], s.get("load_timeout_s", 900.0), s.get("leader_pid"))
     auth = ApiKeys(
         s.get("api_key_digests", []),
         s.get("open_paths", ["/health", "/metrics"]),

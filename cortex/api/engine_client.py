@@ -6,6 +6,17 @@ request (a fresh one costs a ZeroMQ handshake, about 0.45 ms, on every request);
 mid-request (a cancel, a timeout) is closed. Events carry their request id, so a late event of an
 earlier request on a reused socket is dropped. Every wait has a timeout: a silent leader becomes a
 503, not a hung client.
+
+A leader that dies is noticed at once, not at a timeout: every wait also polls a pidfd of the
+leader process (one per front process), which the kernel makes readable the moment the leader
+exits, however it dies (SIGKILL and the OOM killer included). The waiting request fails with
+``engine_unavailable``; a stream ends with its dialect's error event. Why a pidfd: it costs nothing
+per event or per request (one more fd in a poll set that is made anyway), sends no traffic and
+gives the leader's loop no work (unlike a heartbeat, whose period would also be the delay), and it
+names the process itself, so it says exactly "the leader exited" (unlike a ZeroMQ socket monitor:
+one more socket per connection, events to decode, and a disconnect that may be a reconnect). A
+leader that hangs without dying is left to the timeouts, as before. The front always runs on the
+leader's host: the leader starts it and passes its pid.
 """
 
 from __future__ import annotations
@@ -46,12 +57,55 @@ IDLE_PER_THREAD = 2  # a thread serves one request at a time; a second covers qu
 
 
 class EngineClient:
-    def __init__(self, endpoint: str, event_timeout_s: float, load_timeout_s: float = 900.0):
+    def __init__(
+        self, endpoint: str, event_timeout_s: float, load_timeout_s: float = 900.0, leader_pid: int | None = None
+    ):
         self.endpoint = endpoint
         self.event_timeout_s, self.load_timeout_s = event_timeout_s, load_timeout_s
+        self.leader_pid = leader_pid  # the leader process, when known (the front's settings say)
         self._ctx: zmq.Context | None = None
         self._pid = 0
         self._local = threading.local()
+        self._leader_fd: int | None = None
+        self._leader_fd_pid = 0
+        self._leader_lock = threading.Lock()
+
+    def leader_fd(self) -> int | None:
+        """A pidfd of the leader, readable once it has exited; opened once per process (gunicorn
+        forks its workers). ``GONE`` when the leader had already exited; None when unknown."""
+        if not self.leader_pid:
+            return None
+        if self._leader_fd_pid != os.getpid():
+            with self._leader_lock:
+                if self._leader_fd_pid != os.getpid():
+                    try:
+                        self._leader_fd = os.pidfd_open(self.leader_pid)
+                    except ProcessLookupError:
+                        self._leader_fd = GONE
+                    except (OSError, AttributeError):  # no pidfds (an old kernel): the timeouts remain
+                        self._leader_fd = None
+                    self._leader_fd_pid = os.getpid()
+        return self._leader_fd
+
+    def _recv(self, client: RpcClient, timeout_s: float) -> tuple[int, object] | None:
+        """``client.recv`` that fails at once (ApiError 503) if the leader dies meanwhile."""
+        fd = self.leader_fd()
+        if fd is None:
+            return client.recv(int(timeout_s * 1000))
+        poller = zmq.Poller()
+        poller.register(client.socket, zmq.POLLIN)
+        if fd != GONE:
+            poller.register(fd, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            ready = dict(poller.poll(max(left_ms, 0) if fd != GONE else 0))
+            if client.socket in ready:
+                return client.recv(0)
+            if fd == GONE or fd in ready:
+                raise _leader_gone()
+            if left_ms <= 0:
+                return None
 
     def _context(self) -> zmq.Context:
         if self._pid != os.getpid():  # gunicorn forks workers: a context must not cross a fork
@@ -80,6 +134,11 @@ class EngineClient:
             self._ctx.destroy(linger=0)
         self._ctx, self._pid = None, 0
         self._local = threading.local()
+        with self._leader_lock:
+            fd, self._leader_fd = self._leader_fd, None
+            if fd is not None and fd != GONE and self._leader_fd_pid == os.getpid():
+                os.close(fd)
+            self._leader_fd_pid = 0
 
     def _release(self, client: RpcClient) -> None:
         """Keep a socket whose exchange ended cleanly for this thread's next request."""
@@ -93,7 +152,7 @@ class EngineClient:
         client, got = self._client(), None
         try:
             client.send(Query(what))
-            got = client.recv(int(ANSWER_TIMEOUT_S * 1000))
+            got = self._recv(client, ANSWER_TIMEOUT_S)
             reply = got[1] if got else None
         finally:
             self._release(client) if got else client.close()
@@ -118,7 +177,7 @@ class EngineClient:
         client, got = self._client(), None
         try:
             client.send(ModelOp(op, model))
-            got = client.recv(int(timeout_s * 1000))
+            got = self._recv(client, timeout_s)
         finally:
             self._release(client) if got else client.close()
         if got is None:
@@ -134,7 +193,7 @@ class EngineClient:
             client.socket.send(_encode(req))
             timeout_s = ANSWER_TIMEOUT_S
             while True:
-                got = client.recv(int(timeout_s * 1000))
+                got = self._recv(client, timeout_s)
                 if got is None:
                     raise _engine_timeout()
                 if isinstance(got[1], Waiting):
@@ -151,7 +210,9 @@ class EngineClient:
 
     def submit(self, req: Submit, record: RequestRecord | None = None) -> Generation:
         """Start ``req``; ``record`` (the request log's, when there is one) follows what happens."""
-        gen = Generation(self._client(), req, self.event_timeout_s, self.load_timeout_s, record, self._release)
+        gen = Generation(
+            self._client(), req, self.event_timeout_s, self.load_timeout_s, record, self._release, self.leader_fd()
+        )
         gen.start()
         return gen
 
@@ -167,8 +228,10 @@ class Generation:
         load_timeout_s: float,
         record: RequestRecord | None = None,
         release=None,
+        leader_fd: int | None = None,
     ):
         self.client, self.req = client, req
+        self.leader_fd = leader_fd  # EngineClient.leader_fd: readable once the leader has exited
         self.record = record
         self._release = release or (lambda c: c.close())  # where a cleanly finished socket goes
         self._returned = False
@@ -183,9 +246,13 @@ class Generation:
     def _next(self, timeout_s: float, watch: socket.socket | None = None) -> object | None:
         """The next event, or None after ``timeout_s``. With ``watch`` (the client's connection), a
         client that hangs up while we wait raises ClientGone, so its request is cancelled instead
-        of generated for nobody."""
+        of generated for nobody. A leader that exits raises ApiError (503) once the events it sent
+        before it died are read."""
         poller = zmq.Poller()
         poller.register(self.client.socket, zmq.POLLIN)
+        leader = self.leader_fd
+        if leader is not None and leader != GONE:
+            poller.register(leader, zmq.POLLIN)
         if watch is not None:
             poller.register(watch, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
@@ -193,11 +260,13 @@ class Generation:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 return None
-            ready = dict(poller.poll(left_ms))
+            ready = dict(poller.poll(0 if leader == GONE else left_ms))
             if self.client.socket in ready:
                 got = self.client.recv(0)
                 if got is not None and getattr(got[1], "request_id", self.req.request_id) == self.req.request_id:
                     return got[1]  # (anything else: a late event of an earlier request on this socket)
+            elif leader is not None and (leader == GONE or leader in ready):
+                raise _leader_gone()
             elif watch is not None and (watch in ready or watch.fileno() in ready):
                 if _hung_up(watch):
                     raise ClientGone()
@@ -223,7 +292,11 @@ class Generation:
             self._give_back()
             raise
         self.client.socket.send(frame)
-        first = self._next(ANSWER_TIMEOUT_S)
+        try:
+            first = self._next(ANSWER_TIMEOUT_S)
+        except ApiError:  # the leader died
+            self.close()
+            raise
         if first is None:
             self.close()
             raise _engine_timeout()
@@ -309,6 +382,19 @@ def _encode(req: Submit) -> bytes:
 
 def _engine_timeout() -> ApiError:
     return ApiError(503, "the engine did not answer in time", "service_unavailable", "engine_timeout", retry_after=5)
+
+
+GONE = -1  # EngineClient.leader_fd when the leader had exited before the front looked
+
+
+def _leader_gone() -> ApiError:
+    return ApiError(
+        503,
+        "the engine stopped: its leader process exited",
+        "service_unavailable",
+        FailureKind.ENGINE_UNAVAILABLE,
+        retry_after=5,
+    )
 
 
 class ClientGone(Exception):

@@ -2,14 +2,66 @@
 
 Started by the leader in a process group of its own, so a terminal's Ctrl-C reaches only the leader,
 which stops the front in order; and bound to the leader's life, so it never serves without one.
+
+Its worker class (``JsonErrorWorker``, gunicorn's gthread) answers what gunicorn refuses itself,
+before any application code runs (400 bad request line or header, 414, 431 header fields too
+large, 501 transfer coding ...), in the API's JSON error envelope instead of gunicorn's HTML page:
+Anthropic's for a ``/v1/messages`` path when the request got as far as its path, else OpenAI's.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
+import threading
+from types import SimpleNamespace
 
+from gunicorn import util
+from gunicorn.workers.gthread import ThreadWorker
+
+from cortex.api.errors import ApiError, dialect_of
 from rpc.process import die_with_parent
+
+_request = threading.local()  # the request gunicorn is refusing on this thread, when it parsed that far
+
+
+def json_error(status: int, reason: str, message: str, path: str | None) -> bytes:
+    """A whole HTTP response for an error gunicorn answers itself, in the API's envelope."""
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    code = reason.lower().replace(" ", "_") or None  # e.g. request_header_fields_too_large
+    err = ApiError(status, message or reason, type_, code)
+    dialect = dialect_of(SimpleNamespace(path=path)) if path else "openai"  # unknown before the path
+    body = json.dumps(err.body(dialect)).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """Stands in for ``gunicorn.util.write_error`` (its HTML page) in a front worker process."""
+    util.write_nonblock(sock, json_error(status_int, reason, mesg, getattr(_request, "path", None)))
+
+
+class JsonErrorWorker(ThreadWorker):
+    """gunicorn's gthread worker, with its own error answers in JSON (see the module's doc)."""
+
+    def init_process(self) -> None:
+        # gunicorn's Worker.handle_error writes its answer through util.write_error; in this process
+        # (a front worker, forked for this class alone) that is the JSON writer
+        util.write_error = _write_json_error
+        super().init_process()
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        # a bad header carries the request whose line was read (exc.req): its path tells the dialect
+        path = getattr(req if req is not None else getattr(exc, "req", None), "path", None)
+        _request.path = path if isinstance(path, str) else None
+        try:
+            super().handle_error(req, client, addr, exc)
+        finally:
+            _request.path = None
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 Everything runs on the leader's loop thread; only the metric objects are read by the exporter
 thread. Gauges are refreshed from leader state a few times a second rather than on every change,
-so the loop does not pay per event for what a 15 s scrape reads.
+so the loop does not pay per event for what a 15 s scrape reads; and at the turn after a scrape
+asks (``metrics.SCRAPES``), so a scrape reads the state of that moment.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class EngineMetrics:
         self.load_started: dict[str, float] = {}  # model id -> when its load began
         self.last_refresh = 0.0
         self.counted: dict[str, int] = {}  # the leader's counters as last added to the metrics
+        self.scrapes_answered = 0  # metrics.SCRAPES.asked when the gauges were last set for scrapes
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -98,10 +100,20 @@ class EngineMetrics:
     # -- gauges ------------------------------------------------------------------------------------------
 
     def refresh(self, leader: NodeControl, force: bool = False) -> None:
+        """Once per turn of the loop: set the gauges if a scrape waits for them, or every REFRESH_S."""
         now = time.monotonic()
-        if not force and now - self.last_refresh < REFRESH_S:
+        scrapes = m.SCRAPES
+        scrapes.turned_at = now
+        asked = scrapes.asked
+        if not force and asked == self.scrapes_answered and now - self.last_refresh < REFRESH_S:
             return
         self.last_refresh = now
+        self._set_gauges(leader)
+        if asked != self.scrapes_answered:
+            self.scrapes_answered = asked
+            scrapes.answered(asked)
+
+    def _set_gauges(self, leader: NodeControl) -> None:
         for model_id, state in leader.registry.models.items():
             sched = leader.schedulers.get(model_id)
             running = len(sched.running) if sched else 0

@@ -14,8 +14,14 @@ One exporter, a thread in the leader (``serve``), answers ``GET /metrics`` on ``
 with both. Each request is counted once: by the front for requests and their status, by the
 leader for the work the engine did.
 
+The leader's gauges are snapshots of its state, which only its loop may read. So that a scrape sees
+the state of the moment, not of the last snapshot, the exporter asks the loop for fresh ones
+(``SCRAPES``) and waits for its next turn (at most ``SCRAPE_WAIT_S``): the loop pays one integer
+comparison per turn, and a refresh only when someone scrapes (besides its own few a second).
+
 Module-level metric objects are the one accepted global mutable state here: they are what
-prometheus-client is built around, and their locks make them safe to update from any thread.
+prometheus-client is built around, and their locks make them safe to update from any thread
+(``SCRAPES`` goes with them: the one exporter and the one loop of a process meet there).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -154,6 +161,39 @@ ADMIN_COMMANDS = Counter(
 )
 
 
+class ScrapeSync:
+    """A scrape asks the leader's loop for fresh gauges, and waits until the loop has set them.
+
+    The exporter thread calls ``ask``; the loop, once a turn, reads ``asked`` (a plain integer: no
+    lock on its side) and, when it has grown, refreshes its gauges and calls ``answered``."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.asked = 0  # scrapes that asked so far
+        self._answered = 0  # the latest ``asked`` the loop refreshed for
+        self.turned_at = 0.0  # monotonic time of the loop's latest turn (0: no loop, e.g. in tests)
+
+    def ask(self, timeout_s: float) -> bool:
+        """Wait until the loop has refreshed the gauges after this call; False if it did not in
+        ``timeout_s`` or no loop is turning (the last snapshot is served then)."""
+        if time.monotonic() - self.turned_at > LOOP_ALIVE_S:
+            return False
+        with self._cond:
+            self.asked += 1
+            ticket = self.asked
+            return self._cond.wait_for(lambda: self._answered >= ticket, timeout_s)
+
+    def answered(self, asked: int) -> None:
+        with self._cond:
+            self._answered = max(self._answered, asked)
+            self._cond.notify_all()
+
+
+SCRAPE_WAIT_S = 0.5  # a scrape waits this long at most for the loop's next turn (it turns every 0.1 s)
+LOOP_ALIVE_S = 1.0  # a loop that has not turned for this long is stopping: serve what there is
+SCRAPES = ScrapeSync()
+
+
 def set_peer_up(peer: str, up: bool) -> None:
     """For the fleet poller: one call per health check of a peer."""
     PEER_UP.labels(peer).set(1 if up else 0)
@@ -199,6 +239,7 @@ class _Combined(Collector):
             self.multiproc = MultiProcessCollector(None, path=str(multiproc_dir))
 
     def collect(self) -> Iterable:
+        SCRAPES.ask(SCRAPE_WAIT_S)  # gauges of this moment, not of the loop's last refresh
         yield from LEADER.collect()
         if self.multiproc is not None:
             yield from self.multiproc.collect()
