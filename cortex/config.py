@@ -115,7 +115,7 @@ class GatewayConfig:
     listen: HostPort = key(HostPort("127.0.0.1", 31313), "the OpenAI + Anthropic API")
     metrics_listen: HostPort = key(HostPort("127.0.0.1", 31314), "Prometheus /metrics (also on the API port)")
     workers: int = key(2, "gunicorn worker processes", gt=0)
-    threads: int = key(16, "threads per gunicorn worker (one per in-flight request)", gt=0)
+    threads: int = key(128, "threads per gunicorn worker (one per in-flight request; idle connections take none)", gt=0)
     max_body_mb: int = key(8, "larger request bodies get 413", gt=0)
     api_keys: tuple[str, ...] = key((), "API keys clients may send", check=_strings("API keys"))
     api_key_file: str = key("", "more API keys, one per line (# comments allowed); they join api_keys")
