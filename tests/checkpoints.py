@@ -90,3 +90,91 @@ def write_chatml_tokenizer_config(path: Path, eos: str = "<|im_end|>") -> None:
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": eos}))
+
+
+# Qwen3.5 / Qwen3-Next (hybrid): two kinds of layer, both repeated, the last one linear
+HYBRID_LAYERS = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+
+
+def tiny_hybrid_text_config(tied: bool, vocab: int = 512, layer_types: list[str] | None = None) -> dict:
+    """The text model's shape: 2 key heads of 16 serving 4 value heads of 24 (k and v widths differ,
+    so a mix-up of the two fails), full attention with 4 query heads of 32, RoPE on 8 of them."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=len(layer_types or HYBRID_LAYERS),
+        layer_types=list(layer_types or HYBRID_LAYERS),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=24,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25},
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def hybrid_randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """``randomize``, then what the hybrid layers need to be tested hard: zero-centred norms
+    (stored as w, applied as 1 + w) around 0, and decays near 1 (exp(g), g = -exp(A_log) *
+    softplus(a + dt_bias)) so the recurrent state remembers many tokens back."""
+    randomize(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(0.02, 0.6, generator=g).log())
+            elif name.endswith("dt_bias"):
+                p.copy_(-1.5 + 0.5 * torch.randn(p.shape, generator=g))
+            elif name.endswith("norm.weight") and "linear_attn" not in name and "visual" not in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def make_hybrid_checkpoint(
+    path: Path,
+    arch: str = "qwen3_5",
+    vlm: bool = False,
+    tied: bool = False,
+    seed: int = 0,
+    vocab: int = 512,
+    layer_types: list[str] | None = None,
+) -> Path:
+    """A tiny random Qwen3.5 (text-only ``Qwen3_5ForCausalLM``, or with ``vlm`` the
+    ``Qwen3_5ForConditionalGeneration`` layout with a one-block vision tower) or dense Qwen3-Next."""
+    text = tiny_hybrid_text_config(tied, vocab, layer_types)
+    torch.manual_seed(seed)
+    if arch == "qwen3_next":
+        from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+        model = Qwen3NextForCausalLM(Qwen3NextConfig(**text, num_experts=0))
+    elif vlm:
+        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        model = Qwen3_5ForConditionalGeneration(
+            Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+        )
+    else:
+        from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+        model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text))
+    hybrid_randomize(model.float(), seed)
+    if tied:
+        model.tie_weights()
+    model.save_pretrained(path)
+    return path
+
+
+def hf_hybrid_model(path: Path):
+    """The checkpoint in transformers, by the class that wrote it."""
+    import transformers
+
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()

@@ -8,8 +8,9 @@ from workers.arch.config import ModelConfig, UnsupportedModel
 def model_class(cfg: ModelConfig):
     from workers.arch.llama import LlamaModel
     from workers.arch.qwen3 import Qwen3Model
+    from workers.arch.qwen3_5 import Qwen3_5Model
 
-    classes = {"llama": LlamaModel, "qwen3": Qwen3Model}
+    classes = {"llama": LlamaModel, "qwen3": Qwen3Model, "qwen3_5": Qwen3_5Model, "qwen3_next": Qwen3_5Model}
     try:
         return classes[cfg.arch]
     except KeyError:

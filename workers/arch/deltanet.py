@@ -1,0 +1,343 @@
+"""Gated DeltaNet: the linear-attention layer of Qwen3.5 / Qwen3-Next, and the state it keeps.
+
+A Gated DeltaNet layer has no KV cache. Each sequence carries, per layer, a fixed-size state:
+
+- a **conv state** ``[channels, kernel - 1]``: the last inputs of the depthwise causal convolution
+  over q, k and v (so the next token's convolution sees them);
+- a **delta state** ``[v_heads, k_dim, v_dim]`` (float32): per value head, a matrix that maps keys to
+  values. Each token decays it by ``exp(g)`` (g <= 0) and then corrects it towards the token's value
+  (the delta rule)::
+
+      S = exp(g) * S
+      S = S + beta * k (v - S^T k)^T        # write only what S did not already predict for k
+      o = S^T q
+
+Prompt chunks use the chunked form of the same recurrence (``delta_rule_chunked``): within a chunk of
+L tokens the corrections ``u`` of all tokens solve one unit lower-triangular system, so a chunk costs
+a few [L, L] and [L, d] matrix products instead of L sequential rank-1 updates. Single-token steps
+use the recurrence directly (``delta_rule_step``), batched over sequences.
+
+The states of all sequences live in a ``RecurrentStatePool`` indexed by *state slot*, as KV lives in
+blocks; ``StateBatch`` says which slot each sequence of a step uses and whether it starts fresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.parallel import TPGroup, fused, row
+from workers.sharding import Shard
+
+CHUNK = 64  # tokens per block of the chunked delta rule: [64, 64] triangular solves
+
+
+class RecurrentStatePool:
+    """Conv and delta states of every linear-attention layer, for ``slots`` sequences:
+    ``conv`` [layers, slots, channels, kernel - 1] in the model's dtype, ``delta``
+    [layers, slots, v_heads, k_dim, v_dim] in float32 (it accumulates over the whole sequence).
+
+    Allocated once, like the KV pool. The engine owns which sequence holds which slot; a slot holds
+    the state after the last token the sequence computed, so it carries across prompt chunks and
+    decode steps. ``layers`` counts linear-attention layers only (numbered in model order)."""
+
+    def __init__(
+        self,
+        layers: int,
+        slots: int,
+        channels: int,
+        kernel: int,
+        v_heads: int,
+        k_dim: int,
+        v_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        state_dtype: torch.dtype = torch.float32,
+    ):
+        self.num_slots = slots
+        self.conv = torch.zeros(layers, slots, channels, kernel - 1, dtype=dtype, device=device)
+        self.delta = torch.zeros(layers, slots, v_heads, k_dim, v_dim, dtype=state_dtype, device=device)
+        # one view per layer, made once (as PagedKVCache does)
+        self.conv_layers, self.delta_layers = list(self.conv.unbind(0)), list(self.delta.unbind(0))
+
+    def zero(self, slots: list[int] | torch.Tensor | None = None) -> None:
+        """Reset ``slots`` (every slot when None) in every layer: a sequence starting from nothing."""
+        if slots is None:
+            self.conv.zero_()
+            self.delta.zero_()
+            return
+        ids = torch.as_tensor(slots, dtype=torch.long, device=self.conv.device)
+        self.conv.index_fill_(1, ids, 0)
+        self.delta.index_fill_(1, ids, 0)
+
+    def copy(self, src: int, dst: list[int]) -> None:
+        """Copy slot ``src`` into each of ``dst``: siblings of a prompt sampled n times, or a saved
+        checkpoint of a prefix."""
+        ids = torch.as_tensor(dst, dtype=torch.long, device=self.conv.device)
+        for pool in (self.conv, self.delta):
+            source = pool[:, src : src + 1].clone()  # never read from what is being written
+            pool.index_copy_(1, ids, source.expand(-1, len(dst), *pool.shape[2:]))
+
+    def slot_bytes(self) -> int:
+        """One sequence's state, every layer (what ``ModelConfig.state_slot_bytes`` says torch-free)."""
+        return sum(pool[:, 0].numel() * pool.element_size() for pool in (self.conv, self.delta))
+
+    def nbytes(self) -> int:
+        return self.num_slots * self.slot_bytes()
+
+
+@dataclass
+class StateBatch:
+    """Which state slot each sequence of a step uses. Sequences are in ``StepBatch`` order: the flat
+    batch holds each one's new tokens contiguously, in the order the sequences were given."""
+
+    fresh_slots: torch.Tensor | None  # slots to zero before the step: their sequences start here
+    runs: list[tuple[int, int, int]]  # (first row, end row, slot) of sequences with several new tokens
+    single_rows: torch.Tensor | None  # [B] rows of one-token sequences, stepped together
+    single_slots: torch.Tensor | None  # [B] their slots
+
+    @classmethod
+    def build(cls, lengths: list[int], slots: list[int], fresh: list[bool], device: torch.device) -> StateBatch:
+        """``lengths``: new tokens of each sequence; ``slots``: its state slot; ``fresh``: True on the
+        step that computes its position 0. Built from host lists only (no device round trip)."""
+        if not len(lengths) == len(slots) == len(fresh):
+            raise ValueError(f"{len(lengths)} sequences but {len(slots)} slots and {len(fresh)} fresh flags")
+        if len(set(slots)) != len(slots):
+            raise ValueError("two sequences of one step share a state slot")
+        runs, single_rows, single_slots = [], [], []
+        start = 0
+        for n, slot in zip(lengths, slots, strict=True):
+            if n == 1:
+                single_rows.append(start)
+                single_slots.append(slot)
+            else:
+                runs.append((start, start + n, slot))
+            start += n
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device) if x else None  # noqa: E731
+        starting = [s for s, f in zip(slots, fresh, strict=True) if f]
+        return cls(t(starting), runs, t(single_rows), t(single_slots))
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(|x|^2 + eps) over the last dim (the eps inside the root, as the reference has it)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def delta_rule_step(
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for each of B sequences. ``state`` [B, H, dk, dv]; ``q``, ``k`` [B, H, dk] (q already
+    scaled); ``v`` [B, H, dv]; ``g``, ``beta`` [B, H]. Returns (output [B, H, dv], new state)."""
+    state = state * g.exp()[..., None, None]
+    predicted = torch.einsum("bhkv,bhk->bhv", state, k)  # what the decayed state already says for k
+    state = state + k[..., :, None] * ((v - predicted) * beta[..., None])[..., None, :]
+    return torch.einsum("bhkv,bhk->bhv", state, q), state
+
+
+def delta_rule_chunked(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    chunk: int = CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n tokens of one sequence, ``chunk`` at a time. ``state`` [H, dk, dv]; ``q``, ``k`` [H, n, dk];
+    ``v`` [H, n, dv]; ``g``, ``beta`` [H, n]. Returns (output [H, n, dv], state after the last token)."""
+    outs = []
+    for s in range(0, q.shape[1], chunk):
+        e = s + chunk
+        out, state = _chunk(state, q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e])
+        outs.append(out)
+    return torch.cat(outs, dim=1), state
+
+
+def _chunk(S: torch.Tensor, q, k, v, g, beta) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of L tokens from state S, everything float32.
+
+    With c_t the cumulative log decay from the chunk start through token t, the state after token t
+    is ``exp(c_t) S + sum_{j<=t} exp(c_t - c_j) k_j u_j^T``, where u_j is the correction token j
+    writes: ``u_j = beta_j (v_j - [state before j, decayed]^T k_j)``. Expanding that state gives, for
+    all j at once, ``(I + A) U = beta V - (beta exp(c) K) S`` with A strictly lower triangular,
+    ``A[t, j] = beta_t exp(c_t - c_j) k_t.k_j``: one triangular solve for U."""
+    L = q.shape[1]
+    c = g.cumsum(-1)  # [H, L]
+    lower = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # j <= t
+    # decay from j to t where j <= t; masked before exp so nothing above the diagonal can overflow
+    decay = (c[:, :, None] - c[:, None, :]).masked_fill(~lower, float("-inf")).exp()  # [H, L, L]
+    kb = k * beta[..., None]
+    A = ((kb @ k.transpose(-1, -2)) * decay).tril(-1)
+    eye = torch.eye(L, dtype=q.dtype, device=q.device)
+    rhs = torch.cat((v * beta[..., None], kb * c.exp()[..., None]), dim=-1)
+    w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    w_v, w_k = w.split((v.shape[-1], k.shape[-1]), dim=-1)
+    u = w_v - w_k @ S  # [H, L, dv]
+    out = (q * c.exp()[..., None]) @ S + ((q @ k.transpose(-1, -2)) * decay) @ u
+    to_end = (c[:, -1:] - c).exp()  # decay from each token to the end of the chunk
+    S = S * c[:, -1].exp()[:, None, None] + (k * to_end[..., None]).transpose(-1, -2) @ u
+    return out, S
+
+
+@dataclass(frozen=True)
+class LinearLayout:
+    """This rank's share of a Gated DeltaNet layer: whole key-head groups (a key head and the value
+    heads that read it), so the delta rule of a head never needs another rank."""
+
+    k_heads: int  # local
+    v_heads: int  # local
+    k_start: int
+    v_start: int
+
+    @classmethod
+    def for_rank(cls, cfg, rank: int, world_size: int, model_name: str = "model") -> LinearLayout:
+        from workers.sharding import ShardingError
+
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        if hk % world_size or hv % hk:
+            raise ShardingError(
+                f"{model_name}: linear_num_key_heads={hk} (value heads {hv}) cannot split across tensor_parallel={world_size}"
+            )
+        k, v = hk // world_size, hv // world_size
+        return cls(k, v, rank * k, rank * v)
+
+
+def _separate_parts(cfg, lay: LinearLayout) -> list[tuple[str, int, int]]:
+    """Qwen3.5: ``in_proj_qkv`` ([q | k | v], each all heads), ``in_proj_z``, ``in_proj_b``, ``in_proj_a``."""
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    key_dim = cfg.linear_num_key_heads * dk
+    nk, nv = lay.k_heads * dk, lay.v_heads * dv
+    return [
+        ("in_proj_qkv", nk, lay.k_start * dk),
+        ("in_proj_qkv", nk, key_dim + lay.k_start * dk),
+        ("in_proj_qkv", nv, 2 * key_dim + lay.v_start * dv),
+        ("in_proj_z", nv, lay.v_start * dv),
+        ("in_proj_b", lay.v_heads, lay.v_start),
+        ("in_proj_a", lay.v_heads, lay.v_start),
+    ]
+
+
+def _interleaved_parts(cfg, lay: LinearLayout) -> list[tuple[str, int, int]]:
+    """Qwen3-Next: ``in_proj_qkvz`` holds per key head ``[q | k | v of its group | z of its group]``
+    and ``in_proj_ba`` ``[b of its group | a of its group]``. Reading each piece as its own part
+    puts them in the Qwen3.5 order, so one forward serves both checkpoints."""
+    dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    r = cfg.linear_num_value_heads // cfg.linear_num_key_heads
+    group, groups = 2 * dk + 2 * r * dv, range(lay.k_start, lay.k_start + lay.k_heads)
+    q = [("in_proj_qkvz", dk, h * group) for h in groups]
+    k = [("in_proj_qkvz", dk, h * group + dk) for h in groups]
+    v = [("in_proj_qkvz", r * dv, h * group + 2 * dk) for h in groups]
+    z = [("in_proj_qkvz", r * dv, h * group + 2 * dk + r * dv) for h in groups]
+    b = [("in_proj_ba", r, h * 2 * r) for h in groups]
+    a = [("in_proj_ba", r, h * 2 * r + r) for h in groups]
+    return q + k + v + z + b + a
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each value head, then times silu(z): ``weight * norm(x) * silu(z)`` (a plain
+    weight, not the zero-centred 1 + w of the model's other norms)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
+        self.weight.shard = None  # the same for every head, so every rank holds all of it
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        normed = torch.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        return (self.weight * normed * F.silu(z.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """The ``linear_attn`` of a layer. All input projections are one fused matmul whose output is
+    ``[q | k | v | z | b | a]`` for this rank's heads; the conv weight holds this rank's q, k and v
+    channels; ``out_proj`` is row-parallel over its value heads."""
+
+    def __init__(self, cfg, lay: LinearLayout, tp: TPGroup, dtype: torch.dtype, interleaved: bool):
+        super().__init__()
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.k_heads, self.v_heads = lay.k_heads, lay.v_heads
+        self.key, self.value = lay.k_heads * self.dk, lay.v_heads * self.dv  # local widths
+        parts = (_interleaved_parts if interleaved else _separate_parts)(cfg, lay)
+        self.in_proj = fused(cfg.hidden_size, parts, tp, dtype)
+        key_dim = cfg.linear_num_key_heads * self.dk
+        self.conv1d = DepthwiseConv(
+            [
+                Shard(0, lay.k_start * self.dk, self.key),
+                Shard(0, key_dim + lay.k_start * self.dk, self.key),
+                Shard(0, 2 * key_dim + lay.v_start * self.dv, self.value),
+            ],
+            cfg.linear_conv_kernel,
+            dtype,
+        )
+        heads = Shard(0, lay.v_start, lay.v_heads)
+        self.A_log = nn.Parameter(torch.empty(lay.v_heads, dtype=dtype), requires_grad=False)
+        self.dt_bias = nn.Parameter(torch.empty(lay.v_heads, dtype=dtype), requires_grad=False)
+        self.A_log.shard = self.dt_bias.shard = heads
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, dtype)
+        self.out_proj = row(self.value, cfg.hidden_size, lay.v_start * self.dv, tp, dtype)
+
+    def forward(self, x: torch.Tensor, pool: RecurrentStatePool, layer: int, seqs: StateBatch) -> torch.Tensor:
+        T = x.shape[0]
+        channels = 2 * self.key + self.value
+        qkv, z, b, a = self.in_proj(x).split((channels, self.value, self.v_heads, self.v_heads), dim=-1)
+        qkv = F.silu(self.conv1d(qkv, pool.conv_layers[layer], seqs))
+        q, k, v = qkv.float().split((self.key, self.key, self.value), dim=-1)
+        rep = self.v_heads // self.k_heads  # each key head serves ``rep`` value heads
+        q = (l2_normalize(q.view(T, self.k_heads, self.dk)) * self.dk**-0.5).repeat_interleave(rep, dim=1)
+        k = l2_normalize(k.view(T, self.k_heads, self.dk)).repeat_interleave(rep, dim=1)
+        v = v.view(T, self.v_heads, self.dv)
+        beta = b.float().sigmoid()
+        # the decay in float32 whatever the model's dtype: exp(A_log) in half precision can overflow
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        out = _delta_rule(pool.delta_layers[layer], q, k, v, g, beta, seqs)
+        out = self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.dv))
+        return self.out_proj(out.reshape(T, self.value))
+
+
+def _delta_rule(states: torch.Tensor, q, k, v, g, beta, seqs: StateBatch) -> torch.Tensor:
+    """The delta rule over a step's rows ([T, H, ...]), reading and writing each sequence's slot of
+    one layer's ``states`` [slots, H, dk, dv]: prompt chunks one by one, single tokens together."""
+    out = torch.empty_like(v)
+    for start, end, slot in seqs.runs:
+        heads_first = [x[start:end].transpose(0, 1) for x in (q, k, v, g, beta)]  # [H, n, ...]
+        o, final = delta_rule_chunked(states[slot].float(), *heads_first)
+        states[slot] = final
+        out[start:end] = o.transpose(0, 1)
+    if seqs.single_rows is not None:
+        rows, slots = seqs.single_rows, seqs.single_slots
+        o, new = delta_rule_step(states.index_select(0, slots).float(), q[rows], k[rows], v[rows], g[rows], beta[rows])
+        states.index_copy_(0, slots, new.to(states.dtype))
+        out[rows] = o
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """The causal depthwise convolution over q, k and v (one filter per channel, ``kernel`` taps), with
+    each sequence's last ``kernel - 1`` inputs kept in its conv state. ``weight`` is
+    [channels, 1, kernel] as in the checkpoint; ``weight.parts`` are this rank's q, k, v channels."""
+
+    def __init__(self, shards: list[Shard], kernel: int, dtype: torch.dtype):
+        super().__init__()
+        channels = sum(s.length for s in shards)
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel, dtype=dtype), requires_grad=False)
+        self.weight.parts = [("conv1d", s) for s in shards]  # read and concatenated by the loader
+
+    def forward(self, x: torch.Tensor, states: torch.Tensor, seqs: StateBatch) -> torch.Tensor:
+        """``x`` [T, channels] -> [T, channels] (before the activation); updates ``states``
+        [slots, channels, kernel - 1] of the step's sequences."""
+        keep = self.weight.shape[-1] - 1
+        out = torch.empty_like(x)
+        for start, end, slot in seqs.runs:
+            window = torch.cat((states[slot], x[start:end].T.to(states.dtype)), dim=-1)  # [C, keep + n]
+            out[start:end] = F.conv1d(window[None].to(x.dtype), self.weight, groups=x.shape[1])[0].T
+            states[slot] = window[:, window.shape[1] - keep :]
+        if seqs.single_rows is not None:
+            rows, slots = seqs.single_rows, seqs.single_slots
+            window = torch.cat((states.index_select(0, slots), x[rows, :, None].to(states.dtype)), dim=-1)
+            out[rows] = (window.to(x.dtype) * self.weight[:, 0]).sum(-1)  # [B, C, kernel] -> [B, C]
+            states.index_copy_(0, slots, window[..., 1:])
+        return out
