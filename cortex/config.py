@@ -19,7 +19,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cortex.config_schema import Check, key, read_table, read_toml
 from cortex.config_schema import ConfigError as ConfigError
@@ -118,7 +118,11 @@ class GatewayConfig:
     threads: int = key(128, "threads per gunicorn worker (one per in-flight request; idle connections take none)", gt=0)
     max_body_mb: int = key(8, "larger request bodies get 413", gt=0)
     api_keys: tuple[str, ...] = key((), "API keys clients may send", check=_strings("API keys"))
-    api_key_file: str = key("", "more API keys, one per line (# comments allowed); they join api_keys")
+    api_key_file: str = key(
+        "",
+        "more API keys, one per line (# comments allowed); they join api_keys. A key may carry limits: "
+        "KEY max_concurrent=4 tokens_per_minute=20000 (429 beyond them)",
+    )
     open_paths: tuple[str, ...] = key(("/health", "/metrics"), "served without a key", check=_strings("paths"))
     keepalive_s: float = key(10.0, "a stream silent this long (cold load, long prefill) gets a ping", gt=0)
     admin_keys: tuple[str, ...] = key((), "needed by /models... once any key is set", check=_strings("admin keys"))
@@ -238,6 +242,18 @@ class Catalogue:
 
 
 @dataclass(frozen=True)
+class KeyLimit:
+    """Limits of one API key, from its line in ``api_key_file``: ``KEY max_concurrent=4
+    tokens_per_minute=20000``. 0 = no limit of that kind (``max_concurrent`` then falls back to
+    ``[engine] max_requests_per_client``)."""
+
+    max_concurrent: int = 0  # requests in flight at once
+    tokens_per_minute: int = 0  # prompt and generated tokens over the last minute
+
+    OPTIONS: ClassVar[tuple[str, ...]] = ("max_concurrent", "tokens_per_minute")
+
+
+@dataclass(frozen=True)
 class Config(LoggingConfig):
     """Both files, loaded; [logging]'s keys are its own (inherited) fields."""
 
@@ -249,6 +265,7 @@ class Config(LoggingConfig):
     peers: list[PeerConfig]
     catalogue: Catalogue
     fleet: FleetConfig = FleetConfig()
+    key_limits: dict[str, KeyLimit] = field(default_factory=dict)  # API key -> its limits (api_key_file)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -282,10 +299,11 @@ def load(file: str | Path | None = None) -> Config:
     else:
         catalogue = load_catalogue(node.models_config)
     gw: GatewayConfig = tables["gateway"]
+    file_keys, key_limits = _key_file(path, gw.api_key_file, "api_key_file", limits=True)
     tables["gateway"] = dataclasses.replace(
         gw,
-        api_keys=gw.api_keys + _key_file(path, gw.api_key_file, "api_key_file"),
-        admin_keys=gw.admin_keys + _key_file(path, gw.admin_key_file, "admin_key_file"),
+        api_keys=gw.api_keys + file_keys,
+        admin_keys=gw.admin_keys + _key_file(path, gw.admin_key_file, "admin_key_file")[0],
     )
     if isinstance(node.devices, list) and node.devices:  # a gateway ([]) loads nothing itself
         for m in catalogue.models:
@@ -302,22 +320,48 @@ def load(file: str | Path | None = None) -> Config:
                     f" [node] devices {node.devices}",
                 )
     # each table but [logging] is the Config field of its name; [logging]'s keys are Config's own
-    return Config(file=path, peers=peers, catalogue=catalogue, **vars(tables.pop("logging")), **tables)
+    return Config(
+        file=path, peers=peers, catalogue=catalogue, key_limits=key_limits, **vars(tables.pop("logging")), **tables
+    )
 
 
-def _key_file(config: Path, name: str, setting: str) -> tuple[str, ...]:
-    """Keys, one per line (blank lines and # comments skipped); relative to the config file."""
+def _key_file(
+    config: Path, name: str, setting: str, limits: bool = False
+) -> tuple[tuple[str, ...], dict[str, KeyLimit]]:
+    """Keys, one per line (blank lines and # comments skipped), relative to the config file; with
+    ``limits``, a key may be followed by its limits: ``KEY max_concurrent=4 tokens_per_minute=20000``."""
     if not name:
-        return ()
+        return (), {}
     path = config.parent / name
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise ConfigError(config, f"[gateway] {setting}", f"cannot read {path}: {exc.strerror}") from None
-    found = tuple(ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#"))
-    if not found:
+    keys, found = [], {}
+    for number, line in enumerate(lines, 1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        keys.append(words[0])
+        if words[1:] and not limits:
+            raise ConfigError(path, f"line {number}", "expected one key per line, nothing after it")
+        if words[1:]:
+            found[words[0]] = _key_limit(path, number, words[1:])
+    if not keys:
         raise ConfigError(config, f"[gateway] {setting}", f"{path} holds no keys")
-    return found
+    return tuple(keys), found
+
+
+def _key_limit(path: Path, number: int, options: list[str]) -> KeyLimit:
+    values = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        if name not in KeyLimit.OPTIONS:
+            raise ConfigError(path, f"line {number}", f"unknown limit {name!r} (known: {', '.join(KeyLimit.OPTIONS)})")
+        if not value.isdigit() or int(value) <= 0:
+            raise ConfigError(path, f"line {number}", f"{name}: expected a positive integer, got {value!r}")
+        values[name] = int(value)
+    return KeyLimit(**values)
 
 
 def load_catalogue(path: Path) -> Catalogue:

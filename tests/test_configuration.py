@@ -20,6 +20,7 @@ from cortex.config import (
     FleetConfig,
     GatewayConfig,
     HostPort,
+    KeyLimit,
     ModelEntry,
     PeerConfig,
     default_run_dir,
@@ -266,3 +267,38 @@ def test_the_embedded_files_write_the_declared_defaults():
         assert re.search(rf"^# {name} = ", text, re.M), f"[[peers]] {name} is not in conf/cortex.toml"
     header = (ROOT / "conf" / "models.toml").read_text().split("[[models]]\n")[0]
     assert [n for n in keys(ModelEntry) if not re.search(rf"^#   {n}\b|\| {n}\b", header, re.M)] == []
+
+
+def test_an_api_key_may_carry_its_own_limits(tmp_path):
+    (tmp_path / "keys").write_text(
+        "# team keys\nsk-plain\nsk-small max_concurrent=2\nsk-meter tokens_per_minute=500 max_concurrent=8\n"
+    )
+    cfg = load(write(tmp_path, '[gateway]\napi_key_file = "keys"\n'))
+    assert cfg.gateway.api_keys == ("sk-plain", "sk-small", "sk-meter")
+    assert cfg.key_limits == {
+        "sk-small": KeyLimit(max_concurrent=2),
+        "sk-meter": KeyLimit(max_concurrent=8, tokens_per_minute=500),
+    }
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("sk-x max_parallel=2", ["line 1", "unknown limit 'max_parallel'"]),
+        ("sk-x max_concurrent=0", ["line 1", "max_concurrent: expected a positive integer, got '0'"]),
+        ("sk-x tokens_per_minute=lots", ["tokens_per_minute: expected a positive integer, got 'lots'"]),
+    ],
+)
+def test_a_bad_key_limit_names_the_file_and_line(tmp_path, line, words):
+    (tmp_path / "keys").write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, '[gateway]\napi_key_file = "keys"\n'))
+    assert str(e.value).startswith(str(tmp_path / "keys"))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_admin_keys_carry_no_limits(tmp_path):
+    (tmp_path / "admin").write_text("sk-admin max_concurrent=2\n")
+    with pytest.raises(ConfigError, match="line 1: expected one key per line"):
+        load(write(tmp_path, '[gateway]\nadmin_key_file = "admin"\n'))

@@ -28,6 +28,12 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_id(key: str) -> str:
+    """How a request's client is named to the leader (per-key limits, request log): a short hash
+    of its API key, the same whether it came as ``Authorization: Bearer`` or ``X-Api-Key``."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def presented_key(req: falcon.Request) -> str | None:
     header = req.get_header("Authorization")
     if header:

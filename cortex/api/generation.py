@@ -7,13 +7,13 @@ tool calls by the one output parser. Nothing in here knows OpenAI or Anthropic w
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import falcon
 
+from cortex.api.auth import key_id, presented_key
 from cortex.api.engine_client import ClientGone, Generation
 from cortex.chat.output import OutputParser, Part
 from cortex.fleet.proxy import CLIENT, HOP
@@ -105,9 +105,9 @@ def client_id(req: falcon.Request) -> str:
     forwarded = req.get_header(CLIENT)
     if forwarded and getattr(req.context, "from_peer", False):
         return forwarded
-    key = req.get_header("Authorization") or req.get_header("X-Api-Key")
+    key = presented_key(req)
     if key:
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]  # never the key itself
+        return key_id(key)  # the same for either dialect's header, and never the key itself
     return "addr:" + (req.remote_addr or "")
 
 
