@@ -324,3 +324,36 @@ def test_anthropic_errors(claude, server):
         server.url + "/v1/messages", json={"model": "smol", "messages": ASK}, headers={"x-api-key": KEY}, timeout=30
     )
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+
+
+def test_a_forced_tool_whose_schema_uses_defs_and_refs(oai, claude):
+    """Pydantic writes nested models into $defs; the call grammar wraps the tool's schema and must
+    keep its refs pointing into it (issue 20)."""
+    schema = {
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["place", "unit"],
+    }
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": schema}}
+    r = oai.chat.completions.create(
+        model="smol",
+        messages=ASK,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        max_tokens=80,
+        temperature=0,
+    )
+    (call,) = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    m = claude.messages.create(
+        model="smol",
+        max_tokens=80,
+        messages=ASK,
+        tools=[{"name": "get_weather", "description": "Weather", "input_schema": schema}],
+        tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+        extra_body=GREEDY,
+    )
+    (use,) = [b for b in m.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, schema)

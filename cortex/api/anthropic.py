@@ -293,4 +293,15 @@ class CountTokens:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         submit = parse_submit(decode(req, AnthropicCountTokensRequest, self.max_body_bytes), req)
         submit.count_only = True
-        resp.media = {"input_tokens": self.engine.count_tokens(submit)}
+        record = req.context.get("record")  # the request log's (cortex/ops/reqlog.py)
+        if record is not None:
+            record.submitted(submit.request_id, submit.model, submit.client, submit.messages)
+        try:
+            tokens = self.engine.count_tokens(submit)
+        except ApiError as err:
+            if record is not None and err.code == "model_not_found":
+                record.unknown_model()  # never a label value a client can invent
+            raise
+        if record is not None:
+            record.prompt_tokens = tokens
+        resp.media = {"input_tokens": tokens}

@@ -29,6 +29,17 @@ from msgspec import Meta, Struct
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOKEN_ID_END = 2**31  # token ids are int32 on the wire
+# what the chat template renderer passes a template itself (cortex/chat/template.py, ChatTemplate:
+# render's arguments and its environment's globals): chat_template_kwargs may not set them
+RESERVED_TEMPLATE_KWARGS = (
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "raise_exception",
+    "strftime_now",
+)
 
 
 def says(param: int = 0, **texts: Any) -> Meta:
@@ -232,7 +243,11 @@ class ChatCompletionRequest(OpenAIBody, kw_only=True):
         Literal["none", "minimal", "low", "medium", "high"] | None,
         says(value="'reasoning_effort' must be one of none, minimal, low, medium, high."),
     ] = None
-    chat_template_kwargs: opt(dict[str, Any], "Extra variables for the chat template, e.g. enable_thinking.") = None
+    chat_template_kwargs: opt(
+        dict[str, Any],
+        "Extra variables for the chat template, e.g. enable_thinking; not the ones the server passes itself: "
+        f"{', '.join(RESERVED_TEMPLATE_KWARGS)} (a 400).",
+    ) = None
 
 
 class CompletionRequest(OpenAIBody, kw_only=True):
@@ -408,9 +423,11 @@ class AnthropicMessagesRequest(AnthropicPrompt, kw_only=True):
 
 
 class ModelName(Body, kw_only=True):
-    """POST /models/load, unload, pin, unpin and evict."""
+    """POST /models/load, unload, pin, unpin and evict: the model as ``model`` or ``model_id`` (one
+    is required; both must agree)."""
 
-    model: Annotated[str, Meta(description="A catalogue model id or alias.")]
+    model: Annotated[str | None, Meta(description="A catalogue model id or alias.")] = None
+    model_id: Annotated[str | None, Meta(description="The same as model (the name other servers use).")] = None
 
 
 REQUESTS = (ChatCompletionRequest, CompletionRequest, AnthropicMessagesRequest, AnthropicCountTokensRequest, ModelName)

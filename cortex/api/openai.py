@@ -13,6 +13,7 @@ import falcon
 
 from cortex.api import sse
 from cortex.api.bodies import (
+    RESERVED_TEMPLATE_KWARGS,
     TOKEN_ID_END,
     ChatCompletionRequest,
     ChatMessage,
@@ -131,6 +132,18 @@ def parse_logprobs(body: ChatCompletionRequest) -> int:
     return body.top_logprobs or 0
 
 
+def parse_template_kwargs(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    """Extra template variables; never one the renderer passes itself (a duplicate keyword)."""
+    kwargs = body.chat_template_kwargs
+    reserved = next((k for k in kwargs or () if k in RESERVED_TEMPLATE_KWARGS), None)
+    if reserved is not None:
+        raise bad_field(
+            "chat_template_kwargs",
+            f"'chat_template_kwargs' may not set '{reserved}': the server passes it to the chat template itself.",
+        )
+    return kwargs
+
+
 def _stops(body: OpenAIBody) -> list[str] | None:
     return [body.stop] if isinstance(body.stop, str) else body.stop
 
@@ -150,7 +163,7 @@ class ChatCompletions:
             sampling=parse_sampling(body, parse_logprobs(body)),
             max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
             stop=_stops(body),
-            template_kwargs=body.chat_template_kwargs,
+            template_kwargs=parse_template_kwargs(body),
             ignore_eos=body.ignore_eos,
             client=client_id(req),
             stop_token_ids=body.stop_token_ids,

@@ -8,6 +8,10 @@ with each object's fields in checking order (required ones first, then as declar
 first error msgspec meets is worded as the API words it by walking the declaration down the
 error's path (``explain``). A bad request costs about 0.1 ms more than it used to; a good one
 decodes several times faster.
+
+The bytes are read and checked first (``cortex.api.rawbody``: the size limit, chunked bodies, the
+nesting depth) and the text after Python's json reads it (lone surrogates); the 400 names the field
+where the body nests too deep, or the string that is not Unicode.
 """
 
 from __future__ import annotations
@@ -24,42 +28,28 @@ import msgspec
 
 from cortex.api.bodies import INT64_MAX, INT64_MIN, Body
 from cortex.api.errors import ApiError, bad_field
+from cortex.api.rawbody import MAX_JSON_DEPTH, lone_surrogate, read_raw, too_deep_at
 
 B = TypeVar("B", bound=Body)
 MISSING: Any = msgspec.UNSET  # a field the body does not have
 
 
-def read_raw(req: falcon.Request, max_bytes: int) -> bytes:
-    length = req.content_length
-    if length is not None and length > max_bytes:
-        raise ApiError(
-            413,
-            f"Request body of {length} bytes is larger than the limit of {max_bytes} bytes.",
-            "invalid_request_error",
-            "request_too_large",
-        )
-    raw = req.bounded_stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise ApiError(
-            413,
-            f"Request body is larger than the limit of {max_bytes} bytes.",
-            "invalid_request_error",
-            "request_too_large",
-        )
-    if not raw:
-        raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
-    req.context.raw_body = raw  # a request another leader serves is forwarded as the client sent it
-    return raw
-
-
 def decode(req: falcon.Request, cls: type[B], max_bytes: int) -> B:
     """The request's body as ``cls``, or the 400 (413) that names what is wrong with it."""
     raw = read_raw(req, max_bytes)
+    deep = too_deep_at(raw)
+    if deep is not None:
+        raise _too_deep(deep, cls)
     try:
         return msgspec.json.decode(raw, type=cls)
     except msgspec.DecodeError:  # ValidationError too: the slow path finds and words the error
         pass
-    body = _loads(raw)
+    except RecursionError:  # too_deep_at read the bytes some other way (it never should)
+        raise _too_deep([], cls) from None
+    body = _loads(raw, cls)
+    unicode = not_unicode(body, cls)  # msgspec refuses lone surrogates; Python's json reads them
+    if unicode:
+        raise unicode
     missing = missing_field(body, cls)  # the missing model before the bad stop, as the API always said
     if missing:
         raise missing
@@ -69,9 +59,11 @@ def decode(req: falcon.Request, cls: type[B], max_bytes: int) -> B:
         raise explain(exc, body, cls) from None
 
 
-def _loads(raw: bytes) -> dict[str, Any]:
+def _loads(raw: bytes, cls: type[Body]) -> dict[str, Any]:
     try:
         body = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise _too_deep([], cls) from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, _not_json's
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -83,6 +75,79 @@ def _not_json(word: str) -> float:
     """Python's json module reads NaN and Infinity, which JSON has no words for. Refused: a NaN passes
     every range check (each comparison is false), and a NaN penalty would poison the sampler."""
     raise ValueError(f"{word} is not a JSON value")
+
+
+# -- too deep, not Unicode: the field to name ---------------------------------------------------------
+
+
+def _too_deep(path: list[str | int], cls: type[Body]) -> ApiError:
+    """The 400 for a body nested too deep at ``path``, naming the field it is in."""
+    field = _declared(cls, path)
+    limit = f"JSON nested deeper than the limit of {MAX_JSON_DEPTH} levels"
+    if not field:
+        return ApiError(400, f"The request body holds {limit}.", code="invalid_value")
+    param = _dotted(field, cls.dots)
+    return bad_field(param, f"{param}: {limit}." if cls.dots else f"Invalid value for '{param}': {limit}.")
+
+
+def _declared(cls: type[Body], path: list[str | int]) -> list[str | int]:
+    """The start of ``path`` down to the field it is in: the first free-form value (a JSON schema,
+    template variables, tool input) or unknown field on the way, else the whole path."""
+    ann: Any = cls
+    for i, label in enumerate(path):
+        ann = _declared_child(ann, label)
+        if ann is None or _free_form(ann):
+            return path[: i + 1]
+    return path
+
+
+def _declared_child(ann: Any, label: str | int) -> Any:
+    for m in _members(ann):
+        base = _strip(m)[0]
+        if isinstance(label, int) and get_origin(base) is list:
+            return get_args(base)[0]
+        if isinstance(label, str) and isinstance(base, type) and issubclass(base, msgspec.Struct):
+            found = next((f.type for f in _fields(base) if f.name == label), None)
+            if found is not None:
+                return found
+        if isinstance(label, str) and get_origin(base) is dict:
+            return get_args(base)[1]
+    return None
+
+
+def _free_form(ann: Any) -> bool:
+    """Any JSON goes: Any, or an object of Any."""
+    for m in _members(ann):
+        base = _strip(m)[0]
+        if base is Any or (get_origin(base) is dict and get_args(base)[1] is Any):
+            return True
+    return False
+
+
+def not_unicode(body: Any, cls: type[Body]) -> ApiError | None:
+    """The 400 for the first string or key (in the body's order) with a lone surrogate: Python's
+    json reads ``"\\ud800"``, but it is no Unicode text, and no tokenizer or encoder takes it."""
+    found = lone_surrogate(body)
+    if found is None:
+        return None
+    path, char, is_key = found
+    surrogate = f"a lone surrogate ({ascii(char)[1:-1]}), which is not Unicode"
+    if not path:
+        return ApiError(400, f"The request body holds {surrogate}.", code="invalid_value")
+    param = _dotted(path, cls.dots)
+    what = f"{'a key' if is_key else 'the text'} holds {surrogate}"
+    return bad_field(param, f"{param}: {what}." if cls.dots else f"Invalid value for '{param}': {what}.")
+
+
+def _dotted(path: list[str | int], dots: bool) -> str:
+    """messages[0].content (OpenAI) or messages.0.content (Anthropic)."""
+    out = ""
+    for label in path:
+        if isinstance(label, int) and not dots:
+            out += f"[{label}]"
+        else:
+            out += f".{label}" if out else str(label)
+    return out
 
 
 # -- explaining a msgspec error in the API's words ---------------------------------------------------

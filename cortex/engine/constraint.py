@@ -8,7 +8,13 @@ the worker sampled, so the output always parses and validates, even on a small m
 
 Tool calls use the Hermes format that Qwen and most open templates use:
 ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. With ``tool_choice`` auto the
-model writes freely until it opens a ``<tool_call>``; from there its call is constrained too.
+model writes freely until it opens a ``<tool_call>``; from there its call is constrained too. The
+call's schema wraps each tool's: the tool's local ``$ref``s are rewritten to point into the wrapper
+(``_rebased``), so tools whose schemas keep their parts in ``$defs`` (as pydantic writes them) work.
+
+A schema no finite value satisfies (an object whose required property is another such object, and so
+on without end) compiles, but a sequence constrained by it could never finish: ``finite`` spots
+those before compiling, and the request is refused (a 400).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import llguidance as llg
 from tokenizers import Tokenizer
@@ -46,35 +54,214 @@ class Rules:
         return self.json_schema is not None or (bool(self.tools) and self.tool_mode in ("auto", "required"))
 
 
+# keywords whose values are JSON data, not schemas; and those whose values map names to schemas
+_DATA = frozenset({"const", "enum", "default", "examples"})
+_NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
+
+
+def _walk(schema: Any, change: Callable[[dict], dict]) -> Any:
+    """``schema`` rebuilt bottom-up with ``change`` applied to each schema object in it (not to data,
+    such as an enum's values, nor to the maps of names to schemas)."""
+    if isinstance(schema, list):
+        return [_walk(s, change) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in _DATA:
+            out[k] = v
+        elif k in _NAMED and isinstance(v, dict):
+            out[k] = {name: _walk(s, change) for name, s in v.items()}
+        else:
+            out[k] = _walk(v, change)
+    return change(out)
+
+
+def _close(schema: dict) -> dict:
+    if "properties" in schema and "additionalProperties" not in schema:
+        schema["additionalProperties"] = False
+    return schema
+
+
 def closed(schema: Any) -> Any:
     """The schema with ``additionalProperties: false`` wherever it is left open. Output that fits
     it still validates against the original; a small model is not free to invent keys (OpenAI's
     strict mode requires the same)."""
+    return _walk(schema, _close)
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """``schema`` moved to ``base`` (a pointer such as ``#/properties/arguments``) inside a larger
+    document: its local ``$ref``s ("#", "#/$defs/X") rewritten to point where their targets now
+    are. A part with an ``$id`` is a resource of its own, its refs resolved against it: left as is."""
     if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
+        return [_rebased(s, base) for s in schema]
+    if not isinstance(schema, dict) or "$id" in schema:
         return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
+    out = {}
+    for k, v in schema.items():
+        if k in _DATA:
+            out[k] = v
+        elif k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
+            out[k] = base + v[1:]
+        elif k in _NAMED and isinstance(v, dict):
+            out[k] = {name: _rebased(s, base) for name, s in v.items()}
+        else:
+            out[k] = _rebased(v, base)
     return out
 
 
 def _call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    def where(i: int) -> str:  # the tool's arguments schema, in the document built here
+        return "#/properties/arguments" if len(tools) == 1 else f"#/anyOf/{i}/properties/arguments"
+
     variants = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": t["name"]},
-                "arguments": closed(t.get("parameters") or {"type": "object"}),
+                "arguments": _rebased(closed(t.get("parameters") or {"type": "object"}), where(i)),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
-        for t in tools
+        for i, t in enumerate(tools)
     ]
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     return {**schema, "x-guidance": _JSON_STYLE}
+
+
+# -- does any finite value fit? ------------------------------------------------------------------------
+
+
+def finite(schema: Any) -> bool:
+    """Whether some finite JSON value can fit ``schema``; False only when none can, because every
+    way through it needs a value that needs another, without end (``{"type": "object", "properties":
+    {"a": {"$ref": "#"}}, "required": ["a"]}``). What it does not model (formats, patterns, ranges,
+    ``not``, refs it cannot resolve) it takes as satisfiable: the compiler judges those.
+
+    The document's refs are solved as a least fixed point: none is satisfiable until shown to be
+    from what is known of the others. A ref found unsatisfiable waits on the refs it was found so
+    by, and is looked at again only when one of those turns out satisfiable (refs only ever turn
+    that way), so each is judged a few times, not once per round per ref."""
+    refs = _Refs(schema)
+    waiting: dict[str, list[str]] = {}  # ref -> refs to judge again once it is satisfiable
+    queue = list(refs.targets)
+    while queue:
+        ref = queue.pop()
+        if refs.known[ref]:
+            continue
+        refs.consulted.clear()
+        if _finite(refs.targets[ref], refs, top=True):
+            refs.known[ref] = True
+            queue += waiting.pop(ref, [])
+        else:
+            for by in refs.consulted:
+                waiting.setdefault(by, []).append(ref)
+    return _finite(schema, refs, top=True)
+
+
+class _Refs:
+    """A document's local refs: their targets, which are known satisfiable, and which unsatisfiable
+    ones a judgement consulted."""
+
+    def __init__(self, root: Any):
+        self.targets: dict[str, Any] = {}
+        _refs(root, root, self.targets, top=True)
+        self.known = dict.fromkeys(self.targets, False)
+        self.consulted: set[str] = set()
+
+    def satisfiable(self, ref: str) -> bool:
+        ok = self.known.get(ref, True)  # a ref that does not resolve: not ours to judge
+        if not ok:
+            self.consulted.add(ref)
+        return ok
+
+
+def _refs(node: Any, root: Any, out: dict[str, Any], top: bool = False) -> None:
+    """Every local ``$ref`` under ``node`` that resolves in ``root``, with its target."""
+    if isinstance(node, list):
+        for s in node:
+            _refs(s, root, out)
+        return
+    if not isinstance(node, dict) or ("$id" in node and not top):
+        return
+    for k, v in node.items():
+        if k in _DATA:
+            continue
+        if k == "$ref" and isinstance(v, str) and v not in out:
+            found, target = _resolve(root, v)
+            if found:
+                out[v] = target
+        elif k in _NAMED and isinstance(v, dict):
+            for s in v.values():
+                _refs(s, root, out)
+        else:
+            _refs(v, root, out)
+
+
+def _resolve(root: Any, ref: str) -> tuple[bool, Any]:
+    """(found, target) of a local JSON pointer ("#", "#/$defs/A~1B")."""
+    if ref != "#" and not ref.startswith("#/"):
+        return False, None
+    node = root
+    for part in ref[2:].split("/") if ref != "#" else []:
+        part = unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False, None
+    return True, node
+
+
+def _finite(node: Any, refs: _Refs, top: bool = False) -> bool:
+    """One schema, with each ref as satisfiable as ``refs`` knows. A part with an ``$id`` of its own
+    resolves its refs elsewhere: taken as satisfiable."""
+    if node is False:
+        return False
+    if not isinstance(node, dict) or ("$id" in node and not top):
+        return True
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not refs.satisfiable(ref):
+        return False
+    every = node.get("allOf")
+    if isinstance(every, list) and not all(_finite(s, refs) for s in every):
+        return False
+    for key in ("anyOf", "oneOf"):
+        alternatives = node.get(key)
+        if isinstance(alternatives, list) and alternatives and not any(_finite(s, refs) for s in alternatives):
+            return False
+    if "const" in node or "enum" in node:
+        return True
+    kinds = node.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else _TYPES
+    return any(_finite_as(kind, node, refs) for kind in kinds)
+
+
+def _finite_as(kind: Any, node: dict, refs: _Refs) -> bool:
+    """Whether a value of this JSON type can fit ``node``."""
+    if kind == "object":
+        properties, required = node.get("properties"), node.get("required")
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            return True
+        return all(_finite(properties[n], refs) for n in required if isinstance(n, str) and n in properties)
+    if kind == "array":
+        prefix, rest = node.get("prefixItems"), node.get("items")
+        if isinstance(rest, list):  # draft 4's tuples
+            prefix, rest = rest, node.get("additionalItems")
+        prefix = prefix if isinstance(prefix, list) else []
+        least = node.get("minItems")
+        least = least if isinstance(least, int) and not isinstance(least, bool) else 0
+        if not all(_finite(s, refs) for s in prefix[:least]):
+            return False
+        return least <= len(prefix) or rest is None or _finite(rest, refs)
+    return True
+
+
+_ENDLESS = "each value it allows requires another inside it, without end"
 
 
 def _lark_string(s: str) -> str:
@@ -105,12 +292,14 @@ class Grammars:
                 self._tok = llg.LLTokenizer(tok.to_str(), n_vocab=vocab, eos_token=eos or None)
             return self._tok
 
-    def _matcher(self, grammar: str) -> llg.LLMatcher:
+    def _matcher(self, grammar: str, check: Callable[[], None] | None = None) -> llg.LLMatcher:
         with self._lock:
             fresh = self._compiled.get(grammar)
             if fresh is not None:
                 self._compiled.move_to_end(grammar)
                 return fresh.deep_copy()
+        if check is not None:  # checks of what compiles but cannot be served, once per grammar
+            check()
         m = llg.LLMatcher(self.tokenizer, grammar, log_level=0)  # outside the lock: compiles run side by side
         if m.is_error():
             raise GrammarError(m.get_error())
@@ -127,15 +316,28 @@ class Grammars:
             return None
         if rules.json_schema is not None:
             schema = {**closed(rules.json_schema or {"type": "object"}), "x-guidance": _JSON_STYLE}
-            return Constraint(self._matcher(llg.LLMatcher.grammar_from_json_schema(schema)), None)
-        body = self._call_body(rules.tools)
+
+            def check_schema() -> None:
+                if not finite(rules.json_schema):
+                    raise GrammarError(f"no finite JSON value fits the schema ({_ENDLESS})")
+
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema)
+            return Constraint(self._matcher(grammar, check_schema), None)
+        tools = rules.tools
+
+        def check_tools() -> None:
+            for t in tools:
+                if not finite(t.get("parameters") or {}):
+                    raise GrammarError(f"tool {t['name']!r}: no finite JSON value fits its parameters ({_ENDLESS})")
+
+        body = self._call_body(tools)
         if rules.tool_mode == "required":
             repeat = f'("\\n" {_lark_string(TOOL_OPEN)} body)*' if rules.parallel else ""
             lark = f"start: {_lark_string(TOOL_OPEN)} body {repeat}\n{body}"
-            return Constraint(self._matcher(llg.LLMatcher.grammar_from_lark(lark)), None)
+            return Constraint(self._matcher(llg.LLMatcher.grammar_from_lark(lark), check_tools), None)
         # auto: free text until the model opens a call; each call's body is then constrained
         grammar = llg.LLMatcher.grammar_from_lark(f"start: body\n{body}")
-        self._matcher(grammar)  # compile once now, so a bad schema is a 400 before generation
+        self._matcher(grammar, check_tools)  # compile once now, so a bad schema is a 400 before generation
         return Constraint(None, lambda: self._matcher(grammar), rules.parallel)
 
     @staticmethod

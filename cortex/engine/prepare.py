@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cortex.api.bodies import RESERVED_TEMPLATE_KWARGS
 from cortex.chat import prompt as chat_prompt
 from cortex.engine.constraint import Constraint, GrammarError, Grammars, Rules
 from cortex.models import source
@@ -42,6 +43,7 @@ class Refused:
 def prepare(files: source.ModelFiles, req: Submit, rules: Rules, grammars: Grammars) -> Prepared | Refused:
     """The prompt's token ids and each choice's grammar state (runs on a preparation thread)."""
     try:
+        check_sampling(files, req)
         ids, text = prompt_ids(files, req, rules)
     except ValueError as exc:  # a template that refuses the messages (TemplateRenderError), a bad id
         return Refused(FailureKind.INVALID_REQUEST, str(exc))
@@ -52,6 +54,16 @@ def prepare(files: source.ModelFiles, req: Submit, rules: Rules, grammars: Gramm
     except GrammarError as exc:
         return Refused(FailureKind.INVALID_REQUEST, f"cannot constrain output to the schema: {exc}")
     return Prepared(ids, text, constraints)
+
+
+def check_sampling(files: source.ModelFiles, req: Submit) -> None:
+    """Token ids the sampling parameters name must be the model's (the worker would skip them)."""
+    bias = req.sampling.logit_bias
+    if bias:
+        vocab = files.tokenizer.vocab_size
+        bad = next((t for t in bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
 
 def prompt_ids(files: source.ModelFiles, req: Submit, rules: Rules) -> tuple[list[int], str | None]:
@@ -67,6 +79,9 @@ def prompt_ids(files: source.ModelFiles, req: Submit, rules: Rules) -> tuple[lis
         if not ids:
             raise ValueError("the prompt is empty: send at least one token of text")
         return ids, None
+    reserved = next((k for k in req.template_kwargs or () if k in RESERVED_TEMPLATE_KWARGS), None)
+    if reserved is not None:  # the front refuses these; a Submit from elsewhere gets the same answer
+        raise ValueError(f"chat_template_kwargs may not set '{reserved}': the server passes it to the template itself")
     thinking = req.thinking
     if rules.json_schema is not None or rules.tool_mode == "required":
         thinking = False  # output constrained from its first token leaves no room for a <think> span
