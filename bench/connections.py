@@ -97,7 +97,9 @@ def main() -> None:
     p.add_argument("--engine", default="", help="more [engine] settings, TOML lines")
     args = p.parse_args()
     gateway = f"threads = {args.front_threads}" if args.front_threads else ""
-    engine = f"max_seqs = {args.max_seqs}\nmax_waiting = 1024\nmax_requests_per_client = 0\n" + args.engine  # one client address
+    engine = (
+        f"max_seqs = {args.max_seqs}\nmax_waiting = 1024\nmax_requests_per_client = 0\n" + args.engine
+    )  # one client address
     with running_server(2, engine, gateway=gateway) as url:
         host, port = urlsplit(url).hostname, urlsplit(url).port
         print(f"a chat completion, quiet server: {timed_chat(url)[0] * 1e3:.0f} ms")

@@ -83,6 +83,24 @@ class Cancel(Message):
     request_id: str
 
 
+class Embed(Message):
+    """POST /v1/embeddings: one vector per input, from the model's final hidden state (after its
+    final norm) at each input's last token, L2-normalised; no chat template, no sampling. Inputs are
+    text (``inputs``, tokenized with the model's tokenizer) or token ids (``input_ids``): one of the
+    two. Events: ``Waiting`` while the model loads, ``Started`` once admitted, a ``Delta`` (no text;
+    ``completion_tokens``: inputs done) after each batch that did not finish it, then one ``Answer``
+    {"dim": int, "vectors": bytes (little-endian float32, len(inputs) * dim), "prompt_tokens": int},
+    or a ``Failure`` (or one ``Forward``, as for a Submit)."""
+
+    request_id: str
+    model: str
+    inputs: list[str] | None = None
+    input_ids: list[list[int]] | None = None
+    dimensions: int | None = None  # checked against the model's hidden size; the front truncates
+    client: str = ""  # who is asking, for per-client limits
+    hop: bool = False  # forwarded by a peer leader: serve it here or fail, never forward it again
+
+
 class Query(Message):
     what: str  # "models" | "health"
 

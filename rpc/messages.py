@@ -95,6 +95,18 @@ class GenerateStep(Message):
     seqs: list[SeqInput]
 
 
+class EmbedStep(Message):
+    """Final hidden states of whole sequences, no sampling (``POST /v1/embeddings``): each sequence's
+    last-token state after the model's final norm, L2-normalised. The worker runs them against KV
+    scratch of its own, freed when it answers, so the model's pool (and every sequence in it) is
+    untouched; at most ``chunk_tokens`` tokens per forward (a longer sequence is run in pieces). Every
+    rank of the model takes part (the model is sharded); rank 0 answers the vectors."""
+
+    model_id: str
+    seqs: list[list[int]]
+    chunk_tokens: int = 0  # most tokens per forward; 0: each sequence whole
+
+
 class ClearKvCache(Message):
     """Zero KV blocks of a model's pool: the listed ones, or the whole pool. The leader owns the
     block tables and sends this only for blocks no sequence holds (their prefix-cache names are
@@ -144,6 +156,15 @@ class StepResult(Message):
     # per SeqInput, why sampling its token failed ("" where it did not); None when nothing failed.
     # One sequence's bad distribution fails that request only, not the step's others.
     errors: list[str] | None = None
+
+
+class Embeddings(Message):
+    """Answer to ``EmbedStep``: ``vectors`` holds one unit vector of ``dim`` little-endian float32
+    per sequence, in order (empty on ranks > 0)."""
+
+    model_id: str
+    dim: int
+    vectors: bytes
 
 
 class Ack(Message):

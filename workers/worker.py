@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from rpc.messages import (
     Ack,
     ClearKvCache,
+    Embeddings,
+    EmbedStep,
     Error,
     ErrorKind,
     GenerateStep,
@@ -75,6 +77,7 @@ class Worker:
             Ping: self.ping,
             LoadDenseShard: self.load,
             GenerateStep: self.step,
+            EmbedStep: self.embed,
             ClearKvCache: self.clear,
             ReleaseSequences: self.release,
             Unload: self.unload,
@@ -85,9 +88,12 @@ class Worker:
             return handler(msg)
         except Exception as exc:  # a failed request must never kill the worker
             log.exception("%s failed", type(msg).__name__)
-            kind = {LoadDenseShard: ErrorKind.LOAD_FAILED, GenerateStep: ErrorKind.STEP_FAILED}.get(
-                type(msg), ErrorKind.INTERNAL
-            )
+            kinds = {
+                LoadDenseShard: ErrorKind.LOAD_FAILED,
+                GenerateStep: ErrorKind.STEP_FAILED,
+                EmbedStep: ErrorKind.STEP_FAILED,
+            }
+            kind = kinds.get(type(msg), ErrorKind.INTERNAL)
             return Error(kind=kind, message=f"{type(exc).__name__}: {exc}")
 
     def ping(self, msg: Ping) -> Pong:
@@ -198,6 +204,55 @@ class Worker:
         want = s.sampling.logprobs
         return token, token_logprobs(logits, token, want, rm.vocab_limit) if want >= 0 else None
 
+    def embed(self, msg: EmbedStep) -> Embeddings | Error:
+        """Each sequence's last-token hidden state after the final norm, L2-normalised. The KV
+        lives in scratch pools of the model's compute dtype (the pooled vector then equals the
+        reference's in float32), sized for the sequences of one group and freed after it."""
+        rm = self.models.get(msg.model_id)
+        if rm is None:
+            return Error(kind=ErrorKind.UNKNOWN_MODEL, message=f"model {msg.model_id!r} is not loaded on this worker")
+        torch = self.torch
+        if getattr(rm.model, "recurrent", False):
+            raise NotImplementedError("embeddings of a model with recurrent layers")
+        if any(not s for s in msg.seqs):
+            raise ValueError("an embedding sequence holds no token")
+        budget = msg.chunk_tokens or max(len(s) for s in msg.seqs)
+        vectors = []
+        for group in _groups([len(s) for s in msg.seqs], budget):
+            vectors += self._embed_group(rm, [msg.seqs[i] for i in group], budget)
+        out = torch.nn.functional.normalize(torch.stack(vectors).float(), dim=-1)
+        dim = out.shape[-1]
+        if rm.tp.rank != 0:
+            return Embeddings(msg.model_id, dim, b"")
+        return Embeddings(msg.model_id, dim, out.cpu().numpy().astype("<f4").tobytes())
+
+    def _embed_group(self, rm: ResidentModel, seqs: list[list[int]], budget: int) -> list:
+        """Final-norm states of the last tokens of ``seqs``, run together through one scratch pool,
+        at most ``budget`` tokens per forward."""
+        from workers.kv_cache import PagedKVCache, StepBatch
+
+        layers, kv_heads, head_dim, dtype = rm.model.kv_shape()
+        size = rm.cache.block_size
+        widths = [-(-len(s) // size) for s in seqs]
+        scratch = PagedKVCache(layers, kv_heads, head_dim, dtype, self.device, sum(widths), size)
+        starts = [sum(widths[:i]) for i in range(len(seqs))]
+        tables = [list(range(start, start + w)) for start, w in zip(starts, widths, strict=True)]
+        done, out = [0] * len(seqs), [None] * len(seqs)
+        while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
+            rows, which, left = [], [], budget
+            for i, s in enumerate(seqs):
+                if done[i] < len(s) and left > 0:
+                    piece = s[done[i] : done[i] + left]
+                    rows.append((piece, done[i], tables[i]))
+                    which.append(i)
+                    left -= len(piece)
+            hidden = rm.model(StepBatch.build(rows, size, self.device), scratch, hidden=True)
+            for j, i in enumerate(which):
+                done[i] += len(rows[j][0])
+                if done[i] == len(seqs[i]):
+                    out[i] = hidden[j]
+        return out
+
     def clear(self, msg: ClearKvCache) -> Ack:
         rm = self.models.get(msg.model_id)
         if rm is not None:  # else nothing is held for it: clearing is done (idempotent, like Unload)
@@ -226,6 +281,20 @@ class Worker:
             self.torch.cuda.empty_cache()
         log.info("unloaded %s", msg.model_id)
         return Ack()
+
+
+def _groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive sequences packed while their tokens fit ``budget`` (a longer one alone)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if groups and total + n <= budget:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
 
 
 def host_memory() -> tuple[int, int]:

@@ -16,6 +16,7 @@ import falcon
 from cortex.api import errors
 from cortex.api.anthropic import CountTokens, Messages
 from cortex.api.auth import ApiKeys
+from cortex.api.embeddings import Embeddings
 from cortex.api.engine_client import EngineClient
 from cortex.api.generation import client_id
 from cortex.api.health import Health
@@ -23,6 +24,7 @@ from cortex.api.manage import ModelLoad, ModelTable
 from cortex.api.models import Fleet, Models
 from cortex.api.openai import ChatCompletions, Completions
 from cortex.api.openapi import OpenApiDocument
+from cortex.api.responses import Responses
 from cortex.fleet.proxy import ForwardTo, Proxy
 from cortex.ops import logs
 from cortex.ops.reqlog import RequestLog
@@ -60,6 +62,8 @@ def create_app(settings: dict | None = None) -> falcon.App:
     body, keepalive = s["max_body_bytes"], s.get("keepalive_s", 10.0)
     app.add_route("/v1/chat/completions", ChatCompletions(engine, body, keepalive))
     app.add_route("/v1/completions", Completions(engine, body, keepalive))
+    app.add_route("/v1/embeddings", Embeddings(engine, body))
+    app.add_route("/v1/responses", Responses(engine, body, keepalive))
     app.add_route("/v1/messages", Messages(engine, body, keepalive))
     app.add_route("/v1/messages/count_tokens", CountTokens(engine, body))
     app.add_route("/openapi.json", OpenApiDocument())

@@ -17,7 +17,10 @@ import msgspec
 
 import cortex
 from cortex.api.bodies import REQUESTS
+from cortex.api.embeddings import schemas as embedding_schemas
+from cortex.api.rawbody import MAX_JSON_DEPTH
 from cortex.api.replies import REPLIES, AnthropicStreamEvent
+from cortex.api.responses import ResponsesRequest
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -46,25 +49,30 @@ OBJ = {"type": "object"}
 def schemas() -> dict:
     """Every component schema, made from the declared types."""
     (*_, events), components = msgspec.json.schema_components(
-        (*REQUESTS, *REPLIES, AnthropicStreamEvent), ref_template=REF
+        (*REQUESTS, ResponsesRequest, *REPLIES, AnthropicStreamEvent), ref_template=REF
     )
     for schema in components.values():
         schema.pop("title", None)  # the component's name
         if schema.get("required") == []:
             del schema["required"]
+    # one of the two names is required (cortex/api/manage.py), which a type cannot say
+    components["ModelName"]["anyOf"] = [
+        {"required": [name], "properties": {name: STR}} for name in ("model", "model_id")
+    ]
+    components.update(embedding_schemas(REF))  # POST /v1/embeddings (cortex/api/embeddings.py)
     return {**components, "AnthropicStreamEvent": events}
 
 
 # -- responses and operations ------------------------------------------------------------------------
 
 STATUS_TEXT = {
-    400: "Malformed JSON, or a missing, mistyped or out-of-range field (named in param), or a prompt "
-    "longer than the model's context.",
+    400: f"Malformed JSON (or nested deeper than {MAX_JSON_DEPTH} levels, or a lone surrogate in a string), "
+    "or a missing, mistyped or out-of-range field (named in param), or a prompt longer than the model's context.",
     401: "API keys are configured and the request carries none of them.",
     403: "The management API needs an admin key; this is an API key.",
     404: "Unknown model.",
     409: "The model is busy (requests in flight, or loading).",
-    413: "The request body is larger than the configured limit.",
+    413: "The request body (stated length, or chunked) is larger than the configured limit.",
     429: "Too many requests in flight from this client.",
     503: "The model is loading or recovering, the queue is full, or the engine is not answering.",
     504: "The operation did not finish in time.",
@@ -152,6 +160,36 @@ PATHS = {
             "Legacy text completion of a raw prompt (no chat template).",
             {**_ok("The completion.", "TextCompletion", TEXT_EVENT), **_errors(*GENERATE)},
             requestBody=_body("CompletionRequest"),
+        )
+    },
+    "/v1/responses": {
+        "post": _op(
+            "createResponse",
+            "OpenAI",
+            "The Responses API: input items and function tools in, output items (reasoning, message,"
+            " function calls) out. Nothing is stored: previous_response_id is refused (send the whole"
+            " conversation).",
+            {
+                **_ok(
+                    "The response (streamed: response.* events, then response.completed or response.incomplete).",
+                    {
+                        "type": "object",
+                        "properties": {"object": _const("response"), "id": STR, "output": {"type": "array"}},
+                    },
+                ),
+                **_errors(*GENERATE),
+            },
+            requestBody=_body("ResponsesRequest"),
+        )
+    },
+    "/v1/embeddings": {
+        "post": _op(
+            "createEmbedding",
+            "OpenAI",
+            "Embeddings: per input, the model's last-token hidden state after its final norm, L2-normalised"
+            " (no chat template); dimensions truncates and normalises again.",
+            {**_ok("One vector per input, in input order.", "EmbeddingList"), **_errors(*GENERATE)},
+            requestBody=_body("EmbeddingRequest"),
         )
     },
     "/v1/models": {

@@ -5,6 +5,7 @@
 - ``admission.py``: a request from the front becomes queued sequences (route, park, prepare, check
   limits) or a clear refusal; cancellation before it runs.
 - ``stepper.py``: the running requests; builds each ``GenerateStep`` and applies its result.
+- ``embedding.py``: embedding requests; batches of ``EmbedStep`` that take turns with the steps.
 - ``lifecycle.py``: load, unload, evict, recover: the one room that changes a model's status.
 - ``placement.py``: which ranks hold a model, what it costs there, what must go for it.
 - ``supervision.py``: worker processes: start, death, restart, defragmentation.

@@ -5,7 +5,8 @@ model loads, prepared off the loop (chat template, tokenization, grammar: ``Prep
 checked against the context, the per-request and per-client limits and the queue, and queued as
 ``n`` sequences on its model's scheduler. It owns what a request needs before it runs: the
 preparation threads, each model's grammar compiler, and the drain flag that refuses new work.
-Cancellation of a request that has not started is handled here too.
+Cancellation of a request that has not started is handled here too. An ``Embed`` takes the same
+way up to its preparation (tokenized inputs: ``embed_inputs``), then goes to the embedder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cortex.chat.detokenizer import IncrementalDecoder
 from cortex.chat.prompt import opens_in_reasoning
@@ -20,7 +22,9 @@ from cortex.engine.constraint import Grammars, Rules
 from cortex.engine.prepare import Prepared, Preparer, Refused, prepare
 from cortex.engine.scheduler import Scheduler
 from cortex.engine.sequence import Sequence
+from cortex.leader.embedding import embed_inputs
 from cortex.leader.lifecycle import ModelLifecycle
+from cortex.leader.limits import ClientLimits
 from cortex.leader.shared import (
     RETRY_AFTER_DRAINING_S,
     RETRY_AFTER_LOADING_S,
@@ -31,11 +35,14 @@ from cortex.leader.stepper import Stepper
 from cortex.models import source
 from cortex.models.registry import ModelState, ModelStatus
 from rpc.codec import replace
-from rpc.engine import Answer, FailureKind, Started, Submit, Waiting
+from rpc.engine import Answer, Embed, FailureKind, Started, Submit, Waiting
+
+if TYPE_CHECKING:
+    from cortex.leader.embedding import Embedder
 
 log = logging.getLogger("cortex.leader")
 
-Router = Callable[[Submit, "ModelState | None"], object | None]
+Router = Callable[["Submit | Embed", "ModelState | None"], object | None]
 
 
 class Admission:
@@ -47,10 +54,12 @@ class Admission:
         self.preparer = Preparer()  # prompts and grammars of new requests, off the loop
         self.grammars: dict[str, Grammars] = {}  # model id -> its grammar compiler (built on first use)
         self.draining = False  # refuse new requests; in-flight ones finish (cortex-admin drain, SIGTERM)
+        self.limits = ClientLimits(shared.cfg)  # per-key concurrency and tokens per minute (429)
+        self.embedder: Embedder  # wired by Leader: embedding requests go there once tokenized
 
     # -- arrival ------------------------------------------------------------------------------------------
 
-    def submit(self, peer: bytes, req: Submit) -> None:
+    def submit(self, peer: bytes, req: Submit | Embed) -> None:
         """Route, park or refuse the request, or hand it to a preparation thread."""
         rid, shared = req.request_id, self.shared
         if shared.stopping.is_set():
@@ -68,6 +77,8 @@ class Admission:
             return shared.refuse(peer, rid, FailureKind.MODEL_NOT_FOUND, f"The model '{req.model}' does not exist")
         if state.status != ModelStatus.LOADED:
             return self._park(peer, req, state)
+        if isinstance(req, Embed):
+            return self._prepare_embedding(peer, req, state)
         rules = Rules(
             json_schema=req.json_schema,
             tools=[t for t in req.tools or () if req.tool_name in (None, t["name"])] or None,
@@ -82,7 +93,14 @@ class Admission:
         files, grammars = state.files, self.grammars_of(state)
         self.preparer.submit(rid, (peer, req, state.id), lambda: prepare(files, req, rules, grammars))
 
-    def submit_safely(self, peer: bytes, req: Submit) -> None:
+    def _prepare_embedding(self, peer: bytes, req: Embed, state: ModelState) -> None:
+        rid = req.request_id
+        if rid in self.embedder or self.stepper.requests.has_request(rid) or rid in self.preparer:
+            return self.shared.refuse(peer, rid, FailureKind.INVALID_REQUEST, f"request id {rid!r} is already in use")
+        files = state.files
+        self.preparer.submit(rid, (peer, req, state.id), lambda: embed_inputs(files, req))
+
+    def submit_safely(self, peer: bytes, req: Submit | Embed) -> None:
         """One request's bug must never take the loop (and every other request) down."""
         try:
             self.submit(peer, req)
@@ -95,7 +113,7 @@ class Admission:
         if not self.stepper.fail_request(request_id, FailureKind.INTERNAL, message):
             self.shared.refuse(peer, request_id, FailureKind.INTERNAL, message)
 
-    def _park(self, peer: bytes, req: Submit, state: ModelState) -> None:
+    def _park(self, peer: bytes, req: Submit | Embed, state: ModelState) -> None:
         """The model is not loaded: the request waits for its load (started now if need be)."""
         rid = req.request_id
         if state.status == ModelStatus.FAILED:
@@ -132,7 +150,9 @@ class Admission:
                 log.exception("admitting request %s failed", rid)
                 self.fail_internal(peer, rid, exc)
 
-    def _admit(self, peer: bytes, req: Submit, model_id: str, prepared: Prepared | Refused) -> None:
+    def _admit(
+        self, peer: bytes, req: Submit | Embed, model_id: str, prepared: Prepared | Refused | list[list[int]]
+    ) -> None:
         """A prepared request joins its model's queue, or is refused (context, limits, queue)."""
         rid = req.request_id
         state = self.shared.registry.models.get(model_id)
@@ -141,6 +161,8 @@ class Admission:
             return self.submit(peer, req)  # the model went away meanwhile: park, route or fail it anew
         if isinstance(prepared, Refused):
             return self.shared.refuse(peer, rid, prepared.kind, prepared.message)
+        if isinstance(req, Embed):
+            return self.embedder.admit(peer, req, state, prepared)
         prompt = prepared.prompt
         if req.count_only:
             return self.shared.reply(peer, Answer(data={"input_tokens": len(prompt)}))
@@ -149,6 +171,7 @@ class Admission:
             return self.shared.refuse(peer, rid, *refusal)
         room, out_limit, files = state.context_length - len(prompt), state.entry.max_output_tokens, state.files
         eos = frozenset(req.stop_token_ids or ()) | (frozenset() if req.ignore_eos else frozenset(eos_ids(files)))
+        self.limits.charge(req.client, len(prompt))  # generated tokens: when each choice ends (stepper)
         self.shared.registry.touch(state)
         for i in range(req.n):  # n choices: n sequences; seeded ones get seed + i so they differ
             sampling = req.sampling
@@ -197,13 +220,9 @@ class Admission:
                 f"max_tokens is {req.max_tokens}; model '{state.id}' generates at most {out_limit} tokens per request",
             )
         engine = self.shared.cfg.engine
-        limit = engine.max_requests_per_client
-        if limit and req.client and self.stepper.requests.requests_of(req.client) >= limit:
-            return (
-                FailureKind.RATE_LIMITED,
-                f"this client already has {limit} requests in flight; retry when one finishes",
-                1,
-            )
+        limited = self.limits.refusal(req.client, self.held(req.client))
+        if limited is not None:
+            return (FailureKind.RATE_LIMITED, *limited)
         if len(sched.waiting) >= engine.max_waiting:
             message = f"model '{state.id}' has {len(sched.waiting)} requests waiting; retry shortly"
             return (FailureKind.OVERLOADED, message, retry_after(sched))
@@ -237,6 +256,7 @@ class Admission:
                 self.shared.stats.cancelled(state.id, "load")
                 self.lifecycle.drop_unwanted_load(state)
         self.stepper.cancel(request_id)
+        self.embedder.cancel(request_id)
 
     def check_queue_deadlines(self) -> None:
         limit = self.shared.cfg.engine.queue_timeout_s
@@ -246,10 +266,16 @@ class Admission:
                 message = f"waited {limit:g}s in the queue without starting; retry later"
                 self.stepper.fail(seq, FailureKind.OVERLOADED, message, retry_after(sched))
 
+    def held(self, client: str) -> int:
+        """Requests ``client`` has in flight: generations and embeddings."""
+        if not client:
+            return 0
+        return self.stepper.requests.requests_of(client) + self.embedder.per_client[client]
+
     def in_flight(self) -> int:
         """Requests this node still owes an answer: preparing, parked on a load, queued or running."""
         parked = sum(len(s.parked) for s in self.shared.registry.models.values())
-        return self.stepper.requests.request_count + len(self.preparer) + parked
+        return self.stepper.requests.request_count + self.embedder.count() + len(self.preparer) + parked
 
     def shutdown(self) -> None:
         """Every request not yet answered gets a clear 503 (queued and running ones: the stepper)."""

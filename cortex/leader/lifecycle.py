@@ -353,9 +353,9 @@ class ModelLifecycle:
 
     def operator_unload(self, state: ModelState) -> str | None:
         """Unload a model now (the management API, cortex-admin, reload); why it cannot be, if so."""
-        busy = self.stepper.requests.of_model(state.id)
+        busy = len(self.stepper.requests.of_model(state.id)) + self.stepper.embedder.count(state.id)
         if busy:
-            return f"model '{state.id}' has {len(busy)} request(s) in flight"
+            return f"model '{state.id}' has {busy} request(s) in flight"
         if state.status in (ModelStatus.LOADING, ModelStatus.RECOVERING):
             return f"model '{state.id}' is {state.status}"
         self.unload_model(state)

@@ -28,6 +28,7 @@ from cortex.engine.calls import WorkerCalls
 from cortex.engine.scheduler import Scheduler
 from cortex.fleet.fleet import Fleet
 from cortex.leader.admission import Admission
+from cortex.leader.embedding import Embedder
 from cortex.leader.lifecycle import ModelLifecycle
 from cortex.leader.placement import Placement
 from cortex.leader.shared import Shared
@@ -38,7 +39,7 @@ from cortex.models.registry import ModelState, ModelStatus, Registry
 from cortex.ops import reload as ops_reload
 from cortex.ops.admin import AdminServer
 from cortex.supervisor import WorkerHandle, resolve_devices
-from rpc.engine import Answer, Cancel, FailureKind, ModelOp, PeerFailed, Query, Submit
+from rpc.engine import Answer, Cancel, Embed, FailureKind, ModelOp, PeerFailed, Query, Submit
 from rpc.messages import Error, ErrorKind
 from rpc.transport import RpcServer
 
@@ -65,8 +66,12 @@ class Leader:
         self.lifecycle = ModelLifecycle(self.shared, self.placement, self.stepper)
         self.supervisor = WorkerSupervisor(self.shared, self.placement, self.lifecycle, self.stepper)
         self.admission = Admission(self.shared, self.lifecycle, self.stepper, self._route)
+        self.embedder = Embedder(self.shared, self.stepper)
         self.views = Views(self.shared, self.placement, self.stepper, self.lifecycle, self.supervisor, self.admission)
         self.stepper.lifecycle = self.lifecycle
+        self.stepper.embedder = self.admission.embedder = self.embedder
+        self.embedder.lifecycle, self.embedder.admission = self.lifecycle, self.admission
+        self.stepper.limits = self.admission.limits
         self.lifecycle.admission, self.lifecycle.supervisor = self.admission, self.supervisor
         # what operations read (cortex.ops.control.NodeControl): the rooms' own objects, not copies
         self.schedulers: Mapping[str, Scheduler] = self.stepper.schedulers
@@ -177,7 +182,7 @@ class Leader:
             self.admission.fail_internal(peer, getattr(msg, "request_id", ""), exc)
 
     def _on_front(self, peer: bytes, msg: object) -> None:
-        if isinstance(msg, Submit):
+        if isinstance(msg, (Submit, Embed)):
             self.admission.submit(peer, msg)
         elif isinstance(msg, Cancel):
             self.admission.cancel(msg.request_id)
@@ -193,7 +198,7 @@ class Leader:
                 peer, Error(kind=ErrorKind.BAD_FRAME, message=f"{type(msg).__name__} is not a front request")
             )
 
-    def _route(self, req: Submit, state: ModelState | None) -> object | None:
+    def _route(self, req: Submit | Embed, state: ModelState | None) -> object | None:
         """The fleet's answer for a model not resident here, or any model while draining (a draining
         node is not routable in its own view either, so its new requests go to peers that can serve
         them); None to serve it here. A forwarded request (``hop``) is never routed again."""
@@ -261,6 +266,7 @@ class Leader:
             not state.parked
             and state.status not in (ModelStatus.LOADING, ModelStatus.RECOVERING)
             and not self.stepper.requests.has_model(state.id)
+            and not self.embedder.count(state.id)
         )
 
     # -- operations (cortex-admin, the management API, reload, drain) -----------------------------------
@@ -313,6 +319,7 @@ class Leader:
     def apply_config(self, cfg: Config) -> None:
         """Settings a reload may change: engine, eviction, peers, keys, log level, catalogue aliases."""
         self.shared.cfg = cfg
+        self.admission.limits.configure(cfg)
         self.registry.catalogue = cfg.catalogue
         self._publish_keys()
         if self.fleet:

@@ -4,7 +4,9 @@ It owns the per-model schedulers (created when a model loads, dropped when it go
 of live sequences and the step in flight per model. Each loop turn it plans the next step of
 every model that has work and none in flight, sends one ``GenerateStep`` to the model's ranks,
 and applies the result: tokens to sequences, text and finish to the front, blocks back to the
-pool. A failed step fails its requests here and asks the lifecycle to recover the model.
+pool. A failed step fails its requests here and asks the lifecycle to recover the model. A
+model's turn may go to an embedding batch instead (``Embedder.plan``): the model then counts as
+stepping until it returns.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from rpc.engine import Delta, FailureKind, Finished
 from rpc.messages import KV_BLOCK_SIZE, ClearKvCache, GenerateStep, ReleaseSequences, SeqInput
 
 if TYPE_CHECKING:
+    from cortex.leader.embedding import Embedder
     from cortex.leader.lifecycle import ModelLifecycle
+    from cortex.leader.limits import ClientLimits
 
 log = logging.getLogger("cortex.leader")
+
+EMBEDDING: list[Work] = []  # the in-flight "work" of a model whose turn an embedding batch holds
 
 
 class Stepper:
@@ -38,6 +44,8 @@ class Stepper:
         self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
         self.requests = RequestTable()  # live sequences (waiting or running)
         self.lifecycle: ModelLifecycle  # wired by Leader: recovers a model whose step failed
+        self.embedder: Embedder  # wired by Leader: embedding batches take turns with steps
+        self.limits: ClientLimits  # wired by Leader (admission's): generated tokens count per key
 
     # -- models come and go ---------------------------------------------------------------------------
 
@@ -55,10 +63,14 @@ class Stepper:
 
     def stop_model(self, model_id: str) -> None:
         self.schedulers.pop(model_id, None)
+        self.end_embedding(model_id)
+        message = f"model {model_id!r} was unloaded"
+        self.embedder.fail_model(model_id, FailureKind.WORKER_FAILED, message, RETRY_AFTER_LOADING_S)
 
     def busy(self, state: ModelState) -> int:
         """Requests in flight, queued or waiting for it (a model with any is never evicted)."""
-        return len(self.requests.of_model(state.id)) + len(state.parked) + len(state.waiters)
+        live = len(self.requests.of_model(state.id)) + self.embedder.count(state.id)
+        return live + len(state.parked) + len(state.waiters)
 
     def stepping(self, model_id: str) -> bool:
         return model_id in self.in_flight
@@ -75,11 +87,18 @@ class Stepper:
 
     def schedule(self) -> None:
         """Start the next step of every loaded model that has work and no step in flight."""
-        for model_id, sched in self.schedulers.items():
-            if model_id in self.in_flight or not sched.has_work():
+        for model_id, sched in list(self.schedulers.items()):  # a failed send may stop a model
+            if model_id in self.in_flight:
                 continue
             state = self.shared.registry.models[model_id]
             if state.status != ModelStatus.LOADED:
+                continue
+            batch = self.embedder.plan(state, sched.has_work())
+            if batch:
+                self.in_flight[model_id] = EMBEDDING  # no step goes to its ranks until the batch returns
+                self.embedder.send(state, batch)
+                continue
+            if not sched.has_work():
                 continue
             work = sched.plan()
             if work:
@@ -101,6 +120,11 @@ class Stepper:
                 self._apply(state, work, replies[state.ranks[0]], time.monotonic() - sent)
 
         self.shared.calls.call(state.ranks, lambda _: step, self.shared.cfg.engine.step_timeout_s, done)
+
+    def end_embedding(self, model_id: str) -> None:
+        """The model's embedding batch returned (or its model went): its turn is over."""
+        if self.in_flight.get(model_id) is EMBEDDING:
+            del self.in_flight[model_id]
 
     def _step_failed(self, state: ModelState, work: list[Work], error: CallError) -> None:
         for w in work:
@@ -167,6 +191,7 @@ class Stepper:
         workers drop its sampling state."""
         if self.requests.remove(seq):
             self.shared.stats.sequence_ended(seq, "cancelled" if seq.cancelled else "finished")
+            self.limits.charge(seq.client, seq.output_len)
         sched = self.schedulers.get(seq.model_id)
         if sched is not None:
             sched.remove(seq)
@@ -194,6 +219,7 @@ class Stepper:
         for s in [seq, *[c for c in self.requests.choices(seq.request_id) if c is not seq]]:
             if self.requests.remove(s):
                 self.shared.stats.sequence_ended(s, "failed")
+                self.limits.charge(s.client, s.output_len)
             sched = self.schedulers.get(s.model_id)
             if sched is not None:
                 sched.remove(s)
@@ -221,6 +247,7 @@ class Stepper:
         """Every live request of the model fails (its load failed, or its group is being recovered)."""
         for seq in self.requests.of_model(state.id):
             self.fail(seq, kind, message, retry_after)
+        self.embedder.fail_model(state.id, kind, message, retry_after)
         self.in_flight.pop(state.id, None)
 
     def clear_prefix_cache(self, state: ModelState) -> str | None:
@@ -239,6 +266,7 @@ class Stepper:
     def fail_all(self, kind: FailureKind, message: str, retry_after: int | None = None) -> None:
         for seq in list(self.requests):
             self.fail(seq, kind, message, retry_after)
+        self.embedder.fail_all(kind, message, retry_after)
 
 
 def _seq_input(w: Work) -> SeqInput:

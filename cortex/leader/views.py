@@ -40,7 +40,7 @@ class Views:
     def model(self, state: ModelState) -> dict:
         out = state.describe(self.shared.devices)
         live = self.stepper.requests.of_model(state.id)
-        out["in_flight"] = sum(s.admitted for s in live)
+        out["in_flight"] = sum(s.admitted for s in live) + self.stepper.embedder.count(state.id)  # embeddings too
         out["queued"] = sum(not s.admitted for s in live) + len(state.parked)
         sched = self.stepper.schedulers.get(state.id)
         if sched is not None:

@@ -1,4 +1,5 @@
-"""One log line and one count per generation request, written by the front when the request ends.
+"""One log line and one count per generation request (and per token count, which prepares a prompt
+as a generation does), written by the front when the request ends.
 
 The front is where every request ends (including the ones refused before they reach the leader:
 bad JSON, a missing key, 413), so it owns the request counter, the end-to-end latency and the log
@@ -29,7 +30,10 @@ log = logging.getLogger("cortex.request")
 GENERATION_PATHS = {
     "/v1/chat/completions": ("openai", "chat"),
     "/v1/completions": ("openai", "completions"),
+    "/v1/responses": ("openai", "responses"),
+    "/v1/embeddings": ("openai", "embeddings"),  # the resource fills its record
     "/v1/messages": ("anthropic", "messages"),
+    "/v1/messages/count_tokens": ("anthropic", "count_tokens"),  # the resource fills its record
 }
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody read the end
 

@@ -246,9 +246,12 @@ class LlamaModel(nn.Module):
         return self._layer_table
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, batch: StepBatch, kv: PagedKVCache, all_logits: bool = False, hidden: bool = False
+    ) -> torch.Tensor:
         """Run one step; return fp32 logits of each sequence's last token ([S, vocab]), or of every
-        token ([T, vocab]) when ``all_logits``."""
+        token ([T, vocab]) when ``all_logits``. With ``hidden``, the final norm's output instead of
+        logits ([S, hidden] or [T, hidden]), as the model computes it: what embeddings pool."""
         cos, sin = self.rotary(batch.positions, self.dtype)
         x = self.model.embed_tokens(batch.tokens)
         layers = self._native_layers(batch, kv)
@@ -261,6 +264,8 @@ class LlamaModel(nn.Module):
                 x = layer(x, cos, sin, kv, i, batch)
         x = x if all_logits else x[batch.last_rows]
         x = self.model.norm(x)
+        if hidden:
+            return x
         if self.lm_head is None:  # tied, dense
             return F.linear(x, self.model.embed_tokens.weight).float()
         return self.lm_head(x).float()  # nn.Linear, or a packed QuantLinear (tied ones too)
