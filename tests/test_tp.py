@@ -216,7 +216,11 @@ def test_an_indivisible_model_is_refused_at_load_with_its_message(tp_server):
     assert model["status"] == "failed"
     assert model["error"] == "odd-heads: num_attention_heads=3 is not divisible by tensor_parallel=2"
     r = httpx.post(tp_server.url + "/v1/chat/completions", json={"model": "odd-heads", "messages": HI}, timeout=60)
-    assert r.status_code == 503 and "num_attention_heads=3" in r.json()["error"]["message"]
+    assert (
+        r.status_code == 500
+        and r.headers["x-should-retry"] == "false"
+        and "num_attention_heads=3" in r.json()["error"]["message"]
+    )
 
 
 def test_management_errors(tp_server):
@@ -266,7 +270,7 @@ def test_tp_for_gguf_is_refused_with_a_clear_error(tmp_path):
         assert m["status"] == "failed"
         assert "tensor parallelism is not supported for GGUF" in m["error"]
         r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "g", "messages": HI}, timeout=60)
-        assert r.status_code == 503 and "GGUF" in r.json()["error"]["message"]
+        assert r.status_code == 500 and "GGUF" in r.json()["error"]["message"]
     finally:
         srv.stop()
 
