@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+INTENDED = {"ok", "cancelled", "bad-request-400"}  # outcomes the clients asked for
 ASK = [{"role": "user", "content": "Name three cities and one fact about each."}]
 TOOL = {
     "type": "function",
@@ -51,12 +52,20 @@ class Tally:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.latencies: list[float] = []
         self.faults: list[tuple[float, str]] = []  # (monotonic time, fault)
+        self.outages: list[list[float]] = []  # [worker killed, default model served again]
+        self.errors: list[tuple[float, str]] = []  # (monotonic time, outcome) of every failed request
 
     def add(self, outcome: str, seconds: float | None = None) -> None:
         with self.lock:
             self.outcomes[outcome] += 1
             if seconds is not None:
                 self.latencies.append(seconds)
+            if outcome not in INTENDED:
+                self.errors.append((time.monotonic(), outcome))
+
+    def explained(self, when: float) -> bool:
+        """An error while a killed worker's model was down (and a moment after) is the fault's."""
+        return any(start - 1 <= when <= end + 5 for start, end in self.outages)
 
 
 def start_server(run: Path, port: int) -> subprocess.Popen:
@@ -161,6 +170,7 @@ def faults(url: str, host: str, port: int, every: float, stop: threading.Event, 
                 pid = httpx.get(url + "/health", timeout=10).json()["workers"][0]["pid"]
                 os.kill(pid, signal.SIGKILL)
                 t0 = time.monotonic()
+                tally.outages.append([t0, float("inf")])
                 while not stop.is_set():  # until the default model answers again
                     r = httpx.post(
                         url + "/v1/chat/completions",
@@ -168,6 +178,7 @@ def faults(url: str, host: str, port: int, every: float, stop: threading.Event, 
                         timeout=60,
                     )
                     if r.status_code == 200:
+                        tally.outages[-1][1] = time.monotonic()
                         tally.faults.append((time.monotonic(), f"served again after {time.monotonic() - t0:.1f}s"))
                         break
                     time.sleep(0.2)
@@ -243,6 +254,10 @@ def report(url: str, tally: Tally, rss: list[tuple[float, float]], t0: float) ->
         lat = sorted(tally.latencies)
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         print(f"latency of successful requests: p50 {statistics.median(lat):.2f} s, p99 {p99:.2f} s")
+    unexplained = collections.Counter(o for when, o in tally.errors if not tally.explained(when))
+    print(f"errors: {len(tally.errors)}, explained by a worker kill: {len(tally.errors) - sum(unexplained.values())}")
+    for outcome, n in unexplained.most_common():
+        print(f"  unexplained: {n:6d}  {outcome}")
     print("faults:")
     for when, what in tally.faults:
         print(f"  {when - t0:7.1f} s  {what}")
