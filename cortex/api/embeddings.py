@@ -19,27 +19,23 @@ generation steps, so running streams go on; this resource renders its vectors.
 from __future__ import annotations
 
 import base64
-import contextlib
 import math
 import re
 import sys
 import uuid
 from array import array
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import falcon
 import msgspec
-import zmq
 from msgspec import Meta, Struct
 
 from cortex.api.bodies import Body, TokenId, integer, opt, says
-from cortex.api.engine_client import ANSWER_TIMEOUT_S, EngineClient
+from cortex.api.engine_client import EngineClient
 from cortex.api.errors import ApiError, bad_field
 from cortex.api.generation import client_id, forwarded
 from cortex.api.validation import decode
-from cortex.fleet.proxy import ForwardTo
-from rpc.codec import encode
-from rpc.engine import Answer, Cancel, Delta, Embed, Failure, FailureKind, Forward, Started, Waiting
+from rpc.engine import Embed, Failure, FailureKind
 from rpc.messages import Error
 
 MAX_INPUTS = 2048  # inputs per request, as OpenAI allows
@@ -147,7 +143,7 @@ class Embeddings:
         if record is not None:
             record.submitted(msg.request_id, msg.model, msg.client, body.input)
         try:
-            answer = ask(self.engine, msg)
+            answer = self.engine.ask(msg, msg.request_id, error=_error)
         except ApiError as err:
             if record is not None and err.code == "model_not_found":
                 record.unknown_model()  # never a label value a client can invent
@@ -187,43 +183,6 @@ def render(raw: bytes, body: EmbeddingRequest) -> list[float] | str:
 
 
 _NAMED = re.compile(r"'(input(?:\[\d+\])?|dimensions)'")
-
-
-def ask(engine: EngineClient, msg: Embed) -> dict[str, Any]:
-    """Send ``msg`` to the leader and wait for its ``Answer`` (through ``Waiting`` while the model
-    loads, ``Started`` and progress ``Delta``s while it computes); raise ApiError, or ForwardTo
-    when another leader serves it. A wait that ends early cancels the request."""
-    client, clean = engine._client(), False
-    try:
-        client.socket.send(encode(msg))
-        timeout = ANSWER_TIMEOUT_S
-        while True:
-            got = engine._recv(client, timeout)
-            if got is None:
-                raise ApiError(
-                    503, "the engine did not answer in time", "service_unavailable", "engine_timeout", retry_after=5
-                )
-            ev = got[1]
-            if getattr(ev, "request_id", msg.request_id) != msg.request_id:
-                continue  # a late event of an earlier request on this socket
-            if isinstance(ev, (Waiting, Started, Delta)):
-                # a load, or batches queued between the model's steps: a single long input is one
-                # batch of several steps' time, so the wait is the load's, not one step's
-                timeout = engine.load_timeout_s
-                continue
-            clean = True
-            if isinstance(ev, Answer):
-                return ev.data
-            if isinstance(ev, Forward):
-                raise ForwardTo(ev)
-            raise _error(ev)
-    finally:
-        if clean:
-            engine._release(client)
-        else:
-            with contextlib.suppress(zmq.ZMQError):  # the leader is gone or busy: nothing more to do
-                client.socket.send(encode(Cancel(msg.request_id)), flags=zmq.NOBLOCK)
-            client.close(linger_ms=500)
 
 
 def _error(ev: object) -> ApiError:

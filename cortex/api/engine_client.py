@@ -26,7 +26,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import zmq
 
@@ -38,6 +39,7 @@ from rpc.engine import (
     Answer,
     Cancel,
     Delta,
+    Embed,
     Failure,
     FailureKind,
     Finished,
@@ -188,25 +190,43 @@ class EngineClient:
 
     def count_tokens(self, req: Submit) -> int:
         """The prompt's length in tokens (``req.count_only``); waits for the model's files to load."""
+        return int(self.ask(req, req.request_id)["input_tokens"])
+
+    def ask(
+        self, msg: Submit | Embed, request_id: str, error: Callable[[object], ApiError] | None = None
+    ) -> dict[str, Any]:
+        """Send a request the leader answers with one ``Answer`` (a token count, embeddings) and wait
+        for it, through ``Waiting`` while its model loads and ``Started`` / ``Delta`` progress while it
+        computes (each extends the wait to ``load_timeout_s``: one long input is a single batch).
+        Raises ApiError (``error`` words a failure: the caller's own field names), or ForwardTo when
+        another leader serves it; a wait that ends early cancels the request."""
         client, answered = self._client(), False
         try:
-            client.socket.send(_encode(req))
+            client.socket.send(_encode(msg))
             timeout_s = ANSWER_TIMEOUT_S
             while True:
                 got = self._recv(client, timeout_s)
                 if got is None:
                     raise _engine_timeout()
-                if isinstance(got[1], Waiting):
+                ev = got[1]
+                if getattr(ev, "request_id", request_id) != request_id:
+                    continue  # a late event of an earlier request on this socket
+                if isinstance(ev, (Waiting, Started, Delta)):
                     timeout_s = self.load_timeout_s
                     continue
                 answered = True
-                if isinstance(got[1], Answer):
-                    return int(got[1].data["input_tokens"])
-                if isinstance(got[1], Forward):
-                    raise ForwardTo(got[1])
-                raise _as_api_error(got[1])
+                if isinstance(ev, Answer):
+                    return ev.data
+                if isinstance(ev, Forward):
+                    raise ForwardTo(ev)
+                raise (error or _as_api_error)(ev)
         finally:
-            self._release(client) if answered else client.close()
+            if answered:
+                self._release(client)
+            else:
+                with contextlib.suppress(zmq.ZMQError):  # the leader is gone or busy: nothing more to do
+                    client.socket.send(encode(Cancel(request_id)), flags=zmq.NOBLOCK)
+                client.close(linger_ms=500)
 
     def submit(self, req: Submit, record: RequestRecord | None = None) -> Generation:
         """Start ``req``; ``record`` (the request log's, when there is one) follows what happens."""
@@ -373,10 +393,12 @@ class Generation:
         self._give_back()
 
 
-def _encode(req: Submit) -> bytes:
+def _encode(req: Submit | Embed) -> bytes:
     try:
         return encode(req)
-    except (OverflowError, TypeError, ValueError):  # e.g. a 100-digit integer in chat_template_kwargs
+    # e.g. a 100-digit integer in chat_template_kwargs; depth and surrogates are refused earlier
+    # (cortex/api/rawbody.py), these are the last line of defence
+    except (OverflowError, TypeError, ValueError, RecursionError, UnicodeEncodeError):
         raise ApiError(400, "The request holds a value that cannot be encoded (a number too large?).") from None
 
 
