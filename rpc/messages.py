@@ -72,6 +72,8 @@ class LoadDenseShard(Message):
     kv_blocks: int = 0  # KV cache blocks to allocate (the leader's block manager hands them out)
     quantize: str = "auto"  # auto | none | int8 | int4: weight-only packed linears on the CPU
     kv_dtype: str = ""  # the KV pool's dtype ("": the model's)
+    # recurrent state slots to allocate (hybrid models: one per sequence the leader may run at once)
+    state_slots: int = 0
 
 
 class SeqInput(Part):
@@ -88,6 +90,9 @@ class SeqInput(Part):
     # constrained decoding (JSON schema, tool calls): the tokens allowed next, one bit per token id
     # (bit i of byte i // 8, little-endian), computed by the leader's grammar matcher. None: any.
     allowed: bytes | None = None
+    # hybrid models: the recurrent state slot the sequence holds (-1: none). Its state starts from
+    # zero on the step that computes position 0 (start_pos == 0; the leader caches no prefix for them).
+    state_slot: int = -1
 
 
 class GenerateStep(Message):
@@ -145,6 +150,7 @@ class Loaded(Message):
     load_seconds: float
     kv_blocks: int = 0
     kv_bytes: int = 0
+    state_bytes: int = 0  # the recurrent state pool (hybrid models), 0 for plain decoders
 
 
 class StepResult(Message):

@@ -51,12 +51,14 @@ SAMPLES = [
         vocab_limit=151669,
     ),
     Loaded(model_id="m", param_bytes=10**10, load_seconds=1.5),
+    Loaded(model_id="m", param_bytes=10, load_seconds=1.5, kv_blocks=4, kv_bytes=100, state_bytes=7),
     GenerateStep(
         model_id="m",
         seqs=[
             SeqInput(seq_id=1, tokens=[1, 2, 3], start_pos=0, sampling=SamplingParams(0.7, 0.9, 20, 42)),
             SeqInput(seq_id=2, tokens=[9], start_pos=17, sampling=SamplingParams(), sample=False),
             SeqInput(seq_id=3, tokens=[4], start_pos=2, sampling=SamplingParams(), allowed=b"\x0f\x00"),
+            SeqInput(seq_id=4, tokens=[5, 6], start_pos=0, sampling=SamplingParams(), state_slot=3),
         ],
     ),
     StepResult(model_id="m", tokens=[5, -1]),

@@ -67,11 +67,16 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def kv_block_bytes(cfg: ModelConfig, world_size: int, dtype: str, block_size: int = KV_BLOCK_SIZE) -> int:
-    """Bytes one KV block takes on each rank (keys and values of every layer)."""
+    """Bytes one KV block takes on each rank (keys and values of every full-attention layer)."""
     kv_heads = HeadLayout.for_rank(cfg, 0, world_size).kv_heads
-    return 2 * cfg.num_layers * kv_heads * cfg.head_dim * block_size * _DTYPE_BYTES[dtype]
+    return 2 * cfg.kv_layers * kv_heads * cfg.head_dim * block_size * _DTYPE_BYTES[dtype]
 
 
 def check_split(cfg: ModelConfig, world_size: int, model_name: str) -> None:
     """Raise ShardingError if ``cfg`` cannot be split across ``world_size`` ranks."""
     HeadLayout.for_rank(cfg, 0, world_size, model_name)
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    if cfg.linear_layers and (hk % world_size or hv % hk):  # as workers.arch.deltanet.LinearLayout splits
+        raise ShardingError(
+            f"{model_name}: linear_num_key_heads={hk} (value heads {hv}) cannot split across tensor_parallel={world_size}"
+        )

@@ -282,6 +282,7 @@ def load_weights(
     else:
         raise WeightsError(f"unknown weights format {fmt!r}")
     try:
+        reader = getattr(model, "adapt_reader", lambda r: r)(reader)  # its own checkpoint names (Qwen3.5)
         counts = _fill(model, reader, mode, progress)
     finally:
         reader.close()

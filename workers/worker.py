@@ -57,6 +57,7 @@ class ResidentModel:
     cache: object
     tp: object
     vocab_limit: int
+    states: object = None  # the RecurrentStatePool of a hybrid model (None for plain decoders)
     generators: dict = field(default_factory=dict)  # seq id -> its own torch.Generator (or None: greedy)
     prompts: dict = field(default_factory=dict)  # seq id -> prompt tokens, for the repetition penalty
     outputs: dict = field(default_factory=dict)  # seq id -> tokens sampled so far, for penalties
@@ -137,12 +138,17 @@ class Worker:
         layers, kv_heads, head_dim, _ = model.kv_shape()
         kv_dtype = getattr(torch, getattr(msg, "kv_dtype", "") or msg.dtype)  # the leader's [engine] kv_cache_dtype
         cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, self.device, max(msg.kv_blocks, 1))
-        self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit)
+        states, state_bytes = None, 0
+        if getattr(model, "recurrent", False):  # hybrid: a fixed-size state per sequence, in slots
+            states = model.new_state_pool(max(msg.state_slots, 1), self.device)
+            state_bytes = sum(t.numel() * t.element_size() for t in (states.conv, states.delta))
+        self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit, states)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = time.monotonic() - t0
         log.info(
-            "loaded %s: %.1f MB of weights in %.1fs; KV pool %.1f MB (%s)",
+            "loaded %s: %.1f MB of weights in %.1fs; KV pool %.1f MB (%s); state pool %.1f MB",
             msg.model_id, param_bytes / 1e6, seconds, cache.nbytes() / 1e6, str(kv_dtype).removeprefix("torch."),
+            state_bytes / 1e6,
         )  # fmt: skip
         return Loaded(
             model_id=msg.model_id,
@@ -150,6 +156,7 @@ class Worker:
             load_seconds=seconds,
             kv_blocks=cache.num_blocks,
             kv_bytes=cache.nbytes(),
+            state_bytes=state_bytes,
         )
 
     def step(self, msg: GenerateStep) -> StepResult | Error:
@@ -162,7 +169,10 @@ class Worker:
         batch = StepBatch.build(
             [(s.tokens, s.start_pos, s.block_table) for s in msg.seqs], rm.cache.block_size, self.device
         )
-        logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
+        if rm.states is None:
+            logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
+        else:
+            logits = rm.model(batch, rm.cache, rm.states, self._state_batch(rm, msg.seqs))
         out, logprobs, errors = [], [], []
         for i, s in enumerate(msg.seqs):
             if s.prompt is not None:
@@ -183,6 +193,16 @@ class Worker:
             logprobs=logprobs if any(x is not None for x in logprobs) else None,
             errors=errors if any(errors) else None,
         )
+
+    def _state_batch(self, rm: ResidentModel, seqs: list[SeqInput]):
+        """Each sequence's state slot; a sequence computing its position 0 starts from zero."""
+        from workers.arch.deltanet import StateBatch
+
+        for s in seqs:
+            if not 0 <= s.state_slot < rm.states.num_slots:
+                raise ValueError(f"sequence {s.seq_id}: state slot {s.state_slot} is not one of {rm.states.num_slots}")
+        lengths, slots = [len(s.tokens) for s in seqs], [s.state_slot for s in seqs]
+        return StateBatch.build(lengths, slots, [s.start_pos == 0 for s in seqs], self.device)
 
     def _sample(self, rm: ResidentModel, s: SeqInput, logits) -> tuple[int, list | None]:
         """One sequence's next token, and its logprobs when asked for."""

@@ -48,8 +48,11 @@ class CachedBlock:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, namespace: str = ""):
+    def __init__(self, num_blocks: int, block_size: int, namespace: str = "", prefix_cache: bool = True):
+        """``prefix_cache`` False: no block is ever named or reused (hybrid models, whose recurrent
+        state at a block boundary is not kept, so a cached prefix could not be continued)."""
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.prefix_cache = prefix_cache
         self.namespace = namespace.encode()
         self.refs = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
@@ -88,7 +91,7 @@ class BlockManager:
         would stay free. The last token is always computed anew (its logits are needed), so its
         block is never a shared one.
         """
-        hits = self._hits(tokens, salt)
+        hits = self._hits(tokens, salt) if self.prefix_cache else []
         fresh = -(-len(tokens) // self.block_size) - len(hits)
         reusable_free = sum(1 for b in hits if self.refs[b] == 0)
         if self.num_free - reusable_free - fresh < reserve:
@@ -129,6 +132,8 @@ class BlockManager:
     ) -> None:
         """Name the blocks that ``computed`` tokens have filled, so later prompts can reuse them.
         ``digests`` is the sequence's chain so far; it is extended in place (each block hashed once)."""
+        if not self.prefix_cache:
+            return
         known, bs = len(digests), self.block_size
         digests[:] = self.chain(tokens[:computed], digests, salt)
         for i in range(known, len(digests)):

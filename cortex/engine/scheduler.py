@@ -7,6 +7,11 @@ blocks fit. A long prompt is split into chunks so it never stalls the decoding o
 predicts fits in ``step_target_s`` (``cortex/engine/step_clock.py``). When the
 KV pool runs out, the newest sequence is preempted: its blocks are freed and it is recomputed later
 (its output so far is kept; only its KV is rebuilt).
+
+A hybrid model (Qwen3.5: linear-attention layers with a recurrent state per sequence) also needs a
+state slot per running sequence: one is taken at admission (a sequence waits while none is free)
+and given back when it finishes or is preempted; a preempted sequence restarts at position 0, where
+the worker zeroes its (new) slot. Such a model's block manager caches no prefix.
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ class Scheduler:
         max_seqs: int,
         step_target_s: float = 0.0,
         attention_k: float = math.inf,
+        state_slots: int = 0,
     ):
         """``step_target_s``: while sequences decode, a step's prefill is sized to end within it (0:
-        off). ``attention_k``: the model's ``attention_span_equivalent`` (how cost grows with context)."""
+        off). ``attention_k``: the model's ``attention_span_equivalent`` (how cost grows with context).
+        ``state_slots``: recurrent state slots of a hybrid model (0: a plain decoder, none needed)."""
         self.blocks = blocks
         self.max_batch_tokens, self.prefill_chunk, self.max_seqs = max_batch_tokens, prefill_chunk, max_seqs
         self.step_target_s, self.attention_k = step_target_s, attention_k
@@ -57,6 +64,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.state_slots, self.recurrent = state_slots, state_slots > 0
+        self.free_slots: list[int] = list(range(state_slots))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -71,6 +80,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.blocks.release(seq.block_table)
+        self._free_slot(seq)
 
     def fits(self, prompt_len: int) -> bool:
         """Whether a prompt of this length could ever be held, with the whole pool to itself."""
@@ -92,12 +102,16 @@ class Scheduler:
                 budget -= self._chunk(seq, budget, work)
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and self._may_prefill():
             seq = self.waiting[0]
+            if self.recurrent and not self.free_slots:
+                break  # every state slot is held: it waits, as for blocks
             # keep a block in hand for each running sequence, so admitting does not force preemption
             got = self.blocks.allocate_prompt(seq.tokens, reserve=len(self.running), salt=seq.cache_salt)
             if got is None:
                 break
             self.waiting.popleft()
             seq.block_table, seq.computed = got
+            if self.recurrent:
+                seq.state_slot = self.free_slots.pop(0)
             if not seq.admitted:
                 seq.cached_tokens, seq.admitted = seq.computed, True
             self.running.append(seq)
@@ -136,10 +150,16 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
+        self._free_slot(seq)  # its state is lost: it restarts at position 0, from a zeroed slot
         seq.computed = 0
         seq.block_digests.clear()
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def _free_slot(self, seq: Sequence) -> None:
+        if seq.state_slot >= 0:
+            self.free_slots.append(seq.state_slot)
+            seq.state_slot = -1
 
     def done(self, work: list[Work], seconds: float | None = None) -> None:
         """Record a finished step (and how long it took): the fed tokens now have KV; name the

@@ -29,6 +29,7 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     block_table: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the KV cache
+    state_slot: int = -1  # hybrid models: the recurrent state slot it holds while running
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     block_digests: list[bytes] = field(default_factory=list)  # digest chain of its filled blocks (blocks.py)
     admitted: bool = False

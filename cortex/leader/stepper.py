@@ -49,9 +49,10 @@ class Stepper:
 
     # -- models come and go ---------------------------------------------------------------------------
 
-    def start_model(self, state: ModelState, kv_blocks: int) -> None:
+    def start_model(self, state: ModelState, kv_blocks: int, state_slots: int = 0) -> None:
+        """``state_slots``: a hybrid model's recurrent state slots (its blocks then cache no prefix)."""
         engine = self.shared.cfg.engine
-        blocks = BlockManager(kv_blocks, KV_BLOCK_SIZE, namespace=state.id)
+        blocks = BlockManager(kv_blocks, KV_BLOCK_SIZE, namespace=state.id, prefix_cache=not state_slots)
         self.schedulers[state.id] = Scheduler(
             blocks,
             engine.max_batch_tokens,
@@ -59,6 +60,7 @@ class Stepper:
             engine.max_seqs,
             step_target_s=engine.step_target_ms / 1000,
             attention_k=attention_span_equivalent(state.files.config),
+            state_slots=state_slots,
         )
 
     def stop_model(self, model_id: str) -> None:
@@ -280,6 +282,7 @@ def _seq_input(w: Work) -> SeqInput:
         w.samples,
         prompt=seq.tokens[: seq.prompt_len] if w.first and seq.sampling.needs_history else None,
         allowed=seq.constraint.mask() if w.samples and seq.constraint else None,
+        state_slot=seq.state_slot,
     )
 
 

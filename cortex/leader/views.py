@@ -56,6 +56,9 @@ class Views:
                 "kv_blocks_cached": b.num_cached,
                 "kv_dtype": kv_dtype,
             }
+            if sched.recurrent:  # a hybrid model's recurrent state slots (one per running sequence)
+                out["engine"]["state_slots_total"] = sched.state_slots
+                out["engine"]["state_slots_used"] = sched.state_slots - len(sched.free_slots)
         return out
 
     def models(self) -> dict:

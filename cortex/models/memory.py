@@ -33,9 +33,10 @@ def weight_bytes(cfg: ModelConfig, world_size: int, dtype: str, pack: str = "non
     full copies of the embedding and the output head (replicated on every rank)."""
     layout = HeadLayout.for_rank(cfg, 0, world_size)
     h, d = cfg.hidden_size, cfg.head_dim
-    attn = h * d * (2 * layout.q_heads + 2 * layout.kv_heads)  # q and o, k and v
+    q_rows = 2 if cfg.attn_output_gate else 1  # a gated q_proj yields [query | gate] per head
+    attn = h * d * ((q_rows + 1) * layout.q_heads + 2 * layout.kv_heads)  # q and o, k and v
     mlp = 3 * h * layout.inter  # gate, up, down
-    linear = cfg.num_layers * (attn + mlp)
+    linear = cfg.kv_layers * attn + cfg.linear_layers * _deltanet(cfg, world_size) + cfg.num_layers * mlp
     embed = cfg.vocab_size * h
     dense = _DTYPE_BYTES[dtype]
     per_linear = _PACKED_BYTES.get(pack, dense)
@@ -44,6 +45,15 @@ def weight_bytes(cfg: ModelConfig, world_size: int, dtype: str, pack: str = "non
     head = embed * head_bytes
     norms = (2 * cfg.num_layers + 1) * h * dense
     return int(linear * per_linear + embed * dense + head + norms)
+
+
+def _deltanet(cfg: ModelConfig, world_size: int) -> int:
+    """Parameters of one rank's Gated DeltaNet layer (hybrid models): the q/k/v/z, b and a
+    projections, the conv, and out_proj (its share of the key and value heads)."""
+    k_heads, v_heads = cfg.linear_num_key_heads // world_size, cfg.linear_num_value_heads // world_size
+    qkv = 2 * k_heads * cfg.linear_key_head_dim + v_heads * cfg.linear_value_head_dim
+    z = v_heads * cfg.linear_value_head_dim
+    return cfg.hidden_size * (qkv + 2 * z + 2 * v_heads) + qkv * cfg.linear_conv_kernel
 
 
 @dataclass(frozen=True)

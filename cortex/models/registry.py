@@ -37,7 +37,7 @@ class ModelState:
     parked: list = field(default_factory=list)  # (front peer, Submit) waiting for the model to load
     est_bytes: int = 0  # estimated bytes per rank (weights + KV pool), set when placed
     measured_bytes: int = 0  # weights per rank as measured by its last load (better than an estimate)
-    kv_bytes: int = 0  # the KV pool's bytes per rank, once loaded
+    kv_bytes: int = 0  # the KV pool's bytes per rank (and a hybrid's state pool), once loaded
     pinned: bool = False  # never evicted; starts as the entry's `pinned`, operators may change it
     load_reason: str = ""  # demand | operator | preload: a demand load nobody waits for is cancelled
     evictions: int = 0

@@ -284,7 +284,7 @@ class CheckpointNames:
 
 def load_hybrid_weights(model: Qwen3_5Model, files: list[str], progress=None, quantize="none", device="cpu") -> float:
     """``workers.weights.load_weights`` for this model, through ``CheckpointNames``; seconds taken.
-    (Until weights.load_weights itself wraps its reader with ``model.adapt_reader``.)"""
+    (``load_weights`` itself wraps its reader with ``model.adapt_reader`` too.)"""
     from workers.weights import SafetensorsReader, _fill, resolve_quantize
 
     t0 = time.monotonic()
