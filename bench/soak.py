@@ -171,7 +171,13 @@ def faults(url: str, host: str, port: int, every: float, stop: threading.Event, 
                 os.kill(pid, signal.SIGKILL)
                 t0 = time.monotonic()
                 tally.outages.append([t0, float("inf")])
-                while not stop.is_set():  # until the default model answers again
+                while not stop.is_set():  # until the model is loaded again (its status in /health)
+                    models = httpx.get(url + "/health", timeout=10).json()["models"]
+                    if any(m["id"] == "smollm2-135m-instruct" and m["status"] == "loaded" for m in models):
+                        tally.faults.append((time.monotonic(), f"loaded again after {time.monotonic() - t0:.1f}s"))
+                        break
+                    time.sleep(0.1)
+                while not stop.is_set():  # and until a request of its own is served (behind the queue)
                     r = httpx.post(
                         url + "/v1/chat/completions",
                         json={"model": "default", "messages": ASK, "max_tokens": 1},
