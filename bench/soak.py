@@ -171,9 +171,12 @@ def faults(url: str, host: str, port: int, every: float, stop: threading.Event, 
                 os.kill(pid, signal.SIGKILL)
                 t0 = time.monotonic()
                 tally.outages.append([t0, float("inf")])
-                while not stop.is_set():  # until the model is loaded again (its status in /health)
-                    models = httpx.get(url + "/health", timeout=10).json()["models"]
-                    if any(m["id"] == "smollm2-135m-instruct" and m["status"] == "loaded" for m in models):
+                while not stop.is_set():  # until a new worker holds the model again (/health)
+                    health = httpx.get(url + "/health", timeout=10).json()
+                    loaded = any(
+                        m["id"] == "smollm2-135m-instruct" and m["status"] == "loaded" for m in health["models"]
+                    )
+                    if loaded and health["workers"][0]["pid"] != pid:
                         tally.faults.append((time.monotonic(), f"loaded again after {time.monotonic() - t0:.1f}s"))
                         break
                     time.sleep(0.1)
