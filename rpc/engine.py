@@ -75,6 +75,7 @@ class Submit(Message):
     parallel_tool_calls: bool = True
     json_schema: dict[str, Any] | None = None  # constrain output to this schema ({}: any JSON object)
     thinking: bool | None = None  # None: the model's default; False: ask a thinking model not to think
+    reasoning_budget: int | None = None  # most tokens of a reasoning span the prompt opens; then it is closed
     hop: bool = False  # forwarded by a peer leader: serve it here or fail, never forward it again
     cache_salt: str | None = None  # prompts share cached KV only with requests of the same salt
 
@@ -163,6 +164,7 @@ class Delta(Message):
     # {"token": str, "logprob": float, "bytes": [int], "top_logprobs": [{"token", "logprob", "bytes"}]}
     logprobs: list[dict[str, Any]] | None = None
     index: int = 0  # which of the request's n choices
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (known once the sequence is scheduled)
 
 
 class Finished(Message):

@@ -205,8 +205,8 @@ MESSAGES = bodies.AnthropicMessagesRequest
         (MESSAGES, {"max_tokens": None}, "Missing required parameter: 'max_tokens'.", "max_tokens"),
         (
             MESSAGES,
-            {"messages": [{"role": "system"}]},
-            "messages.0.role: expected 'user' or 'assistant'.",
+            {"messages": [{"role": "robot"}]},
+            "messages.0.role: expected 'user', 'assistant' or 'system'.",
             "messages.0",
         ),
         (
@@ -239,7 +239,7 @@ MESSAGES = bodies.AnthropicMessagesRequest
             "tool_choice.name: 7 is not one of the tools.",
             "tool_choice",
         ),
-        (MESSAGES, {"thinking": {"type": "on"}}, "thinking.type: expected enabled or disabled.", "thinking"),
+        (MESSAGES, {"thinking": {"type": "on"}}, "thinking.type: expected enabled, adaptive or disabled.", "thinking"),
         (
             MESSAGES,
             {"temperature": 1.5},

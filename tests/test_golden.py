@@ -327,7 +327,8 @@ def _greedy_bodies() -> dict[str, tuple[dict, dict]]:
     for name in GREEDY_ANTHROPIC:
         events = [json.loads(line[6:]) for line in (GOLDEN / "anthropic" / f"{name}.sse").read_text().splitlines()
                   if line.startswith("data: ")]  # fmt: skip
-        usage = {"prompt_tokens": events[0]["message"]["usage"]["input_tokens"],
+        start = events[0]["message"]["usage"]  # the prompt: the tokens not cached and those that were
+        usage = {"prompt_tokens": start["input_tokens"] + start["cache_read_input_tokens"],
                  "completion_tokens": events[-2]["usage"]["output_tokens"]}  # fmt: skip
         out[f"anthropic/{name}"] = (_as_openai(name), usage)
     return out

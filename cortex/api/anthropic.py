@@ -40,16 +40,41 @@ def _text(content: str | list[AnthropicTextBlock]) -> str:
     return content if isinstance(content, str) else "\n".join(b.text for b in content)
 
 
+# Claude Code's first system block: a billing header that changes on every request and carries
+# nothing for the model; kept in the prompt it would defeat the prefix cache
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def _system_text(content: str | list, where: str) -> str:
+    """A system prompt or a system entry of ``messages``: its text, less any billing header."""
+    if isinstance(content, str):
+        return "" if content.startswith(BILLING_HEADER) else content
+    texts = []
+    for j, b in enumerate(content):
+        if not isinstance(b, AnthropicTextBlock):
+            at = f"{where}.{j}"
+            raise bad_field(at, f"{at}: block type {b.__struct_config__.tag!r} is not supported here; expected text.")
+        if not b.text.startswith(BILLING_HEADER):
+            texts.append(b.text)
+    return "\n".join(texts)
+
+
 def parse_messages(body: AnthropicPrompt) -> list[dict[str, Any]]:
-    """Anthropic turns -> chat-template messages (tool results become ``tool`` messages)."""
+    """Anthropic turns -> chat-template messages (tool results become ``tool`` messages). System
+    entries among the messages (Claude Code sends them mid-conversation) join the system prompt, in
+    order: most templates take a system message first or not at all."""
+    system = [_system_text(body.system, "system")] if body.system is not None else []
     out: list[dict[str, Any]] = []
-    if body.system is not None:
-        out.append({"role": "system", "content": _text(body.system)})
     for i, m in enumerate(body.messages):
-        if isinstance(m.content, str):
+        if m.role == "system":
+            system.append(_system_text(m.content, f"messages.{i}.content"))
+        elif isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
         else:
             out += _blocks(m.role, m.content, f"messages.{i}.content")
+    system = [t for t in system if t]
+    if system:
+        out.insert(0, {"role": "system", "content": "\n\n".join(system)})
     return out
 
 
@@ -110,7 +135,7 @@ def parse_tools(body: AnthropicPrompt) -> tuple[list[dict] | None, str, str | No
         return tools or None, "required", None, parallel
     if choice.name not in {t["name"] for t in tools}:
         raise bad_field("tool_choice", f"tool_choice.name: {choice.name!r} is not one of the tools.")
-    return tools, "required", choice.name, parallel
+    return tools, "required", choice.name, False  # the one call asked for, not the same call again
 
 
 def parse_submit(body: AnthropicPrompt, req: falcon.Request) -> Submit:
@@ -129,6 +154,7 @@ def parse_submit(body: AnthropicPrompt, req: falcon.Request) -> Submit:
         parallel_tool_calls=parallel,
         # Anthropic models think only when asked to; so do ours (Qwen3's switch)
         thinking=body.thinking is not None and body.thinking.type != "disabled",
+        reasoning_budget=body.thinking.budget_tokens if body.thinking and body.thinking.type == "enabled" else None,
         hop=forwarded(req),
     )
 
@@ -154,34 +180,24 @@ class Messages:
             "role": "assistant",
             "model": submit.model,
             "content": _content(choice, submit.thinking),
-            **_stop(choice.finished, choice.tool_calls),
+            **_stop(choice.finished, choice.tool_calls, submit.tool_choice == "required"),
             "usage": _usage(choice.finished),
         }
 
     def _stream(self, gen: Generation, tools: bool) -> Iterator[bytes]:
         submit = gen.req
+        forced = submit.tool_choice == "required"
+        started = False
         try:
-            yield sse.named(
-                "message_start",
-                {
-                    "type": "message_start",
-                    "message": {
-                        "id": submit.request_id,
-                        "type": "message",
-                        "role": "assistant",
-                        "model": submit.model,
-                        "content": [],
-                        "stop_reason": None,
-                        "stop_sequence": None,
-                        "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": 0},
-                    },
-                },
-            )
             blocks = _BlockWriter(submit.thinking)
             for ev in events(gen, keepalive_s=self.keepalive_s, tools=tools):
                 if isinstance(ev, Ping):
                     yield sse.named("ping", {"type": "ping"})
-                elif isinstance(ev, Parts):
+                    continue
+                if not started:  # once the first token is out, the prefix cache's share is known
+                    started = True
+                    yield _message_start(gen, ev.finished if isinstance(ev, Done) else None)
+                if isinstance(ev, Parts):
                     for part in ev.parts:
                         yield from blocks.write(part)
                 elif isinstance(ev, Done):
@@ -189,13 +205,32 @@ class Messages:
                     f = ev.finished
                     yield sse.named(
                         "message_delta",
-                        {"type": "message_delta", "delta": _stop(f, ev.tool_calls), "usage": _usage(f)},
+                        {"type": "message_delta", "delta": _stop(f, ev.tool_calls, forced), "usage": _usage(f)},
                     )
                     yield sse.named("message_stop", {"type": "message_stop"})
         except ApiError as err:  # mid-stream: Anthropic sends an `error` event and ends the stream
             yield sse.named("error", err.body("anthropic"))
         finally:
             gen.close()
+
+
+def _message_start(gen: Generation, finished: Finished | None) -> bytes:
+    """``message_start``, its usage what ``message_delta`` will say (but the output tokens)."""
+    prompt, cached = (
+        (finished.prompt_tokens, finished.cached_tokens) if finished else (gen.prompt_tokens, gen.cached_tokens)
+    )
+    usage = {**_usage(Finished(gen.req.request_id, "", prompt, 0, cached)), "output_tokens": 0}
+    message = {
+        "id": gen.req.request_id,
+        "type": "message",
+        "role": "assistant",
+        "model": gen.req.model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+    return sse.named("message_start", {"type": "message_start", "message": message})
 
 
 class _BlockWriter:
@@ -265,11 +300,13 @@ def _content(choice: Choice, show_thinking: bool) -> list[dict]:
     return blocks
 
 
-def _stop(finished: Finished, tool_calls: int) -> dict:
-    if finished.finish_reason == "length":
-        reason = "max_tokens"
-    elif tool_calls:
+def _stop(finished: Finished, tool_calls: int, forced: bool = False) -> dict:
+    """A forced call that is whole is the answer, even if the grammar let the model go on to the
+    token limit (it allows more calls): ``tool_use``, the stop reason Claude Code acts on."""
+    if tool_calls and (forced or finished.finish_reason != "length"):
         reason = "tool_use"
+    elif finished.finish_reason == "length":
+        reason = "max_tokens"
     elif finished.stop_sequence is not None:
         reason = "stop_sequence"
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import falcon
 
@@ -33,6 +34,21 @@ from cortex.ops.scrape import MetricsProxy
 ENV = "CORTEX_FRONT"
 
 
+class RequestIds:
+    """Falcon middleware: every response names its request (``request-id``, as Anthropic's API
+    does, and ``x-request-id``), whatever its status; a client's own ``x-request-id`` is kept."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        sent = req.get_header("x-request-id") or ""
+        ok = 0 < len(sent) <= 128 and sent.isascii() and sent.isprintable()
+        req.context.request_ref = sent if ok else f"req_{uuid.uuid4().hex[:24]}"
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        ref = req.context.get("request_ref") or f"req_{uuid.uuid4().hex[:24]}"
+        resp.set_header("request-id", ref)
+        resp.set_header("x-request-id", ref)
+
+
 def create_app(settings: dict | None = None) -> falcon.App:
     s = settings or json.loads(os.environ[ENV])
     if settings is None:  # a gunicorn worker: its own log setup (gunicorn configures only its own loggers)
@@ -47,7 +63,7 @@ def create_app(settings: dict | None = None) -> falcon.App:
     )
     requests = RequestLog(s.get("node", "cortex"), s.get("log_content", False))
     # the request log first: it also sees the requests the key check refuses
-    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[requests, auth])
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[RequestIds(), requests, auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     proxy = Proxy(

@@ -344,7 +344,11 @@ Block = (
 class AnthropicMessage(Struct):
     """A user turn (text, tool results) or an assistant turn (text, thinking, tool use)."""
 
-    role: Annotated[Literal["user", "assistant"], says(1, any="{param}.role: expected 'user' or 'assistant'.")]
+    role: Annotated[
+        Literal["user", "assistant", "system"],
+        Meta(description="system entries (as Claude Code sends them) are folded into the system prompt, in order."),
+        says(1, any="{param}.role: expected 'user', 'assistant' or 'system'."),
+    ]
     content: Annotated[
         str | list[Annotated[Block, says(type=_unexpected, inner=_unexpected)]],
         says(any="{at}: expected a string or an array of content blocks."),
@@ -378,9 +382,12 @@ class AnthropicToolChoice(Struct):
 
 class AnthropicThinking(Struct):
     type: Annotated[
-        Literal["enabled", "disabled", "adaptive"], says(1, any="thinking.type: expected enabled or disabled.")
+        Literal["enabled", "disabled", "adaptive"],
+        says(1, any="thinking.type: expected enabled, adaptive or disabled."),
     ]
-    budget_tokens: opt(integer(1)) = None
+    budget_tokens: opt(
+        integer(1), "With enabled: the most tokens the reasoning may take before the answer is started."
+    ) = None
 
 
 class AnthropicPrompt(Body, kw_only=True):
@@ -390,7 +397,7 @@ class AnthropicPrompt(Body, kw_only=True):
 
     model: str
     messages: Annotated[
-        list[Annotated[AnthropicMessage, says(type="{at}.role: expected 'user' or 'assistant'.")]],
+        list[Annotated[AnthropicMessage, says(type="{at}.role: expected 'user', 'assistant' or 'system'.")]],
         Meta(min_length=1),
         says(value="messages: at least one message is required."),
     ]

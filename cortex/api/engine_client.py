@@ -259,6 +259,7 @@ class Generation:
             record.submitted(req.request_id, req.model, req.client, req.prompt or req.prompt_ids or req.messages)
         self.event_timeout_s, self.load_timeout_s = event_timeout_s, load_timeout_s
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of the prompt, in the prefix cache: known from the first Delta
         self.reasoning = False  # the output starts inside a <think> span
         self.waiting: str | None = None  # why the request has not started yet (a model loading)
         self.done = False
@@ -352,6 +353,7 @@ class Generation:
                     continue
                 silent_since = time.monotonic()
                 if isinstance(ev, Delta):
+                    self.cached_tokens = ev.cached_tokens
                     if self.record is not None:
                         self.record.delta(ev.text)
                     yield ev

@@ -7,6 +7,7 @@ same envelope, so a client never sees a body in another shape.
 from __future__ import annotations
 
 import json
+import re
 
 import falcon
 
@@ -41,6 +42,8 @@ FAILURES: dict[FailureKind, tuple[int, str, str | None]] = {
 # failures that no retry can fix: clients are told so (x-should-retry: false, honoured by the
 # OpenAI and Anthropic SDKs and by Claude Code), and given no Retry-After
 FINAL = frozenset({FailureKind.MODEL_FAILED, FailureKind.MODEL_TOO_LARGE})
+# statuses that are final whatever the cause (a bad body, key, path or size): the same header
+FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 422})
 
 
 class ApiError(Exception):
@@ -67,8 +70,34 @@ class ApiError(Exception):
 
     def body(self, dialect: str = "openai") -> dict:
         if dialect == "anthropic":
-            return {"type": "error", "error": {"type": anthropic_type(self.status), "message": self.message}}
+            message = anthropic_context_message(self.message) if self.code == CONTEXT else self.message
+            return {"type": "error", "error": {"type": anthropic_type(self.status), "message": message}}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+CONTEXT = "context_length_exceeded"
+# the leader's (OpenAI's) words for a context overflow (cortex/leader/admission.py), read back for
+# Anthropic's, which Claude Code acts on and only on: the first compacts the conversation, the
+# second retries with a smaller max_tokens
+_PROMPT_OVER = re.compile(r"maximum context length is (\d+) tokens\. However, your messages resulted in (\d+) tokens")
+_TOTAL_OVER = re.compile(
+    r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
+    r"\((\d+) in the messages, (\d+) in the completion\)"
+)
+
+
+def anthropic_context_message(message: str) -> str:
+    """Anthropic's exact text for a context overflow; any other message as it is."""
+    if m := _PROMPT_OVER.search(message):
+        limit, prompt = m.groups()
+        return f"prompt is too long: {prompt} tokens > {limit} maximum"
+    if m := _TOTAL_OVER.search(message):
+        limit, prompt, completion = m.groups()
+        return (
+            f"input length and `max_tokens` exceed context limit: {prompt} + {completion} > {limit}, "
+            "decrease input length or `max_tokens` and try again"
+        )
+    return message
 
 
 # Anthropic names its error types by status
@@ -91,7 +120,11 @@ def anthropic_type(status: int) -> str:
 
 def dialect_of(req: falcon.Request) -> str:
     """Errors answer in the dialect of the endpoint the client called."""
-    return "anthropic" if req.path.startswith("/v1/messages") else "openai"
+    if req.path.startswith("/v1/messages"):
+        return "anthropic"
+    # the model list answers Anthropic's SDK (and Claude Code) in its shape, errors included
+    anthropic_models = req.path.startswith("/v1/models") and req.get_header("anthropic-version") is not None
+    return "anthropic" if anthropic_models else "openai"
 
 
 def bad_field(param: str, message: str) -> ApiError:
@@ -104,7 +137,7 @@ def _render(req: falcon.Request, resp: falcon.Response, err: ApiError) -> None:
     resp.text = json.dumps(err.body(dialect_of(req)))
     if err.retry_after is not None:
         resp.set_header("Retry-After", str(err.retry_after))
-    if err.final:
+    if err.final or err.status in FINAL_STATUSES:
         resp.set_header("x-should-retry", "false")
 
 

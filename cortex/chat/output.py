@@ -65,11 +65,15 @@ class OutputParser:
                 return [p for p in out if not isinstance(p, (Text, Reasoning)) or p.text]
 
     def finish(self) -> list[Part]:
-        """The end of the output: whatever is held back is what it is (an unclosed call is text)."""
+        """The end of the output: whatever is held back is what it is (an unclosed call is text),
+        except an unclosed call after whole ones: one more call cut off by the token limit (a
+        forced call's grammar allows more), which is no answer text."""
         rest, self._buf = self._buf, ""
         if self.mode == "reasoning":
             return [Reasoning(rest)] if rest else []
         if self.mode == "tool":
+            if self.calls:
+                return []
             rest = TOOL_OPEN + rest
         rest = rest.lstrip() if self._strip else rest
         return [Text(rest)] if rest else []

@@ -30,7 +30,7 @@ from urllib.parse import unquote
 import llguidance as llg
 from tokenizers import Tokenizer
 
-from cortex.chat.tags import TOOL_CLOSE, TOOL_OPEN
+from cortex.chat.tags import THINK_CLOSE, TOOL_CLOSE, TOOL_OPEN
 
 # compact JSON as json.dumps writes it, no free whitespace for a small model to wander into
 _JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": True}
@@ -376,3 +376,36 @@ class Constraint:
         if self._tail.endswith(TOOL_OPEN.encode()):
             self._tail = b""
             self.matcher = self._on_trigger()
+
+
+class ReasoningBudget:
+    """A reasoning span the prompt opened, closed after ``budget`` tokens (Anthropic's
+    ``thinking.budget_tokens``): from then the only tokens allowed are those of ``close``
+    (``</think>`` and a blank line), one by one. Whatever else constrains the output (``inner``: a
+    tool call or schema) applies as before, and alone once the span is closed."""
+
+    def __init__(self, inner: Constraint | None, budget: int, close: list[int]):
+        self.inner, self.budget, self.close = inner, budget, close
+        self.spent, self.forced = 0, 0  # reasoning tokens so far; close tokens forced so far
+        self.open = bool(close)
+        self._tail = b""
+
+    def mask(self) -> bytes | None:
+        if self.open and self.spent >= self.budget:
+            token = self.close[self.forced]
+            bits = bytearray(token // 8 + 1)
+            bits[token // 8] = 1 << (token % 8)
+            return bytes(bits)
+        return self.inner.mask() if self.inner is not None else None
+
+    def advance(self, token: int, token_bytes: bytes) -> None:
+        if self.open:
+            if self.spent >= self.budget:
+                self.forced += 1
+                self.open = self.forced < len(self.close)
+            else:
+                self.spent += 1
+                self._tail = (self._tail + token_bytes)[-32:]
+                self.open = not self._tail.endswith(THINK_CLOSE.encode())  # the model closed it itself
+        if self.inner is not None:
+            self.inner.advance(token, token_bytes)

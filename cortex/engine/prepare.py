@@ -20,7 +20,8 @@ from typing import Any
 
 from cortex.api.bodies import RESERVED_TEMPLATE_KWARGS
 from cortex.chat import prompt as chat_prompt
-from cortex.engine.constraint import Constraint, GrammarError, Grammars, Rules
+from cortex.chat.tags import THINK_CLOSE
+from cortex.engine.constraint import Constraint, GrammarError, Grammars, ReasoningBudget, Rules
 from cortex.models import source
 from rpc.engine import FailureKind, Submit
 
@@ -53,6 +54,9 @@ def prepare(files: source.ModelFiles, req: Submit, rules: Rules, grammars: Gramm
         constraints = [grammars.constraint(rules) for _ in range(req.n)]
     except GrammarError as exc:
         return Refused(FailureKind.INVALID_REQUEST, f"cannot constrain output to the schema: {exc}")
+    if req.reasoning_budget is not None and text is not None and chat_prompt.opens_in_reasoning(text):
+        close = files.tokenizer.tokenizer.encode(THINK_CLOSE + "\n\n", add_special_tokens=False).ids
+        constraints = [ReasoningBudget(c, req.reasoning_budget, close) for c in constraints]
     return Prepared(ids, text, constraints)
 
 

@@ -158,7 +158,9 @@ class Stepper:
         if entry is not None and (finish != "stop" or token not in seq.eos_ids):
             seq.pending_logprobs.append(entry)
         if text or seq.pending_logprobs:
-            delta = Delta(seq.request_id, text, seq.output_len, seq.pending_logprobs or None, seq.index)
+            delta = Delta(
+                seq.request_id, text, seq.output_len, seq.pending_logprobs or None, seq.index, seq.cached_tokens
+            )
             self.shared.reply(seq.peer, delta)
             seq.pending_logprobs = []
         if finish:
