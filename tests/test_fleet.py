@@ -668,3 +668,88 @@ def test_killing_b(fleet):
 def _up(srv: Server, node: str) -> bool:
     nodes = httpx.get(srv.url + "/fleet", timeout=30).json()["nodes"]
     return next(n["up"] for n in nodes if n["name"] == node)
+
+
+# -- the hop's connections and relay (issue 20) ----------------------------------------------------------
+
+
+def _keepalive_upstream(answer: bytes) -> tuple[str, list[socket.socket]]:
+    """An HTTP/1.1 server that answers every request on a connection with ``answer`` and keeps the
+    connection open; the list fills with the connections it accepted."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve_conn(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                conn.sendall(answer)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            threading.Thread(target=serve_conn, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", accepted
+
+
+def test_a_relayed_answer_with_a_length_leaves_its_connection_for_the_next_request_of_any_thread():
+    """A Content-Length body relayed with ``read1`` (which never marks the response done) still
+    returns its connection to the pool, and the pool is the process's, not a thread's: one
+    connection serves requests relayed by different threads one after another."""
+    url, accepted = _keepalive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proxy = Proxy("A", lambda endpoint, why: None, 2, 10, lambda req: "")
+    outs = []
+
+    def once() -> None:
+        conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
+        outs.append(b"".join(proxy._chunks(conn, upstream, Target("B", url), None)))
+
+    for k in range(4):
+        if k % 2:
+            t = threading.Thread(target=once)
+            t.start()
+            t.join()
+        else:
+            once()
+    assert outs == [b"ok"] * 4
+    assert len(accepted) == 1
+    proxy.pool.close()
+
+
+def test_a_streamed_answers_first_chunk_is_relayed_before_the_upstream_finishes():
+    """Chunk by chunk, no buffering: the proxy yields the first event while the upstream is still
+    holding back the rest of its answer."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    release, finished = threading.Event(), threading.Event()
+    first, second = b'data: {"n":1}\n\n', b'data: {"n":2}\n\n'
+
+    def chunk(b: bytes) -> bytes:
+        return f"{len(b):x}\r\n".encode() + b + b"\r\n"
+
+    def serve() -> None:
+        conn, _ = sock.accept()
+        conn.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        conn.sendall(head + chunk(first))
+        release.wait(10)
+        conn.sendall(chunk(second) + b"0\r\n\r\n")
+        finished.set()
+        time.sleep(0.5)
+        conn.close()
+        sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    proxy = Proxy("A", lambda endpoint, why: None, 2, 10, lambda req: "")
+    conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
+    chunks = proxy._chunks(conn, upstream, Target("B", url), "openai")
+    assert next(chunks) == first and not finished.is_set()
+    release.set()
+    assert b"".join(chunks) == second and finished.is_set()
+    assert proxy.pool._idle[url]  # read to its end marker: kept for the next request
+    proxy.pool.close()

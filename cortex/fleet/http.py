@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 import urllib.parse
 
 PeerError = (OSError, http.client.HTTPException)  # anything a dead, closing or garbling peer raises
@@ -20,24 +21,42 @@ _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.cl
 
 
 class Pool:
-    """Connections by endpoint, per thread: a connection serves one request at a time, and a
-    thread (a gunicorn request thread, a poller thread) runs one request at a time."""
+    """Idle keep-alive connections by endpoint, shared by every thread of the process: a request
+    takes the one used last (LIFO: warm, and the least likely to have been closed by the peer
+    while idle), and gives it back when its answer was read to the end.
 
-    def __init__(self, connect_timeout_s: float, read_timeout_s: float):
+    (It was a pool per thread: with gunicorn workers of 64-128 request threads taking requests in
+    turn, every thread kept a connection of its own to each peer, and each thread's first request
+    to a peer paid for a new one.)"""
+
+    def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_idle: int = 256, idle_s: float = 4.0):
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
-        self._local = threading.local()
+        # at most ``max_idle`` idle connections per endpoint; one idle longer than ``idle_s`` is not
+        # reused (gunicorn, as cortex runs it, closes a keep-alive connection idle for 5 s)
+        self.max_idle, self.idle_s = max_idle, idle_s
+        self._idle: dict[str, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._lock = threading.Lock()
 
-    def _idle(self) -> dict[str, http.client.HTTPConnection]:
-        idle = getattr(self._local, "idle", None)
-        if idle is None:
-            idle = self._local.idle = {}
-        return idle
+    def _take(self, endpoint: str) -> http.client.HTTPConnection | None:
+        stale = []
+        conn = None
+        with self._lock:
+            idle = self._idle.get(endpoint)
+            if idle:
+                since, conn = idle.pop()
+                if time.monotonic() - since > self.idle_s:  # the newest is too old: so are the rest
+                    stale = [c for _, c in idle] + [conn]
+                    idle.clear()
+                    conn = None
+        for c in stale:
+            c.close()
+        return conn
 
     def _connect(self, endpoint: str) -> http.client.HTTPConnection:
         url = urllib.parse.urlsplit(endpoint)
         cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         conn = cls(url.hostname, url.port, timeout=self.connect_timeout_s)
-        conn.connect()
+        conn.connect()  # (http.client sets TCP_NODELAY: a request is never held back for an ACK)
         conn.sock.settimeout(self.read_timeout_s)  # connecting is quick or dead; answers may take a cold load
         return conn
 
@@ -46,7 +65,7 @@ class Pool:
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a request and read the status line and headers; the body is the caller's to read,
         then ``release`` (or ``discard``) the connection. Raises one of ``PeerError``."""
-        conn = self._idle().pop(endpoint, None)
+        conn = self._take(endpoint)
         if conn is not None:
             try:
                 conn.request(method, path, body=body, headers=headers)
@@ -66,13 +85,29 @@ class Pool:
 
     def release(self, endpoint: str, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
         """Keep the connection for the next request if its answer was read to the end."""
-        if resp.isclosed() and not resp.will_close:
-            old = self._idle().pop(endpoint, None)
-            if old is not None and old is not conn:
-                old.close()
-            self._idle()[endpoint] = conn
-        else:
+        if not resp.isclosed() and not resp.chunked and resp.length == 0:
+            # a Content-Length body read to its end with ``read1``, which (unlike ``read``) does not
+            # mark the response done: without this every such connection was closed, not reused
+            resp.close()  # (closes the response's file, not the connection's socket)
+        if not (resp.isclosed() and not resp.will_close):
             conn.close()
+            return
+        extra = None
+        with self._lock:
+            idle = self._idle.setdefault(endpoint, [])
+            idle.append((time.monotonic(), conn))
+            if len(idle) > self.max_idle:
+                extra = idle.pop(0)[1]  # the one idle longest
+        if extra is not None:
+            extra.close()
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for _, c in conns:
+                c.close()
 
     def get(self, endpoint: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
         conn, resp = self.request("GET", endpoint, path, None, headers)
