@@ -372,3 +372,25 @@ def test_the_engine_client_fails_a_stream_at_once_when_its_leader_exits(tmp_path
         client.close()
         router.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.slow
+def test_a_body_that_stalls_half_way_is_a_408_and_frees_its_thread(tiny_server):
+    """A client that sends its headers and part of a body, then nothing: after BODY_TIMEOUT_S it
+    gets a 408 in JSON and the connection ends (it held a front thread for good before)."""
+    import socket as socket_
+
+    from cortex.api.rawbody import BODY_TIMEOUT_S
+
+    port = int(tiny_server.url.rsplit(":", 1)[1])
+    with socket_.create_connection(("127.0.0.1", port), timeout=BODY_TIMEOUT_S + 30) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"model": "tiny", '
+        )
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert json.loads(body)["error"]["code"] == "request_timeout"

@@ -2,6 +2,8 @@
 
 - Size: over the limit is a 413, whether the body states its length or comes chunked (no
   Content-Length: read up to the limit, never past it).
+- Time: a body that stalls for ``BODY_TIMEOUT_S`` is a 408 (a client that stops sending half-way
+  would hold a front thread for good; gunicorn already bounds the wait for headers).
 - Depth: arrays and objects nested deeper than ``MAX_JSON_DEPTH`` are found in the bytes, without
   a parser. Every parser and encoder on a request's way (Python's json, msgspec here and on the
   wire to the leader, the leader's schema walks) recurses once per level, so unbounded depth is a
@@ -12,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import re
+import socket
 from itertools import accumulate, count
 from typing import Any
 
@@ -27,6 +31,7 @@ from cortex.api.errors import ApiError
 # about 1,000 levels less the stack in use), and far above any real request: a tool's JSON schema
 # starts 5 levels down and takes 2 per nested object.
 MAX_JSON_DEPTH = 64
+BODY_TIMEOUT_S = 30.0  # the longest pause between pieces of a body (nginx's client_body_timeout is 60 s)
 
 _NOT_A_BRACKET = bytes(range(256)).translate(None, b"[]{}")  # bytes.translate's delete: all but brackets
 _STEP = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")  # an opening bracket 2, a closing one 0
@@ -43,10 +48,7 @@ def read_raw(req: falcon.Request, max_bytes: int) -> bytes:
             "invalid_request_error",
             "request_too_large",
         )
-    if length is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
-        raw = _read_to_end(req.stream, max_bytes + 1)  # the server ends the stream where the body ends
-    else:
-        raw = req.bounded_stream.read(max_bytes + 1)
+    raw = _read_in_time(req, max_bytes + 1)
     if len(raw) > max_bytes:
         raise ApiError(
             413,
@@ -58,6 +60,30 @@ def read_raw(req: falcon.Request, max_bytes: int) -> bytes:
         raise ApiError(400, "The request body is empty; expected a JSON object.", code="invalid_json")
     req.context.raw_body = raw  # a request another leader serves is forwarded as the client sent it
     return raw
+
+
+def _read_in_time(req: falcon.Request, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body, each read waiting at most BODY_TIMEOUT_S: a client that
+    stops sending half-way gets a 408 and its thread back, instead of holding it for good."""
+    sock = req.env.get("gunicorn.socket")
+    before = sock.gettimeout() if sock is not None else None
+    if sock is not None:
+        sock.settimeout(BODY_TIMEOUT_S)
+    try:
+        if req.content_length is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
+            return _read_to_end(req.stream, limit)  # the server ends the stream where the body ends
+        return req.bounded_stream.read(limit)
+    except TimeoutError:
+        if sock is not None:  # the rest is never read: the connection ends after the answer
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+        raise ApiError(
+            408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.", code="request_timeout"
+        ) from None
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(before)
 
 
 def _read_to_end(stream: Any, limit: int) -> bytes:
