@@ -65,6 +65,10 @@ def _start_front(
         "metrics_url": metrics_url,
         "peer_key_digest": peer_digest[0] if peer_digest else "",
         "connect_timeout_s": cfg.fleet.connect_timeout_s,
+        # the Responses API's store, one SQLite file shared by the front's workers (cortex/api/response_store.py)
+        "responses_store": str(cfg.node.run_dir / "responses.sqlite3"),
+        "responses_store_max": cfg.gateway.responses_store_max,
+        "responses_store_ttl_s": cfg.gateway.responses_store_ttl_s,
     }
     # fmt: off
     cmd = [

@@ -127,6 +127,10 @@ class GatewayConfig:
     keepalive_s: float = key(10.0, "a stream silent this long (cold load, long prefill) gets a ping", gt=0)
     admin_keys: tuple[str, ...] = key((), "needed by /models... once any key is set", check=_strings("admin keys"))
     admin_key_file: str = key("", "more admin keys, like api_key_file; they join admin_keys")
+    responses_store_max: int = key(
+        1000, "Responses API: stored responses (previous_response_id, GET); oldest dropped first; 0 = off", ge=0
+    )
+    responses_store_ttl_s: float = key(3600.0, "Responses API: a stored response is gone after this long", gt=0)
 
 
 @dataclass(frozen=True)

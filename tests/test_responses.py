@@ -8,16 +8,20 @@ both read into the same engine request.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import sqlite3
+import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel
 
+from cortex.api.response_store import ResponseStore
 from tests.conftest import SMOL_KEY as KEY
+from tests.conftest import Server, tiny_models_toml
 from tests.test_dialects import ASK, SCHEMAS, WEATHER
-
-pytestmark = pytest.mark.slow
 
 TOOLS = [
     {"type": "function", "name": "get_weather", "description": "Current weather", "parameters": WEATHER},
@@ -35,6 +39,7 @@ def oai(smol_server):
     return openai.OpenAI(base_url=smol_server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
+@pytest.mark.slow
 def test_text_equals_the_chat_endpoints_and_the_stream_equals_the_whole(oai):
     chat = oai.chat.completions.create(model="smol", messages=ASK, max_tokens=12, temperature=0)
     r = oai.responses.create(model="smol", input=ASK, max_output_tokens=12, temperature=0)
@@ -52,6 +57,7 @@ def test_text_equals_the_chat_endpoints_and_the_stream_equals_the_whole(oai):
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
+@pytest.mark.slow
 def test_a_stream_that_completes_is_read_whole_by_the_sdk_helper(oai):
     """The SDK's stream helper checks the events' order and rebuilds the response from them."""
     ask = [{"role": "user", "content": "Say the word yes."}]
@@ -62,6 +68,7 @@ def test_a_stream_that_completes_is_read_whole_by_the_sdk_helper(oai):
     assert final.output_text == r.output_text and final.usage.output_tokens == r.usage.output_tokens
 
 
+@pytest.mark.slow
 def test_instructions_and_a_plain_string_input(oai):
     chat = oai.chat.completions.create(
         model="smol",
@@ -75,6 +82,7 @@ def test_instructions_and_a_plain_string_input(oai):
     assert r.output_text == chat.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_a_forced_function_call_and_its_output_round_trip(oai):
     r = oai.responses.create(
         model="smol",
@@ -102,6 +110,7 @@ def test_a_forced_function_call_and_its_output_round_trip(oai):
     assert follow.output_text and follow.usage.input_tokens > r.usage.input_tokens
 
 
+@pytest.mark.slow
 def test_streamed_function_calls_are_well_formed_events(oai):
     with oai.responses.stream(
         model="smol", input=ASK, tools=TOOLS, tool_choice="required", max_output_tokens=120, temperature=0
@@ -114,6 +123,7 @@ def test_streamed_function_calls_are_well_formed_events(oai):
         jsonschema.validate(json.loads(c.arguments), SCHEMAS[c.name])
 
 
+@pytest.mark.slow
 def test_json_schema_output(oai):
     schema = {
         "type": "object",
@@ -131,6 +141,7 @@ def test_json_schema_output(oai):
     jsonschema.validate(json.loads(r.output_text), schema)
 
 
+@pytest.mark.slow
 def test_reasoning_is_a_reasoning_item_and_effort_none_turns_it_off(oai):
     chat = oai.chat.completions.create(model="smol-think", messages=ASK, max_tokens=12, temperature=0)
     r = oai.responses.create(model="smol-think", input=ASK, max_output_tokens=12, temperature=0)
@@ -145,10 +156,14 @@ def test_reasoning_is_a_reasoning_item_and_effort_none_turns_it_off(oai):
     assert [item.type for item in off.output] == ["message"] and off.output_text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, param",
     [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"previous_response_id": 123}, "previous_response_id"),
+        ({"store": "yes"}, "store"),
+        ({"conversation": "conv_1"}, "conversation"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
@@ -164,6 +179,173 @@ def test_what_it_cannot_do_is_a_400_naming_the_field(smol_server, extra, param):
     assert r.json()["error"]["param"] == param
 
 
+@pytest.mark.slow
 def test_an_unknown_model_is_a_404(oai):
     with pytest.raises(openai.NotFoundError):
         oai.responses.create(model="nope", input="Hi")
+
+
+# -- the store: previous_response_id, GET and DELETE --------------------------------------------------
+
+
+def test_previous_response_id_continues_the_stored_conversation(oai):
+    first = oai.responses.create(
+        model="smol", instructions="Be brief.", input="Name a colour.", max_output_tokens=8, temperature=0
+    )
+    assert first.store is True and first.previous_response_id is None
+    second = oai.responses.create(
+        model="smol", previous_response_id=first.id, input="Name another.", max_output_tokens=8, temperature=0
+    )
+    assert second.previous_response_id == first.id and second.output_text
+    # the first turn's input and its answer are in the second prompt (its instructions are not, as OpenAI)
+    alone = oai.responses.create(model="smol", input="Name another.", max_output_tokens=1, temperature=0)
+    assert second.usage.input_tokens >= alone.usage.input_tokens + first.usage.output_tokens
+    # the same conversation sent whole gives the same prompt
+    whole = oai.responses.create(
+        model="smol",
+        input=[
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Name another."},
+        ],
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert whole.usage.input_tokens == second.usage.input_tokens and whole.output_text == second.output_text
+
+
+def test_a_streamed_function_call_is_answered_through_previous_response_id(oai):
+    with oai.responses.stream(
+        model="smol",
+        input=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=80,
+        temperature=0,
+    ) as stream:
+        final = stream.get_final_response()
+    calls = [item for item in final.output if item.type == "function_call"]
+    assert calls and final.status == "completed"
+    results = [
+        {"type": "function_call_output", "call_id": c.call_id, "output": json.dumps({"temperature": 21})} for c in calls
+    ]
+    with oai.responses.stream(
+        model="smol", previous_response_id=final.id, input=results, tools=TOOLS, max_output_tokens=120, temperature=0
+    ) as stream:
+        follow = stream.get_final_response()  # only a response.completed event ends it
+    assert follow.status == "completed" and follow.output and follow.previous_response_id == final.id
+    assert follow.usage.input_tokens > final.usage.input_tokens + final.usage.output_tokens - 1
+
+
+def test_retrieve_and_delete(oai, smol_server):
+    r = oai.responses.create(model="smol", input="Say yes.", max_output_tokens=4, temperature=0)
+    got = oai.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text and got.usage.output_tokens == r.usage.output_tokens
+    headers = {"Authorization": f"Bearer {KEY}"}
+    gone = httpx.delete(f"{smol_server.url}/v1/responses/{r.id}", headers=headers, timeout=30)
+    assert gone.status_code == 200 and gone.json() == {"id": r.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.responses.retrieve(r.id)
+    assert err.value.body["code"] == "not_found" and r.id in err.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.delete(r.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.responses.create(model="smol", previous_response_id=r.id, input="Again.")
+    assert err.value.body["param"] == "previous_response_id" and r.id in err.value.body["message"]
+
+
+def test_store_false_keeps_nothing(oai):
+    r = oai.responses.create(model="smol", input="Say yes.", max_output_tokens=2, temperature=0, store=False)
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(r.id)
+    with oai.responses.stream(model="smol", input="Say yes.", max_output_tokens=2, store=False) as stream:
+        streamed = list(stream)[-1].response  # response.incomplete: cut short
+    assert streamed.store is False
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(streamed.id)
+
+
+class City(BaseModel):
+    name: str
+    population: int
+    capital: bool
+
+
+def test_parse_returns_the_pydantic_object(oai):
+    r = oai.responses.parse(
+        model="smol",
+        input=[{"role": "user", "content": "Describe Paris as JSON."}],
+        text_format=City,
+        max_output_tokens=120,
+        temperature=0.8,
+        extra_body={"seed": 3},
+    )
+    assert isinstance(r.output_parsed, City) and r.output_parsed.name
+
+
+@pytest.fixture(scope="module")
+def bounded_server(tmp_path_factory, tiny_qwen3):
+    root = tmp_path_factory.mktemp("bounded")
+    srv = Server(root, tiny_models_toml(tiny_qwen3, "max_context = 256"), "responses_store_max = 3\n")
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_the_store_never_grows_past_its_bound(bounded_server):
+    client = openai.OpenAI(base_url=bounded_server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    ids = [client.responses.create(model="tiny", input="Hi", max_output_tokens=2).id for _ in range(5)]
+    db = sqlite3.connect(bounded_server.root / "run" / "responses.sqlite3")
+    try:
+        assert [row[0] for row in db.execute("SELECT id FROM responses ORDER BY seq")] == ids[2:]
+    finally:
+        db.close()
+    for old in ids[:2]:  # oldest first out
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(old)
+    assert client.responses.retrieve(ids[-1]).id == ids[-1]
+    r = httpx.get(f"{bounded_server.url}/v1/responses/resp_nope", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- the store alone ------------------------------------------------------------------------------------
+
+
+def test_expired_entries_are_gone(tmp_path):
+    store = ResponseStore(str(tmp_path / "r.sqlite3"), max_entries=10, ttl_s=1)
+    store.put("resp_a", {"id": "resp_a"}, [{"role": "user", "content": "hi"}])
+    assert store.get("resp_a") == ({"id": "resp_a"}, [{"role": "user", "content": "hi"}])
+    time.sleep(1.2)
+    assert store.get("resp_a") is None and not store.delete("resp_a")
+    store.put("resp_b", {"id": "resp_b"}, [])
+    assert store.count() == 1  # each write drops the expired rows
+
+
+def test_max_zero_is_off(tmp_path):
+    store = ResponseStore(str(tmp_path / "r.sqlite3"), max_entries=0)
+    store.put("resp_a", {"id": "resp_a"}, [])
+    assert store.get("resp_a") is None and not store.enabled
+
+
+def _write(path: str, worker: int, n: int) -> None:
+    store = ResponseStore(path, max_entries=50)
+    for i in range(n):
+        store.put(f"resp_{worker}_{i}", {"id": i}, [])
+
+
+def test_processes_share_the_store_and_its_bound(tmp_path):
+    path = str(tmp_path / "r.sqlite3")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write, args=(path, w, 40)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    store = ResponseStore(path, max_entries=50)
+    assert store.count() == 50  # 120 written by 3 processes, the newest 50 kept
+    assert any(store.get(f"resp_{w}_39") is not None for w in range(3))
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -25,6 +25,7 @@ from cortex.api.manage import ModelLoad, ModelTable
 from cortex.api.models import Fleet, Models
 from cortex.api.openai import ChatCompletions, Completions
 from cortex.api.openapi import OpenApiDocument
+from cortex.api.response_store import ResponseStore, StoredResponses
 from cortex.api.responses import Responses
 from cortex.fleet.proxy import ForwardTo, Proxy
 from cortex.ops import logs
@@ -79,7 +80,12 @@ def create_app(settings: dict | None = None) -> falcon.App:
     app.add_route("/v1/chat/completions", ChatCompletions(engine, body, keepalive))
     app.add_route("/v1/completions", Completions(engine, body, keepalive))
     app.add_route("/v1/embeddings", Embeddings(engine, body))
-    app.add_route("/v1/responses", Responses(engine, body, keepalive))
+    # shared by this node's worker processes (SQLite in the run dir); off without a path or with max 0
+    store = ResponseStore(
+        s.get("responses_store"), s.get("responses_store_max", 0), s.get("responses_store_ttl_s", 3600.0)
+    )
+    app.add_route("/v1/responses", Responses(engine, body, keepalive, store))
+    app.add_route("/v1/responses/{response_id}", StoredResponses(store))
     app.add_route("/v1/messages", Messages(engine, body, keepalive))
     app.add_route("/v1/messages/count_tokens", CountTokens(engine, body))
     app.add_route("/openapi.json", OpenApiDocument())

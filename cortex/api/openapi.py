@@ -141,6 +141,11 @@ ANTHROPIC_VERSION = {
     "description": "Accepted and ignored: one version of the Messages API is served.",
     "schema": {"type": "string", "examples": ["2023-06-01"]},
 }
+STORED_RESPONSE = {
+    "type": "object",
+    "properties": {"object": _const("response"), "id": STR, "output": {"type": "array"}},
+}
+RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": STR}
 PUBLIC: list = []  # no key needed, whatever keys are configured
 
 PATHS = {
@@ -167,8 +172,9 @@ PATHS = {
             "createResponse",
             "OpenAI",
             "The Responses API: input items and function tools in, output items (reasoning, message,"
-            " function calls) out. Nothing is stored: previous_response_id is refused (send the whole"
-            " conversation).",
+            " function calls) out. Unless store is false, the response and its conversation are kept"
+            " (bounded: [gateway] responses_store_max, responses_store_ttl_s) and previous_response_id continues"
+            " it (400 when unknown or expired).",
             {
                 **_ok(
                     "The response (streamed: response.* events, then response.completed or response.incomplete).",
@@ -181,6 +187,30 @@ PATHS = {
             },
             requestBody=_body("ResponsesRequest"),
         )
+    },
+    "/v1/responses/{response_id}": {
+        "get": _op(
+            "getResponse",
+            "OpenAI",
+            "A stored response object, as POST /v1/responses answered it; 404 when unknown or expired.",
+            {**_ok("The response.", STORED_RESPONSE), **_errors("OpenAI", 401, 404)},
+            parameters=[RESPONSE_ID],
+        ),
+        "delete": _op(
+            "deleteResponse",
+            "OpenAI",
+            "Removes a stored response; 404 when unknown or expired.",
+            {
+                **_ok(
+                    "Deleted.",
+                    _obj(
+                        {"id": STR, "object": _const("response"), "deleted": _const(True)}, ("id", "object", "deleted")
+                    ),
+                ),
+                **_errors("OpenAI", 401, 404),
+            },
+            parameters=[RESPONSE_ID],
+        ),
     },
     "/v1/embeddings": {
         "post": _op(

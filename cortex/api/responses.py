@@ -8,9 +8,13 @@ items become chat messages (a ``function_call`` item is an assistant turn's tool
 (``<think>``) as a ``reasoning`` item, the text as a ``message`` item, each tool call as a
 ``function_call`` item, in the order the model produced them.
 
-Nothing is stored: ``previous_response_id`` and ``conversation`` are refused with a 400 that says
-to send the whole conversation in ``input`` (``store`` is accepted and has no effect). Built-in
-tools (web search, file search, ...) and non-text input parts are refused by name.
+Unless ``store`` is false (OpenAI's default is to store, and so is ours), the response and the
+conversation that produced it are kept in the node's bounded store (cortex/api/response_store.py)
+so that ``previous_response_id`` continues it: the new request's messages are the stored ones (its
+input, then its output as an assistant turn) and then the new input; ``instructions`` are not
+carried over, as OpenAI. An unknown or expired ``previous_response_id`` is a 400 naming it;
+``conversation`` (the Conversations API) is refused with a 400. Built-in tools (web search, file
+search, ...) and non-text input parts are refused by name.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import falcon
@@ -29,6 +33,7 @@ from cortex.api.bodies import Body, integer, num, opt
 from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
 from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded
+from cortex.api.response_store import ResponseStore
 from cortex.api.validation import decode
 from cortex.chat.output import Reasoning, Text, ToolCall
 from rpc.engine import Finished, Submit
@@ -77,9 +82,9 @@ class ResponsesRequest(Body, kw_only=True):
     text: opt(TextConfig) = None
     reasoning: opt(ReasoningConfig) = None
     metadata: opt(dict[str, str]) = None
-    previous_response_id: opt(str, "Not supported: nothing is stored; send the whole conversation.") = None
-    conversation: opt(str | dict[str, Any], "Not supported, as previous_response_id.") = None
-    store: opt(bool, "Accepted; responses are never stored.") = False
+    previous_response_id: opt(str, "A stored response whose conversation this request continues.") = None
+    conversation: opt(str | dict[str, Any], "Not supported: use previous_response_id.") = None
+    store: opt(bool, "Keep the response (bounded, with a TTL) for GET and previous_response_id.") = True
     include: opt(list[str], "Accepted and ignored.") = None
     user: opt(str) = None
     seed: opt(integer(), "Same seed, same output.") = None
@@ -89,28 +94,47 @@ class ResponsesRequest(Body, kw_only=True):
 
 
 def parse_input(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """``instructions`` and the input items as chat messages in the template convention."""
-    messages: list[dict[str, Any]] = []
-    if body.instructions:
-        messages.append({"role": "system", "content": body.instructions})
+    """The input items as chat messages in the template convention (``instructions`` apart)."""
     if isinstance(body.input, str):
-        return [*messages, {"role": "user", "content": body.input}]
+        return [{"role": "user", "content": body.input}]
     if not body.input:
         raise bad_field("input", "'input' must contain at least one item.")
-    for i, item in enumerate(body.input):
+    return parse_items(body.input, "input")
+
+
+def parse_items(items: list[dict[str, Any]], at: str) -> list[dict[str, Any]]:
+    """Input or output items as chat messages; reasoning items are dropped."""
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        where = f"{at}[{i}]"
+        if not isinstance(item, dict):
+            raise bad_field(where, f"Invalid type for '{where}': expected an object.")
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append(_message(item, f"input[{i}]"))
+            messages.append(_message(item, where))
         elif kind == "function_call":
-            _add_call(messages, item, f"input[{i}]")
+            _add_call(messages, item, where)
         elif kind == "function_call_output":
-            call_id = _string(item, "call_id", f"input[{i}]")
-            messages.append({"role": "tool", "tool_call_id": call_id, "content": _output_text(item, f"input[{i}]")})
+            call_id = _string(item, "call_id", where)
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": _output_text(item, where)})
         elif kind == "reasoning":
             continue  # earlier reasoning: the chat templates drop it from the prompt anyway
         else:
-            raise bad_field(f"input[{i}].type", f"Input item type {kind!r} is not supported.")
+            raise bad_field(f"{where}.type", f"Input item type {kind!r} is not supported.")
     return messages
+
+
+def history(body: ResponsesRequest, store: ResponseStore) -> list[dict[str, Any]]:
+    """The conversation ``previous_response_id`` names (its messages), or none."""
+    if body.conversation is not None:
+        raise bad_field("conversation", "'conversation' is not supported; use 'previous_response_id'.")
+    if body.previous_response_id is None:
+        return []
+    found = store.get(body.previous_response_id)
+    if found is None:
+        message = f"Previous response with id '{body.previous_response_id}' not found."
+        raise ApiError(400, message, code="previous_response_not_found", param="previous_response_id")
+    return found[1]
 
 
 def _string(item: dict, key: str, at: str) -> str:
@@ -203,18 +227,15 @@ def parse_format(body: ResponsesRequest) -> dict | None:
     return fmt.schema
 
 
-def to_submit(body: ResponsesRequest, req: falcon.Request) -> Submit:
-    if body.previous_response_id is not None or body.conversation is not None:
-        param = "previous_response_id" if body.previous_response_id is not None else "conversation"
-        raise bad_field(
-            param, f"'{param}' is not supported: responses are not stored; send the whole conversation in 'input'."
-        )
+def to_submit(body: ResponsesRequest, req: falcon.Request, conversation: list[dict[str, Any]]) -> Submit:
+    """``conversation``: the earlier messages and this input's, without ``instructions``."""
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     tools, tool_choice, tool_name = parse_tools(body)
     effort = body.reasoning.effort if body.reasoning else None
     return Submit(
         request_id=f"resp_{uuid.uuid4().hex}",
         model=body.model,
-        messages=parse_input(body),
+        messages=system + conversation,
         sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed),
         max_tokens=body.max_output_tokens,
         client=client_id(req),
@@ -298,7 +319,7 @@ def _usage(f: Finished) -> dict:
 class _Shell:
     """The response object's fields that say what was asked, the same in every event."""
 
-    def __init__(self, body: ResponsesRequest, submit: Submit):
+    def __init__(self, body: ResponsesRequest, submit: Submit, store: bool):
         self.id, self.created = submit.request_id, int(time.time())
         self.fields = {
             "instructions": body.instructions,
@@ -306,9 +327,9 @@ class _Shell:
             "metadata": body.metadata or {},
             "model": body.model,
             "parallel_tool_calls": body.parallel_tool_calls,
-            "previous_response_id": None,
+            "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
-            "store": False,
+            "store": store,
             "temperature": body.temperature,
             "text": {"format": {"type": body.text.format.type if body.text and body.text.format else "text"}},
             "tool_choice": _tool_choice(body.tool_choice),
@@ -336,30 +357,39 @@ def _status(finished: Finished) -> str:
 
 
 class Responses:
-    def __init__(self, engine: EngineClient, max_body_bytes: int, keepalive_s: float):
+    def __init__(self, engine: EngineClient, max_body_bytes: int, keepalive_s: float, store: ResponseStore):
         self.engine, self.max_body_bytes, self.keepalive_s = engine, max_body_bytes, keepalive_s
+        self.store = store
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = decode(req, ResponsesRequest, self.max_body_bytes)
-        submit = to_submit(body, req)
-        shell = _Shell(body, submit)
+        conversation = history(body, self.store) + parse_input(body)
+        submit = to_submit(body, req, conversation)
+        keep = body.store is not False and self.store.enabled
+        shell = _Shell(body, submit, keep)
+
+        def done(response: dict) -> None:  # the conversation so far, with this answer as an assistant turn
+            if keep:
+                self.store.put(response["id"], response, conversation + parse_items(response["output"], "output"))
+
         gen = self.engine.submit(submit, req.context.get("record"))  # 404, 400 too long, 429/503 up front
         tools = bool(submit.tools) and submit.tool_choice != "none"
         if body.stream:
             resp.content_type = "text/event-stream"
             resp.set_headers(sse.HEADERS)
-            resp.stream = _Stream(shell, self.keepalive_s).run(gen, tools)
+            resp.stream = _Stream(shell, self.keepalive_s, done).run(gen, tools)
             return
         choice = collect(gen, req, tools=tools)[0]
         resp.media = shell.response(_status(choice.finished), output_items(choice), choice.finished)
+        done(resp.media)
 
 
 class _Stream:
     """Parts as Responses events: each output item opens, takes its deltas, and closes before the
     next one opens; every event carries its sequence number."""
 
-    def __init__(self, shell: _Shell, keepalive_s: float):
-        self.shell, self.keepalive_s = shell, keepalive_s
+    def __init__(self, shell: _Shell, keepalive_s: float, done: Callable[[dict], None]):
+        self.shell, self.keepalive_s, self.done = shell, keepalive_s, done
         self.seq = 0
         self.items: list[dict] = []  # closed items, as the final response lists them
         self.open: dict | None = None  # the item taking deltas
@@ -384,6 +414,7 @@ class _Stream:
                     yield from self.close()
                     status = _status(ev.finished)
                     final = self.shell.response(status, self.items, ev.finished)
+                    self.done(final)  # stored before the client reads the end, so it can continue at once
                     yield self.emit(f"response.{status}", response=final)
         except ApiError as err:  # mid-stream: the error, then the response as failed
             yield self.emit("error", code=err.code, message=err.message, param=err.param)

@@ -28,7 +28,16 @@ log = logging.getLogger("cortex.reload")
 RESTART_ONLY = {
     # device budgets are fixed when each worker first answers
     "node": ("name", "devices", "run_dir", "threads", "memory_budget_mb", "memory_headroom_mb"),
-    "gateway": ("listen", "metrics_listen", "workers", "threads", "max_body_mb", "keepalive_s"),
+    "gateway": (
+        "listen",
+        "metrics_listen",
+        "workers",
+        "threads",
+        "max_body_mb",
+        "keepalive_s",
+        "responses_store_max",  # the front reads these two once, when gunicorn starts it
+        "responses_store_ttl_s",
+    ),
 }
 # the front reads these once, when gunicorn starts it
 RESTART_ONLY_TOP = {"log_format": "[logging] format", "log_content": "[logging] log_content"}
