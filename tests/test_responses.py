@@ -18,6 +18,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from cortex.api.auth import key_id
 from cortex.api.response_store import ResponseStore
 from tests.conftest import SMOL_KEY as KEY
 from tests.conftest import Server, tiny_models_toml
@@ -322,6 +323,17 @@ def test_expired_entries_are_gone(tmp_path):
     assert store.get("resp_a") is None and not store.delete("resp_a")
     store.put("resp_b", {"id": "resp_b"}, [])
     assert store.count() == 1  # each write drops the expired rows
+
+
+def test_a_stored_response_is_its_api_keys_alone(tmp_path):
+    """Another key neither finds, continues nor deletes it: a 404, as for an unknown id."""
+    store = ResponseStore(str(tmp_path / "r.sqlite3"), max_entries=10)
+    alice, bob = key_id("sk-alice"), key_id("sk-bob")
+    store.put("resp_a", {"id": "resp_a"}, [{"role": "user", "content": "secret"}], alice)
+    assert store.get("resp_a", bob) is None and store.get("resp_a") is None
+    assert not store.delete("resp_a", bob)
+    assert store.get("resp_a", alice)[1] == [{"role": "user", "content": "secret"}]
+    assert store.delete("resp_a", alice)
 
 
 def test_max_zero_is_off(tmp_path):

@@ -33,7 +33,7 @@ from cortex.api.bodies import Body, integer, num, opt
 from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
 from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded
-from cortex.api.response_store import ResponseStore
+from cortex.api.response_store import ResponseStore, owner_of
 from cortex.api.validation import decode
 from cortex.chat.output import Reasoning, Text, ToolCall
 from rpc.engine import Finished, Submit
@@ -124,13 +124,13 @@ def parse_items(items: list[dict[str, Any]], at: str) -> list[dict[str, Any]]:
     return messages
 
 
-def history(body: ResponsesRequest, store: ResponseStore) -> list[dict[str, Any]]:
-    """The conversation ``previous_response_id`` names (its messages), or none."""
+def history(body: ResponsesRequest, store: ResponseStore, owner: str) -> list[dict[str, Any]]:
+    """The conversation ``previous_response_id`` names (its messages, if ``owner``'s), or none."""
     if body.conversation is not None:
         raise bad_field("conversation", "'conversation' is not supported; use 'previous_response_id'.")
     if body.previous_response_id is None:
         return []
-    found = store.get(body.previous_response_id)
+    found = store.get(body.previous_response_id, owner)
     if found is None:
         message = f"Previous response with id '{body.previous_response_id}' not found."
         raise ApiError(400, message, code="previous_response_not_found", param="previous_response_id")
@@ -363,14 +363,16 @@ class Responses:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = decode(req, ResponsesRequest, self.max_body_bytes)
-        conversation = history(body, self.store) + parse_input(body)
+        owner = owner_of(req)
+        conversation = history(body, self.store, owner) + parse_input(body)
         submit = to_submit(body, req, conversation)
         keep = body.store is not False and self.store.enabled
         shell = _Shell(body, submit, keep)
 
         def done(response: dict) -> None:  # the conversation so far, with this answer as an assistant turn
             if keep:
-                self.store.put(response["id"], response, conversation + parse_items(response["output"], "output"))
+                messages = conversation + parse_items(response["output"], "output")
+                self.store.put(response["id"], response, messages, owner)
 
         gen = self.engine.submit(submit, req.context.get("record"))  # 404, 400 too long, 429/503 up front
         tools = bool(submit.tools) and submit.tool_choice != "none"
