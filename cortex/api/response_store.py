@@ -57,6 +57,8 @@ class ResponseStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # a crash may lose the last answers, never corrupt
             conn.execute(SCHEMA)
+            if "owner" not in {row[1] for row in conn.execute("PRAGMA table_info(responses)")}:
+                conn.execute("ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT ''")  # an older file
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
