@@ -236,6 +236,18 @@ def test_scheduler_decodes_first_then_chunks_prompts_within_the_budget():
     assert sum(len(w.tokens) for w in work) <= 40
 
 
+def decode_until_preempted(sched: Scheduler, steps: int = 8) -> None:
+    """Run steps (every sampled token a 1) until the pool runs out and a sequence is preempted."""
+    for _ in range(steps):
+        work = sched.plan()
+        sched.done(work)
+        for w in work:
+            if w.samples:
+                w.seq.tokens.append(1)
+        if sched.preemptions:
+            return
+
+
 def test_scheduler_preempts_the_newest_when_the_pool_is_full_and_recomputes_it():
     sched = Scheduler(BlockManager(3, 4), max_batch_tokens=64, prefill_chunk=64, max_seqs=8)
     a, b = _seq(4), _seq(3)
@@ -245,14 +257,7 @@ def test_scheduler_preempts_the_newest_when_the_pool_is_full_and_recomputes_it()
     sched.done(work)
     a.tokens.append(1)
     b.tokens.append(1)
-    for _ in range(8):  # decode until the pool cannot hold both
-        work = sched.plan()
-        sched.done(work)
-        for w in work:
-            if w.samples:
-                w.seq.tokens.append(1)
-        if sched.preemptions:
-            break
+    decode_until_preempted(sched)
     assert sched.preemptions == 1 and b in sched.waiting and b.computed == 0 and not b.block_table
     assert a in sched.running
 

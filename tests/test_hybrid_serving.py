@@ -22,7 +22,7 @@ from cortex.engine.scheduler import Scheduler
 from cortex.models.source import _read_hf_dir
 from tests.checkpoints import hf_hybrid_model, make_hybrid_checkpoint, write_chatml_tokenizer_config
 from tests.conftest import Server, tiny_models_toml, train_tiny_tokenizer, wait_for
-from tests.test_engine import _seq
+from tests.test_engine import _seq, decode_until_preempted
 
 SLOTS = 2  # [engine] max_seqs: the state slots of the model
 CHUNK = 16  # [engine] prefill_chunk: the longer prompts below are prefilled in several chunks
@@ -175,14 +175,7 @@ def test_a_preempted_hybrid_sequence_gives_back_its_slot_and_restarts_at_zero():
     sched.done(sched.plan())
     a.tokens.append(1)
     b.tokens.append(1)
-    for _ in range(8):  # decode until the pool cannot hold both
-        work = sched.plan()
-        sched.done(work)
-        for w in work:
-            if w.samples:
-                w.seq.tokens.append(1)
-        if sched.preemptions:
-            break
+    decode_until_preempted(sched)
     assert sched.preemptions == 1 and b in sched.waiting and b.state_slot == -1 and b.computed == 0
     assert sched.free_slots == [b_slot for b_slot in range(2) if b_slot != a.state_slot]
 
