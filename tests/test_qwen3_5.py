@@ -15,7 +15,8 @@ import torch
 from tests.checkpoints import hf_hybrid_model, make_hybrid_checkpoint
 from workers.arch import ModelConfig, UnsupportedModel, model_class
 from workers.arch.deltanet import StateBatch, delta_rule_chunked, delta_rule_step
-from workers.arch.qwen3_5 import HybridRunner, Qwen3_5Model, load_hybrid_weights
+from workers.arch.qwen3_5 import HybridRunner, Qwen3_5Model
+from workers.weights import load_weights
 
 TOL = 1e-4  # against transformers (measured: about 1e-5 on 70-150 tokens)
 SAME = 1e-5  # our own paths, the same arithmetic batched or not: only summation order differs
@@ -26,7 +27,7 @@ CPU = torch.device("cpu")
 def _load(path: Path) -> Qwen3_5Model:
     cfg = ModelConfig.from_hf_dir(path)
     model = model_class(cfg)(cfg)
-    load_hybrid_weights(model, [str(f) for f in sorted(path.glob("*.safetensors"))])
+    load_weights(model, "safetensors", [str(f) for f in sorted(path.glob("*.safetensors"))])
     return model
 
 
@@ -209,7 +210,7 @@ def test_two_ranks_split_each_mixer_and_its_state(tmp_path, arch):
     models = [_load(path)]
     for rank in range(2):
         models.append(Qwen3_5Model(cfg, TPGroup(rank, 2)))
-        load_hybrid_weights(models[-1], files)
+        load_weights(models[-1], "safetensors", files)
     tokens = [_prompt(8, seed=8), [5]]
     batch = StepBatch.build([(tokens[0], 0, [0]), (tokens[1], 0, [1])], BLOCK_SIZE, CPU)
     x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(9))

@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -280,21 +278,6 @@ class CheckpointNames:
 
     def close(self) -> None:
         self.reader.close()
-
-
-def load_hybrid_weights(model: Qwen3_5Model, files: list[str], progress=None, quantize="none", device="cpu") -> float:
-    """``workers.weights.load_weights`` for this model, through ``CheckpointNames``; seconds taken.
-    (``load_weights`` itself wraps its reader with ``model.adapt_reader`` too.)"""
-    from workers.weights import SafetensorsReader, _fill, resolve_quantize
-
-    t0 = time.monotonic()
-    mode = resolve_quantize(quantize, "safetensors", device)
-    reader = model.adapt_reader(SafetensorsReader([Path(f) for f in files]))
-    try:
-        _fill(model, reader, mode, progress)
-    finally:
-        reader.close()
-    return time.monotonic() - t0
 
 
 class HybridRunner:
