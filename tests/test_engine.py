@@ -89,6 +89,19 @@ def test_prefix_blocks_are_shared_and_survive_until_reused():
     assert cached_again == 8
 
 
+def test_prompts_computed_side_by_side_leave_their_whole_shared_prefix_cached():
+    """Two requests with the same start, admitted before either computed it, each fill blocks of
+    their own. The first names its blocks; the second's later blocks hang off the first's named
+    ones (same tokens, same KV), so a third prompt finds the whole shared prefix."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a, b = list(range(9)), list(range(8)) + [50, 51, 52, 53, 54]  # b goes one block further
+    (ta, _), (tb, _) = bm.allocate_prompt(a), bm.allocate_prompt(b)
+    bm.register(ta, a, 9, [])
+    bm.register(tb, b, 13, [])
+    _, cached = bm.allocate_prompt(b + [60])
+    assert cached == 12  # a's blocks 0-1, then b's block 2
+
+
 def test_the_last_prompt_token_is_always_computed():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = list(range(8))  # exactly two full blocks

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 Digest = bytes
@@ -48,11 +49,19 @@ class CachedBlock:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, namespace: str = "", prefix_cache: bool = True):
-        """``prefix_cache`` False: no block is ever named or reused (hybrid models, whose recurrent
-        state at a block boundary is not kept, so a cached prefix could not be continued)."""
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        namespace: str = "",
+        prefix_cache: bool = True,
+        on_forget: Callable[[Digest], None] | None = None,
+    ):
+        """``prefix_cache`` False: no block is ever named or reused. ``on_forget``: told each name
+        that goes (a hybrid model's saved states, ``checkpoints.py``, go with their blocks)."""
         self.num_blocks, self.block_size = num_blocks, block_size
         self.prefix_cache = prefix_cache
+        self.on_forget = on_forget
         self.namespace = namespace.encode()
         self.refs = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
@@ -84,14 +93,23 @@ class BlockManager:
             out.append(parent)
         return out
 
-    def allocate_prompt(self, tokens: list[int], reserve: int = 0, salt: bytes = b"") -> tuple[list[int], int] | None:
+    def allocate_prompt(
+        self,
+        tokens: list[int],
+        reserve: int = 0,
+        salt: bytes = b"",
+        resumable: Callable[[Digest], bool] | None = None,
+    ) -> tuple[list[int], int] | None:
         """Blocks for a new sequence's ``tokens``, reusing cached full blocks of its prefix.
 
         Returns (block table, tokens already computed) or None when fewer than ``reserve`` blocks
         would stay free. The last token is always computed anew (its logits are needed), so its
-        block is never a shared one.
+        block is never a shared one. ``resumable``: whether the computation can continue after a
+        block (a hybrid model's needs a saved state there); the hit is cut to the last such block.
         """
         hits = self._hits(tokens, salt) if self.prefix_cache else []
+        while resumable is not None and hits and not resumable(self.cached[hits[-1]].digest):
+            hits.pop()
         fresh = -(-len(tokens) // self.block_size) - len(hits)
         reusable_free = sum(1 for b in hits if self.refs[b] == 0)
         if self.num_free - reusable_free - fresh < reserve:
@@ -138,10 +156,12 @@ class BlockManager:
         digests[:] = self.chain(tokens[:computed], digests, salt)
         for i in range(known, len(digests)):
             b, digest = table[i], digests[i]
-            parent = table[i - 1] if i else None
+            # its parent is the block named for the tokens before it: this sequence's own, or the
+            # copy another sequence computed at the same time (same tokens, same KV)
+            parent = self.by_digest.get(digests[i - 1]) if i else None
             if b in self.cached or digest in self.by_digest:
                 continue  # named already, or the same prefix is cached in other blocks
-            if parent is not None and parent not in self.cached:
+            if i and parent is None:
                 continue  # a name is only reachable through its parent's
             self.cached[b] = CachedBlock(digest, parent, tuple(tokens[i * bs : (i + 1) * bs]), salt)
             self.by_digest[digest] = b
@@ -173,6 +193,8 @@ class BlockManager:
                 continue
             if self.by_digest.get(held.digest) == block:
                 del self.by_digest[held.digest]
+                if self.on_forget is not None:
+                    self.on_forget(held.digest)
             if held.parent is not None:
                 self.children.get(held.parent, set()).discard(block)
             stack.extend(self.children.pop(block, ()))
