@@ -151,6 +151,9 @@ class EngineConfig:
         50, "while sequences decode, prompt pieces shrink so a step takes about this long; 0 = off", ge=0
     )
     max_seqs: int = key(64, "sequences in the running batch", gt=0)
+    state_checkpoints: int = key(
+        16, "hybrid models (Qwen3.5): saved recurrent states for prefix-cache hits; 0 = no prefix cache", ge=0
+    )
 
 
 @dataclass(frozen=True)

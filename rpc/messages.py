@@ -91,8 +91,10 @@ class SeqInput(Part):
     # (bit i of byte i // 8, little-endian), computed by the leader's grammar matcher. None: any.
     allowed: bytes | None = None
     # hybrid models: the recurrent state slot the sequence holds (-1: none). Its state starts from
-    # zero on the step that computes position 0 (start_pos == 0; the leader caches no prefix for them).
+    # zero on the step that computes position 0 (start_pos == 0), else it continues what the slot holds.
     state_slot: int = -1
+    state_from: int = -1  # before the step, copy this slot (a saved prefix state) into state_slot
+    state_save: int = -1  # after the step, copy state_slot into this slot (the prefix cache keeps it)
 
 
 class GenerateStep(Message):

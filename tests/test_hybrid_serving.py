@@ -2,9 +2,10 @@
 (linear-attention layers with a recurrent state per sequence, workers/arch/qwen3_5.py).
 
 The engine gives each running sequence a state slot (it waits in the queue while none is free),
-frees it when the sequence ends, and caches no prefix for these models; a preempted sequence
-restarts at position 0. Greedy text is compared with transformers' own greedy choice on the same
-prompt ids, token by token (their bytes, from the response's logprobs).
+frees it when the sequence ends; a prefix is reused only where a recurrent state was saved
+(tests/test_hybrid_prefix_cache.py), and a preempted sequence restarts from the last saved state
+or position 0. Greedy text is compared with transformers' own greedy choice on the same prompt ids,
+token by token (their bytes, from the response's logprobs).
 """
 
 from __future__ import annotations
@@ -116,15 +117,45 @@ def test_concurrent_streams_each_equal_the_same_request_alone_and_queue_for_slot
     wait_for(lambda: _engine(srv)["running"] == 0, what="every sequence to end")
     engine = _engine(srv)
     assert engine["state_slots_total"] == SLOTS and engine["state_slots_used"] == 0
-    assert engine["kv_blocks_cached"] == 0  # no prefix cache for a model with recurrent state
 
 
-def test_n_choices_each_prefill_their_prompt_and_agree_when_greedy(srv):
-    got = _chat(srv, SENTENCE, 8, n=2)
-    one = _chat(srv, SENTENCE, 8)["choices"][0]
-    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+def test_n_choices_agree_when_greedy(srv):
+    """The second choice resumes from the first's saved prompt state (the scheduler test shows it
+    waits for it); both equal the prompt alone."""
+    prompt = "Tell me twice. " + SENTENCE * 2  # a start no earlier test sent
+    got = _chat(srv, prompt, 8, n=2)
+    one = _chat(srv, prompt, 8)
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the first choice computed it
+    assert one["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16  # the resend resumes
     for choice in got["choices"]:
-        assert _token_bytes(choice) == _token_bytes(one)
+        assert _token_bytes(choice) == _token_bytes(one["choices"][0])
+
+
+def test_the_next_turn_of_a_conversation_resumes_from_the_saved_state_and_equals_transformers(srv, hybrid_dir):
+    """An agent resends the whole conversation every turn: the second turn reuses the first turn's
+    prompt (its KV blocks and the recurrent state saved at its last block boundary), reports those
+    tokens as cached, and its greedy tokens are still transformers' on the whole prompt."""
+    files = _read_hf_dir(hybrid_dir)
+    first = [{"role": "user", "content": SENTENCE * 3 + "What is the capital?"}]
+    reply = _chat(srv, first[0]["content"], 6)
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    turn2 = [*first, {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}]
+    turn2.append({"role": "user", "content": "And of Italy?"})
+    body = {"model": "hybrid", "messages": turn2, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "logprobs": True}, timeout=300)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    first_len = reply["usage"]["prompt_tokens"]
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == ((first_len - 1) // 16) * 16
+    assert _engine(srv)["state_checkpoints_used"] >= 1
+    ids = files.tokenizer.encode(chat_prompt.render(files.template, turn2, None, None))
+    ref, limit, want, seq = hf_hybrid_model(hybrid_dir), files.tokenizer.vocab_size, [], list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            token = int(ref(torch.tensor([seq])).logits[0, -1, :limit].argmax())
+            want.append(token)
+            seq.append(token)
+    assert _token_bytes(got["choices"][0]) == [token_bytes(files.tokenizer.tokenizer, t) for t in want]
 
 
 def test_a_cancelled_stream_frees_its_slot(srv):
@@ -180,7 +211,7 @@ def test_a_preempted_hybrid_sequence_gives_back_its_slot_and_restarts_at_zero():
     assert sched.free_slots == [b_slot for b_slot in range(2) if b_slot != a.state_slot]
 
 
-def test_no_prefix_is_cached_for_a_hybrid_model():
+def test_no_prefix_is_cached_without_saved_states():
     bm = BlockManager(16, 4, prefix_cache=False)
     tokens = list(range(12))
     table, computed = bm.allocate_prompt(tokens)

@@ -172,7 +172,11 @@ class Worker:
         if rm.states is None:
             logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
         else:
-            logits = rm.model(batch, rm.cache, rm.states, self._state_batch(rm, msg.seqs))
+            states = self._state_batch(rm, msg.seqs)  # checked, and saved prefix states restored
+            logits = rm.model(batch, rm.cache, rm.states, states)
+            for s in msg.seqs:  # after the whole step: a slot restored from above is read first
+                if s.state_save >= 0:
+                    rm.states.copy(s.state_slot, [s.state_save])
         out, logprobs, errors = [], [], []
         for i, s in enumerate(msg.seqs):
             if s.prompt is not None:
@@ -195,12 +199,22 @@ class Worker:
         )
 
     def _state_batch(self, rm: ResidentModel, seqs: list[SeqInput]):
-        """Each sequence's state slot; a sequence computing its position 0 starts from zero."""
+        """Each sequence's state slot; a sequence computing its position 0 starts from zero, one
+        resuming a cached prefix from the saved state copied into its slot here."""
         from workers.arch.deltanet import StateBatch
 
+        slots = rm.states.num_slots
         for s in seqs:
-            if not 0 <= s.state_slot < rm.states.num_slots:
-                raise ValueError(f"sequence {s.seq_id}: state slot {s.state_slot} is not one of {rm.states.num_slots}")
+            for what, slot in (
+                ("state slot", s.state_slot),
+                ("saved state", s.state_from),
+                ("save slot", s.state_save),
+            ):
+                if not (0 <= slot < slots or (what != "state slot" and slot == -1)):
+                    raise ValueError(f"sequence {s.seq_id}: {what} {slot} is not one of {slots}")
+        for s in seqs:
+            if s.state_from >= 0:
+                rm.states.copy(s.state_from, [s.state_slot])
         lengths, slots = [len(s.tokens) for s in seqs], [s.state_slot for s in seqs]
         return StateBatch.build(lengths, slots, [s.start_pos == 0 for s in seqs], self.device)
 

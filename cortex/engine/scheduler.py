@@ -10,8 +10,12 @@ KV pool runs out, the newest sequence is preempted: its blocks are freed and it 
 
 A hybrid model (Qwen3.5: linear-attention layers with a recurrent state per sequence) also needs a
 state slot per running sequence: one is taken at admission (a sequence waits while none is free)
-and given back when it finishes or is preempted; a preempted sequence restarts at position 0, where
-the worker zeroes its (new) slot. Such a model's block manager caches no prefix.
+and given back when it finishes or is preempted; a sequence computing position 0 starts from a
+zeroed slot. Its prefix cache needs a saved state where a cached prefix ends (``checkpoints.py``):
+a prompt chunk ends at the prompt's last block boundary and the state there is saved into a spare
+slot; a later prompt resumes from the longest cached prefix with a saved state at its end (the
+state is copied into its slot before its first step). The other choices of an ``n > 1`` request
+wait until the first has saved its prompt's state, then resume from it: the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from cortex.engine.blocks import BlockManager
+from cortex.engine.checkpoints import StateCheckpoints
 from cortex.engine.sequence import Sequence
 from cortex.engine.step_clock import PROBE_UNITS, StepClock, tokens_within, units
 
@@ -31,6 +36,8 @@ class Work:
     tokens: list[int]
     start: int
     decode: bool = False  # the next token of a sequence that is generating (not a prompt chunk)
+    restore_from: int = -1  # hybrid: copy this saved state into the sequence's slot first
+    save_to: int = -1  # hybrid: save the sequence's state after this chunk into this slot
 
     @property
     def first(self) -> bool:
@@ -52,10 +59,13 @@ class Scheduler:
         step_target_s: float = 0.0,
         attention_k: float = math.inf,
         state_slots: int = 0,
+        checkpoints: int = 0,
     ):
         """``step_target_s``: while sequences decode, a step's prefill is sized to end within it (0:
         off). ``attention_k``: the model's ``attention_span_equivalent`` (how cost grows with context).
-        ``state_slots``: recurrent state slots of a hybrid model (0: a plain decoder, none needed)."""
+        ``state_slots``: recurrent state slots of a hybrid model for running sequences (0: a plain
+        decoder, none needed); ``checkpoints``: more slots after those, for saved prefix states (0:
+        a hybrid model then reuses no cached prefix)."""
         self.blocks = blocks
         self.max_batch_tokens, self.prefill_chunk, self.max_seqs = max_batch_tokens, prefill_chunk, max_seqs
         self.step_target_s, self.attention_k = step_target_s, attention_k
@@ -66,6 +76,12 @@ class Scheduler:
         self.preemptions = 0
         self.state_slots, self.recurrent = state_slots, state_slots > 0
         self.free_slots: list[int] = list(range(state_slots))
+        self.checkpoints: StateCheckpoints | None = None
+        if self.recurrent:
+            blocks.prefix_cache = checkpoints > 0  # a cached prefix is only usable where a state was saved
+        if self.recurrent and checkpoints:
+            self.checkpoints = StateCheckpoints(list(range(state_slots, state_slots + checkpoints)))
+            blocks.on_forget = self.checkpoints.drop
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -100,23 +116,51 @@ class Scheduler:
         for seq in self.running:  # then prompts being prefilled, a chunk each
             if seq.pending > 1 and budget > 0 and self._may_prefill():
                 budget -= self._chunk(seq, budget, work)
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs and self._may_prefill():
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_seqs or not self._may_prefill():
+                break
+            if self._awaits_sibling(seq):
+                continue  # it resumes from its first choice's saved prompt state, once there is one
             if self.recurrent and not self.free_slots:
                 break  # every state slot is held: it waits, as for blocks
             # keep a block in hand for each running sequence, so admitting does not force preemption
-            got = self.blocks.allocate_prompt(seq.tokens, reserve=len(self.running), salt=seq.cache_salt)
+            got = self.blocks.allocate_prompt(
+                seq.tokens,
+                reserve=len(self.running),
+                salt=seq.cache_salt,
+                resumable=self.checkpoints.has if self.checkpoints is not None else None,
+            )
             if got is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.block_table, seq.computed = got
             if self.recurrent:
-                seq.state_slot = self.free_slots.pop(0)
+                self._give_state(seq)
             if not seq.admitted:
                 seq.cached_tokens, seq.admitted = seq.computed, True
             self.running.append(seq)
             budget -= self._chunk(seq, budget, work)
         return work
+
+    def _give_state(self, seq: Sequence) -> None:
+        """A state slot for an admitted hybrid sequence: zeroed, or a saved prefix's state copied in;
+        and where its prompt's state will be saved."""
+        seq.state_slot = self.free_slots.pop(0)
+        if self.checkpoints is None:
+            return
+        bs = self.blocks.block_size
+        if seq.computed:
+            seq.restore_slot = self.checkpoints.take(self.blocks.cached[seq.block_table[seq.computed // bs - 1]].digest)
+        # the last block boundary before the prompt's last token (which is always computed anew):
+        # where the next turn of its conversation, a resend of it, or its other choices resume
+        boundary = ((seq.prompt_len - 1) // bs) * bs
+        seq.checkpoint_at = boundary if boundary > seq.computed else 0
+
+    def _awaits_sibling(self, seq: Sequence) -> bool:
+        """Another choice of the same request is still computing the prompt state it will resume from."""
+        if self.checkpoints is None or not seq.index:
+            return False
+        return any(s.request_id == seq.request_id and s.computed < s.checkpoint_at for s in self.running)
 
     def _prefill_allowance(self, decoding: bool) -> float | None:
         if not decoding or not self.step_target_s:
@@ -133,8 +177,18 @@ class Scheduler:
         n = min(seq.pending, self.prefill_chunk, budget)
         if self._allowance is not None:
             n = min(n, tokens_within(self._allowance, seq.computed, self.attention_k))
+        if seq.computed < seq.checkpoint_at < seq.computed + n:
+            n = seq.checkpoint_at - seq.computed  # end the chunk where its state is saved
+        if self._allowance is not None:
             self._allowance -= units(n, seq.computed, self.attention_k)
-        work.append(Work(seq, seq.tokens[seq.computed : seq.computed + n], seq.computed))
+        chunk = Work(seq, seq.tokens[seq.computed : seq.computed + n], seq.computed, restore_from=seq.restore_slot)
+        seq.restore_slot = -1  # copied by this step
+        if self.checkpoints is not None and seq.computed + n == seq.checkpoint_at:
+            slot = self.checkpoints.reserve()
+            chunk.save_to = -1 if slot is None else slot
+            if slot is None:
+                seq.checkpoint_at = 0  # every saved state is in use: this prompt's is not kept
+        work.append(chunk)
         return n
 
     def _grow(self, seq: Sequence, positions: int, work: list[Work]) -> bool:
@@ -160,6 +214,27 @@ class Scheduler:
         if seq.state_slot >= 0:
             self.free_slots.append(seq.state_slot)
             seq.state_slot = -1
+        if seq.restore_slot >= 0:  # admitted from a saved state, gone before its first step
+            self.checkpoints.unpin(seq.restore_slot)
+            seq.restore_slot = -1
+        seq.checkpoint_at = 0
+
+    def abandon(self, work: list[Work]) -> None:
+        """A step that failed: what it was to restore and save is let go."""
+        if self.checkpoints is None:
+            return
+        for w in work:
+            if w.restore_from >= 0:
+                self.checkpoints.unpin(w.restore_from)
+            if w.save_to >= 0:
+                self.checkpoints.release(w.save_to)
+
+    def clear_prefix_cache(self) -> list[int]:
+        """Forget every cached prefix no sequence holds (blocks and saved states); the freed blocks."""
+        blocks = self.blocks.forget_free()
+        if self.checkpoints is not None:
+            self.checkpoints.clear()
+        return blocks
 
     def done(self, work: list[Work], seconds: float | None = None) -> None:
         """Record a finished step (and how long it took): the fed tokens now have KV; name the
@@ -171,3 +246,16 @@ class Scheduler:
             w.seq.computed = w.start + len(w.tokens)
             w.seq.computed_once = True
             self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_digests, w.seq.cache_salt)
+            if w.restore_from >= 0:
+                self.checkpoints.unpin(w.restore_from)
+            if w.save_to >= 0:
+                self._saved(w)
+
+    def _saved(self, w: Work) -> None:
+        """The state at the end of ``w`` is in its reserved slot: name it by the block it ends, if
+        that block's name is known (the prefix is cached), else give the slot back."""
+        digest = w.seq.block_digests[w.seq.computed // self.blocks.block_size - 1]
+        if digest in self.blocks.by_digest:
+            self.checkpoints.bind(w.save_to, digest)
+        else:
+            self.checkpoints.release(w.save_to)

@@ -30,6 +30,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the KV cache
     state_slot: int = -1  # hybrid models: the recurrent state slot it holds while running
+    restore_slot: int = -1  # hybrid models: a saved state its first step starts from (a prefix hit)
+    checkpoint_at: int = 0  # hybrid models: the prompt position whose state is saved (0: none)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     block_digests: list[bytes] = field(default_factory=list)  # digest chain of its filled blocks (blocks.py)
     admitted: bool = False

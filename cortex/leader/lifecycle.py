@@ -141,6 +141,7 @@ class ModelLifecycle:
         dtype, kv_dtype = self.placement.dtype(state, device), self.placement.kv_dtype(state, device)
         address = f"127.0.0.1:{free_port()}" if n > 1 else ""
         kv_blocks, slots = self.placement.kv_blocks(state, n, kv_dtype), self.placement.state_slots(state)
+        checkpoints = self.placement.state_checkpoints(state)
         engine = self.shared.cfg.engine
         state.load_in_flight = True
 
@@ -159,7 +160,7 @@ class ModelLifecycle:
                 kv_blocks=kv_blocks,
                 kv_dtype=kv_dtype,
                 quantize=state.entry.quantize,
-                state_slots=slots,
+                state_slots=slots + checkpoints,
             )
 
         def done(replies: dict, error: CallError | None) -> None:
@@ -170,16 +171,16 @@ class ModelLifecycle:
                 self.unload_ranks(state, state.ranks)  # leave no half-loaded group behind
                 self._load_failed(state, error.message)
             else:
-                self._loaded(state, [replies[r] for r in state.ranks], slots)
+                self._loaded(state, [replies[r] for r in state.ranks], slots, checkpoints)
 
         self.shared.calls.call(state.ranks, msg, engine.load_timeout_s, done)
 
-    def _loaded(self, state: ModelState, loaded: list, state_slots: int = 0) -> None:
+    def _loaded(self, state: ModelState, loaded: list, state_slots: int = 0, checkpoints: int = 0) -> None:
         blocks = min(r.kv_blocks for r in loaded)
         state.kv_tokens = blocks * KV_BLOCK_SIZE
         state.kv_bytes = max(r.kv_bytes + r.state_bytes for r in loaded)  # KV and recurrent state pools
         state.load_seconds = max(r.load_seconds for r in loaded)
-        self.stepper.start_model(state, blocks, state_slots)
+        self.stepper.start_model(state, blocks, state_slots, checkpoints)
         state.status, state.error = ModelStatus.LOADED, None
         state.rank_bytes = [r.param_bytes for r in loaded]
         state.measured_bytes = max(state.rank_bytes)

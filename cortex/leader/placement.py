@@ -103,12 +103,17 @@ class Placement:
         """Recurrent state slots of a hybrid model (one per sequence it may run at once); 0 for others."""
         return self.shared.cfg.engine.max_seqs if state.files.config.linear_layers else 0
 
+    def state_checkpoints(self, state: ModelState) -> int:
+        """Slots for a hybrid model's saved prefix states (its prefix cache), after the running ones."""
+        return self.shared.cfg.engine.state_checkpoints if state.files.config.linear_layers else 0
+
     def estimate(self, state: ModelState, device: str, n: int) -> int:
         """Bytes per rank: estimated weights (measured ones once it has loaded) plus its KV pool (and
         a hybrid model's recurrent state pool)."""
         files, dtype, kv_dtype = state.files, self.dtype(state, device), self.kv_dtype(state, device)
         kv = self.kv_blocks(state, n, kv_dtype) * kv_block_bytes(files.config, n, kv_dtype)
-        kv += self.state_slots(state) * files.config.state_slot_bytes(n, dtype)
+        slots = self.state_slots(state) + self.state_checkpoints(state)
+        kv += slots * files.config.state_slot_bytes(n, dtype)
         if state.measured_bytes:  # its weights as measured at its last load
             return state.measured_bytes + kv
         pack = memory.packing(state.entry.quantize, files.format, device.split(":")[0])

@@ -49,10 +49,11 @@ class Stepper:
 
     # -- models come and go ---------------------------------------------------------------------------
 
-    def start_model(self, state: ModelState, kv_blocks: int, state_slots: int = 0) -> None:
-        """``state_slots``: a hybrid model's recurrent state slots (its blocks then cache no prefix)."""
+    def start_model(self, state: ModelState, kv_blocks: int, state_slots: int = 0, checkpoints: int = 0) -> None:
+        """``state_slots``: a hybrid model's recurrent state slots for running sequences, and
+        ``checkpoints`` more after them for its prefix cache's saved states."""
         engine = self.shared.cfg.engine
-        blocks = BlockManager(kv_blocks, KV_BLOCK_SIZE, namespace=state.id, prefix_cache=not state_slots)
+        blocks = BlockManager(kv_blocks, KV_BLOCK_SIZE, namespace=state.id)
         self.schedulers[state.id] = Scheduler(
             blocks,
             engine.max_batch_tokens,
@@ -61,6 +62,7 @@ class Stepper:
             step_target_s=engine.step_target_ms / 1000,
             attention_k=attention_span_equivalent(state.files.config),
             state_slots=state_slots,
+            checkpoints=checkpoints,
         )
 
     def stop_model(self, model_id: str) -> None:
@@ -129,6 +131,8 @@ class Stepper:
             del self.in_flight[model_id]
 
     def _step_failed(self, state: ModelState, work: list[Work], error: CallError) -> None:
+        if state.id in self.schedulers:
+            self.schedulers[state.id].abandon(work)
         for w in work:
             self.fail(w.seq, FailureKind.WORKER_FAILED, f"generation failed: {error.message}", RETRY_AFTER_LOADING_S)
         if error.kind == CallErrorKind.TIMEOUT:
@@ -260,7 +264,7 @@ class Stepper:
         sched = self.schedulers.get(state.id)
         if state.status != ModelStatus.LOADED or sched is None:
             return f"model '{state.id}' is {state.status}, not loaded"
-        blocks = sched.blocks.forget_free()
+        blocks = sched.clear_prefix_cache()
         log.info("prefix cache of %s cleared by an operator: %d block(s) zeroed", state.id, len(blocks))
         if blocks:
             clear = ClearKvCache(state.id, blocks)
@@ -285,6 +289,8 @@ def _seq_input(w: Work) -> SeqInput:
         prompt=seq.tokens[: seq.prompt_len] if w.first and seq.sampling.needs_history else None,
         allowed=seq.constraint.mask() if w.samples and seq.constraint else None,
         state_slot=seq.state_slot,
+        state_from=w.restore_from,
+        state_save=w.save_to,
     )
 
 

@@ -59,6 +59,9 @@ class Views:
             if sched.recurrent:  # a hybrid model's recurrent state slots (one per running sequence)
                 out["engine"]["state_slots_total"] = sched.state_slots
                 out["engine"]["state_slots_used"] = sched.state_slots - len(sched.free_slots)
+                saved = sched.checkpoints
+                out["engine"]["state_checkpoints_total"] = saved.capacity if saved else 0
+                out["engine"]["state_checkpoints_used"] = len(saved.saved) if saved else 0
         return out
 
     def models(self) -> dict:
