@@ -1,9 +1,13 @@
-"""Run a model with tensor parallelism across real processes (gloo on CPU) and collect rank 0's logits."""
+"""Run a model with tensor parallelism across real processes (gloo on CPU) and collect rank 0's logits:
+``run_tp`` drives the model itself, one sequence; ``run_tp_steps`` drives each rank's ``Worker`` with
+the leader's requests (``LoadDenseShard``, then ``GenerateStep`` per step), several sequences per
+step with state slots for hybrid models."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -34,17 +38,108 @@ def _rank_main(rank: int, world: int, port: int, ckpt: str, prompt: list[int], s
             logits.append(run.step(0, [tok], pos)[None])
             pos += 1
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        out.put((rank, [t.tolist() for t in logits], param_bytes, None))
+        out.put((rank, ([t.tolist() for t in logits], param_bytes), None))
     except Exception as exc:  # reported to the test, which fails with it
-        out.put((rank, None, 0, f"{type(exc).__name__}: {exc}"))
+        out.put((rank, None, f"{type(exc).__name__}: {exc}"))
 
 
 def run_tp(ckpt: Path, world: int, prompt: list[int], steps: list[int], timeout: float = 300):
     """Return (rank 0's logits per step, resident parameter bytes per rank)."""
+    results = _spawn(_rank_main, world, (str(ckpt), prompt, steps), timeout)
+    return results[0][0], [nbytes for _, nbytes in results]
+
+
+# -- through the worker's own requests ----------------------------------------------------------------
+
+# One sequence's part of one step: (seq id, tokens or None, start position, state slot, sample). None
+# stands for the token rank 0 sampled for that sequence on its previous step (greedy feedback), which
+# only a lone rank can know: a group is given the tokens a lone rank chose.
+Part = tuple  # (int, list[int] | None, int, int, bool)
+
+
+def _worker_rank_main(rank, world, port, ckpt, plan, kv_blocks, state_slots, out) -> None:
+    import torch
+
+    from rpc.messages import Error, GenerateStep, LoadDenseShard, SamplingParams, SeqInput
+    from workers.arch import ModelConfig
+    from workers.worker import Worker
+
+    torch.set_num_threads(1)
+    try:
+        worker = Worker("cpu")
+        loaded = worker.handle(
+            LoadDenseShard(
+                model_id="m",
+                format="safetensors",
+                files=[str(p) for p in sorted(Path(ckpt).glob("*.safetensors"))],
+                config=ModelConfig.from_hf_dir(Path(ckpt)).to_dict(),
+                dtype="float32",
+                rank=rank,
+                world_size=world,
+                dist_address=f"127.0.0.1:{port}" if world > 1 else "",
+                group_timeout_s=300,
+                kv_blocks=kv_blocks,
+                state_slots=state_slots,
+            )
+        )
+        if isinstance(loaded, Error):
+            raise RuntimeError(loaded.message)
+        captured = []  # the logits each step's forward returned ([sequences, vocab])
+        worker.models["m"].model.register_forward_hook(lambda _m, _a, logits: captured.append(logits.tolist()))
+        # each sequence's KV blocks: its own run of ids, wide enough for every position it reaches
+        ends: dict[int, int] = {}
+        for step in plan:
+            for seq, tokens, start, _, _ in step:
+                ends[seq] = max(ends.get(seq, 0), start + (1 if tokens is None else len(tokens)))
+        tables, first = {}, 0
+        for seq, end in sorted(ends.items()):
+            width = -(-end // worker.models["m"].cache.block_size)
+            tables[seq], first = list(range(first, first + width)), first + width
+        greedy, last, sampled = SamplingParams(temperature=0), {}, []
+        for step in plan:
+            seqs = []
+            for seq, tokens, start, slot, sample in step:
+                if tokens is None:
+                    if world > 1:
+                        raise ValueError("greedy feedback needs a lone rank: give a group the tokens")
+                    tokens = [last[seq]]
+                seqs.append(SeqInput(seq, tokens, start, greedy, tables[seq], sample, state_slot=slot))
+            reply = worker.handle(GenerateStep(model_id="m", seqs=seqs))
+            if isinstance(reply, Error):
+                raise RuntimeError(reply.message)
+            sampled.append(reply.tokens)
+            for s, token in zip(seqs, reply.tokens, strict=True):
+                if s.sample:
+                    last[s.seq_id] = token
+        out.put((rank, (captured, sampled, loaded.param_bytes, loaded.state_bytes), None))
+    except Exception as exc:  # reported to the test, which fails with it
+        out.put((rank, None, f"{type(exc).__name__}: {exc}"))
+
+
+@dataclass
+class RankRun:
+    logits: list  # rank 0's logits of each step: [sequences of the step][vocab]
+    tokens: list  # rank 0's sampled token of each sequence of each step (-1 where not sampled)
+    param_bytes: list[int]  # per rank, as its Loaded reply says
+    state_bytes: list[int]
+
+
+def run_tp_steps(ckpt: Path, world: int, plan: list[list[Part]], state_slots: int, timeout: float = 300) -> RankRun:
+    """Load ``ckpt`` on ``world`` worker processes with ``LoadDenseShard`` and run ``plan`` through
+    ``GenerateStep``, one request per step as the leader sends it to every rank (``Worker.handle``,
+    the code a served worker runs on each request, minus the socket)."""
+    results = _spawn(_worker_rank_main, world, (str(ckpt), plan, 64, state_slots), timeout)
+    logits, tokens, _, _ = results[0]
+    return RankRun(logits, tokens, [r[2] for r in results], [r[3] for r in results])
+
+
+def _spawn(target, world: int, args: tuple, timeout: float) -> list:
+    """Run ``target(rank, world, port, *args, queue)`` in ``world`` fresh processes; each puts
+    (rank, result, error). Returns the results by rank, or raises with every rank's error."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(ckpt), prompt, steps, out)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, out)) for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -54,8 +149,7 @@ def run_tp(ckpt: Path, world: int, prompt: list[int], steps: list[int], timeout:
             p.join(10)
             if p.is_alive():
                 p.kill()
-    errors = [e for _, _, _, e in results if e]
+    errors = [f"rank {r}: {e}" for r, _, e in sorted(results, key=lambda x: x[0]) if e]
     if errors:
         raise RuntimeError("; ".join(errors))
-    by_rank = {r: (logits, nbytes) for r, logits, nbytes, _ in results}
-    return by_rank[0][0], [by_rank[r][1] for r in range(world)]
+    return [res for _, res, _ in sorted(results, key=lambda x: x[0])]
