@@ -178,3 +178,25 @@ def hf_hybrid_model(path: Path):
 
     arch = json.loads((path / "config.json").read_text())["architectures"][0]
     return getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
+
+
+# Qwen3.5's vocabulary: 248,044 ranks and 33 added tokens; the embedding has 248,320 rows
+QWEN3_5_VOCAB = 248320
+
+
+def make_qwen3_5_chat_checkpoint(path: Path, tokenizer_json: Path, template: str, seed: int = 0) -> Path:
+    """A tiny random Qwen3.5 that reads and writes the real Qwen3.5 vocabulary (``tokenizer_json``,
+    tests/qwen_tok.py) and chats with ``template``; it ends its turn with ``<|im_end|>``."""
+    import shutil
+
+    make_hybrid_checkpoint(path, vocab=QWEN3_5_VOCAB, tied=True, seed=seed)
+    shutil.copyfile(tokenizer_json, path / "tokenizer.json")
+    eos = json.loads(tokenizer_json.read_text())["added_tokens"]
+    eos_id = next(t["id"] for t in eos if t["content"] == "<|im_end|>")
+    config = json.loads((path / "config.json").read_text())
+    config.update(eos_token_id=eos_id, bos_token_id=None)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "eos_token": "<|im_end|>", "add_bos_token": False})
+    )
+    return path

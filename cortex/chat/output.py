@@ -2,17 +2,34 @@
 
 Both dialects render the same parts (OpenAI ``content`` / ``reasoning_content`` / ``tool_calls``;
 Anthropic ``text`` / ``thinking`` / ``tool_use`` blocks), so this is the one place that reads
-``<think>`` spans and Hermes ``<tool_call>`` blocks out of a stream. A tag can arrive split over
+``<think>`` spans and ``<tool_call>`` blocks out of a stream. A tag can arrive split over
 several deltas: text that might be the start of a tag is held back until it is known not to be.
+
+A call's body is JSON (Hermes, Qwen3) or XML parameters (Qwen3.5, Qwen3-Coder), told apart by how it
+starts. XML parameter values are text: each is read as the JSON type its tool's schema gives it
+(integer, number, boolean, null, object, array); strings, and parameters the schema does not
+describe, are kept as written.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cortex.chat.tags import THINK_CLOSE, THINK_OPEN, TOOL_CLOSE, TOOL_OPEN
+from cortex.chat.schema import parameter_schema, typed_value
+from cortex.chat.tags import (
+    FUNCTION_CLOSE,
+    FUNCTION_OPEN,
+    PARAMETER_CLOSE,
+    PARAMETER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CLOSE,
+    TOOL_OPEN,
+)
 
 
 @dataclass
@@ -48,9 +65,14 @@ def _held(buf: str, tags: tuple[str, ...]) -> int:
 
 
 class OutputParser:
-    def __init__(self, reasoning: bool = False, tools: bool = False):
+    """``reasoning``: the output starts inside a reasoning span (the prompt opened it); ``tools``:
+    whether to read tool calls, or the tools themselves ([{"name", "parameters"}]), whose schemas
+    type the values of XML parameters."""
+
+    def __init__(self, reasoning: bool = False, tools: bool | Sequence[dict[str, Any]] | None = False):
         self.mode = "reasoning" if reasoning else "text"
-        self.tools = tools
+        self.tools = bool(tools)
+        self.schemas = {t["name"]: t.get("parameters") for t in tools} if tools and tools is not True else {}
         self.calls = 0
         self._buf = ""
         self._strip = False  # drop whitespace at the start of the next text (after </think>)
@@ -122,19 +144,51 @@ class OutputParser:
         return [Text(out)]
 
     def _parse_call(self, body: str) -> ToolCall | None:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            return None
-        args = data.get("arguments", data.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                return None
-        if not isinstance(args, dict):
+        parsed = _xml_call(body, self.schemas) if body.lstrip().startswith(FUNCTION_OPEN) else _json_call(body)
+        if parsed is None:
             return None
         self.calls += 1
-        return ToolCall(self.calls - 1, data["name"], args)
+        return ToolCall(self.calls - 1, *parsed)
+
+
+def _json_call(body: str) -> tuple[str, dict[str, Any]] | None:
+    """``{"name": ..., "arguments": {...}}`` (the arguments may be a JSON string, or ``parameters``)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    args = data.get("arguments", data.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return data["name"], args
+
+
+_FUNCTION = re.compile(rf"\s*{FUNCTION_OPEN}([^>\n]+)>\n?(.*){FUNCTION_CLOSE}\s*", re.S)
+# a value is the text between the lines of its tags: one newline after the opening tag and one
+# before the closing tag belong to the format, not to the value
+_PARAMETER = re.compile(rf"\s*{PARAMETER_OPEN}([^>\n]+)>\n?(.*?)\n?{PARAMETER_CLOSE}", re.S)
+
+
+def _xml_call(body: str, schemas: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``<function=NAME>`` and its ``<parameter=KEY>`` blocks; None unless the whole body is that."""
+    fn = _FUNCTION.fullmatch(body)
+    if fn is None:
+        return None
+    name, inner = fn[1].strip(), fn[2]
+    schema = schemas.get(name)
+    args: dict[str, Any] = {}
+    at = 0
+    while (param := _PARAMETER.match(inner, at)) is not None:
+        key = param[1].strip()
+        args[key] = typed_value(param[2], parameter_schema(schema, key))
+        at = param.end()
+    if inner[at:].strip():
+        return None
+    return name, args

@@ -13,6 +13,8 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from cortex.chat.tags import FUNCTION_OPEN
+
 
 class TemplateRenderError(ValueError):
     """The template refused the conversation (e.g. ``raise_exception`` on a role order)."""
@@ -39,6 +41,8 @@ class ChatTemplate:
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
         # a template that reads `tools` renders tool definitions, calls and results itself
         self.knows_tools = "tools" in source
+        # how it asks the model to write a call: XML parameters (Qwen3.5, Qwen3-Coder) or JSON (Hermes)
+        self.call_format = "xml" if self.knows_tools and FUNCTION_OPEN in source else "json"
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, **kwargs: Any) -> str:
         try:

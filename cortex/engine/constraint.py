@@ -6,11 +6,18 @@ millisecond, which Python could not do per step). The leader keeps one matcher p
 sequence, sends its bitmask with each step (``SeqInput.allowed``) and advances it with the token
 the worker sampled, so the output always parses and validates, even on a small model.
 
-Tool calls use the Hermes format that Qwen and most open templates use:
-``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``. With ``tool_choice`` auto the
-model writes freely until it opens a ``<tool_call>``; from there its call is constrained too. The
-call's schema wraps each tool's: the tool's local ``$ref``s are rewritten to point into the wrapper
-(``_rebased``), so tools whose schemas keep their parts in ``$defs`` (as pydantic writes them) work.
+Tool calls use the format of the model's chat template (``ChatTemplate.call_format``): the Hermes
+JSON that Qwen3 and most open templates use, ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n
+</tool_call>``, or the XML parameters of Qwen3.5 and Qwen3-Coder, ``<tool_call>\\n<function=NAME>
+\\n<parameter=KEY>\\nVALUE\\n</parameter>\\n...</function>\\n</tool_call>``. With ``tool_choice``
+auto the model writes freely until it opens a ``<tool_call>``; from there its call is constrained
+too. A JSON call's schema wraps each tool's: the tool's local ``$ref``s are rewritten to point into
+the wrapper (``_rebased``), so tools whose schemas keep their parts in ``$defs`` (as pydantic writes
+them) work. An XML call's structure is exact (the tool's name, its parameters in the schema's
+order, the required ones always); a value is JSON of its schema (in place inside the tool's, its
+refs rebased the same way), one of a string enum's values, or for a string any text up to the
+closing tag. The tags are the vocabulary's own tokens where it keeps them as text (Qwen's
+``<tool_call>``), so a constrained call is tokenized as the model would write it.
 
 A schema no finite value satisfies (an object whose required property is another such object, and so
 on without end) compiles, but a sequence constrained by it could never finish: ``finite`` spots
@@ -25,12 +32,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import llguidance as llg
 from tokenizers import Tokenizer
 
-from cortex.chat.tags import THINK_CLOSE, TOOL_CLOSE, TOOL_OPEN
+from cortex.chat.schema import json_types, parameter_schema, resolve
+from cortex.chat.tags import (
+    FUNCTION_CLOSE,
+    FUNCTION_OPEN,
+    PARAMETER_CLOSE,
+    PARAMETER_OPEN,
+    THINK_CLOSE,
+    TOOL_CLOSE,
+    TOOL_OPEN,
+)
 
 # compact JSON as json.dumps writes it, no free whitespace for a small model to wander into
 _JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", ", "lenient": True}
@@ -132,6 +147,47 @@ def _call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     return {**schema, "x-guidance": _JSON_STYLE}
 
 
+def _xml_call(tools: list[dict[str, Any]]) -> str:
+    """The Lark rules of one XML call to one of ``tools``: ``call`` and the rules it uses."""
+    rules = ["call: " + " | ".join(f"fn{i}" for i in range(len(tools)))]
+    for i, tool in enumerate(tools):
+        schema = tool.get("parameters") or {}
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        required = set(schema.get("required") or ())
+        params = []
+        for j, key in enumerate(properties):
+            rules += _xml_parameter(f"p{i}_{j}", key, schema)
+            params.append(f"p{i}_{j}" if key in required else f"p{i}_{j}?")
+        opening = _lark_string(f"{FUNCTION_OPEN}{tool['name']}>\n")
+        rules.append(f"fn{i}: {opening} {' '.join(params)} {_lark_string(FUNCTION_CLOSE)}")
+    return "\n".join(rules)
+
+
+def _xml_parameter(rule: str, key: str, tool_schema: dict[str, Any]) -> list[str]:
+    """``rule``: the ``<parameter=KEY>`` block of a tool's parameter, closing tag included; its
+    value as the parameter's schema says: one of a string enum's values, any text up to the
+    closing tag for another string (or a parameter of no type), else JSON of the schema."""
+    opening, close = _lark_string(f"{PARAMETER_OPEN}{key}>\n"), _lark_string(f"\n{PARAMETER_CLOSE}\n")
+    head = f"{rule}: {opening} {rule}v"
+    schema = parameter_schema(tool_schema, key)
+    types = json_types(schema)
+    values = schema.get("enum") if isinstance(schema, dict) and isinstance(schema.get("enum"), list) else None
+    if isinstance(schema, dict) and "const" in schema:
+        values = [schema["const"]]
+    if types == {"string"} and values and all(isinstance(v, str) for v in values):
+        return [head, f"{rule}v: ({' | '.join(_lark_string(v) for v in values)}) {close}"]
+    if not types or "string" in types:
+        return [head, f"{rule}v[stop={close}]: /(?s:.*)/"]
+    # the parameter's schema in place inside the tool's, so that the tool's refs still resolve
+    pointer = "#/$defs/tool/properties/" + key.replace("~", "~0").replace("/", "~1")
+    value = {
+        "$ref": pointer,
+        "$defs": {"tool": _rebased(closed(tool_schema), "#/$defs/tool")},
+        "x-guidance": _JSON_STYLE,
+    }
+    return [head, f"{rule}v: {rule}j {close}", f"{rule}j: %json {json.dumps(value)}"]
+
+
 # -- does any finite value fit? ------------------------------------------------------------------------
 
 
@@ -191,7 +247,7 @@ def _refs(node: Any, root: Any, out: dict[str, Any], top: bool = False) -> None:
         if k in _DATA:
             continue
         if k == "$ref" and isinstance(v, str) and v not in out:
-            found, target = _resolve(root, v)
+            found, target = resolve(root, v)
             if found:
                 out[v] = target
         elif k in _NAMED and isinstance(v, dict):
@@ -199,22 +255,6 @@ def _refs(node: Any, root: Any, out: dict[str, Any], top: bool = False) -> None:
                 _refs(s, root, out)
         else:
             _refs(v, root, out)
-
-
-def _resolve(root: Any, ref: str) -> tuple[bool, Any]:
-    """(found, target) of a local JSON pointer ("#", "#/$defs/A~1B")."""
-    if ref != "#" and not ref.startswith("#/"):
-        return False, None
-    node = root
-    for part in ref[2:].split("/") if ref != "#" else []:
-        part = unquote(part).replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False, None
-    return True, node
 
 
 def _finite(node: Any, refs: _Refs, top: bool = False) -> bool:
@@ -277,8 +317,12 @@ class Grammars:
 
     CACHED = 64
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int], call_format: str = "json"):
         self._source = (tokenizer, vocab_size, sorted(eos_ids))
+        self.call_format = call_format  # json | xml: how the model writes a tool call
+        kept = {t.content for t in tokenizer.get_added_tokens_decoder().values() if not t.special}
+        # a tag the vocabulary keeps as one token is written as that token (llguidance's <name>)
+        self._tags = {tag: tag if tag in kept else _lark_string(tag) for tag in (TOOL_OPEN, TOOL_CLOSE)}
         self._tok: llg.LLTokenizer | None = None
         self._compiled: OrderedDict[str, llg.LLMatcher] = OrderedDict()  # grammar text -> unused matcher
         self._lock = threading.Lock()
@@ -332,17 +376,18 @@ class Grammars:
 
         body = self._call_body(tools)
         if rules.tool_mode == "required":
-            repeat = f'("\\n" {_lark_string(TOOL_OPEN)} body)*' if rules.parallel else ""
-            lark = f"start: {_lark_string(TOOL_OPEN)} body {repeat}\n{body}"
+            opener = self._tags[TOOL_OPEN]
+            repeat = f'("\\n" {opener} body)*' if rules.parallel else ""
+            lark = f"start: {opener} body {repeat}\n{body}"
             return Constraint(self._matcher(llg.LLMatcher.grammar_from_lark(lark), check_tools), None)
         # auto: free text until the model opens a call; each call's body is then constrained
         grammar = llg.LLMatcher.grammar_from_lark(f"start: body\n{body}")
         self._matcher(grammar, check_tools)  # compile once now, so a bad schema is a 400 before generation
         return Constraint(None, lambda: self._matcher(grammar), rules.parallel)
 
-    @staticmethod
-    def _call_body(tools: list[dict[str, Any]]) -> str:
-        return f'body: "\\n" call "\\n" {_lark_string(TOOL_CLOSE)}\ncall: %json {json.dumps(_call_schema(tools))}'
+    def _call_body(self, tools: list[dict[str, Any]]) -> str:
+        call = _xml_call(tools) if self.call_format == "xml" else f"call: %json {json.dumps(_call_schema(tools))}"
+        return f'body: "\\n" call "\\n" {self._tags[TOOL_CLOSE]}\n{call}'
 
 
 class Constraint:

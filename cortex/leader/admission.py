@@ -234,7 +234,12 @@ class Admission:
         grammars = self.grammars.get(state.id)
         if grammars is None:
             tok = state.files.tokenizer
-            grammars = Grammars(tok.tokenizer, state.files.config.vocab_size, sorted(eos_ids(state.files)))
+            grammars = Grammars(
+                tok.tokenizer,
+                state.files.config.vocab_size,
+                sorted(eos_ids(state.files)),
+                state.files.template.call_format,  # the model's own tool-call form (JSON or XML)
+            )
             self.grammars[state.id] = grammars
         return grammars
 
