@@ -40,7 +40,7 @@ def hybrid_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory, hybrid_dir):
+def srv(tmp_path_factory, hybrid_dir, tiny_qwen3):
     extra = (
         f'[engine]\nmax_seqs = {SLOTS}\nprefill_chunk = {CHUNK}\nkv_cache_mb = 8\nkv_cache_dtype = "float32"\n'
         "step_target_ms = 0\nmax_requests_per_client = 0\n"
@@ -48,7 +48,9 @@ def srv(tmp_path_factory, hybrid_dir):
     # 10 ms per step: a long stream is still running when the test cancels it
     server = Server(
         tmp_path_factory.mktemp("hybrid-srv"),
-        tiny_models_toml(hybrid_dir, "max_context = 512", model_id="hybrid"),
+        # a plain Qwen3 beside it: the two models' steps take turns on the same worker
+        tiny_models_toml(hybrid_dir, "max_context = 512", model_id="hybrid")
+        + f'\n[[models]]\nid = "dense"\npath = "{tiny_qwen3}"\npreload = true\n',
         extra,
         env={"CORTEX_TEST_STEP_DELAY_S": "0.01"},
     )
@@ -59,9 +61,9 @@ def srv(tmp_path_factory, hybrid_dir):
         server.stop()
 
 
-def _chat(srv, content: str, max_tokens: int = 12, **kw) -> dict:
+def _chat(srv, content: str, max_tokens: int = 12, model: str = "hybrid", **kw) -> dict:
     body = {
-        "model": "hybrid",
+        "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -79,7 +81,11 @@ def _token_bytes(choice: dict) -> list[bytes]:
 
 
 def _engine(srv) -> dict:
-    return srv.health()["models"][0]["engine"]
+    return _model(srv)["engine"]
+
+
+def _model(srv, model_id: str = "hybrid") -> dict:
+    return next(m for m in srv.health()["models"] if m["id"] == model_id)
 
 
 def test_greedy_chat_equals_transformers_greedy_on_the_same_prompt_ids(srv, hybrid_dir):
@@ -117,6 +123,17 @@ def test_concurrent_streams_each_equal_the_same_request_alone_and_queue_for_slot
     wait_for(lambda: _engine(srv)["running"] == 0, what="every sequence to end")
     engine = _engine(srv)
     assert engine["state_slots_total"] == SLOTS and engine["state_slots_used"] == 0
+
+
+def test_hybrid_and_plain_models_stepping_by_turns_each_answer_what_they_answer_alone(srv):
+    """Requests for the hybrid model and for a plain Qwen3 at once, on the same worker: each one's
+    greedy tokens equal its own alone (the hybrid's states and the other's KV never mix)."""
+    asks = [("hybrid", SENTENCE * 2 + "Mixed."), ("dense", "Hi"), ("hybrid", "Hi"), ("dense", SENTENCE * 3)]
+    alone = [_chat(srv, p, 10, model=m)["choices"][0] for m, p in asks]
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(lambda a: _chat(srv, a[1], 10, model=a[0])["choices"][0], asks))
+    for a, b in zip(alone, together, strict=True):
+        assert _token_bytes(b) == _token_bytes(a)
 
 
 def test_n_choices_agree_when_greedy(srv):
@@ -172,7 +189,7 @@ def test_a_cancelled_stream_frees_its_slot(srv):
         for _ in range(3):
             next(lines)
         assert _engine(srv)["state_slots_used"] >= 1
-    wait_for(lambda: srv.health()["models"][0]["in_flight"] == 0, what="the cancelled stream to go")
+    wait_for(lambda: _model(srv)["in_flight"] == 0, what="the cancelled stream to go")
     engine = _engine(srv)
     assert engine["running"] == 0 and engine["state_slots_used"] == 0 and engine["kv_blocks_used"] == 0
     for _ in range(SLOTS + 1):  # every slot can be taken again
