@@ -32,6 +32,7 @@ STRATEGIES = ("lru", "priority")
 KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+TASKS = ("generate", "embed")  # a model serves one: generation endpoints or /v1/embeddings
 
 
 def _devices(v: Any) -> str | None:
@@ -235,6 +236,11 @@ class ModelEntry:
         "auto",
         "weight-only quantized linears; auto: a GGUF's quantized weights stay so; int8, int4: CPU only",
         choices=QUANTIZE,
+    )
+    task: str = key(
+        "generate",
+        "what it serves: generate (chat, completions, messages, responses) or embed (/v1/embeddings only)",
+        choices=TASKS,
     )
 
 

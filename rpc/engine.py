@@ -177,6 +177,29 @@ class Finished(Message):
     stop_sequence: str | None = None  # the stop string that ended it, when one did
 
 
+class ContextOverflow(Part):
+    """The numbers of a ``context_length_exceeded`` failure, so each dialect words it its own way
+    (OpenAI's text, Anthropic's exact texts, which Claude Code acts on) without reading a message."""
+
+    limit: int  # the model's context, prompt and completion together
+    prompt_tokens: int
+    max_tokens: int | None = None  # the completion asked for; None: the prompt alone is over the limit
+
+
+def context_message(over: ContextOverflow) -> str:
+    """OpenAI's words for an overflow (its ``message``; cortex/api/errors.py words Anthropic's)."""
+    if over.max_tokens is None:
+        return (
+            f"This model's maximum context length is {over.limit} tokens. However, your messages "
+            f"resulted in {over.prompt_tokens} tokens. Please reduce the length of the messages."
+        )
+    return (
+        f"This model's maximum context length is {over.limit} tokens. However, you requested "
+        f"{over.prompt_tokens + over.max_tokens} tokens ({over.prompt_tokens} in the messages, "
+        f"{over.max_tokens} in the completion). Please reduce the length of the messages or completion."
+    )
+
+
 class Failure(Message):
     """A request-level error; ``kind`` decides the HTTP status the front answers with."""
 
@@ -184,3 +207,4 @@ class Failure(Message):
     kind: FailureKind
     message: str
     retry_after: int | None = None
+    overflow: ContextOverflow | None = None  # with CONTEXT_LENGTH_EXCEEDED from admission: its numbers

@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import anthropic
 import httpx
 import numpy as np
 import openai
@@ -42,9 +43,13 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_qwen3):
-    """The tiny Qwen3, not preloaded (the first embedding request loads it); small batches."""
+    """The tiny Qwen3, not preloaded (the first embedding request loads it); small batches. The
+    same checkpoint twice: "tiny" serves embeddings (task = "embed"), "tiny-chat" generates."""
     root = tmp_path_factory.mktemp("embeddings")
-    models = f'[[models]]\nid = "tiny"\npath = "{tiny_qwen3}"\nmax_context = {MAX_CONTEXT}\n'
+    models = (
+        f'[[models]]\nid = "tiny"\npath = "{tiny_qwen3}"\nmax_context = {MAX_CONTEXT}\ntask = "embed"\n'
+        f'[[models]]\nid = "tiny-chat"\npath = "{tiny_qwen3}"\nmax_context = {MAX_CONTEXT}\n'
+    )
     extra = "[engine]\nmax_batch_tokens = 32\nprefill_chunk = 16\nkv_cache_mb = 8\nmax_requests_per_client = 0\n"
     srv = Server(root, models, extra, env={STEP_DELAY_ENV: "0.03"})  # streams last a while
     try:
@@ -174,9 +179,39 @@ def test_an_unknown_model_is_a_404(server):
         _client(server).embeddings.create(model="no-such-model", input="hi")
 
 
+def test_a_generate_model_does_not_serve_embeddings(server):
+    with pytest.raises(openai.BadRequestError) as err:
+        _client(server).embeddings.create(model="tiny-chat", input="hi")
+    assert err.value.status_code == 400 and err.value.body["type"] == "invalid_request_error"
+    message = err.value.body["message"]
+    assert "'tiny-chat' does not serve embeddings" in message and "'generate'" in message, message
+
+
+def test_an_embed_model_does_not_generate_in_any_dialect(server):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        _client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert "'tiny' serves embeddings only" in err.value.body["message"] and "'embed'" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        _client(server).completions.create(model="tiny", prompt="hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError) as err:
+        _client(server).responses.create(model="tiny", input="hi", max_output_tokens=4)
+    assert "'tiny' serves embeddings only" in err.value.body["message"]
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model="tiny", max_tokens=4, messages=messages)
+    assert err.value.body["error"]["type"] == "invalid_request_error"
+    assert "'tiny' serves embeddings only" in err.value.body["error"]["message"]
+
+
+def test_the_model_list_shows_each_task(server):
+    listed = {m.id: m.model_extra["task"] for m in _client(server).models.list()}
+    assert listed == {"tiny": "embed", "tiny-chat": "generate"}
+
+
 def test_a_chat_stream_running_alongside_is_unaffected(server):
     chat = {
-        "model": "tiny",
+        "model": "tiny-chat",  # the same checkpoint as "tiny", generating
         "messages": [{"role": "user", "content": "Hello, world! How are you today?"}],
         "max_tokens": 60,
         "ignore_eos": True,
@@ -264,7 +299,7 @@ def test_render_cuts_renormalises_and_packs_little_endian_float32():
 def test_a_tensor_parallel_model_embeds_what_one_rank_does(tmp_path, tiny_qwen3):
     """Every rank runs the batch (the model is sharded); rank 0's vectors equal the unsharded model's."""
     models = "".join(
-        f'[[models]]\nid = "{mid}"\npath = "{tiny_qwen3}"\ntensor_parallel = {tp}\npreload = true\n\n'
+        f'[[models]]\nid = "{mid}"\npath = "{tiny_qwen3}"\ntensor_parallel = {tp}\npreload = true\ntask = "embed"\n\n'
         for mid, tp in (("tp1", 1), ("tp2", 2))
     )
     srv = Server(tmp_path, models, "[engine]\nmax_batch_tokens = 32\nkv_cache_mb = 8\n", devices='["cpu", "cpu"]')

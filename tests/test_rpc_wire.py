@@ -105,6 +105,12 @@ SAMPLES = [
     engine.Finished(request_id="r", finish_reason="length", prompt_tokens=3, completion_tokens=5),
     engine.Finished(request_id="r", finish_reason="stop", prompt_tokens=3, completion_tokens=5, stop_sequence="\n"),
     engine.Failure(request_id="r", kind=engine.FailureKind.MODEL_LOADING, message="wait", retry_after=5),
+    engine.Failure(
+        request_id="r",
+        kind=engine.FailureKind.CONTEXT_LENGTH_EXCEEDED,
+        message="too long",
+        overflow=engine.ContextOverflow(limit=8, prompt_tokens=6, max_tokens=4),
+    ),
     engine.Forward(
         request_id="r",
         targets=[engine.Target("b", "http://b:31313", "k"), engine.Target("c", "http://c:31313", model="m")],
@@ -128,6 +134,7 @@ def test_the_samples_cover_every_message_type():
         SamplingParams,
         SeqInput,
         engine.Target,
+        engine.ContextOverflow,
         engine.FailureKind,
         engine.NodeStatus,
         messages.ErrorKind,

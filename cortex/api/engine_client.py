@@ -297,6 +297,8 @@ class Generation:
     def _started(self, ev: object) -> bool:
         if isinstance(ev, Started):
             self.prompt_tokens, self.reasoning, self.waiting = ev.prompt_tokens, ev.reasoning, None
+            if self.record is not None:
+                self.record.admitted(ev.prompt_tokens)
             return True
         if isinstance(ev, Waiting):
             self.waiting = ev.reason
@@ -355,11 +357,13 @@ class Generation:
                 if isinstance(ev, Delta):
                     self.cached_tokens = ev.cached_tokens
                     if self.record is not None:
-                        self.record.delta(ev.text)
+                        self.record.delta(ev.text, ev.index, ev.completion_tokens, ev.cached_tokens)
                     yield ev
                 elif isinstance(ev, Finished):
                     if self.record is not None:
-                        self.record.finished(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.finish_reason)
+                        self.record.finished(
+                            ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.finish_reason, ev.index
+                        )
                     finished += 1
                     self.done = finished == self.req.n
                     yield ev
@@ -436,7 +440,7 @@ def _hung_up(sock: socket.socket) -> bool:
 
 def _as_api_error(ev: object) -> ApiError:
     if isinstance(ev, Failure):
-        return ApiError.from_failure(ev.kind, ev.message, ev.retry_after)
+        return ApiError.from_failure(ev.kind, ev.message, ev.retry_after, ev.overflow)
     if isinstance(ev, Error):
         return ApiError(500, f"engine error: {ev.message}", "server_error", ev.kind)
     return ApiError(500, f"unexpected engine reply {type(ev).__name__}", "server_error", None)

@@ -7,11 +7,10 @@ same envelope, so a client never sees a body in another shape.
 from __future__ import annotations
 
 import json
-import re
 
 import falcon
 
-from rpc.engine import FailureKind
+from rpc.engine import ContextOverflow, FailureKind, context_message
 
 # leader failure kind -> (HTTP status, OpenAI error type, code)
 FAILURES: dict[FailureKind, tuple[int, str, str | None]] = {
@@ -56,48 +55,40 @@ class ApiError(Exception):
         param: str | None = None,
         retry_after: int | None = None,
         final: bool = False,
+        overflow: ContextOverflow | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
         self.param, self.retry_after, self.final = param, retry_after, final
+        self.overflow = overflow  # a context overflow's numbers: each dialect's text is made from them
 
     @classmethod
-    def from_failure(cls, kind: FailureKind, message: str, retry_after: int | None = None) -> ApiError:
+    def from_failure(
+        cls, kind: FailureKind, message: str, retry_after: int | None = None, overflow: ContextOverflow | None = None
+    ) -> ApiError:
         status, type_, code = FAILURES.get(kind, (500, "server_error", kind))
         if kind in FINAL:
             return cls(status, message, type_, code, final=True)
-        return cls(status, message, type_, code, retry_after=retry_after)
+        return cls(status, message, type_, code, retry_after=retry_after, overflow=overflow)
 
     def body(self, dialect: str = "openai") -> dict:
+        """The error in ``dialect``'s envelope; a context overflow is worded from its numbers."""
         if dialect == "anthropic":
-            message = anthropic_context_message(self.message) if self.code == CONTEXT else self.message
+            message = anthropic_context_message(self.overflow) if self.overflow else self.message
             return {"type": "error", "error": {"type": anthropic_type(self.status), "message": message}}
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        message = context_message(self.overflow) if self.overflow else self.message
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-CONTEXT = "context_length_exceeded"
-# the leader's (OpenAI's) words for a context overflow (cortex/leader/admission.py), read back for
-# Anthropic's, which Claude Code acts on and only on: the first compacts the conversation, the
-# second retries with a smaller max_tokens
-_PROMPT_OVER = re.compile(r"maximum context length is (\d+) tokens\. However, your messages resulted in (\d+) tokens")
-_TOTAL_OVER = re.compile(
-    r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens "
-    r"\((\d+) in the messages, (\d+) in the completion\)"
-)
-
-
-def anthropic_context_message(message: str) -> str:
-    """Anthropic's exact text for a context overflow; any other message as it is."""
-    if m := _PROMPT_OVER.search(message):
-        limit, prompt = m.groups()
-        return f"prompt is too long: {prompt} tokens > {limit} maximum"
-    if m := _TOTAL_OVER.search(message):
-        limit, prompt, completion = m.groups()
-        return (
-            f"input length and `max_tokens` exceed context limit: {prompt} + {completion} > {limit}, "
-            "decrease input length or `max_tokens` and try again"
-        )
-    return message
+def anthropic_context_message(over: ContextOverflow) -> str:
+    """Anthropic's exact texts for a context overflow, which Claude Code acts on and only on: the
+    first compacts the conversation, the second retries with a smaller max_tokens."""
+    if over.max_tokens is None:
+        return f"prompt is too long: {over.prompt_tokens} tokens > {over.limit} maximum"
+    return (
+        f"input length and `max_tokens` exceed context limit: {over.prompt_tokens} + {over.max_tokens} > "
+        f"{over.limit}, decrease input length or `max_tokens` and try again"
+    )
 
 
 # Anthropic names its error types by status

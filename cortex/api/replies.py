@@ -181,6 +181,7 @@ class ModelState(Struct):
     status: Status
     devices: list[str]
     tensor_parallel: int | UnsetType = UNSET
+    task: Literal["generate", "embed"] | UnsetType = UNSET
     context_length: int | None | UnsetType = UNSET
     param_bytes: int | UnsetType = UNSET
     rank_bytes: list[int] | UnsetType = UNSET
@@ -212,6 +213,10 @@ class Model(Struct):
     loadable_on: doc(list[str], "Other nodes that could load it.")
     status: doc(Status, "Its best status on any node: loaded when resident somewhere.") | UnsetType = UNSET
     context_length: doc(int | None, "The smallest any node reports.") | UnsetType = UNSET
+    task: (
+        doc(Literal["generate", "embed"], "generate: chat, completions, messages, responses; embed: /v1/embeddings.")
+        | UnsetType
+    ) = UNSET
     devices: doc(list[str], "The devices holding it, node by node in resident_on order.") | UnsetType = UNSET
     locations: list[ModelLocation] | UnsetType = UNSET
     alias_for: doc(str, "Set on an alias: the model it names.") | UnsetType = UNSET

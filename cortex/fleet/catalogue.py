@@ -43,6 +43,8 @@ def _entry(model: str, holders: list[NodeView]) -> dict[str, Any]:
         "owned_by": OWNER,
         "status": min((v.status for v in views), key=lambda s: _RANK.get(s, 5)),
         "context_length": min(contexts) if contexts else None,
+        # what it serves (models.toml's task); nodes that disagree: the first by name decides
+        "task": views[0].task,
         # the devices holding it, node by node (on a single node: that node's devices)
         "devices": [d for n in holders if n.resident(model) for d in n.models[model].devices],
         "resident_on": [n.name for n in holders if n.resident(model)],

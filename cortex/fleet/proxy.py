@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import falcon
 
@@ -57,11 +57,18 @@ _DROP = {
 
 
 class ForwardTo(Exception):
-    """Raised by the engine client when the leader answers ``Forward``; handled by ``Proxy``."""
+    """Raised by the engine client when the leader answers ``Forward``; handled by ``Proxy``. A
+    resource that catches it on the way may set ``patch`` (top-level body fields to add or replace
+    for the peer) and ``tap``, which sees the answer (status, content type, bytes) before the client
+    does: each piece of a stream before it is relayed, a JSON body whole (read to its end first),
+    so what the tap keeps (the Responses API's copy of a forwarded response) is kept before the
+    client can ask for it."""
 
     def __init__(self, forward: Forward):
         super().__init__(forward.reason)
         self.forward = forward
+        self.patch: dict[str, Any] | None = None
+        self.tap: Callable[[int, str, bytes], None] | None = None
 
 
 class Proxy:
@@ -82,15 +89,17 @@ class Proxy:
         """Falcon error handler for ForwardTo: the response becomes the peer's. (An error handler
         that raises gets no further handling, so errors are rendered here.)"""
         try:
-            self._forward(req, resp, ex.forward)
+            self._forward(req, resp, ex)
         except ApiError as err:
             handle_api_error(req, resp, err, params)
 
-    def _forward(self, req: falcon.Request, resp: falcon.Response, forward: Forward) -> None:
+    def _forward(self, req: falcon.Request, resp: falcon.Response, ex: ForwardTo) -> None:
         body = getattr(req.context, "raw_body", None)
         if body is None:
             raise ApiError(500, "cannot forward a request whose body was not kept", "server_error", None)
-        targets = forward.targets
+        if ex.patch:
+            body = _patched(body, ex.patch)
+        targets = ex.forward.targets
         failed: list[str] = []
         for i, target in enumerate(targets):
             last = i == len(targets) - 1
@@ -104,7 +113,7 @@ class Proxy:
                 self._refused(target, upstream.status)
                 failed.append(target.node)
                 continue
-            self._relay(req, resp, target, conn, upstream, failed)
+            self._relay(req, resp, target, conn, upstream, failed, ex.tap)
             return
         names = ", ".join(failed)
         raise ApiError(
@@ -147,6 +156,7 @@ class Proxy:
         conn: http.client.HTTPConnection,
         upstream: http.client.HTTPResponse,
         failed: list[str],
+        tap: Callable[[int, str, bytes], None] | None = None,
     ) -> None:
         resp.status = upstream.status
         for name, value in upstream.getheaders():
@@ -164,7 +174,7 @@ class Proxy:
         if record is not None:
             record.node = target.node  # counted for the node that served it
         is_sse = (upstream.getheader("content-type") or "").startswith("text/event-stream")
-        resp.stream = self._chunks(conn, upstream, target, dialect_of(req) if is_sse else None, record)
+        resp.stream = self._chunks(conn, upstream, target, dialect_of(req) if is_sse else None, record, tap)
 
     def _chunks(
         self,
@@ -173,16 +183,26 @@ class Proxy:
         target: Target,
         sse_dialect: str | None,
         record: RequestRecord | None = None,
+        tap: Callable[[int, str, bytes], None] | None = None,
     ) -> Iterator[bytes]:
         """The peer's bytes as they arrive (``read1``: whatever is there, no waiting for more).
         Closing this generator (the client went away) closes the upstream connection, which
-        cancels the request on the peer."""
+        cancels the request on the peer. With ``tap``, the whole answer is also kept and handed
+        to it once it has all arrived."""
         ended_event = True
+        ctype = upstream.getheader("content-type") or ""
         try:
+            if tap is not None and sse_dialect is None:  # one JSON body: whole, then tapped, then relayed
+                whole = upstream.read()
+                self._tap(tap, upstream.status, ctype, whole, target)
+                if whole:
+                    yield whole
             while chunk := upstream.read1(65536):
                 if record is not None and record.first_token is None:
                     record.first_token = time.monotonic()  # its first byte: as near as a proxy can tell
                 ended_event = chunk.endswith(b"\n\n")
+                if tap is not None:
+                    self._tap(tap, upstream.status, ctype, chunk, target)
                 yield chunk
             self.pool.release(target.endpoint, conn, upstream)
             conn = None
@@ -204,6 +224,13 @@ class Proxy:
             if conn is not None:
                 conn.close()
 
+    @staticmethod
+    def _tap(tap: Callable[[int, str, bytes], None], status: int, ctype: str, data: bytes, target: Target) -> None:
+        try:
+            tap(status, ctype, data)
+        except Exception:  # what a tap keeps never costs the client its answer
+            log.exception("a tap on the answer forwarded to %s failed", target.node)
+
 
 def error_event(err: ApiError, dialect: str) -> bytes:
     """The dialect's mid-stream error: OpenAI sends the error object as one more data event,
@@ -211,6 +238,12 @@ def error_event(err: ApiError, dialect: str) -> bytes:
     if dialect == "anthropic":
         return sse.named("error", err.body("anthropic"))
     return sse.event(err.body())
+
+
+def _patched(body: bytes, fields: dict[str, Any]) -> bytes:
+    data = json.loads(body)
+    data.update(fields)
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _rename(body: bytes, model: str) -> bytes:

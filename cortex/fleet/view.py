@@ -12,6 +12,7 @@ from typing import Any
 
 RESIDENT = "loaded"
 LOADING = ("loading", "recovering")
+TASKS = ("generate", "embed")  # cortex.config.TASKS (the fleet reads peers, not the config)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelView:
     busy: int = 0  # requests in flight + queued for this model
     context_length: int | None = None
     devices: tuple[str, ...] = ()
+    task: str = "generate"  # its catalogue entry's task: generate or embed
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def _model(m: dict) -> ModelView | None:
         busy=busy,
         context_length=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) else None,
         devices=tuple(d for d in devices if isinstance(d, str)),
+        task=m["task"] if m.get("task") in TASKS else "generate",  # a node before the flag: generate
     )
 
 

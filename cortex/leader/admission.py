@@ -35,7 +35,7 @@ from cortex.leader.stepper import Stepper
 from cortex.models import source
 from cortex.models.registry import ModelState, ModelStatus
 from rpc.codec import replace
-from rpc.engine import Answer, Embed, FailureKind, Started, Submit, Waiting
+from rpc.engine import Answer, ContextOverflow, Embed, FailureKind, Started, Submit, Waiting, context_message
 
 if TYPE_CHECKING:
     from cortex.leader.embedding import Embedder
@@ -75,6 +75,9 @@ class Admission:
             return shared.refuse(peer, rid, FailureKind.DRAINING, f"node {name} is draining", RETRY_AFTER_DRAINING_S)
         if state is None:
             return shared.refuse(peer, rid, FailureKind.MODEL_NOT_FOUND, f"The model '{req.model}' does not exist")
+        wrong_task = _wrong_task(req, state)
+        if wrong_task is not None:  # before any load: a model is never loaded for a request it cannot serve
+            return shared.refuse(peer, rid, FailureKind.INVALID_REQUEST, wrong_task)
         if state.status != ModelStatus.LOADED:
             return self._park(peer, req, state)
         if isinstance(req, Embed):
@@ -197,22 +200,12 @@ class Admission:
         self.shared.reply(peer, Started(rid, len(prompt), reasoning))
 
     def _limits(self, req: Submit, state: ModelState, sched: Scheduler, prompt_len: int) -> tuple | None:
-        """(kind, message[, retry_after]) when the request exceeds the context or a limit; else None."""
+        """(kind, message[, retry_after[, overflow]]) when the request exceeds the context or a limit; else None."""
         ctx = state.context_length
-        if prompt_len >= ctx:
-            return (
-                FailureKind.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {ctx} tokens. However, your messages "
-                f"resulted in {prompt_len} tokens. Please reduce the length of the messages.",
-            )
-        if req.max_tokens is not None and req.max_tokens > ctx - prompt_len:
-            return (
-                FailureKind.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {ctx} tokens. However, you requested "
-                f"{prompt_len + req.max_tokens} tokens ({prompt_len} in the messages, "
-                f"{req.max_tokens} in the completion). Please reduce the length of the messages "
-                "or completion.",
-            )
+        if prompt_len >= ctx or (req.max_tokens is not None and req.max_tokens > ctx - prompt_len):
+            # the numbers travel as fields: each dialect words them (cortex/api/errors.py)
+            over = ContextOverflow(ctx, prompt_len, None if prompt_len >= ctx else req.max_tokens)
+            return (FailureKind.CONTEXT_LENGTH_EXCEEDED, context_message(over), None, over)
         out_limit = state.entry.max_output_tokens
         if out_limit and req.max_tokens is not None and req.max_tokens > out_limit:
             return (
@@ -307,3 +300,15 @@ def eos_ids(files: source.ModelFiles) -> set[int]:
 def retry_after(sched: Scheduler) -> int:
     """Seconds a refused client should wait: roughly how many rounds of the running batch the queue is."""
     return max(1, min(60, len(sched.waiting) // max(len(sched.running), 1)))
+
+
+def _wrong_task(req: Submit | Embed, state: ModelState) -> str | None:
+    """Why the model's catalogue ``task`` rules the request out, or None."""
+    task = state.entry.task
+    if isinstance(req, Embed) and task != "embed":
+        return f"The model '{state.id}' does not serve embeddings: its task is '{task}' (models.toml)."
+    if isinstance(req, Submit) and task == "embed":
+        return (
+            f"The model '{state.id}' serves embeddings only (its task is '{task}' in models.toml): use /v1/embeddings."
+        )
+    return None

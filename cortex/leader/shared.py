@@ -16,7 +16,7 @@ from cortex.engine.calls import WorkerCalls
 from cortex.models.registry import Registry
 from cortex.ops.engine_metrics import EngineMetrics
 from cortex.supervisor import WorkerHandle
-from rpc.engine import Failure, FailureKind
+from rpc.engine import ContextOverflow, Failure, FailureKind
 from rpc.transport import RpcServer
 
 RETRY_AFTER_LOADING_S = 5
@@ -41,7 +41,13 @@ class Shared:
         self.frontend.reply(peer, 0, msg)
 
     def refuse(
-        self, peer: bytes, request_id: str, kind: FailureKind, message: str, retry_after: int | None = None
+        self,
+        peer: bytes,
+        request_id: str,
+        kind: FailureKind,
+        message: str,
+        retry_after: int | None = None,
+        overflow: ContextOverflow | None = None,
     ) -> None:
         """The one way a request is refused or failed: a ``Failure`` the front turns into the caller's dialect."""
-        self.frontend.reply(peer, 0, Failure(request_id, kind, message, retry_after))
+        self.frontend.reply(peer, 0, Failure(request_id, kind, message, retry_after, overflow))

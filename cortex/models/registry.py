@@ -78,6 +78,7 @@ class ModelState:
             if self.status in (ModelStatus.LOADED, ModelStatus.RECOVERING)
             else [],
             "tensor_parallel": self.entry.tensor_parallel,
+            "task": self.entry.task,
             "context_length": self.context_length or None,
             "param_bytes": sum(self.rank_bytes),
             "rank_bytes": self.rank_bytes,

@@ -58,6 +58,8 @@ class RequestRecord:
     gone: bool = False  # the client left before the end
     prompt: Any = None  # only with log_content
     completion: list[str] = field(default_factory=list)  # only with log_content
+    # tokens generated so far, per choice: what a stream the client left (no Finished) is logged with
+    produced: dict[int, int] = field(default_factory=dict)
 
     # -- filled by the engine client ------------------------------------------------------------------
 
@@ -70,17 +72,29 @@ class RequestRecord:
     def unknown_model(self) -> None:
         self.model = ""  # never a label value a client can invent
 
-    def delta(self, text: str) -> None:
+    def admitted(self, prompt_tokens: int) -> None:
+        """Admitted: the prompt's length is known before any token (a client may leave before one)."""
+        self.prompt_tokens = prompt_tokens
+
+    def delta(self, text: str, index: int = 0, completion_tokens: int | None = None, cached: int = 0) -> None:
+        """``completion_tokens``: the choice's tokens so far (the leader's count, not the deltas')."""
         if self.first_token is None:
             self.first_token = time.monotonic()
         if self.log_content:
             self.completion.append(text)
+        if completion_tokens is not None:
+            self.produced[index] = completion_tokens
+            self.completion_tokens = sum(self.produced.values())
+            self.cached_tokens = cached if self.cached_tokens is None else min(self.cached_tokens, cached)
 
-    def finished(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int, reason: str) -> None:
+    def finished(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int, reason: str, index: int = 0
+    ) -> None:
         """One Finished per choice: the prompt counts once, completions add up, cached is the
         least any choice found (the usage the API returns)."""
         self.prompt_tokens = prompt_tokens
-        self.completion_tokens += completion_tokens
+        self.produced[index] = completion_tokens
+        self.completion_tokens = sum(self.produced.values())
         self.cached_tokens = cached_tokens if self.cached_tokens is None else min(self.cached_tokens, cached_tokens)
         self.finish_reason = reason
 
