@@ -54,12 +54,14 @@ class Tally:
         self.faults: list[tuple[float, str]] = []  # (monotonic time, fault)
         self.outages: list[list[float]] = []  # [worker killed, default model served again]
         self.errors: list[tuple[float, str]] = []  # (monotonic time, outcome) of every failed request
+        self.answered: list[float] = []  # monotonic times requests were answered in full
 
     def add(self, outcome: str, seconds: float | None = None) -> None:
         with self.lock:
             self.outcomes[outcome] += 1
             if seconds is not None:
                 self.latencies.append(seconds)
+                self.answered.append(time.monotonic())
             if outcome not in INTENDED:
                 self.errors.append((time.monotonic(), outcome))
 
@@ -270,6 +272,13 @@ def report(url: str, tally: Tally, rss: list[tuple[float, float]], t0: float) ->
     print("faults:")
     for when, what in tally.faults:
         print(f"  {when - t0:7.1f} s  {what}")
+    for start, _ in tally.outages:
+        # the model serves again when any client's request is answered after the kill: one in flight
+        # at the kill fails, so a later answer came from the new worker (0.5 s: bytes in transit)
+        after = [t - start for t in tally.answered if t > start + 0.5]
+        print(
+            f"  worker killed at {start - t0:.1f} s: the first client request answered {min(after, default=-1):.1f} s later"
+        )
     print("server RSS (MiB): " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in rss))
     if len(rss) > 2:
         first, last = rss[1][1], rss[-1][1]  # after the first warm-up sample
