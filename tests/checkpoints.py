@@ -200,3 +200,75 @@ def make_qwen3_5_chat_checkpoint(path: Path, tokenizer_json: Path, template: str
         json.dumps({"chat_template": template, "eos_token": "<|im_end|>", "add_bos_token": False})
     )
     return path
+
+
+# -- mixture of experts (workers/arch/moe.py) ----------------------------------------------------------
+
+# Each kind's experts: (count, top-k, per-expert intermediate size, shared expert's; 0: none)
+MOE_SHAPES = {"qwen3_moe": (16, 4, 32, 0), "qwen3_next": (8, 2, 32, 48), "qwen3_5_moe": (8, 2, 32, 48)}
+
+
+def make_moe_checkpoint(
+    path: Path,
+    arch: str = "qwen3_moe",
+    seed: int = 0,
+    vocab: int = 512,
+    fused: bool = False,
+    **moe: object,
+) -> Path:
+    """A tiny random mixture-of-experts model written by ``save_pretrained`` (per-expert tensors):
+    ``qwen3_moe`` (``Qwen3MoeForCausalLM``, 4 layers, layer 1 dense through ``mlp_only_layers``),
+    ``qwen3_next`` (``Qwen3NextForCausalLM``, hybrid layers, layer 2 dense) or ``qwen3_5_moe``
+    (``Qwen3_5MoeForConditionalGeneration``, VLM-shaped, every layer MoE). ``moe`` overrides config
+    keys (``decoder_sparse_step``, ``norm_topk_prob``, ...); ``fused`` rewrites the experts as
+    transformers 5 holds them (``experts.gate_up_proj`` / ``experts.down_proj``)."""
+    experts, top_k, inter, shared = MOE_SHAPES[arch]
+    common = dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=inter)
+    torch.manual_seed(seed)
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        base = tiny_config("qwen3", tied=False, vocab=vocab, layers=4).to_dict()
+        keep = {k: base[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads")}
+        cfg = dict(keep, num_hidden_layers=4, num_key_value_heads=2, head_dim=32, bos_token_id=1, eos_token_id=2)
+        cfg |= common | dict(norm_topk_prob=True, mlp_only_layers=[1], max_position_embeddings=2048) | moe
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**cfg))
+    else:
+        text = tiny_hybrid_text_config(tied=False, vocab=vocab) | common
+        text |= dict(shared_expert_intermediate_size=shared, **moe)
+        if arch == "qwen3_next":
+            from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+            model = Qwen3NextForCausalLM(Qwen3NextConfig(**({"mlp_only_layers": [2]} | text)))
+        else:
+            from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+            text.pop("intermediate_size")  # no dense MLP in Qwen3.5-MoE
+            vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+            model = Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeConfig(text_config=text, vision_config=vision))
+    (randomize if arch == "qwen3_moe" else hybrid_randomize)(model.float(), seed)  # plain or zero-centred norms
+    model.save_pretrained(path)
+    if fused:
+        fuse_experts(path / "model.safetensors")
+    return path
+
+
+def fuse_experts(file: Path) -> None:
+    """Rewrite per-expert tensors (``mlp.experts.{e}.{gate,up,down}_proj.weight``) as the stacked
+    ``mlp.experts.gate_up_proj`` [experts, 2 * inter, hidden] and ``mlp.experts.down_proj``
+    [experts, hidden, inter] that transformers 5 holds in memory."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(file)
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name in list(weights):
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)_proj\.weight", name)
+        if m:
+            groups.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = weights.pop(name)
+    for prefix, experts in groups.items():
+        order = [experts[e] for e in sorted(experts)]
+        weights[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat((e["gate"], e["up"])) for e in order])
+        weights[f"{prefix}.down_proj"] = torch.stack([e["down"] for e in order])
+    save_file(weights, file, metadata={"format": "pt"})

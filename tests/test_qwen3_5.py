@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.checkpoints import hf_hybrid_model, make_hybrid_checkpoint
-from workers.arch import ModelConfig, UnsupportedModel, model_class
+from workers.arch import ModelConfig, model_class
 from workers.arch.deltanet import StateBatch, delta_rule_chunked, delta_rule_step
 from workers.arch.qwen3_5 import HybridRunner, Qwen3_5Model
 from workers.weights import load_weights
@@ -187,12 +187,13 @@ def test_layer_types_default_to_every_fourth_layer_full(text_ckpt):
     ]
 
 
-def test_mixture_of_experts_qwen3_next_is_refused(text_ckpt):
-    raw = json.loads((text_ckpt / "config.json").read_text())
-    with pytest.raises(UnsupportedModel, match="mixture-of-experts"):
-        ModelConfig.from_hf({**raw, "model_type": "qwen3_next", "num_experts": 8})
-    dense = ModelConfig.from_hf({**raw, "model_type": "qwen3_next", "num_experts": 8, "mlp_only_layers": [0, 1, 2, 3]})
-    assert dense.arch == "qwen3_next"
+def test_qwen3_next_with_experts_reads_its_mixture_of_experts_layers(text_ckpt):
+    """(Their computation: tests/test_moe.py.)"""
+    raw = json.loads((text_ckpt / "config.json").read_text()) | {"model_type": "qwen3_next", "num_experts": 8}
+    moe = ModelConfig.from_hf({**raw, "moe_intermediate_size": 32})
+    assert (moe.num_experts, moe.moe_layers, moe.norm_topk_prob) == (8, 4, True)
+    dense = ModelConfig.from_hf({**raw, "moe_intermediate_size": 32, "mlp_only_layers": [0, 1, 2, 3]})
+    assert dense.arch == "qwen3_next" and dense.moe_layers == 0
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])

@@ -24,6 +24,24 @@ LAYER_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# Qwen3.5 / Qwen3-Next (our archs "qwen3_5", "qwen3_next"; llama.cpp's "qwen35", "qwen3next"): the
+# names gguf's TensorNameMap gives these archs. Several tensors are also re-laid out or transformed
+# by llama.cpp's converter; workers/weights.py undoes that (``HybridLayout``).
+HYBRID_LAYER_NAMES = {
+    **LAYER_NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",  # Qwen3.5; Qwen3-Next's in_proj_qkvz is
+    "linear_attn.in_proj_z.weight": "attn_gate.weight",  # split into these two by the converter
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight",
+    "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+    "linear_attn.in_proj_ba.weight": "ssm_ba.weight",  # Qwen3-Next
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight",
+    "linear_attn.A_log": "ssm_a",
+    "linear_attn.dt_bias": "ssm_dt.bias",  # renamed dt_proj.bias by the converter first
+    "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+}
+HYBRID_ARCHS = ("qwen3_5", "qwen3_next")
 GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
@@ -34,12 +52,14 @@ GLOBAL_NAMES = {
 _BULK = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
+    """The GGUF name of a Hugging Face parameter of a model of ``arch`` (our ModelConfig.arch)."""
     if hf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[hf_name]
+    names = HYBRID_LAYER_NAMES if arch in HYBRID_ARCHS else LAYER_NAMES
     parts = hf_name.split(".", 3)  # model, layers, N, rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in LAYER_NAMES:
-        return f"blk.{parts[2]}.{LAYER_NAMES[parts[3]]}"
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in names:
+        return f"blk.{parts[2]}.{names[parts[3]]}"
     raise KeyError(f"no GGUF name for parameter {hf_name!r}")
 
 

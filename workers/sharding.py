@@ -3,6 +3,8 @@ before it asks any worker to load, and the workers build their layers from the s
 
 Attention is split by heads and the MLP by intermediate features. When a model has fewer KV heads
 than ranks, each rank keeps a copy of the one KV head its query heads use (rather than refusing).
+Mixture-of-experts MLPs split every expert (and the shared expert) by intermediate features too
+(``ExpertLayout``; why: workers/arch/moe.py).
 """
 
 from __future__ import annotations
@@ -63,6 +65,26 @@ class HeadLayout:
         return cls(q_local, kv_local, r * q_local, kv_start, inter, r * inter)
 
 
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Each rank's slice of the intermediate features of every routed expert and of the shared one."""
+
+    inter: int  # local, of each routed expert
+    inter_start: int
+    shared_inter: int  # local, of the shared expert (0: none)
+    shared_start: int
+
+    @classmethod
+    def for_rank(cls, cfg: ModelConfig, rank: int, world_size: int, model_name: str = "model") -> ExpertLayout:
+        sizes = {"moe_intermediate_size": cfg.moe_intermediate_size}
+        sizes["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        for key, size in sizes.items():
+            if size % world_size:
+                raise ShardingError(f"{model_name}: {key}={size} is not divisible by tensor_parallel={world_size}")
+        inter, shared = cfg.moe_intermediate_size // world_size, cfg.shared_expert_intermediate_size // world_size
+        return cls(inter, rank * inter, shared, rank * shared)
+
+
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -75,6 +97,8 @@ def kv_block_bytes(cfg: ModelConfig, world_size: int, dtype: str, block_size: in
 def check_split(cfg: ModelConfig, world_size: int, model_name: str) -> None:
     """Raise ShardingError if ``cfg`` cannot be split across ``world_size`` ranks."""
     HeadLayout.for_rank(cfg, 0, world_size, model_name)
+    if cfg.moe_layers:
+        ExpertLayout.for_rank(cfg, 0, world_size, model_name)
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     if cfg.linear_layers and (hk % world_size or hv % hk):  # as workers.arch.deltanet.LinearLayout splits
         raise ShardingError(

@@ -5,7 +5,8 @@ GGUF: tensors are dequantized at load to the configured dtype; q/k rows are un-p
 llama.cpp's converter reorders them for its interleaved RoPE on Llama models.
 
 Fused layers (``weight.parts``) are filled with their parts' slices concatenated along the output
-features. With ``quantize`` (see ``QUANTIZE``) linear layers are then replaced by packed
+features. A parameter with a ``loader`` reads its own sources (the stacked expert weights of
+workers/arch/moe.py: fused or per-expert in the file). With ``quantize`` (see ``QUANTIZE``) linear layers are then replaced by packed
 ``QuantLinear`` layers (workers/quant.py): from a GGUF file's own Q4_0/Q4_1 blocks (4-bit values kept
 as they are), or by quantizing the loaded weights.
 """
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.gguf_file import GGUFFile, gguf_name
+from workers.gguf_file import HYBRID_ARCHS, GGUFFile, gguf_name
 from workers.parallel import ParallelLinear, Shard
 from workers.quant import GROUP, Q4Blocks, QuantLinear, int4_fits
 
@@ -119,11 +120,21 @@ class GGUFReader:
 
     def __init__(self, path: Path, cfg):
         self.file, self.path, self.cfg = GGUFFile(path), path, cfg
+        self.hybrid = HybridLayout(cfg) if cfg.arch in HYBRID_ARCHS else None
+        # tensor name -> file, as SafetensorsReader has: the hybrid model's name adapter
+        # (CheckpointNames in workers/arch/qwen3_5.py) looks there for VLM / vision / MTP names
+        self.where = dict.fromkeys(self.file.tensors, path)
+        # the last tensor read, whole: a fused layer reads its parts one after the other, and
+        # Qwen3-Next's in_proj_qkvz is read in 4 pieces per key head
+        self._last: tuple[str, np.ndarray] | None = None
 
     def _tensor(self, name: str):
-        t = self.file.tensors.get(gguf_name(name))
+        if name.endswith("in_proj_qkvz.weight"):  # Qwen3-Next: stored split, see HybridLayout.qkvz
+            name = name.replace("in_proj_qkvz", "in_proj_qkv")
+        stored = gguf_name(name, self.cfg.arch)
+        t = self.file.tensors.get(stored)
         if t is None:
-            raise WeightsError(f"tensor {gguf_name(name)!r} ({name}) is missing from {self.path.name}")
+            raise WeightsError(f"tensor {stored!r} ({name}) is missing from {self.path.name}")
         return t
 
     def storage(self, name: str) -> str:
@@ -134,12 +145,30 @@ class GGUFReader:
             return _unpermute(w, self.cfg.num_heads if "q_proj" in name else self.cfg.num_kv_heads)
         return w
 
-    def dense(self, name: str, shard: Shard | None) -> torch.Tensor:
+    def _stored(self, name: str) -> np.ndarray:
         import gguf
 
         t = self._tensor(name)
         w = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = self._unpermute(name, w.reshape([int(d) for d in reversed(t.shape)]))  # GGUF lists dims innermost first
+        return w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+
+    def _array(self, name: str) -> np.ndarray:
+        """The whole tensor in the Hugging Face checkpoint's layout."""
+        if self._last is None or self._last[0] != name:
+            self._last = None  # freed before the next one is made
+            self._last = (name, self._convert(name))
+        return self._last[1]
+
+    def _convert(self, name: str) -> np.ndarray:
+        if self.hybrid is None:
+            return self._unpermute(name, self._stored(name))
+        if name.endswith("in_proj_qkvz.weight"):
+            z = self._stored(name.replace("in_proj_qkvz", "in_proj_z"))
+            return self.hybrid.qkvz(self._stored(name), z)
+        return self.hybrid.to_hf(name, self._stored(name))
+
+    def dense(self, name: str, shard: Shard | None) -> torch.Tensor:
+        w = self._array(name)
         if shard is not None and shard.length != w.shape[shard.dim]:
             w = np.take(w, range(shard.start, shard.start + shard.length), axis=shard.dim)
         return torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
@@ -147,6 +176,8 @@ class GGUFReader:
     def q4(self, name: str, shard: Shard | None) -> Q4Blocks | None:
         """The tensor's own 4-bit blocks (this rank's slice), or None if it is not Q4_0/Q4_1 or the
         slice cuts through blocks."""
+        if self.hybrid is not None and "linear_attn." in name:
+            return None  # re-laid out by the converter: quantized again from the dense values
         t = self._tensor(name)
         if t.tensor_type.name not in _Q4 or len(t.shape) != 2:
             return None
@@ -162,7 +193,67 @@ class GGUFReader:
         return b.cols(shard.start, shard.length)
 
     def close(self) -> None:
-        pass
+        self._last = None
+
+
+class HybridLayout:
+    """Undo what llama.cpp's converter does to Qwen3.5 / Qwen3-Next tensors (convert_hf_to_gguf.py at
+    ggml-org/llama.cpp 0024aa74: ``Qwen3NextModel.modify_tensors``, and for Qwen3.5 first
+    ``_LinearAttentionVReorderBase.modify_tensors``):
+
+    - zero-centred norms (all but ``linear_attn.norm``) are stored as ``1 + w``;
+    - ``A_log`` is stored as ``-exp(A_log)`` (``ssm_a``), the conv weight squeezed to [channels, kernel];
+    - Qwen3-Next: ``in_proj_qkvz`` (per key head ``[q | k | v group | z group]``) is stored as
+      ``attn_qkv`` = [all q | all k | all v] and ``attn_gate`` = all z (see ``qkvz``);
+    - Qwen3.5 with more value heads than key heads: every value-head axis (v rows of ``in_proj_qkv``
+      and of the conv, ``in_proj_z/a/b`` rows, ``A_log``, ``dt_bias``, ``out_proj`` columns) is
+      reordered from grouped by key head (k0v0 k0v1 k1v0 k1v1) to tiled (k0v0 k1v0 k0v1 k1v1), the
+      order ggml's broadcast wants; our DeltaNet reads the grouped order."""
+
+    def __init__(self, cfg):
+        self.k_heads, self.v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim = self.k_heads * self.dk
+        self.tiled = cfg.arch == "qwen3_5" and self.k_heads != self.v_heads
+
+    def to_hf(self, name: str, w: np.ndarray) -> np.ndarray:
+        if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            return w - 1
+        if name.endswith("A_log"):
+            w = np.log(-w)
+        if self.tiled and "linear_attn." in name:
+            w = self._untile(name, w)
+        if name.endswith("conv1d.weight"):
+            w = w[:, None, :]  # [channels, 1, kernel] as the checkpoint has it
+        return w
+
+    def _untile(self, name: str, w: np.ndarray) -> np.ndarray:
+        leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else name.rsplit(".", 1)[-1]
+        if leaf in ("in_proj_qkv", "conv1d"):  # only the v rows (channels) after q and k
+            qk = 2 * self.key_dim
+            return np.concatenate((w[:qk], self._grouped(w[qk:], 0, self.dv)))
+        if leaf == "in_proj_z":
+            return self._grouped(w, 0, self.dv)
+        if leaf == "out_proj":
+            return self._grouped(w, 1, self.dv)
+        if leaf in ("in_proj_a", "in_proj_b", "A_log", "dt_bias"):
+            return self._grouped(w, 0, 1)
+        return w  # norm: one weight shared by every head
+
+    def _grouped(self, w: np.ndarray, axis: int, head_dim: int) -> np.ndarray:
+        """Value heads along ``axis`` from tiled [per-group index, key head] back to grouped order."""
+        shape = w.shape
+        r = self.v_heads // self.k_heads
+        tiled = w.reshape(*shape[:axis], r, self.k_heads, head_dim, *shape[axis + 1 :])
+        return tiled.swapaxes(axis, axis + 1).reshape(shape)
+
+    def qkvz(self, qkv: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Qwen3-Next's ``in_proj_qkvz`` from the converter's ``attn_qkv`` and ``attn_gate``: for each
+        key head, its q, its k, then the v and the z of the value heads it serves."""
+        hidden = qkv.shape[1]
+        q, k, v = np.split(qkv, (self.key_dim, 2 * self.key_dim))
+        per_head = [x.reshape(self.k_heads, -1, hidden) for x in (q, k, v, z)]
+        return np.concatenate(per_head, axis=1).reshape(-1, hidden)
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -230,7 +321,9 @@ def _fill(model: nn.Module, reader, mode: str, progress: Progress | None) -> dic
         if layer is not None and leaf == "weight":
             storage = [reader.storage(n) for n, _ in sources]
             kind = _plan(mode, storage, p.shape[0], p.shape[1], head=module_name == "lm_head")
-        if kind is None:
+        if getattr(p, "loader", None) is not None:  # its own reading (stacked experts, workers/arch/moe.py)
+            _copy(name, p.data, p.loader(reader, name))
+        elif kind is None:
             _copy(name, p.data, _dense(reader, sources))
         else:
             q = _pack(reader, kind, sources, reduce=getattr(layer, "reduce", False), tp=getattr(layer, "tp", None))

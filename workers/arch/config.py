@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHS = ("llama", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen3", "qwen3_moe")
 # Hybrid linear-attention models (Hugging Face config.json only): model_type -> the arch we run.
 # Qwen3.5 comes VLM-shaped ("qwen3_5", the text model under "text_config") or text-only.
 HYBRID_ARCHS = {"qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_next": "qwen3_next"}
+# Qwen3.5-MoE is Qwen3.5 with mixture-of-experts MLPs: the same hybrid arch, with num_experts set
+HYBRID_ARCHS.update({"qwen3_5_moe": "qwen3_5", "qwen3_5_moe_text": "qwen3_5"})
 LAYER_TYPES = ("full_attention", "linear_attention")
+# The same hybrids in GGUF files: llama.cpp's architecture name -> the arch we run.
+GGUF_HYBRID_ARCHS = {"qwen35": "qwen3_5", "qwen3next": "qwen3_next"}
 
 
 class UnsupportedModel(ValueError):
@@ -52,6 +56,26 @@ class ModelConfig:
     linear_num_value_heads: int = 0  # a multiple of the key heads (each key head serves a group)
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
+    # Mixture-of-experts MLPs (qwen3_moe; Qwen3-Next and Qwen3.5-MoE, run as the hybrid archs): a
+    # router sends each token to num_experts_per_tok of num_experts SwiGLU experts
+    # (workers/arch/moe.py). 0 experts: every MLP is dense (intermediate_size).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each routed expert's
+    shared_expert_intermediate_size: int = 0  # an expert every token takes, behind a sigmoid gate; 0: none
+    norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to 1
+    decoder_sparse_step: int = 1  # layer i is MoE iff (i + 1) % step == 0 and i not in mlp_only_layers
+    mlp_only_layers: list[int] = field(default_factory=list)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i``'s MLP is a mixture of experts (transformers' rule, Qwen3MoeDecoderLayer)."""
+        step = self.decoder_sparse_step or 1
+        return self.num_experts > 0 and (i + 1) % step == 0 and i not in self.mlp_only_layers
+
+    @property
+    def moe_layers(self) -> int:
+        """How many layers have a mixture-of-experts MLP."""
+        return sum(self.is_moe_layer(i) for i in range(self.num_layers))
 
     @property
     def kv_layers(self) -> int:
@@ -111,10 +135,11 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             rope_scaling=scaling,
             eos_token_ids=eos,
             bos_token_id=cfg.get("bos_token_id"),
+            **_moe_from_hf(cfg, arch),
         )
 
     @classmethod
@@ -127,40 +152,92 @@ class ModelConfig:
     @classmethod
     def from_gguf_fields(cls, meta: dict[str, Any], has_output_weight: bool, vocab_size: int) -> ModelConfig:
         arch = meta.get("general.architecture", "")
-        if arch not in SUPPORTED_ARCHS:
-            raise UnsupportedModel(
-                f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
-            )
-
-        def key(name: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{name}", default)
-
-        hidden = key("embedding_length")
-        heads = key("attention.head_count")
-        scaling_type = key("rope.scaling.type")
+        if arch not in SUPPORTED_ARCHS and arch not in GGUF_HYBRID_ARCHS:
+            supported = ", ".join((*SUPPORTED_ARCHS, *GGUF_HYBRID_ARCHS))
+            raise UnsupportedModel(f"GGUF architecture {arch!r} is not supported (supported: {supported})")
+        key = _GGUFKeys(meta, arch)
+        hidden = key.need("embedding_length")
+        heads = key.need("attention.head_count")
+        scaling_type = key.get("rope.scaling.type")
         scaling = None
         if scaling_type and scaling_type != "none":
-            scaling = {"rope_type": scaling_type, "factor": key("rope.scaling.factor", 1.0)}
+            scaling = {"rope_type": scaling_type, "factor": key.get("rope.scaling.factor", 1.0)}
         _check_rope(scaling)
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(
+        base = cls(
             arch=arch,
             vocab_size=vocab_size,
             hidden_size=hidden,
-            intermediate_size=key("feed_forward_length"),
-            num_layers=key("block_count"),
+            intermediate_size=key.need("feed_forward_length"),
+            num_layers=key.need("block_count"),
             num_heads=heads,
-            num_kv_heads=key("attention.head_count_kv") or heads,
-            head_dim=key("attention.key_length") or hidden // heads,
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
-            max_position_embeddings=key("context_length", 4096),
+            num_kv_heads=key.get("attention.head_count_kv") or heads,
+            head_dim=key.get("attention.key_length") or hidden // heads,
+            rms_norm_eps=float(key.get("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(key.get("rope.freq_base", 10000.0)),
+            max_position_embeddings=key.get("context_length", 4096),
             tie_word_embeddings=not has_output_weight,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", *GGUF_HYBRID_ARCHS),
             rope_scaling=scaling,
             eos_token_ids=[] if eos is None else [int(eos)],
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         )
+        return _hybrid_from_gguf(base, key) if arch in GGUF_HYBRID_ARCHS else base
+
+
+class _GGUFKeys:
+    """``{arch}.*`` metadata of a GGUF file; a required key that is missing is named in the error."""
+
+    def __init__(self, meta: dict[str, Any], arch: str):
+        self.meta, self.arch = meta, arch
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{name}", default)
+
+    def need(self, name: str) -> Any:
+        value = self.get(name)
+        if value is None:
+            raise UnsupportedModel(f"GGUF metadata key '{self.arch}.{name}' is missing (required for {self.arch})")
+        return value
+
+
+def _hybrid_from_gguf(base: ModelConfig, key: _GGUFKeys) -> ModelConfig:
+    """Qwen3.5 / Qwen3-Next from the keys llama.cpp's converter writes (Qwen3NextModel.
+    set_gguf_parameters): the Gated DeltaNet sizes under ``ssm.*``, the layer pattern as
+    ``full_attention_interval``, partial RoPE as ``rope.dimension_count``. ``block_count`` also
+    counts the multi-token-prediction layers (``nextn_predict_layers``) that we do not run."""
+    if key.get("expert_count"):  # what llama.cpp's converter writes for Qwen3-Next as released
+        raise UnsupportedModel(f"GGUF {key.arch} with mixture-of-experts layers is not supported yet (dense only)")
+    layers = base.num_layers - key.get("nextn_predict_layers", 0)
+    v_heads = key.need("ssm.time_step_rank")
+    return dataclasses.replace(
+        base,
+        arch=GGUF_HYBRID_ARCHS[key.arch],
+        num_layers=layers,
+        head_dim=key.need("attention.key_length"),  # not hidden / heads in these models
+        layer_types=_gguf_layer_types(key, layers),
+        partial_rotary_factor=key.need("rope.dimension_count") / key.need("attention.key_length"),
+        attn_output_gate=True,  # llama.cpp's qwen35 / qwen3next always read [query | gate] from attn_q
+        linear_conv_kernel=key.need("ssm.conv_kernel"),
+        linear_num_key_heads=key.need("ssm.group_count"),
+        linear_num_value_heads=v_heads,
+        linear_key_head_dim=key.need("ssm.state_size"),
+        linear_value_head_dim=key.need("ssm.inner_size") // v_heads,
+    )
+
+
+def _gguf_layer_types(key: _GGUFKeys, layers: int) -> list[str]:
+    """As llama.cpp's loader reads them: a per-layer ``attention.recurrent_layers`` flag array when
+    the file has one, else one full-attention layer every ``full_attention_interval`` (default 4)."""
+    flags = key.get("attention.recurrent_layers")
+    if flags is not None:
+        if len(flags) < layers:
+            raise UnsupportedModel(
+                f"GGUF metadata key '{key.arch}.attention.recurrent_layers' has {len(flags)} flags for {layers} layers"
+            )
+        return ["linear_attention" if f else "full_attention" for f in flags[:layers]]
+    every = key.get("full_attention_interval", 4)
+    return ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(layers)]
 
 
 def _as_list(value: Any) -> list[int]:
@@ -186,8 +263,6 @@ def _hybrid_from_hf(cls, cfg: dict[str, Any], generation_config: dict[str, Any] 
     for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):  # the outer file's word wins
         if cfg.get(key) is not None:
             text[key] = cfg[key]
-    if arch == "qwen3_next":
-        _check_dense(text)
     layers = text["num_hidden_layers"]
     types = list(text.get("layer_types") or [])
     if not types:
@@ -197,9 +272,11 @@ def _hybrid_from_hf(cls, cfg: dict[str, Any], generation_config: dict[str, Any] 
     if unknown or len(types) != layers:
         raise UnsupportedModel(f"layer_types {unknown or types} is not supported ({layers} layers of {LAYER_TYPES})")
     rope = text.get("rope_parameters") or {}
-    base = cls.from_hf({**text, "model_type": "qwen3"}, generation_config)  # the fields Qwen3 shares
+    # the fields Qwen3 shares (Qwen3.5-MoE has no dense MLP, so no intermediate_size)
+    base = cls.from_hf({"intermediate_size": 0, **text, "model_type": "qwen3"}, generation_config)
     return dataclasses.replace(
         base,
+        **_moe_from_hf(text, cfg["model_type"]),
         arch=arch,
         layer_types=types,
         partial_rotary_factor=float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
@@ -212,10 +289,26 @@ def _hybrid_from_hf(cls, cfg: dict[str, Any], generation_config: dict[str, Any] 
     )
 
 
-def _check_dense(text: dict[str, Any]) -> None:
-    """Qwen3-Next runs here only in its dense form: no layer with a mixture-of-experts MLP."""
-    experts, step = text.get("num_experts", 512), text.get("decoder_sparse_step", 1)
-    dense_only = set(text.get("mlp_only_layers") or [])
-    moe = [i for i in range(text["num_hidden_layers"]) if i not in dense_only and experts > 0 and (i + 1) % step == 0]
-    if moe:
-        raise UnsupportedModel(f"qwen3_next with mixture-of-experts layers ({len(moe)} of them) is not supported yet")
+# transformers' default expert counts, for a config.json that leaves it out
+_MOE_EXPERTS = {"qwen3_moe": 128, "qwen3_next": 512, "qwen3_5_moe": 256, "qwen3_5_moe_text": 256}
+
+
+def _moe_from_hf(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen3-MoE, Qwen3-Next or Qwen3.5-MoE text config ({} for
+    other models). transformers 5 writes Qwen3-MoE's expert count as ``num_local_experts``;
+    Qwen3.5-MoE has no ``norm_topk_prob``: its router always renormalises."""
+    if model_type not in _MOE_EXPERTS:
+        return {}
+    experts = cfg.get("num_experts", cfg.get("num_local_experts", _MOE_EXPERTS[model_type]))
+    if not experts:
+        return {}
+    always_norm = model_type.startswith("qwen3_5_moe")
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok", 8)),
+        moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+        norm_topk_prob=always_norm or bool(cfg.get("norm_topk_prob", model_type == "qwen3_next")),
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+        mlp_only_layers=[int(i) for i in cfg.get("mlp_only_layers") or []],
+    )

@@ -1,4 +1,5 @@
-"""Qwen3.5 / Qwen3.6 (``qwen3_5``, ``qwen3_5_text``) and dense Qwen3-Next (``qwen3_next``): a hybrid
+"""Qwen3.5 / Qwen3.6 (``qwen3_5``, ``qwen3_5_text``), Qwen3-Next (``qwen3_next``) and Qwen3.5-MoE
+(``qwen3_5_moe``, run as ``qwen3_5`` with experts; MLPs: workers/arch/moe.py): a hybrid
 decoder whose layers are either gated full attention or Gated DeltaNet linear attention, as
 ``cfg.layer_types`` says (by default three linear layers before each full one).
 
@@ -52,7 +53,8 @@ from torch import nn
 
 from workers.arch.config import ModelConfig
 from workers.arch.deltanet import GatedDeltaNet, LinearLayout, RecurrentStatePool, StateBatch
-from workers.arch.llama import MLP, Rotary, apply_rotary
+from workers.arch.llama import Rotary, apply_rotary
+from workers.arch.moe import layer_mlp
 from workers.attention import attend
 from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
 from workers.parallel import TPGroup, fused, row
@@ -117,9 +119,12 @@ class GatedAttention(nn.Module):
 
 class HybridLayer(nn.Module):
     """Norm, token mixer (``self_attn`` or ``linear_attn``), residual; norm, MLP, residual. ``index``
-    numbers the layer among those of its kind: its KV layer or its state layer."""
+    numbers the layer among those of its kind: its KV layer or its state layer. ``mlp``: dense, or
+    a mixture of experts (workers/arch/moe.py: Qwen3-Next, Qwen3.5-MoE)."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, index: int, layouts, tp: TPGroup, dtype: torch.dtype):
+    def __init__(
+        self, cfg: ModelConfig, kind: str, index: int, layouts, tp: TPGroup, dtype: torch.dtype, mlp: nn.Module
+    ):
         super().__init__()
         head_layout, linear_layout = layouts
         self.kind, self.index = kind, index
@@ -129,7 +134,7 @@ class HybridLayer(nn.Module):
         else:
             self.linear_attn = GatedDeltaNet(cfg, linear_layout, tp, dtype, interleaved=cfg.arch == "qwen3_next")
         self.post_attention_layernorm = ZeroCentredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, head_layout, tp, dtype)
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -163,8 +168,9 @@ class Backbone(nn.Module):
         self.embed_tokens.weight.shard = None
         seen = {"full_attention": 0, "linear_attention": 0}
         layers = []
-        for kind in cfg.layer_types:
-            layers.append(HybridLayer(cfg, kind, seen[kind], layouts, tp, dtype))
+        for i, kind in enumerate(cfg.layer_types):
+            mlp = layer_mlp(cfg, i, layouts[0], tp, dtype)
+            layers.append(HybridLayer(cfg, kind, seen[kind], layouts, tp, dtype, mlp))
             seen[kind] += 1
         self.layers = nn.ModuleList(layers)
         self.norm = ZeroCentredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
