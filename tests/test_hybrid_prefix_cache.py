@@ -172,13 +172,21 @@ def hybrid_ckpt(tmp_path_factory):
     return make_hybrid_checkpoint(tmp_path_factory.mktemp("hybrid-prefix"))
 
 
-def test_a_sequence_resumed_from_a_saved_state_and_shared_blocks_equals_transformers(hybrid_ckpt):
+@pytest.fixture(scope="module", params=["qwen3_5-vlm", "qwen3_next"])
+def resumable_ckpt(request, tmp_path_factory):
+    """The two checkpoint shapes the issue names: VLM-shaped Qwen3.5 and dense Qwen3-Next."""
+    arch, vlm = ("qwen3_next", False) if request.param == "qwen3_next" else ("qwen3_5", True)
+    return make_hybrid_checkpoint(tmp_path_factory.mktemp(request.param), arch=arch, vlm=vlm)
+
+
+def test_a_sequence_resumed_from_a_saved_state_and_shared_blocks_equals_transformers(resumable_ckpt):
     """Worker level, fp32: sequence A computes a prompt in two chunks (7 tokens, then to the block
     boundary at 16 where its state is saved, then the rest); sequence B shares A's first block,
     resumes from the saved state in a slot of its own, in a step with A's decode, and its logits equal
     transformers' on B's whole sequence."""
     from workers.worker import Worker
 
+    hybrid_ckpt = resumable_ckpt
     cfg = ModelConfig.from_hf_dir(hybrid_ckpt)
     worker = Worker("cpu")
     loaded = worker.handle(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -140,12 +141,22 @@ def test_n_choices_agree_when_greedy(srv):
     """The second choice resumes from the first's saved prompt state (the scheduler test shows it
     waits for it); both equal the prompt alone."""
     prompt = "Tell me twice. " + SENTENCE * 2  # a start no earlier test sent
-    got = _chat(srv, prompt, 8, n=2)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    got = client.chat.completions.create(
+        model="hybrid",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=8,
+        temperature=0,
+        n=2,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
     one = _chat(srv, prompt, 8)
-    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the first choice computed it
+    assert got.usage.prompt_tokens_details.cached_tokens == 0  # the first choice computed it
     assert one["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16  # the resend resumes
-    for choice in got["choices"]:
-        assert _token_bytes(choice) == _token_bytes(one["choices"][0])
+    assert len(got.choices) == 2
+    for choice in got.choices:
+        assert [bytes(t.bytes) for t in choice.logprobs.content] == _token_bytes(one["choices"][0])
 
 
 def test_the_next_turn_of_a_conversation_resumes_from_the_saved_state_and_equals_transformers(srv, hybrid_dir):
