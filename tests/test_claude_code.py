@@ -18,8 +18,12 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Tokenizer
 
-from tests.conftest import Server, json_events, read_sse, tiny_models_toml
+from tests.checkpoints import make_checkpoint, write_chatml_tokenizer_config
+from tests.conftest import Server, json_events, read_sse, tiny_models_toml, train_tiny_tokenizer
 
 KEY = "sk-claude-code-test"
 CONTEXT = 32768
@@ -34,6 +38,39 @@ SYSTEM = "You are a careful coding agent. " * 12  # long enough to fill whole KV
 ASK = [{"role": "user", "content": "Read the file and fix the bug."}]
 
 
+# a tiny model that opens its own <think> span and never closes it: x after x, y after a blank line
+OPENS_THINK = [("\n", "<think>"), ("<think>", "x"), ("x", "x"), ("\n\n", "y"), ("y", "y")]
+
+
+def write_bigram_model(path: Path, chain: list[tuple[str, str]]) -> None:
+    """A tiny Qwen3 whose next token follows from its last one alone, whatever the seed: for each
+    (last, next) of ``chain``, ``next`` by a margin of 80 logits (attention and MLP outputs are zero,
+    each of those last tokens has an embedding dimension of its own, the head reads it). A stock
+    ChatML template: the generation prompt ends with the assistant's line. ``<think>``, ``</think>``
+    and a blank line are single tokens, as in Qwen3's vocabulary."""
+    make_checkpoint(path, "qwen3", tied=False)
+    train_tiny_tokenizer(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_tokens([AddedToken(t, normalized=False) for t in ("<think>", "</think>", "\n\n")])
+    tok.save(str(path / "tokenizer.json"))
+    write_chatml_tokenizer_config(path)
+    weights = load_file(path / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w.zero_()
+        elif name.endswith("norm.weight"):
+            w.fill_(1.0)
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    embed.zero_()
+    embed[:, 0] = 1.0  # any other token: flat logits
+    head.zero_()
+    for dim, (last, following) in enumerate(chain, start=1):
+        (last_id,), (following_id,) = (tok.encode(t, add_special_tokens=False).ids for t in (last, following))
+        embed[last_id] = torch.nn.functional.one_hot(torch.tensor(dim), embed.shape[1]).float()
+        head[following_id, dim] = 10.0
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_qwen3):
     root = tmp_path_factory.mktemp("claude-code")
@@ -44,6 +81,8 @@ def server(tmp_path_factory, tiny_qwen3):
     (root / "keys").write_text(f"{KEY}\n")
     (root / "think.jinja").write_text((Path(__file__).parent / "templates" / "think.jinja").read_text())
     think = f'[[models]]\nid = "tiny-think"\npath = "{model}"\nchat_template = "think.jinja"\npreload = true\n'
+    write_bigram_model(root / "opens", OPENS_THINK)
+    think += f'[[models]]\nid = "tiny-opens"\npath = "{root / "opens"}"\npreload = true\n'
     srv = Server(
         root, think + tiny_models_toml(model, f"max_context = {CONTEXT}"), 'api_key_file = "keys"\nmax_body_mb = 1\n'
     )
@@ -184,6 +223,31 @@ def test_thinking_stops_at_its_budget(server):
     assert 1 <= len(thought) <= 6
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_budget_counts_from_the_think_the_model_writes(server, claude, stream):
+    """Qwen3's own templates end at the assistant's turn and the model opens <think> itself: the
+    budget counts from there, then </think> is forced and the answer follows."""
+    body = {"model": "tiny-opens", "messages": ASK, "max_tokens": 30}
+    free = claude.messages.create(**body, thinking={"type": "enabled", "budget_tokens": 1000})
+    assert [(b.type, b.thinking) for b in free.content] == [("thinking", "x" * 29)]  # <think> then x to the end
+    if stream:
+        with claude.messages.stream(**body, thinking={"type": "enabled", "budget_tokens": 5}) as s:
+            capped = s.get_final_message()
+    else:
+        capped = claude.messages.create(**body, thinking={"type": "enabled", "budget_tokens": 5})
+    assert [b.type for b in capped.content] == ["thinking", "text"]
+    assert capped.content[0].thinking == "x" * 5 and capped.content[1].text == "y" * 22  # </think>, blank line: 2
+    assert capped.stop_reason == "max_tokens" and capped.usage.output_tokens == 30
+
+
+def test_a_tool_schema_the_grammar_engine_cannot_read_is_a_400_naming_it(server):
+    r = post(server, {"messages": ASK, "max_tokens": 2, "tools": [{"name": "f", "input_schema": {"type": "bogus"}}]})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "Invalid schema in 'tools.0.input_schema': Invalid type: bogus",
+    }
+
+
 def _calls(message: dict) -> list[dict]:
     text = "".join(b.get("text", "") for b in message["content"] if b["type"] == "text")
     assert "<tool_call>" not in text and "</tool_call>" not in text
@@ -232,7 +296,7 @@ def test_streamed_usage_agrees_and_a_forced_call_streams_as_tool_use(server, cla
 
 def test_model_list_in_anthropic_shape(server, claude):
     page = claude.models.list()
-    assert [m.id for m in page.data] == ["small", "tiny", "tiny-think"] and page.data[0].type == "model"
+    assert [m.id for m in page.data] == ["small", "tiny", "tiny-opens", "tiny-think"] and page.data[0].type == "model"
     raw = httpx.get(server.url + "/v1/models", headers=HEADERS, timeout=30).json()
     assert raw["has_more"] is False and raw["first_id"] == "small" and raw["last_id"] == "tiny-think"
     assert set(raw["data"][0]) == {"type", "id", "display_name", "created_at"}

@@ -112,8 +112,13 @@ def test_a_streamed_custom_tool_call_sends_its_input_events(oai):
         ([BOOK, {**SHELL, "name": "book_table"}], None, "tools[1].name"),
         ([BOOK], {"type": "function", "name": "book_table"}, "tool_choice"),
         ([WEATHER], {"type": "custom", "name": "get_weather"}, "tool_choice"),
+        (
+            [{**BOOK, "format": {"type": "grammar", "syntax": "regex", "definition": "("}}],
+            {"type": "custom", "name": "book_table"},
+            "tools[0].format.definition",
+        ),
     ],
-    ids=["lark", "no-definition", "format", "twice", "choice-kind", "choice-kind-2"],
+    ids=["lark", "no-definition", "format", "twice", "choice-kind", "choice-kind-2", "bad-regex"],
 )
 def test_what_cannot_be_served_is_a_400_naming_the_field(smol_server, tools, choice, param):
     body = {"model": "smol", "input": "Hi", "tools": tools, **({"tool_choice": choice} if choice else {})}
@@ -123,3 +128,6 @@ def test_what_cannot_be_served_is_a_400_naming_the_field(smol_server, tools, cho
     assert err["param"].endswith(param), err
     if param == "format.syntax":
         assert "'lark'" in err["message"] and "regex" in err["message"], err
+    if param == "tools[0].format.definition":  # the regex's error alone, not the grammar it was put in
+        assert err["param"] == param and err["message"].startswith(f"Invalid regex in '{param}': regex parse error:")
+        assert "unclosed group" in err["message"] and "start:" not in err["message"] and "^(?:" not in err["message"]

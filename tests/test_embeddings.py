@@ -1,12 +1,15 @@
 """POST /v1/embeddings: per input, the model's last-token hidden state after its final norm,
-L2-normalised, as HF transformers computes it on the same checkpoint; text and token ids alike;
-float and base64 alike; bad inputs are 400s naming the field; running streams are untouched."""
+L2-normalised, as HF transformers computes it on the same checkpoint; text tokenized as the model's
+tokenizer frames a whole input (its post-processor appends EOS, as Qwen3-Embedding's does); text and
+token ids alike; float and base64 alike; bad inputs are 400s naming the field; running streams are
+untouched."""
 
 from __future__ import annotations
 
 import base64
 import json
 import math
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +20,11 @@ import numpy as np
 import openai
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
 
 from cortex.api.embeddings import EmbeddingRequest, render
-from cortex.chat.tokenizer import from_hf_dir
+from cortex.chat.tokenizer import from_gguf_fields
 from rpc.messages import Embeddings, EmbedStep
 from tests.checkpoints import hf_model
 from tests.conftest import Server
@@ -30,7 +35,8 @@ from workers.weights import load_weights
 from workers.worker import STEP_DELAY_ENV, ResidentModel, Worker
 
 TOL = 1e-4
-HIDDEN = 64  # tests/checkpoints.py: tiny_config
+HIDDEN = 64
+EOS = 2  # <|im_end|> in tests/conftest.py's tiny tokenizer  # tests/checkpoints.py: tiny_config
 MAX_CONTEXT = 128
 TEXTS = [
     "The capital of France is Paris.",
@@ -42,12 +48,26 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_qwen3):
+def embed_qwen3(tmp_path_factory, tiny_qwen3):
+    """The tiny Qwen3 with a tokenizer that ends each input with EOS, as Qwen3-Embedding's does
+    (its tokenizer.json's post-processor appends the <|endoftext|> whose state the model pools)."""
+    d = tmp_path_factory.mktemp("tiny-embed")
+    shutil.copytree(tiny_qwen3, d, dirs_exist_ok=True)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    eos = "<|im_end|>"
+    tok.post_processor = TemplateProcessing(single=f"$A:0 {eos}:0", special_tokens=[(eos, tok.token_to_id(eos))])
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_qwen3, embed_qwen3):
     """The tiny Qwen3, not preloaded (the first embedding request loads it); small batches. The
-    same checkpoint twice: "tiny" serves embeddings (task = "embed"), "tiny-chat" generates."""
+    same weights twice: "tiny" serves embeddings (task = "embed", its tokenizer appending EOS),
+    "tiny-chat" generates."""
     root = tmp_path_factory.mktemp("embeddings")
     models = (
-        f'[[models]]\nid = "tiny"\npath = "{tiny_qwen3}"\nmax_context = {MAX_CONTEXT}\ntask = "embed"\n'
+        f'[[models]]\nid = "tiny"\npath = "{embed_qwen3}"\nmax_context = {MAX_CONTEXT}\ntask = "embed"\n'
         f'[[models]]\nid = "tiny-chat"\npath = "{tiny_qwen3}"\nmax_context = {MAX_CONTEXT}\n'
     )
     extra = "[engine]\nmax_batch_tokens = 32\nprefill_chunk = 16\nkv_cache_mb = 8\nmax_requests_per_client = 0\n"
@@ -60,16 +80,18 @@ def server(tmp_path_factory, tiny_qwen3):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_qwen3):
-    """What transformers computes: the last token's final-norm hidden state, L2-normalised."""
-    model, tok = hf_model(tiny_qwen3), from_hf_dir(tiny_qwen3)
+def reference(tiny_qwen3, embed_qwen3):
+    """What transformers computes: the last token's final-norm hidden state, L2-normalised; and the
+    ids the model's tokenizer.json gives a whole text (ending with EOS), read by the tokenizers
+    library itself (transformers 5's Qwen2Tokenizer would swap in its own pre-tokenizer)."""
+    model, tok = hf_model(tiny_qwen3), Tokenizer.from_file(str(embed_qwen3 / "tokenizer.json"))
 
     def embed(ids: list[int]) -> np.ndarray:
         with torch.no_grad():
             h = model.model(torch.tensor([ids])).last_hidden_state[0, -1]
         return torch.nn.functional.normalize(h, dim=-1).numpy()
 
-    return embed, tok
+    return embed, lambda text: tok.encode(text).ids
 
 
 def _client(srv) -> openai.OpenAI:
@@ -95,22 +117,23 @@ def test_a_cold_model_loads_and_each_vector_is_the_reference_last_token_state(se
     assert _model_status(server) == "loaded"
     assert got.object == "list" and got.model == "tiny"
     assert [d.index for d in got.data] == list(range(len(TEXTS)))
-    ids = [tok.encode(t) for t in TEXTS]
+    ids = [tok(t) for t in TEXTS]
+    assert all(i[-1] == EOS for i in ids)
     assert len(ids[2]) > 32  # the long one really is run in pieces
     assert got.usage.prompt_tokens == got.usage.total_tokens == sum(len(i) for i in ids)
     for d, one in zip(got.data, ids, strict=True):
-        vec = np.array(d.embedding)
+        vec, want = np.array(d.embedding), embed(one)
         assert vec.shape == (HIDDEN,)
         assert abs(np.linalg.norm(vec) - 1) < 1e-5
-        assert np.abs(vec - embed(one)).max() < TOL
+        assert np.dot(vec, want) / np.linalg.norm(want) > 0.9999 and np.abs(vec - want).max() < TOL
 
 
 def test_token_ids_give_what_their_text_gives(server, reference):
     _, tok = reference
     client = _client(server)
     by_text = client.embeddings.create(model="tiny", input=TEXTS[:2]).data
-    by_ids = client.embeddings.create(model="tiny", input=[tok.encode(t) for t in TEXTS[:2]]).data
-    one = client.embeddings.create(model="tiny", input=tok.encode(TEXTS[1])).data  # one array of ids
+    by_ids = client.embeddings.create(model="tiny", input=[tok(t) for t in TEXTS[:2]]).data  # taken as given
+    one = client.embeddings.create(model="tiny", input=tok(TEXTS[1])).data  # one array of ids
     single = client.embeddings.create(model="tiny", input=TEXTS[1]).data  # one string
     assert len(one) == len(single) == 1
     for a, b in zip(by_text, by_ids, strict=True):
@@ -280,6 +303,21 @@ def test_the_worker_embeds_in_pieces_and_groups_what_transformers_computes(
     for vec, ids in zip(vectors, seqs, strict=True):
         assert np.abs(vec - embed(ids)).max() < TOL
     assert torch.equal(pool.k, before)  # the model's own pool is never written
+
+
+def test_a_gguf_tokenizer_that_adds_eos_ends_a_whole_input_with_it():
+    """llama.cpp's ``add_eos_token`` (set in Qwen3-Embedding's GGUF files) frames whole inputs only."""
+    tokens = ["<|endoftext|>", "h", "i", "hi"]
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 1, 1, 1],
+        "tokenizer.ggml.merges": ["h i"],
+        "tokenizer.ggml.eos_token_id": 0,
+    }
+    assert from_gguf_fields(fields).encode("hi", whole=True) == [3]
+    tok = from_gguf_fields({**fields, "tokenizer.ggml.add_eos_token": True})
+    assert tok.encode("hi", whole=True) == [3, 0] and tok.encode("hi") == [3]
 
 
 # -- the front's rendering ------------------------------------------------------------------------------

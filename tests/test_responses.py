@@ -22,6 +22,7 @@ from cortex.api.auth import key_id
 from cortex.api.response_store import ResponseStore
 from tests.conftest import SMOL_KEY as KEY
 from tests.conftest import Server, tiny_models_toml
+from tests.test_claude_code import write_bigram_model
 from tests.test_dialects import ASK, SCHEMAS, WEATHER
 
 TOOLS = [
@@ -283,6 +284,84 @@ def test_parse_returns_the_pydantic_object(oai):
         extra_body={"seed": 3},
     )
     assert isinstance(r.output_parsed, City) and r.output_parsed.name
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    """A tiny model that opens a <think> span, writes x, closes it, answers y and ends its turn."""
+    root = tmp_path_factory.mktemp("thinker")
+    chain = [
+        ("\n", "<think>"),
+        ("<think>", "x"),
+        ("x", "</think>"),
+        ("</think>", "\n\n"),
+        ("\n\n", "y"),
+        ("y", "<|im_end|>"),
+    ]
+    write_bigram_model(root / "model", chain)
+    srv = Server(root, tiny_models_toml(root / "model", "max_context = 256"))
+    try:
+        srv.wait_healthy()
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    finally:
+        srv.stop()
+
+
+def test_usage_counts_the_reasoning_tokens(thinker):
+    """<think>, x and </think> are reasoning; the blank line, y and the end of the turn are not."""
+    r = thinker.responses.create(model="tiny", input="Hi", max_output_tokens=20)
+    assert [item.type for item in r.output] == ["reasoning", "message"] and r.status == "completed"
+    assert r.output[0].content[0].text == "x" and r.output_text == "y"
+    assert r.usage.output_tokens == 6 and r.usage.output_tokens_details.reasoning_tokens == 3
+    with thinker.responses.stream(model="tiny", input="Hi", max_output_tokens=20) as stream:
+        streamed = stream.get_final_response()
+    assert streamed.output_text == "y" and streamed.usage.output_tokens_details == r.usage.output_tokens_details
+
+
+BOGUS = {"type": "bogus"}
+
+
+@pytest.mark.parametrize(
+    "endpoint, body, param",
+    [
+        (
+            "responses",
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": BOGUS}}},
+            "text.format.schema",
+        ),
+        ("responses", {"tools": [{"type": "function", "name": "f", "parameters": BOGUS}]}, "tools[0].parameters"),
+        (
+            "chat",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": BOGUS}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            "chat",
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": BOGUS}}]},
+            "tools[0].function.parameters",
+        ),
+    ],
+    ids=["text.format", "responses-tool", "response_format", "chat-tool"],
+)
+def test_a_schema_the_grammar_engine_cannot_read_is_a_400_naming_it(thinker, endpoint, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        if endpoint == "responses":
+            thinker.responses.create(model="tiny", input="Hi", max_output_tokens=2, **body)
+        else:
+            thinker.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **body
+            )
+    assert e.value.body["param"] == param
+    assert e.value.body["message"] == f"Invalid schema in '{param}': Invalid type: bogus"  # no grammar internals
+
+
+def test_a_keyword_the_grammar_engine_cannot_enforce_is_no_400(thinker):
+    lax = {"type": "object", "properties": {"mail": {"type": "string", "format": "no-such-format"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": lax}}
+    r = thinker.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, response_format=fmt
+    )
+    assert r.choices[0].finish_reason == "length"
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from cortex.api.bodies import (
 from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
 from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded
-from cortex.api.validation import decode
+from cortex.api.validation import check_schema, decode
 from cortex.chat.output import Reasoning, Text, ToolCall
 from rpc.engine import Finished, Submit
 from rpc.messages import SamplingParams
@@ -118,6 +118,8 @@ def _blocks(role: str, blocks: list[Block], where: str) -> list[dict[str, Any]]:
 
 def parse_tools(body: AnthropicPrompt) -> tuple[list[dict] | None, str, str | None, bool]:
     """(tools, tool_choice none|auto|required, forced name, parallel calls allowed)."""
+    for i, t in enumerate(body.tools or []):
+        check_schema(t.input_schema, f"tools.{i}.input_schema")
     tools = [
         {
             "name": t.name,

@@ -33,6 +33,7 @@ class Parts:
 class Done:
     finished: Finished
     tool_calls: int  # tool calls the choice made
+    reasoning_tokens: int  # of its completion tokens, those inside its reasoning span
 
 
 @dataclass
@@ -51,31 +52,50 @@ class Choice:
     logprobs: list[dict] = field(default_factory=list)
     finished: Finished | None = None
     tool_calls: int = 0
+    reasoning_tokens: int = 0
 
 
 def events(
     gen: Generation, watch: object = None, keepalive_s: float | None = None, tools: bool = False
 ) -> Iterator[Event]:
     """The request's events. Parsers are made when the request starts, since a request that waited
-    for its model learns only then whether its output opens inside a reasoning span."""
+    for its model learns only then whether its output opens inside a reasoning span.
+
+    A choice's reasoning tokens are those of the deltas that were in its reasoning span when they
+    began or ended (the tokens that open and close it included), and, if it ends inside it, the
+    tokens no delta carried."""
     parsers: list[OutputParser] = []
+    counted: list[int] = []  # per choice: completion tokens seen so far
+    reasoning: list[int] = []  # per choice: those inside its reasoning span
 
     def parser(i: int) -> OutputParser:
         while len(parsers) <= i:
             parsers.append(OutputParser(reasoning=gen.reasoning, tools=tools))
+            counted.append(0)
+            reasoning.append(0)
         return parsers[i]
+
+    def count(i: int, tokens: int, inside: bool) -> None:
+        if inside:
+            reasoning[i] += tokens - counted[i]
+        counted[i] = tokens
 
     for ev in gen.events(watch=watch, keepalive_s=keepalive_s):
         if ev is None:
             yield Ping()
         elif isinstance(ev, Delta):
-            yield Parts(ev.index, parser(ev.index).feed(ev.text), ev.logprobs)
+            p = parser(ev.index)
+            before = p.mode
+            parts = p.feed(ev.text)
+            count(ev.index, ev.completion_tokens, "reasoning" in (before, p.mode))
+            yield Parts(ev.index, parts, ev.logprobs)
         elif isinstance(ev, Finished):
             p = parser(ev.index)
+            count(ev.index, ev.completion_tokens, p.mode == "reasoning")
             rest = p.finish()
             if rest:
                 yield Parts(ev.index, rest)
-            yield Done(ev, p.calls)
+            yield Done(ev, p.calls, reasoning[ev.index])
 
 
 def collect(gen: Generation, req: falcon.Request, tools: bool = False) -> list[Choice]:
@@ -89,6 +109,7 @@ def collect(gen: Generation, req: falcon.Request, tools: bool = False) -> list[C
             elif isinstance(ev, Done):
                 choices[ev.finished.index].finished = ev.finished
                 choices[ev.finished.index].tool_calls = ev.tool_calls
+                choices[ev.finished.index].reasoning_tokens = ev.reasoning_tokens
     except ClientGone:
         log.info("%s: client went away; request cancelled", gen.req.request_id)
         raise falcon.HTTPStatus(499) from None  # nobody reads it; nginx's "client closed request"

@@ -25,7 +25,7 @@ from cortex.api.bodies import (
 from cortex.api.engine_client import EngineClient, Generation
 from cortex.api.errors import ApiError, bad_field
 from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded, merge_text
-from cortex.api.validation import decode
+from cortex.api.validation import check_schema, decode
 from cortex.chat.output import Reasoning, Text, ToolCall
 from rpc.engine import Finished, Submit
 from rpc.messages import SamplingParams
@@ -74,6 +74,9 @@ def _parse_tool_calls(calls: list[ToolCallIn], where: str) -> list[dict]:
 
 def parse_tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, str, str | None]:
     """(tools as {"name", "description", "parameters"}, tool_choice none|auto|required, forced name)."""
+    for i, t in enumerate(body.tools or []):
+        if t.function.parameters is not None:
+            check_schema(t.function.parameters, f"tools[{i}].function.parameters")
     out = [
         {
             "name": t.function.name,
@@ -104,6 +107,7 @@ def parse_response_format(body: ChatCompletionRequest) -> dict | None:
     schema = fmt.json_schema.schema if fmt.json_schema else None
     if schema is None:
         raise bad_field("response_format", "'response_format.json_schema.schema' must be a JSON schema object.")
+    check_schema(schema, "response_format.json_schema.schema")
     return schema
 
 

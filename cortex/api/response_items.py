@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from cortex.api.errors import bad_field
+from cortex.api.validation import check_schema
 
 ROLES = ("system", "developer", "user", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -120,6 +121,7 @@ def parse_tools(
         params = t.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise bad_field(f"tools[{i}].parameters", "Function parameters must be a JSON schema object.")
+        check_schema(params, f"tools[{i}].parameters")
         tools.append({"name": name, "description": t.get("description") or "", "parameters": params})
     if choice is None:
         return tools or None, "auto", None
@@ -152,6 +154,7 @@ def _custom_tool(t: dict, name: str, at: str) -> dict:
             raise bad_field(f"{at}.format.syntax", message)
         if not isinstance(definition, str) or not definition:
             raise bad_field(f"{at}.format.definition", f"'{at}.format.definition' must be a non-empty regex.")
+        check_schema({"type": "string", "pattern": definition}, f"{at}.format.definition", "regex")
         text["pattern"] = f"^(?:{definition})$"
         note = f"Its one argument, `{CUSTOM_INPUT}`, is text matching the regular expression `{definition}`."
     elif kind != "text":

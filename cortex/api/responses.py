@@ -54,7 +54,7 @@ from cortex.api.errors import ApiError, bad_field
 from cortex.api.generation import Choice, Done, Parts, Ping, client_id, collect, events, forwarded
 from cortex.api.response_items import CUSTOM_INPUT, custom_names, parse_items, parse_tools
 from cortex.api.response_store import ResponseStore, owner_of
-from cortex.api.validation import decode
+from cortex.api.validation import check_schema, decode
 from cortex.chat.output import Reasoning, Text, ToolCall
 from cortex.fleet.proxy import ForwardTo
 from rpc.engine import Finished, Submit
@@ -172,6 +172,7 @@ def parse_format(body: ResponsesRequest) -> dict | None:
         return {}
     if fmt.schema is None:
         raise bad_field("text.format.schema", "'text.format.schema' must be a JSON schema object.")
+    check_schema(fmt.schema, "text.format.schema")
     return fmt.schema
 
 
@@ -267,12 +268,12 @@ def output_items(choice: Choice, custom: frozenset[str] = frozenset()) -> list[d
     return items
 
 
-def _usage(f: Finished) -> dict:
+def _usage(f: Finished, reasoning_tokens: int) -> dict:
     return {
         "input_tokens": f.prompt_tokens,
         "input_tokens_details": {"cached_tokens": f.cached_tokens},
         "output_tokens": f.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},  # not counted apart from the answer here
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": f.prompt_tokens + f.completion_tokens,
     }
 
@@ -300,12 +301,14 @@ class _Shell:
             "user": body.user,
         }
 
-    def response(self, status: str, output: list[dict], finished: Finished | None = None) -> dict:
+    def response(
+        self, status: str, output: list[dict], finished: Finished | None = None, reasoning_tokens: int = 0
+    ) -> dict:
         out = {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None}
         out["incomplete_details"] = {"reason": "max_output_tokens"} if status == "incomplete" else None
         out.update(self.fields)
         out["output"] = output
-        out["usage"] = _usage(finished) if finished else None
+        out["usage"] = _usage(finished, reasoning_tokens) if finished else None
         return out
 
 
@@ -353,7 +356,8 @@ class Responses:
             resp.stream = _Stream(shell, self.keepalive_s, done, custom).run(gen, tools)
             return
         choice = collect(gen, req, tools=tools)[0]
-        resp.media = shell.response(_status(choice.finished), output_items(choice, custom), choice.finished)
+        output = output_items(choice, custom)
+        resp.media = shell.response(_status(choice.finished), output, choice.finished, choice.reasoning_tokens)
         done(resp.media)
 
 
@@ -415,7 +419,7 @@ class _Stream:
                 elif isinstance(ev, Done):
                     yield from self.close()
                     status = _status(ev.finished)
-                    final = self.shell.response(status, self.items, ev.finished)
+                    final = self.shell.response(status, self.items, ev.finished, ev.reasoning_tokens)
                     self.done(final)  # stored before the client reads the end, so it can continue at once
                     yield self.emit(f"response.{status}", response=final)
         except ApiError as err:  # mid-stream: the error, then the response as failed

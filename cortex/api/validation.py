@@ -12,6 +12,10 @@ decodes several times faster.
 The bytes are read and checked first (``cortex.api.rawbody``: the size limit, chunked bodies, the
 nesting depth) and the text after Python's json reads it (lone surrogates); the 400 names the field
 where the body nests too deep, or the string that is not Unicode.
+
+A JSON schema the output must follow (a response format, a tool's parameters, a custom tool's
+regex) is checked here too, by the grammar engine the leader compiles it with (``check_schema``):
+a schema it cannot read is a 400 naming that field, with the engine's reason alone.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import json
 import re
 import types
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import falcon
+import llguidance as llg
 import msgspec
 
 from cortex.api.bodies import INT64_MAX, INT64_MIN, Body
@@ -32,6 +37,23 @@ from cortex.api.rawbody import MAX_JSON_DEPTH, lone_surrogate, read_raw, too_dee
 
 B = TypeVar("B", bound=Body)
 MISSING: Any = msgspec.UNSET  # a field the body does not have
+
+
+def check_schema(schema: dict[str, Any], param: str, what: str = "schema") -> None:
+    """A 400 naming ``param`` when the grammar engine cannot read ``schema`` (``what`` words it)."""
+    # lenient, as the leader compiles it (cortex/engine/constraint.py): keywords it cannot enforce
+    # are ignored there, so they are not refused here
+    problem = _schema_problem(json.dumps({**schema, "x-guidance": {"lenient": True}}, sort_keys=True))
+    if problem:
+        raise bad_field(param, f"Invalid {what} in '{param}': {problem}")
+
+
+@lru_cache(maxsize=256)  # an agent sends the same tools with every turn
+def _schema_problem(text: str) -> str:
+    try:
+        return llg.LLMatcher.validate_grammar(llg.LLMatcher.grammar_from_json_schema(text))
+    except ValueError as exc:  # what it cannot even read as a schema (a number too big)
+        return str(exc)
 
 
 def decode(req: falcon.Request, cls: type[B], max_bytes: int) -> B:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 # llama.cpp's pre-tokenizer names -> the split regex the model was trained with.
 _GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -63,8 +63,11 @@ class TokenizerInfo:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, whole: bool = False) -> list[int]:
+        """``text``'s token ids. ``whole``: the text is a whole input, encoded as the tokenizer's
+        post-processor frames one (an embedding model's: Qwen3-Embedding appends the
+        ``<|endoftext|>`` whose state it pools); a chat prompt is not (its template has the tokens)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=whole).ids
         if self.add_bos and self.bos_token is not None:
             bos = self.tokenizer.token_to_id(self.bos_token)
             if bos is not None and (not ids or ids[0] != bos):
@@ -120,12 +123,14 @@ def from_gguf_fields(fields: dict[str, Any]) -> TokenizerInfo:
         i = fields.get(key)
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-    return TokenizerInfo(
-        tokenizer=tok,
-        bos_token=name("tokenizer.ggml.bos_token_id"),
-        eos_token=name("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-    )
+    bos, eos = name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id")
+    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
+    if fields.get("tokenizer.ggml.add_eos_token") and eos is not None:  # a whole input ends with EOS (embedding models)
+        framed = [bos] if add_bos and bos is not None else []
+        single = " ".join([*(f"{t}:0" for t in framed), "$A:0", f"{eos}:0"])
+        specials = [(t, vocab[t]) for t in dict.fromkeys([*framed, eos])]
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    return TokenizerInfo(tokenizer=tok, bos_token=bos, eos_token=eos, add_bos=add_bos)
 
 
 def from_hf_dir(path: Path) -> TokenizerInfo:

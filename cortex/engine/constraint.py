@@ -43,6 +43,7 @@ from cortex.chat.tags import (
     PARAMETER_CLOSE,
     PARAMETER_OPEN,
     THINK_CLOSE,
+    THINK_OPEN,
     TOOL_CLOSE,
     TOOL_OPEN,
 )
@@ -424,15 +425,18 @@ class Constraint:
 
 
 class ReasoningBudget:
-    """A reasoning span the prompt opened, closed after ``budget`` tokens (Anthropic's
-    ``thinking.budget_tokens``): from then the only tokens allowed are those of ``close``
-    (``</think>`` and a blank line), one by one. Whatever else constrains the output (``inner``: a
-    tool call or schema) applies as before, and alone once the span is closed."""
+    """A reasoning span closed after ``budget`` tokens (Anthropic's ``thinking.budget_tokens``): from
+    then the only tokens allowed are those of ``close`` (``</think>`` and a blank line), one by one.
+    The span is the one the prompt opened (``opened``), else the first one the output opens itself
+    (Qwen3's own templates end at the assistant's turn and the model writes ``<think>``): its tokens
+    count from the one that completes the tag. Whatever else constrains the output (``inner``: a tool
+    call or schema) applies as before, and alone once the span is closed."""
 
-    def __init__(self, inner: Constraint | None, budget: int, close: list[int]):
+    def __init__(self, inner: Constraint | None, budget: int, close: list[int], opened: bool = True):
         self.inner, self.budget, self.close = inner, budget, close
         self.spent, self.forced = 0, 0  # reasoning tokens so far; close tokens forced so far
-        self.open = bool(close)
+        self.open = opened and bool(close)
+        self.waiting = not opened and bool(close)  # for the output to open its span
         self._tail = b""
 
     def mask(self) -> bytes | None:
@@ -444,7 +448,11 @@ class ReasoningBudget:
         return self.inner.mask() if self.inner is not None else None
 
     def advance(self, token: int, token_bytes: bytes) -> None:
-        if self.open:
+        if self.waiting:
+            self._tail = (self._tail + token_bytes)[-32:]
+            if self._tail.endswith(THINK_OPEN.encode()):
+                self.waiting, self.open, self._tail = False, True, b""
+        elif self.open:
             if self.spent >= self.budget:
                 self.forced += 1
                 self.open = self.forced < len(self.close)

@@ -54,9 +54,10 @@ def prepare(files: source.ModelFiles, req: Submit, rules: Rules, grammars: Gramm
         constraints = [grammars.constraint(rules) for _ in range(req.n)]
     except GrammarError as exc:
         return Refused(FailureKind.INVALID_REQUEST, f"cannot constrain output to the schema: {exc}")
-    if req.reasoning_budget is not None and text is not None and chat_prompt.opens_in_reasoning(text):
+    if req.reasoning_budget is not None and text is not None:  # the prompt's span, or the first the output opens
         close = files.tokenizer.tokenizer.encode(THINK_CLOSE + "\n\n", add_special_tokens=False).ids
-        constraints = [ReasoningBudget(c, req.reasoning_budget, close) for c in constraints]
+        opened = chat_prompt.opens_in_reasoning(text)
+        constraints = [ReasoningBudget(c, req.reasoning_budget, close, opened) for c in constraints]
     return Prepared(ids, text, constraints)
 
 

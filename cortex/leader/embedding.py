@@ -63,7 +63,9 @@ class EmbedJob:
 
 def embed_inputs(files: source.ModelFiles, req: Embed) -> list[list[int]] | Refused:
     """Each input's token ids (runs on a preparation thread): text through the model's tokenizer
-    as it is (no chat template), ids checked against its vocabulary. Field paths name the input."""
+    as a whole input (no chat template; its post-processor's tokens, such as the EOS that
+    Qwen3-Embedding pools on), ids as given, checked against its vocabulary. Field paths name the
+    input."""
     vocab = files.tokenizer.vocab_size
     if req.input_ids is not None:
         for i, ids in enumerate(req.input_ids):
@@ -75,8 +77,8 @@ def embed_inputs(files: source.ModelFiles, req: Embed) -> list[list[int]] | Refu
         return [list(ids) for ids in req.input_ids]
     out = []
     for i, text in enumerate(req.inputs or ()):
-        ids = files.tokenizer.encode(text)
-        if not ids:
+        ids = files.tokenizer.encode(text, whole=True)
+        if not text or not ids:
             return _refused(req, i, "is empty: send at least one token of text")
         out.append(ids)
     return out or Refused(FailureKind.INVALID_REQUEST, "'input' holds no input")
@@ -229,6 +231,7 @@ class Embedder:
                 self.shared.reply(job.peer, Delta(job.request_id, "", len(job.inputs) - job.left))
                 continue
             data = {"dim": reply.dim, "vectors": b"".join(job.vectors), "prompt_tokens": job.tokens}
+            self.shared.stats.embedded(job.model_id, job.tokens)
             self._forget(job)
             self.shared.reply(job.peer, Answer(data=data))
 

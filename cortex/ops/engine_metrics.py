@@ -63,6 +63,11 @@ class EngineMetrics:
             m.E2E_ENGINE.labels(model, outcome).observe(time.monotonic() - seq.arrived)
 
     @staticmethod
+    def embedded(model: str, tokens: int) -> None:
+        """An embedding request answered: its inputs' tokens are prompt tokens, as its usage says."""
+        m.PROMPT_TOKENS.labels(model).inc(tokens)
+
+    @staticmethod
     def cancelled(model: str, stage: str) -> None:
         m.CANCELLATIONS.labels(model, stage).inc()
 
