@@ -440,3 +440,25 @@ def test_processes_share_the_store_and_its_bound(tmp_path):
     assert store.count() == 50  # 120 written by 3 processes, the newest 50 kept
     assert any(store.get(f"resp_{w}_39") is not None for w in range(3))
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reasoning_items_go_back_to_the_model_with_the_turn_they_precede():
+    """A reasoning item sent back (a tool loop continued by hand) becomes the reasoning of the
+    assistant turn after it, which the model's template shows it again within the loop."""
+    from cortex.api.response_items import parse_items
+
+    items = [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Ask."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "It is sunny."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+    ]
+    messages = parse_items(items, "input")
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["reasoning_content"] == "Ask." and messages[1]["tool_calls"][0]["id"] == "c1"
+    assert messages[3] == {"role": "assistant", "content": "Sunny.", "reasoning_content": "It is sunny."}
+    bad = [{"type": "reasoning", "content": "not a list"}]
+    with pytest.raises(Exception, match="input\\[0\\].content"):
+        parse_items(bad, "input")

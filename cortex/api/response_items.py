@@ -20,7 +20,9 @@ TEXT_PARTS = ("input_text", "output_text", "text")
 
 
 def parse_items(items: list[dict[str, Any]], at: str) -> list[dict[str, Any]]:
-    """Input or output items as chat messages; reasoning items are dropped."""
+    """Input or output items as chat messages. A reasoning item becomes the ``reasoning_content``
+    of the assistant turn it precedes (templates keep it where the model needs it: within a tool
+    loop after the last user message)."""
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         where = f"{at}[{i}]"
@@ -28,7 +30,11 @@ def parse_items(items: list[dict[str, Any]], at: str) -> list[dict[str, Any]]:
             raise bad_field(where, f"Invalid type for '{where}': expected an object.")
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append(_message(item, where))
+            message = _message(item, where)
+            if message["role"] == "assistant" and _reasoning_only(messages):
+                messages[-1]["content"] = message["content"]  # the answer after its reasoning
+            else:
+                messages.append(message)
         elif kind == "function_call":
             _add_call(messages, item, where)
         elif kind == "custom_tool_call":  # a free-form call: its text is the one argument the model wrote
@@ -37,10 +43,34 @@ def parse_items(items: list[dict[str, Any]], at: str) -> list[dict[str, Any]]:
             call_id = _string(item, "call_id", where)
             messages.append({"role": "tool", "tool_call_id": call_id, "content": _output_text(item, where)})
         elif kind == "reasoning":
-            continue  # earlier reasoning: the chat templates drop it from the prompt anyway
+            text = _reasoning_text(item, where)
+            if _reasoning_only(messages):
+                messages[-1]["reasoning_content"] += "\n" + text
+            elif text:
+                messages.append({"role": "assistant", "content": "", "reasoning_content": text})
         else:
             raise bad_field(f"{where}.type", f"Input item type {kind!r} is not supported.")
     return messages
+
+
+def _reasoning_only(messages: list[dict[str, Any]]) -> bool:
+    """The last message is an assistant turn holding reasoning alone (no answer or call yet)."""
+    last = messages[-1] if messages else None
+    return bool(last and last["role"] == "assistant" and "reasoning_content" in last) and not (
+        last["content"] or last.get("tool_calls")
+    )
+
+
+def _reasoning_text(item: dict, at: str) -> str:
+    """A reasoning item's text: its ``content`` (reasoning_text parts), else its ``summary``."""
+    for key in ("content", "summary"):
+        parts = item.get(key) or []
+        if not isinstance(parts, list):
+            raise bad_field(f"{at}.{key}", f"Invalid type for '{at}.{key}': expected an array.")
+        texts = [p.get("text") for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if texts:
+            return "\n".join(texts)
+    return ""
 
 
 def _string(item: dict, key: str, at: str) -> str:
