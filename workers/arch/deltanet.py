@@ -96,8 +96,12 @@ class StateBatch:
 
     fresh_slots: torch.Tensor | None  # slots to zero before the step: their sequences start here
     runs: list[tuple[int, int, int]]  # (first row, end row, slot) of sequences with several new tokens
-    single_rows: torch.Tensor | None  # [B] rows of one-token sequences, stepped together
-    single_slots: torch.Tensor | None  # [B] their slots
+    single_rows: torch.Tensor | None  # [B] rows of one-token sequences, stepped together, by ascending slot
+    single_slots: torch.Tensor | None  # [B] their slots, ascending
+    # (first, end) when single_slots are exactly first..end-1: the step then updates the pool's own
+    # rows in place instead of gathering them and scattering them back (at 16 sequences of a
+    # 0.8B-shaped model that was 2 x 16 MB of delta state copied per layer)
+    single_span: tuple[int, int] | None = None
 
     @classmethod
     def build(cls, lengths: list[int], slots: list[int], fresh: list[bool], device: torch.device) -> StateBatch:
@@ -107,18 +111,22 @@ class StateBatch:
             raise ValueError(f"{len(lengths)} sequences but {len(slots)} slots and {len(fresh)} fresh flags")
         if len(set(slots)) != len(slots):
             raise ValueError("two sequences of one step share a state slot")
-        runs, single_rows, single_slots = [], [], []
+        runs, singles = [], []
         start = 0
         for n, slot in zip(lengths, slots, strict=True):
             if n == 1:
-                single_rows.append(start)
-                single_slots.append(slot)
+                singles.append((slot, start))
             else:
                 runs.append((start, start + n, slot))
             start += n
+        singles.sort()  # by slot: the rows of a contiguous run of slots line up with a view of the pool
+        single_slots, single_rows = [s for s, _ in singles], [r for _, r in singles]
+        span = None
+        if singles and single_slots[-1] - single_slots[0] == len(singles) - 1:
+            span = (single_slots[0], single_slots[-1] + 1)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device) if x else None  # noqa: E731
         starting = [s for s, f in zip(slots, fresh, strict=True) if f]
-        return cls(t(starting), runs, t(single_rows), t(single_slots))
+        return cls(t(starting), runs, t(single_rows), t(single_slots), span)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -129,12 +137,21 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def delta_rule_step(
     state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token for each of B sequences. ``state`` [B, H, dk, dv]; ``q``, ``k`` [B, H, dk] (q already
-    scaled); ``v`` [B, H, dv]; ``g``, ``beta`` [B, H]. Returns (output [B, H, dv], new state)."""
-    state = state * g.exp()[..., None, None]
-    predicted = torch.einsum("bhkv,bhk->bhv", state, k)  # what the decayed state already says for k
-    state = state + k[..., :, None] * ((v - predicted) * beta[..., None])[..., None, :]
-    return torch.einsum("bhkv,bhk->bhv", state, q), state
+    """One token for each of B sequences. ``state`` [B, H, dk, dv] float32, updated in place (and
+    returned); ``q``, ``k`` [B, H, dk] (q already scaled); ``v`` [B, H, dv]; ``g``, ``beta`` [B, H].
+    Returns (output [B, H, dv], state).
+
+    The state is the big operand (16 heads of 128 x 128 floats per layer and sequence) and the step
+    is bound by passes over it, so it makes three and allocates none of its size: one product reads
+    S^T k and S^T q together, then the decay and the rank-1 correction are applied in place. The
+    output follows from those two products, without reading the new state:
+    ``o = S'^T q = exp(g) S^T q + (k.q) u`` with ``u = beta (v - exp(g) S^T k)``."""
+    decay = g.exp()
+    read = torch.matmul(torch.stack((k, q), dim=-2), state)  # [B, H, 2, dv]: S^T k, S^T q
+    u = (v - decay[..., None] * read[..., 0, :]) * beta[..., None]  # what S did not already predict for k
+    out = decay[..., None] * read[..., 1, :] + (k * q).sum(-1, keepdim=True) * u
+    state.mul_(decay[..., None, None]).addcmul_(k[..., :, None], u[..., None, :])
+    return out, state
 
 
 def delta_rule_chunked(
@@ -146,40 +163,49 @@ def delta_rule_chunked(
     beta: torch.Tensor,
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n tokens of one sequence, ``chunk`` at a time. ``state`` [H, dk, dv]; ``q``, ``k`` [H, n, dk];
-    ``v`` [H, n, dv]; ``g``, ``beta`` [H, n]. Returns (output [H, n, dv], state after the last token)."""
-    outs = []
-    for s in range(0, q.shape[1], chunk):
-        e = s + chunk
-        out, state = _chunk(state, q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e])
-        outs.append(out)
-    return torch.cat(outs, dim=1), state
+    """n tokens of one sequence, ``chunk`` at a time. ``state`` [H, dk, dv] (not modified); ``q``, ``k``
+    [H, n, dk]; ``v`` [H, n, dv]; ``g``, ``beta`` [H, n]. Returns (output [H, n, dv], state after the
+    last token).
 
-
-def _chunk(S: torch.Tensor, q, k, v, g, beta) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of L tokens from state S, everything float32.
-
-    With c_t the cumulative log decay from the chunk start through token t, the state after token t
+    With c_t the cumulative log decay from a chunk's start through token t, the state after token t
     is ``exp(c_t) S + sum_{j<=t} exp(c_t - c_j) k_j u_j^T``, where u_j is the correction token j
     writes: ``u_j = beta_j (v_j - [state before j, decayed]^T k_j)``. Expanding that state gives, for
     all j at once, ``(I + A) U = beta V - (beta exp(c) K) S`` with A strictly lower triangular,
-    ``A[t, j] = beta_t exp(c_t - c_j) k_t.k_j``: one triangular solve for U."""
-    L = q.shape[1]
-    c = g.cumsum(-1)  # [H, L]
+    ``A[t, j] = beta_t exp(c_t - c_j) k_t.k_j``: one triangular solve, ``U = W_v - W_k S``.
+
+    Everything but the state's own recurrence is independent of S, so it is computed for all chunks
+    at once (one batched solve); the loop over chunks is then five matrix products each. The last
+    chunk is padded with tokens that change nothing (k = v = beta = 0, decay 1)."""
+    H, n, dk = k.shape
+    dv = v.shape[-1]
+    pad = -n % chunk
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    N, L = (n + pad) // chunk, chunk
+    q, k, v = q.view(H, N, L, dk), k.view(H, N, L, dk), v.view(H, N, L, dv)
+    c = g.view(H, N, L).cumsum(-1)  # [H, N, L]
+    beta = beta.view(H, N, L)
     lower = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()  # j <= t
     # decay from j to t where j <= t; masked before exp so nothing above the diagonal can overflow
-    decay = (c[:, :, None] - c[:, None, :]).masked_fill(~lower, float("-inf")).exp()  # [H, L, L]
+    decay = (c[..., :, None] - c[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # [H, N, L, L]
     kb = k * beta[..., None]
     A = ((kb @ k.transpose(-1, -2)) * decay).tril(-1)
     eye = torch.eye(L, dtype=q.dtype, device=q.device)
     rhs = torch.cat((v * beta[..., None], kb * c.exp()[..., None]), dim=-1)
     w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-    w_v, w_k = w.split((v.shape[-1], k.shape[-1]), dim=-1)
-    u = w_v - w_k @ S  # [H, L, dv]
-    out = (q * c.exp()[..., None]) @ S + ((q @ k.transpose(-1, -2)) * decay) @ u
-    to_end = (c[:, -1:] - c).exp()  # decay from each token to the end of the chunk
-    S = S * c[:, -1].exp()[:, None, None] + (k * to_end[..., None]).transpose(-1, -2) @ u
-    return out, S
+    w_v, w_k = w.split((dv, dk), dim=-1)
+    q_start = q * c.exp()[..., None]  # reads the state as it was at the chunk's start
+    inner = (q @ k.transpose(-1, -2)) * decay  # [H, N, L, L]: what the chunk's own tokens add
+    k_end = (k * (c[..., -1:] - c).exp()[..., None]).transpose(-1, -2)  # [H, N, dk, L], decayed to the end
+    to_end = c[..., -1].exp()[..., None, None]  # [H, N, 1, 1]: the whole chunk's decay
+    out = torch.empty(H, N, L, dv, dtype=q.dtype, device=q.device)
+    S = state
+    for i in range(N):
+        u = w_v[:, i] - w_k[:, i] @ S  # [H, L, dv]
+        out[:, i] = q_start[:, i] @ S + inner[:, i] @ u
+        S = torch.baddbmm(S * to_end[:, i], k_end[:, i], u)
+    return out.view(H, N * L, dv)[:, :n], S
 
 
 @dataclass(frozen=True)
@@ -287,8 +313,10 @@ class GatedDeltaNet(nn.Module):
         qkv = F.silu(self.conv1d(qkv, pool.conv_layers[layer], seqs))
         q, k, v = qkv.float().split((self.key, self.key, self.value), dim=-1)
         rep = self.v_heads // self.k_heads  # each key head serves ``rep`` value heads
-        q = (l2_normalize(q.view(T, self.k_heads, self.dk)) * self.dk**-0.5).repeat_interleave(rep, dim=1)
-        k = l2_normalize(k.view(T, self.k_heads, self.dk)).repeat_interleave(rep, dim=1)
+        q = l2_normalize(q.view(T, self.k_heads, self.dk)) * self.dk**-0.5
+        k = l2_normalize(k.view(T, self.k_heads, self.dk))
+        if rep > 1:  # Qwen3.5-0.8B has as many key heads as value heads: no copy for it
+            q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
         v = v.view(T, self.v_heads, self.dv)
         beta = b.float().sigmoid()
         # the decay in float32 whatever the model's dtype: exp(A_log) in half precision can overflow
@@ -309,8 +337,12 @@ def _delta_rule(states: torch.Tensor, q, k, v, g, beta, seqs: StateBatch) -> tor
         out[start:end] = o.transpose(0, 1)
     if seqs.single_rows is not None:
         rows, slots = seqs.single_rows, seqs.single_slots
-        o, new = delta_rule_step(states.index_select(0, slots).float(), q[rows], k[rows], v[rows], g[rows], beta[rows])
-        states.index_copy_(0, slots, new.to(states.dtype))
+        args = (q[rows], k[rows], v[rows], g[rows], beta[rows])
+        if seqs.single_span is not None and states.dtype == torch.float32:
+            o, _ = delta_rule_step(states[seqs.single_span[0] : seqs.single_span[1]], *args)  # in the pool
+        else:
+            o, new = delta_rule_step(states.index_select(0, slots).float(), *args)
+            states.index_copy_(0, slots, new.to(states.dtype))
         out[rows] = o
     return out
 
@@ -329,15 +361,27 @@ class DepthwiseConv(nn.Module):
     def forward(self, x: torch.Tensor, states: torch.Tensor, seqs: StateBatch) -> torch.Tensor:
         """``x`` [T, channels] -> [T, channels] (before the activation); updates ``states``
         [slots, channels, kernel - 1] of the step's sequences."""
-        keep = self.weight.shape[-1] - 1
+        kernel = self.weight.shape[-1]
+        taps = self.weight[:, 0].float()  # [C, kernel]
         out = torch.empty_like(x)
         for start, end, slot in seqs.runs:
-            window = torch.cat((states[slot], x[start:end].T.to(states.dtype)), dim=-1)  # [C, keep + n]
-            out[start:end] = F.conv1d(window[None].to(x.dtype), self.weight, groups=x.shape[1])[0].T
-            states[slot] = window[:, window.shape[1] - keep :]
+            # tokens along dim 0, channels contiguous: the filter is ``kernel`` multiply-adds over
+            # shifted views of the window, in float32. F.conv1d's depthwise path (oneDNN) took about
+            # twice as long here (6,144 channels, 256 tokens) and needed two transposes around it.
+            n = end - start
+            window = torch.cat((states[slot].T, x[start:end].to(states.dtype)), dim=0).float()  # [keep + n, C]
+            acc = window[:n] * taps[:, 0]
+            for j in range(1, kernel):
+                acc.addcmul_(window[j : j + n], taps[:, j])
+            out[start:end] = acc
+            states[slot] = window[n:].T.to(states.dtype)
         if seqs.single_rows is not None:
-            rows, slots = seqs.single_rows, seqs.single_slots
-            window = torch.cat((states.index_select(0, slots), x[rows, :, None].to(states.dtype)), dim=-1)
+            rows, slots, span = seqs.single_rows, seqs.single_slots, seqs.single_span
+            held = states[span[0] : span[1]] if span is not None else states.index_select(0, slots)  # [B, C, keep]
+            window = torch.cat((held, x[rows, :, None].to(states.dtype)), dim=-1)  # [B, C, kernel]
             out[rows] = (window.to(x.dtype) * self.weight[:, 0]).sum(-1)  # [B, C, kernel] -> [B, C]
-            states.index_copy_(0, slots, window[..., 1:])
+            if span is not None:
+                held.copy_(window[..., 1:])  # the pool's own rows: no scatter
+            else:
+                states.index_copy_(0, slots, window[..., 1:])
         return out
