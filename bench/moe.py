@@ -16,7 +16,10 @@ What runs (both float32 on the CPU, same thread count, greedy):
 - transformers: its forward with its KV cache, one token per sequence per step, with its default
   experts implementation (printed);
 - dense: a Qwen3 of the same shape whose MLP has ``top_k * moe_intermediate_size`` features, so a
-  token multiplies by as many MLP weights as in the MoE model (the router aside), run by cortex.
+  token multiplies by as many MLP weights as in the MoE model (the router aside), run by cortex;
+- int8 / int4: the MoE model loaded by cortex with ``quantize = "int8"`` / ``"int4"`` (every linear
+  and every expert packed, one packed layer per expert, workers/quant.py: what a Q8_0 / Q4_0 GGUF
+  gets on the CPU), so about 1/3.5 / 1/5 of the float32 bytes (the logits differ by the rounding).
 
 At 1 and 16 streams: prompts of 32 tokens prefilled first (not timed), then ``--steps`` decode steps
 of every stream together; tokens/s = streams * steps / time, the best of ``--rounds`` rounds, rounds
@@ -73,8 +76,9 @@ def hf_config(shape: dict, moe: bool):
     )
 
 
-def build(shape: dict, moe: bool, into: Path):
-    """(transformers model, cortex model) on the same random weights."""
+def build(shape: dict, moe: bool, into: Path, packings: tuple[str, ...] = ()):
+    """(transformers model, cortex model, *cortex models packed as ``packings``) on the same random
+    weights."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -83,8 +87,12 @@ def build(shape: dict, moe: bool, into: Path):
     hf.save_pretrained(into)
     cfg = ModelConfig.from_hf_dir(into)
     ours = model_class(cfg)(cfg)
-    load_weights(ours, "safetensors", [str(f) for f in sorted(into.glob("*.safetensors"))])
-    return hf, ours
+    files = [str(f) for f in sorted(into.glob("*.safetensors"))]
+    load_weights(ours, "safetensors", files)
+    packed = [model_class(cfg)(cfg) for _ in packings]
+    for model, mode in zip(packed, packings, strict=True):
+        load_weights(model, "safetensors", files, quantize=mode)
+    return hf, ours, *packed
 
 
 def prompts(streams: int, vocab: int) -> list[list[int]]:
@@ -129,7 +137,7 @@ def main() -> None:
     shape, steps = (QUICK, 8) if args.quick else (FULL, args.steps)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        hf, ours = build(shape, True, Path(tmp) / "moe")
+        hf, ours, int8, int4 = build(shape, True, Path(tmp) / "moe", packings=("int8", "int4"))
         _, dense = build(shape, False, Path(tmp) / "dense")
     params = sum(p.numel() for p in ours.parameters())
     print(
@@ -138,18 +146,22 @@ def main() -> None:
     print(f"# Qwen3-MoE {shape}, {EXPERTS} experts top-{TOP_K}: {params / 1e6:.1f} M parameters")
     print(f"# transformers experts implementation: {hf.config._experts_implementation}")
     for streams in (1, 16):
-        best = {"cortex": 0.0, "transformers": 0.0, "cortex dense": 0.0}
+        best = {"cortex": 0.0, "transformers": 0.0, "cortex dense": 0.0, "int8": 0.0, "int4": 0.0}
         for _ in range(args.rounds):
             rate, got = cortex_decode(ours, streams, steps)
             best["cortex"] = max(best["cortex"], rate)
             rate, want = hf_decode(hf, streams, steps)
             best["transformers"] = max(best["transformers"], rate)
             best["cortex dense"] = max(best["cortex dense"], cortex_decode(dense, streams, steps)[0])
+            for mode, model in (("int8", int8), ("int4", int4)):
+                best[mode] = max(best[mode], cortex_decode(model, streams, steps)[0])
         same = sum(a == b for a, b in zip(got, want, strict=True))
         print(
             f"{streams:>2} streams: cortex {best['cortex']:8.1f} tok/s | transformers {best['transformers']:8.1f} tok/s"
             f" ({best['cortex'] / best['transformers']:.2f}x) | dense same-active {best['cortex dense']:8.1f} tok/s"
-            f" (MoE / dense {best['cortex'] / best['cortex dense']:.2f}) | greedy agree {same}/{len(got)}"
+            f" (MoE / dense {best['cortex'] / best['cortex dense']:.2f}) | packed: int8 {best['int8']:6.1f}"
+            f" ({best['int8'] / best['transformers']:.2f}x), int4 {best['int4']:6.1f} tok/s"
+            f" ({best['int4'] / best['transformers']:.2f}x) | greedy agree {same}/{len(got)}"
         )
 
 

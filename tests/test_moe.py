@@ -172,6 +172,41 @@ def test_the_grouped_matmul_path_equals_the_loop(monkeypatch):
     assert (grouped_experts(x, chosen, weights, gate_up, down) - loop).abs().max() < 1e-5
 
 
+def test_one_token_runs_its_experts_directly(monkeypatch):
+    """A single token (a one-sequence decode step) takes its k experts one after the other: no
+    sort, no grouping; the same sum as the per-token definition."""
+    g = torch.Generator().manual_seed(2)
+    gate_up, down = torch.randn(16, 12, 8, generator=g), torch.randn(16, 8, 6, generator=g)
+    x, weights, chosen = torch.randn(1, 8, generator=g), torch.rand(1, 3, generator=g), torch.tensor([[9, 2, 14]])
+
+    def expert(e: int) -> torch.Tensor:
+        gate, up = (gate_up[e] @ x[0]).chunk(2)
+        return down[e] @ (torch.nn.functional.silu(gate) * up)
+
+    want = sum(weights[0, j] * expert(int(chosen[0, j])) for j in range(3))
+    monkeypatch.setattr(torch, "argsort", None)  # the grouping's first op: not reached
+    assert (grouped_experts(x, chosen, weights, gate_up, down)[0] - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_packs_every_expert(checkpoints, mode):
+    """``quantize = "int8"`` / ``"int4"`` pack the routed experts as the linears are, one packed
+    layer per expert (the dense stacks dropped), and the router stays dense; the logits stay near
+    the dense model's, every linear being quantized too (measured on this checkpoint: int8 mean
+    0.025, max 0.34, the same argmax everywhere; int4 mean 0.20, max 1.3, 75% the same argmax)."""
+    path = checkpoints("qwen3_moe-16x4")
+    dense, packed = _load(path), model_class(ModelConfig.from_hf_dir(path))(ModelConfig.from_hf_dir(path))
+    load_weights(packed, "safetensors", [str(path / "model.safetensors")], quantize=mode)
+    block = packed.model.layers[0].mlp
+    assert block.experts.gate_up_proj is None and len(block.experts.down_q) == packed.cfg.num_experts
+    assert {q.kind for q in [*block.experts.gate_up_q, *block.experts.down_q]} == {mode}
+    assert isinstance(block.gate.weight, torch.nn.Parameter) and block.gate.weight.dtype == torch.float32
+    ids = _prompt(12)
+    want, got = _runner(dense).step(0, ids, 0, all_logits=True), _runner(packed).step(0, ids, 0, all_logits=True)
+    assert (got - want).abs().mean() < {"int8": 0.05, "int4": 0.4}[mode]
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= {"int8": 0.9, "int4": 0.6}[mode]
+
+
 @pytest.mark.parametrize("key", ["qwen3_moe-16x4", "qwen3_next", "qwen3_5_moe-vlm"])
 def test_a_batch_of_sequences_in_uneven_chunks_matches_transformers(checkpoints, key):
     """Three sequences stepped together (their tokens routed and grouped by expert together): prompt

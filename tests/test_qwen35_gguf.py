@@ -194,13 +194,6 @@ def test_a_missing_required_key_is_named(tmp_path, key):
         ModelConfig.from_gguf_fields(meta, has_output, vocab)
 
 
-def test_a_mixture_of_experts_qwen3next_gguf_is_refused(tmp_path):
-    meta, has_output, vocab = _meta(tmp_path, "qwen3_next")
-    meta["qwen3next.expert_count"] = 512
-    with pytest.raises(UnsupportedModel, match="mixture-of-experts"):
-        ModelConfig.from_gguf_fields(meta, has_output, vocab)
-
-
 def test_multi_token_prediction_layers_are_not_counted(tmp_path):
     """The converter counts Qwen3.5's MTP block in block_count and says how many in
     nextn_predict_layers; we run the main layers only."""

@@ -23,7 +23,23 @@ LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # mixture-of-experts MLPs (workers/arch/moe.py): the router, the routed experts merged into 3-D
+    # tensors [experts, out, in] (llama.cpp's converter stacks the per-expert ones, and splits a fused
+    # gate_up_proj into gate and up: ``EXPERT_PARTS`` lists what our stacked gate_up_proj is read
+    # from), the shared expert and its gate
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.gate_proj": "ffn_gate_exps.weight",
+    "mlp.experts.up_proj": "ffn_up_exps.weight",
+    "mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
+# our stacked [experts, 2 * inter, hidden] gate_up_proj: one merged tensor (newer converters), else
+# gate and up, concatenated along the rows
+EXPERT_PARTS = ("mlp.experts.gate_proj", "mlp.experts.up_proj")
 # Qwen3.5 / Qwen3-Next (our archs "qwen3_5", "qwen3_next"; llama.cpp's "qwen35", "qwen3next"): the
 # names gguf's TensorNameMap gives these archs. Several tensors are also re-laid out or transformed
 # by llama.cpp's converter; workers/weights.py undoes that (``HybridLayout``).

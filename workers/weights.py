@@ -6,9 +6,11 @@ llama.cpp's converter reorders them for its interleaved RoPE on Llama models.
 
 Fused layers (``weight.parts``) are filled with their parts' slices concatenated along the output
 features. A parameter with a ``loader`` reads its own sources (the stacked expert weights of
-workers/arch/moe.py: fused or per-expert in the file). With ``quantize`` (see ``QUANTIZE``) linear layers are then replaced by packed
+workers/arch/moe.py: fused or per-expert in the file; in a GGUF file llama.cpp's 3-D
+``ffn_{gate,up,down}_exps``). With ``quantize`` (see ``QUANTIZE``) linear layers are then replaced by packed
 ``QuantLinear`` layers (workers/quant.py): from a GGUF file's own Q4_0/Q4_1 blocks (4-bit values kept
-as they are), or by quantizing the loaded weights.
+as they are), or by quantizing the loaded weights; a parameter with a ``packer`` (the stacked
+experts) packs itself the same way, one packed layer per expert.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.gguf_file import HYBRID_ARCHS, GGUFFile, gguf_name
+from workers.gguf_file import EXPERT_PARTS, HYBRID_ARCHS, GGUFFile, gguf_name
 from workers.parallel import ParallelLinear, Shard
-from workers.quant import GROUP, Q4Blocks, QuantLinear, int4_fits
+from workers.quant import GROUP, Q4Blocks, QuantLinear, best_impl, int4_fits
 
 log = logging.getLogger("cortex.worker")
 
@@ -125,20 +127,34 @@ class GGUFReader:
         # (CheckpointNames in workers/arch/qwen3_5.py) looks there for VLM / vision / MTP names
         self.where = dict.fromkeys(self.file.tensors, path)
         # the last tensor read, whole: a fused layer reads its parts one after the other, and
-        # Qwen3-Next's in_proj_qkvz is read in 4 pieces per key head
+        # Qwen3-Next's in_proj_qkvz is read in 4 pieces per key head; the stacked experts are read
+        # in two row ranges (gate, up) of each expert
         self._last: tuple[str, np.ndarray] | None = None
+        self._last_q: tuple[str, list[Q4Blocks]] | None = None
 
     def _tensor(self, name: str):
         if name.endswith("in_proj_qkvz.weight"):  # Qwen3-Next: stored split, see HybridLayout.qkvz
             name = name.replace("in_proj_qkvz", "in_proj_qkv")
-        stored = gguf_name(name, self.cfg.arch)
+        try:
+            stored = gguf_name(name, self.cfg.arch)
+        except KeyError:
+            raise WeightsError(f"{name}: no such tensor in a GGUF file of {self.cfg.arch}") from None
         t = self.file.tensors.get(stored)
         if t is None:
             raise WeightsError(f"tensor {stored!r} ({name}) is missing from {self.path.name}")
         return t
 
+    def _parts(self, name: str) -> list[str]:
+        """The stored tensors a parameter is read from: itself, or for the stacked experts'
+        gate_up_proj the converter's gate and up tensors (one merged tensor where the file has it)."""
+        if not name.endswith("mlp.experts.gate_up_proj") or gguf_name(name, self.cfg.arch) in self.file.tensors:
+            return [name]
+        prefix = name.removesuffix("mlp.experts.gate_up_proj")
+        return [prefix + part for part in EXPERT_PARTS]
+
     def storage(self, name: str) -> str:
-        return self._tensor(name).tensor_type.name
+        kinds = {self._tensor(part).tensor_type.name for part in self._parts(name)}
+        return kinds.pop() if len(kinds) == 1 else "mixed: " + ", ".join(sorted(kinds))
 
     def _unpermute(self, name: str, w: np.ndarray) -> np.ndarray:
         if self.cfg.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -160,6 +176,11 @@ class GGUFReader:
         return self._last[1]
 
     def _convert(self, name: str) -> np.ndarray:
+        parts = self._parts(name)
+        if len(parts) > 1:  # experts' [gate | up] rows, as our stacked gate_up_proj has them
+            return np.concatenate([self._stored(part) for part in parts], axis=1)
+        if name.endswith("shared_expert_gate.weight"):
+            return self._stored(name).reshape(1, -1)  # [1, hidden], however many dims were written
         if self.hybrid is None:
             return self._unpermute(name, self._stored(name))
         if name.endswith("in_proj_qkvz.weight"):
@@ -192,8 +213,36 @@ class GGUFReader:
             return None
         return b.cols(shard.start, shard.length)
 
+    def q4_experts(self, name: str, shard: Shard) -> list[Q4Blocks] | None:
+        """Each expert's own 4-bit blocks of the stacked tensor ``name`` ([experts, rows, cols];
+        gate_up_proj: gate rows, then up rows), this rank's slice along ``shard.dim`` (1: rows, 2:
+        columns); None if it is not stored Q4_0/Q4_1 or the slice cuts through blocks."""
+        tensors = [self._tensor(part) for part in self._parts(name)]
+        if any(t.tensor_type.name not in _Q4 or len(t.shape) != 3 for t in tensors):
+            return None
+        if shard.dim == 2 and (shard.start % GROUP or shard.length % GROUP):
+            return None
+        if self._last_q is None or self._last_q[0] != name:
+            self._last_q = None
+            self._last_q = (name, self._expert_blocks(tensors))
+        whole = self._last_q[1]
+        if shard.length == whole[0].shape[shard.dim - 1]:
+            return whole
+        if shard.dim == 1:
+            return [b.rows(shard.start, shard.length) for b in whole]
+        return [b.cols(shard.start, shard.length) for b in whole]
+
+    @staticmethod
+    def _expert_blocks(tensors) -> list[Q4Blocks]:
+        per_part = []
+        for t in tensors:
+            cols, rows, experts = (int(d) for d in t.shape)
+            raw = np.asarray(t.data).reshape(experts, rows, -1)  # whole rows of each expert
+            per_part.append([Q4Blocks.from_gguf(raw[e], t.tensor_type.name, rows, cols) for e in range(experts)])
+        return [Q4Blocks.cat(list(blocks)) for blocks in zip(*per_part, strict=True)]
+
     def close(self) -> None:
-        self._last = None
+        self._last = self._last_q = None
 
 
 class HybridLayout:
@@ -276,7 +325,7 @@ def _dense(reader, sources: list[tuple[str, Shard | None]]) -> torch.Tensor:
     return values[0] if len(values) == 1 else torch.cat(values)
 
 
-def _plan(mode: str, storage: list[str], out_f: int, in_f: int, head: bool) -> str | None:
+def plan_packing(mode: str, storage: list[str], out_f: int, in_f: int, head: bool = False) -> str | None:
     """Which packed kind a linear layer gets: "int4", "int8", or None (stays dense)."""
     if mode == "none":
         return None
@@ -313,6 +362,7 @@ def _fill(model: nn.Module, reader, mode: str, progress: Progress | None) -> dic
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (ParallelLinear, nn.Linear))}
     params = list(_params(model))
     packed: dict[str, QuantLinear] = {}
+    counts: dict[str, int] = {}
     for i, (name, p) in enumerate(params):
         sources = _sources(name, p)
         module_name, leaf = name.rsplit(".", 1)
@@ -320,9 +370,15 @@ def _fill(model: nn.Module, reader, mode: str, progress: Progress | None) -> dic
         kind = None
         if layer is not None and leaf == "weight":
             storage = [reader.storage(n) for n, _ in sources]
-            kind = _plan(mode, storage, p.shape[0], p.shape[1], head=module_name == "lm_head")
+            kind = plan_packing(mode, storage, p.shape[0], p.shape[1], head=module_name == "lm_head")
         if getattr(p, "loader", None) is not None:  # its own reading (stacked experts, workers/arch/moe.py)
-            _copy(name, p.data, p.loader(reader, name))
+            packer = getattr(p, "packer", None)  # packed per expert, as linears are under ``mode``
+            kind = packer(reader, name, mode) if packer is not None and mode != "none" else None
+            if kind is None:
+                _copy(name, p.data, p.loader(reader, name))
+            else:
+                label = f"{kind} experts ({best_impl()} kernels)"
+                counts[label] = counts.get(label, 0) + 1
         elif kind is None:
             _copy(name, p.data, _dense(reader, sources))
         else:
@@ -344,11 +400,10 @@ def _fill(model: nn.Module, reader, mode: str, progress: Progress | None) -> dic
     if getattr(model, "lm_head", 0) is None:  # tied: a packed copy of the embedding as the head
         embed = model.model.embed_tokens.weight
         sources = [("model.embed_tokens.weight", None)]
-        kind = _plan(mode, [reader.storage(sources[0][0])], *embed.shape, head=True)
+        kind = plan_packing(mode, [reader.storage(sources[0][0])], *embed.shape, head=True)
         if kind is not None:
             model.lm_head = _pack(reader, kind, sources, dense=embed.data)
             packed["lm_head"] = model.lm_head
-    counts: dict[str, int] = {}
     for q in packed.values():
         label = f"{q.kind} ({q.impl} kernels)"
         counts[label] = counts.get(label, 0) + 1

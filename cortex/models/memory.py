@@ -2,7 +2,8 @@
 
 A model's footprint on each of its ranks is its weights plus its KV pool. Mixture-of-experts
 layers count every expert (all are resident, whichever few a token uses): each rank holds every
-expert's slice of the intermediate features (workers/arch/moe.py). Before the first load the
+expert's slice of the intermediate features (workers/arch/moe.py), packed like the other linears
+when they are (one packed layer per expert); the routers stay dense. Before the first load the
 weights are estimated from the model's shape (dtype, packing); once loaded, the worker's measured
 size replaces the estimate. A device's budget is configured, or measured by its worker at start-up;
 a headroom stays free for activations and allocator slack.
@@ -39,10 +40,10 @@ def weight_bytes(cfg: ModelConfig, world_size: int, dtype: str, pack: str = "non
     q_rows = 2 if cfg.attn_output_gate else 1  # a gated q_proj yields [query | gate] per head
     attn = h * d * ((q_rows + 1) * layout.q_heads + 2 * layout.kv_heads)  # q and o, k and v
     mlp = 3 * h * layout.inter  # gate, up, down
-    experts, shared = _experts(cfg, world_size)
+    routers, experts = _experts(cfg, world_size)
     dense_mlps = cfg.num_layers - cfg.moe_layers
     linear = cfg.kv_layers * attn + cfg.linear_layers * _deltanet(cfg, world_size) + dense_mlps * mlp
-    linear += cfg.moe_layers * shared
+    linear += cfg.moe_layers * experts
     embed = cfg.vocab_size * h
     dense = _DTYPE_BYTES[dtype]
     per_linear = _PACKED_BYTES.get(pack, dense)
@@ -50,18 +51,18 @@ def weight_bytes(cfg: ModelConfig, world_size: int, dtype: str, pack: str = "non
     head_bytes = _PACKED_BYTES["int8"] if pack in _PACKED_BYTES else (0 if cfg.tie_word_embeddings else dense)
     head = embed * head_bytes
     norms = (2 * cfg.num_layers + 1) * h * dense
-    return int(linear * per_linear + (embed + cfg.moe_layers * experts) * dense + head + norms)
+    return int(linear * per_linear + (embed + cfg.moe_layers * routers) * dense + head + norms)
 
 
 def _experts(cfg: ModelConfig, world_size: int) -> tuple[int, int]:
-    """Parameters of one rank's mixture-of-experts block, as (always dense: the routed experts'
-    slices, the router and the shared expert's gate; linears that may be packed: the shared
-    expert's slice). (0, 0) for a model without experts."""
+    """Parameters of one rank's mixture-of-experts block, as (always dense: the router and the
+    shared expert's gate; linears that may be packed: the routed experts' slices and the shared
+    expert's). (0, 0) for a model without experts."""
     if not cfg.moe_layers:
         return 0, 0
     layout, h = ExpertLayout.for_rank(cfg, 0, world_size), cfg.hidden_size
     shared_gate = h if cfg.shared_expert_intermediate_size else 0
-    return cfg.num_experts * (3 * h * layout.inter + h) + shared_gate, 3 * h * layout.shared_inter
+    return cfg.num_experts * h + shared_gate, 3 * h * (cfg.num_experts * layout.inter + layout.shared_inter)
 
 
 def _deltanet(cfg: ModelConfig, world_size: int) -> int:

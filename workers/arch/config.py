@@ -18,8 +18,15 @@ HYBRID_ARCHS = {"qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5", "qwen3_next": "
 # Qwen3.5-MoE is Qwen3.5 with mixture-of-experts MLPs: the same hybrid arch, with num_experts set
 HYBRID_ARCHS.update({"qwen3_5_moe": "qwen3_5", "qwen3_5_moe_text": "qwen3_5"})
 LAYER_TYPES = ("full_attention", "linear_attention")
-# The same hybrids in GGUF files: llama.cpp's architecture name -> the arch we run.
-GGUF_HYBRID_ARCHS = {"qwen35": "qwen3_5", "qwen3next": "qwen3_next"}
+# The same hybrids in GGUF files: llama.cpp's architecture name -> the arch we run (Qwen3.5-MoE is
+# llama.cpp's "qwen35moe"; Qwen3-Next's "qwen3next" is MoE as released, dense in our tests).
+GGUF_HYBRID_ARCHS = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5", "qwen3next": "qwen3_next"}
+# Plain decoders whose llama.cpp name differs from ours.
+GGUF_ARCHS = {"qwen3moe": "qwen3_moe"}
+# llama.cpp's mixture-of-experts archs whose graph always renormalises the top-k routing weights
+# (build_moe_ffn's norm_w): qwen3moe, qwen3next, qwen35moe. A file may still say otherwise through
+# ``{arch}.expert_weights_norm``; transformers' ``norm_topk_prob`` itself is not written.
+GGUF_NORM_TOPK = ("qwen3moe", "qwen3next", "qwen35moe")
 
 
 class UnsupportedModel(ValueError):
@@ -152,8 +159,9 @@ class ModelConfig:
     @classmethod
     def from_gguf_fields(cls, meta: dict[str, Any], has_output_weight: bool, vocab_size: int) -> ModelConfig:
         arch = meta.get("general.architecture", "")
-        if arch not in SUPPORTED_ARCHS and arch not in GGUF_HYBRID_ARCHS:
-            supported = ", ".join((*SUPPORTED_ARCHS, *GGUF_HYBRID_ARCHS))
+        if arch not in SUPPORTED_ARCHS and arch not in GGUF_HYBRID_ARCHS and arch not in GGUF_ARCHS:
+            supported = ", ".join((*(a for a in SUPPORTED_ARCHS if a not in GGUF_ARCHS.values()), *GGUF_ARCHS))
+            supported += ", " + ", ".join(GGUF_HYBRID_ARCHS)
             raise UnsupportedModel(f"GGUF architecture {arch!r} is not supported (supported: {supported})")
         key = _GGUFKeys(meta, arch)
         hidden = key.need("embedding_length")
@@ -164,11 +172,13 @@ class ModelConfig:
             scaling = {"rope_type": scaling_type, "factor": key.get("rope.scaling.factor", 1.0)}
         _check_rope(scaling)
         eos = meta.get("tokenizer.ggml.eos_token_id")
+        moe = _moe_from_gguf(key)
         base = cls(
-            arch=arch,
+            arch=GGUF_ARCHS.get(arch, arch),
             vocab_size=vocab_size,
             hidden_size=hidden,
-            intermediate_size=key.need("feed_forward_length"),
+            # a model with experts in every layer may have no dense size (Qwen3.5-MoE: none written)
+            intermediate_size=key.get("feed_forward_length", 0) if moe else key.need("feed_forward_length"),
             num_layers=key.need("block_count"),
             num_heads=heads,
             num_kv_heads=key.get("attention.head_count_kv") or heads,
@@ -177,10 +187,11 @@ class ModelConfig:
             rope_theta=float(key.get("rope.freq_base", 10000.0)),
             max_position_embeddings=key.get("context_length", 4096),
             tie_word_embeddings=not has_output_weight,
-            qk_norm=arch in ("qwen3", *GGUF_HYBRID_ARCHS),
+            qk_norm=arch in ("qwen3", "qwen3moe", *GGUF_HYBRID_ARCHS),
             rope_scaling=scaling,
             eos_token_ids=[] if eos is None else [int(eos)],
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            **moe,
         )
         return _hybrid_from_gguf(base, key) if arch in GGUF_HYBRID_ARCHS else base
 
@@ -206,8 +217,6 @@ def _hybrid_from_gguf(base: ModelConfig, key: _GGUFKeys) -> ModelConfig:
     set_gguf_parameters): the Gated DeltaNet sizes under ``ssm.*``, the layer pattern as
     ``full_attention_interval``, partial RoPE as ``rope.dimension_count``. ``block_count`` also
     counts the multi-token-prediction layers (``nextn_predict_layers``) that we do not run."""
-    if key.get("expert_count"):  # what llama.cpp's converter writes for Qwen3-Next as released
-        raise UnsupportedModel(f"GGUF {key.arch} with mixture-of-experts layers is not supported yet (dense only)")
     layers = base.num_layers - key.get("nextn_predict_layers", 0)
     v_heads = key.need("ssm.time_step_rank")
     return dataclasses.replace(
@@ -223,6 +232,25 @@ def _hybrid_from_gguf(base: ModelConfig, key: _GGUFKeys) -> ModelConfig:
         linear_num_value_heads=v_heads,
         linear_key_head_dim=key.need("ssm.state_size"),
         linear_value_head_dim=key.need("ssm.inner_size") // v_heads,
+    )
+
+
+def _moe_from_gguf(key: _GGUFKeys) -> dict[str, Any]:
+    """The mixture-of-experts fields from the keys llama.cpp's converter writes (TextModel and
+    Qwen2MoeModel.set_gguf_parameters): ``expert_count``, ``expert_used_count``,
+    ``expert_feed_forward_length`` and, with a shared expert, ``expert_shared_feed_forward_length``.
+    {} without ``expert_count`` (a dense model; qwen3moe must have it). As llama.cpp builds these
+    archs, every layer has experts (no ``mlp_only_layers`` / ``decoder_sparse_step`` in the file)."""
+    experts = key.need("expert_count") if key.arch == "qwen3moe" else key.get("expert_count")
+    if not experts:
+        return {}
+    norm = key.get("expert_weights_norm")
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=int(key.need("expert_used_count")),
+        moe_intermediate_size=int(key.need("expert_feed_forward_length")),
+        shared_expert_intermediate_size=int(key.get("expert_shared_feed_forward_length") or 0),
+        norm_topk_prob=bool(key.arch in GGUF_NORM_TOPK if norm is None else norm),
     )
 
 

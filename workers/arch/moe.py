@@ -18,7 +18,11 @@ a grouped matmul, it takes every expert's run in one call from the offsets (no h
 (SM80+) always, where one launch per expert would dominate; on the CPU from ``GROUPED_MM_MIN_ROWS``
 rows up, where it measured about 20% faster than the loop (128 experts, top-8, one thread: 0.9 vs
 1.1 ms at 4 tokens, 4.6 vs 5.7 ms at 16), while the loop wins below (0.30 vs 0.43 ms at one token).
-The loop remains the fallback wherever the grouped matmul refuses the inputs.
+The loop remains the fallback wherever the grouped matmul refuses the inputs. One token on the CPU
+(a one-sequence decode step) skips the grouping altogether (``_one_token``): its k experts one after
+the other, from per-expert views of the stacked weights made once (``ExpertBank``), and the weighted
+sum as one small matmul: about 3 ops per expert, where at one token the ops' dispatch, not the
+arithmetic, is most of the time (the grouping costs ~12 fixed ops and ~7 per expert).
 
 Tensor parallelism: every expert is split by its intermediate features, like a dense MLP; each
 rank holds every expert's slice (``workers.sharding.ExpertLayout``), the shared expert is split
@@ -37,8 +41,13 @@ Weights: parameter names equal transformers 5's in-memory names (``mlp.gate.weig
 ``mlp.shared_expert_gate.weight``). Files come in two layouts and both load (each rank reading its
 slices only): fused as above (Qwen3.5-MoE releases), or per expert
 (``mlp.experts.{e}.{gate,up,down}_proj.weight``: what ``save_pretrained`` writes, converting back,
-and what Qwen3-MoE / Qwen3-Next releases hold). Expert weights stay dense under ``quantize`` (the
-packed kernels are two-dimensional); the shared expert's linears are packed like any other.
+and what Qwen3-MoE / Qwen3-Next releases hold), and from GGUF files (workers/weights.py reads
+llama.cpp's ``ffn_{gate,up,down}_exps`` under these names). Under ``quantize`` the routed experts
+are packed like linear layers, one ``QuantLinear`` per expert and projection (``Experts.pack``): a
+GGUF's Q4_0 / Q4_1 blocks kept as they are, its other quantized types int8, on the CPU where
+"auto"; each runs on its expert's slice of the rows (the loop: the grouped matmul takes dense
+stacks only). The shared expert's linears are packed like any other; the router and the
+shared-expert gate stay dense.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from torch import nn
 from workers import native
 from workers.arch.config import ModelConfig
 from workers.parallel import ParallelLinear, TPGroup, fused
+from workers.quant import Q4Blocks, QuantLinear
 from workers.sharding import ExpertLayout, HeadLayout, Shard
 
 log = logging.getLogger("cortex.worker")
@@ -98,7 +108,8 @@ class SharedExpert(nn.Module):
 class Experts(nn.Module):
     """Every routed expert's slice of the intermediate features, stacked: ``gate_up_proj``
     [experts, 2 * inter, hidden] (this rank's gate rows, then its up rows) and ``down_proj``
-    [experts, hidden, inter]. Each parameter's ``loader`` reads it from either file layout."""
+    [experts, hidden, inter]. Each parameter's ``loader`` reads it from either file layout; its
+    ``packer`` (under ``quantize``, see ``pack``) may replace it by one packed layer per expert."""
 
     def __init__(self, cfg: ModelConfig, layout: ExpertLayout, dtype: torch.dtype):
         super().__init__()
@@ -109,30 +120,126 @@ class Experts(nn.Module):
         self.gate_up_proj.shard = self.down_proj.shard = None
         self.gate_up_proj.loader = lambda reader, name: _read_gate_up(reader, name, n, whole, start, i)
         self.down_proj.loader = lambda reader, name: _read_down(reader, name, n, start, i)
+        self.gate_up_proj.packer = lambda reader, name, mode: self.pack("gate_up_proj", reader, name, mode)
+        self.down_proj.packer = lambda reader, name, mode: self.pack("down_proj", reader, name, mode)
+        self.whole, self.start, self.inter, self.hidden = whole, start, i, h
+        # one packed layer per expert (workers/quant.py) where ``pack`` replaced a stacked weight
+        self.gate_up_q: nn.ModuleList | None = None
+        self.down_q: nn.ModuleList | None = None
+        self._views: tuple | None = None  # (data pointers, per-expert views of the stacked weights)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, experts, weights, self.gate_up_proj, self.down_proj)
+        return grouped_experts(x, experts, weights, *self._banks())
+
+    def _banks(self) -> tuple:
+        """Each projection as grouped_experts takes it: the stacked tensor, or the packed layers; the
+        stacked ones with a list of per-expert views made once (indexing costs an op per expert)."""
+        gate_up = self.gate_up_q if self.gate_up_q is not None else self.gate_up_proj
+        down = self.down_q if self.down_q is not None else self.down_proj
+        ptrs = tuple(b.data_ptr() if isinstance(b, torch.Tensor) else id(b) for b in (gate_up, down))
+        if self._views is None or self._views[0] != ptrs:  # rebuilt after a move to another device
+            views = [ExpertBank(b) for b in (gate_up, down)]
+            self._views = (ptrs, views)
+        return tuple(self._views[1])
+
+    def pack(self, which: str, reader, name: str, mode: str) -> str | None:
+        """Replace stacked weight ``which`` by one packed layer per expert, as workers/weights.py packs
+        a linear layer under ``mode`` ("file": a GGUF's Q4_0/Q4_1 blocks kept as they are, other
+        quantized types int8, float tensors stay dense; "int8"; "int4"); the packed kind, or None
+        where it stays dense. The router and the shared-expert gate never get here."""
+        from workers.weights import WeightsError, plan_packing
+
+        try:
+            storage = reader.storage(name)
+        except WeightsError:  # per-expert tensors (safetensors): their own types
+            storage = "F32"
+        gate_up = which == "gate_up_proj"
+        shape = (2 * self.inter, self.hidden) if gate_up else (self.hidden, self.inter)  # each expert's
+        kind = plan_packing(mode, [storage], *shape)
+        if kind is None:
+            return None
+        layers = None
+        if kind == "int4" and mode == "file":
+            if gate_up:
+                halves = [
+                    _q4_experts(reader, name, Shard(1, s, self.inter)) for s in (self.start, self.whole + self.start)
+                ]
+                blocks = None if None in halves else [Q4Blocks.cat(list(p)) for p in zip(*halves, strict=True)]
+            else:
+                blocks = _q4_experts(reader, name, Shard(2, self.start, self.inter))
+            if blocks is not None:
+                layers = [QuantLinear.int4(b) for b in blocks]
+        if layers is None:
+            dense = getattr(self, which).loader(reader, name).float()
+            if kind == "int4":
+                layers = [QuantLinear.int4(Q4Blocks.quantize(w)) for w in dense]
+            else:
+                layers = [QuantLinear.int8(w) for w in dense]
+        got = (len(layers), layers[0].out_features, layers[0].in_features)
+        if got != tuple(getattr(self, which).shape):
+            raise WeightsError(f"{name}: checkpoint experts {got} do not fit {tuple(getattr(self, which).shape)}")
+        setattr(self, which, None)  # the dense stack is dropped: only the packed layers stay resident
+        setattr(self, which.replace("_proj", "_q"), nn.ModuleList(layers))
+        return kind
 
 
-def grouped_experts(
-    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
-) -> torch.Tensor:
+class ExpertBank:
+    """One projection of every expert, as the expert compute takes it: ``layer(e, rows)`` is rows
+    times expert e's weight (transposed), from a stacked tensor (``stacked``: the grouped matmul may
+    take it whole) or a list of packed layers."""
+
+    def __init__(self, weights):
+        self.stacked = weights if isinstance(weights, torch.Tensor) else None
+        self.experts = list(weights.unbind(0)) if self.stacked is not None else list(weights)
+        # packed layers with native kernels: the kernel called directly on float32 rows (the layer's
+        # forward adds reshapes and checks, a few us each, 16 times a layer at one token)
+        self.direct = None
+        first = None if self.stacked is not None else self.experts[0]
+        if first is not None and first.impl == "native" and first.bias is None and not first.reduce:
+            fn = first.kernels.q4_matmul if first.kind == "int4" else first.kernels.q8_matmul
+            self.direct = [(fn, q.packed, q.scales) for q in self.experts]
+
+    def __call__(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        if self.stacked is not None:
+            return F.linear(rows, self.experts[e])
+        if self.direct is not None and rows.dtype == torch.float32:
+            fn, packed, scales = self.direct[e]
+            return fn(rows, packed, scales)
+        return self.experts[e](rows)
+
+
+def grouped_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up, down) -> torch.Tensor:
     """``sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for every token t of ``x`` [T, hidden],
-    each active expert run once over its gathered tokens (see the module docstring)."""
+    each active expert run once over its gathered tokens (see the module docstring). ``gate_up``
+    and ``down``: stacked tensors [experts, out, in], or ``ExpertBank``s."""
+    gate_up, down = (b if isinstance(b, ExpertBank) else ExpertBank(b) for b in (gate_up, down))
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return _one_token(x, experts, weights, gate_up, down)
     k = experts.shape[1]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, choice) pairs grouped by expert
     tokens = order // k
-    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    counts = torch.bincount(flat, minlength=len(gate_up.experts))
     rows = x.index_select(0, tokens)
-    out = _grouped_mm(rows, counts, gate_up, down) if _use_grouped_mm(rows) else None
+    out = None
+    if gate_up.stacked is not None and down.stacked is not None and _use_grouped_mm(rows):
+        out = _grouped_mm(rows, counts, gate_up.stacked, down.stacked)
     if out is None:
         out = _expert_loop(rows, counts, gate_up, down)
     out *= weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, tokens, out)
 
 
-def _expert_loop(rows: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def _one_token(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """One token (a decode step of one sequence): its k experts one after the other, no sort and no
+    gather; the weighted sum as one [1, k] x [k, hidden] product. About 4 ops per expert instead of
+    the grouping's ~15 fixed ops plus ~7 per expert: at one token the ops' dispatch, not the
+    arithmetic, is most of the time."""
+    ys = [down(e, swiglu(gate_up(e, x))) for e in experts.view(-1).tolist()]
+    return torch.mm(weights.view(1, -1).to(x.dtype), torch.cat(ys))
+
+
+def _expert_loop(rows: torch.Tensor, counts: torch.Tensor, gate_up, down) -> torch.Tensor:
     """Each active expert over its contiguous run of ``rows`` (sorted by expert)."""
     active = counts.nonzero().flatten()
     ids, sizes = torch.stack((active, counts[active])).tolist()  # the step's one host sync
@@ -140,7 +247,7 @@ def _expert_loop(rows: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
     start = 0
     for expert, n in zip(ids, sizes, strict=True):
         end = start + n
-        out[start:end] = F.linear(swiglu(F.linear(rows[start:end], gate_up[expert])), down[expert])
+        out[start:end] = down(expert, swiglu(gate_up(expert, rows[start:end])))
         start = end
     return out
 
@@ -188,11 +295,14 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, experts), [T, top_k] each: softmax over the router logits in float32, top-k,
-        renormalised when ``norm_topk_prob``; the weights in the activations' dtype."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        renormalised when ``norm_topk_prob``; the weights in the activations' dtype. Renormalised,
+        the weights are the softmax of the top-k logits alone (the full softmax's denominator
+        cancels): top-k first, then a softmax over k values, one op less on the decode path."""
+        logits = self.gate(x).float()
         if self.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            top, experts = torch.topk(logits, self.top_k, dim=-1)
+            return F.softmax(top, dim=-1).to(x.dtype), experts
+        weights, experts = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
         return weights.to(x.dtype), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,3 +367,14 @@ def _either(name: str, fused, per_expert) -> torch.Tensor:
             return per_expert()
         except WeightsError as also_missing:
             raise WeightsError(f"{name}: neither fused ({missing}) nor per expert ({also_missing})") from None
+
+
+def _q4_experts(reader, name: str, shard: Shard):
+    """The GGUF reader's per-expert 4-bit blocks (``GGUFReader.q4_experts``), or None. The hybrid
+    models' name adapter (``CheckpointNames`` in workers/arch/qwen3_5.py) passes dense and q4 reads
+    only: it is looked through, with its name mapping."""
+    inner = getattr(reader, "reader", None)
+    if inner is not None and hasattr(reader, "_name"):
+        reader, name = inner, reader._name(name)
+    fn = getattr(reader, "q4_experts", None)
+    return None if fn is None else fn(name, shard)

@@ -1,0 +1,122 @@
+"""Our GGUF files, run by llama.cpp itself: the same greedy tokens as transformers.
+
+tests/gguf_writer.py writes hybrid (Qwen3.5) checkpoints the way llama.cpp's converter does, and
+cortex loads them with transformers' logits (tests/test_qwen35_gguf.py). That proves the writer and
+the loader agree with each other; this proves the writer agrees with llama.cpp: each tiny random
+checkpoint, written as GGUF, is served by llama.cpp's own `llama-server`, and its greedy tokens
+must equal transformers' on the same prompt.
+
+    .venv/bin/python bench/gguf_crosscheck.py [--server PATH]
+
+The server is the one `bench/llama_server.py` builds (~/.cache/cortex-bench/build-*/bin); it is a
+benchmark dependency, so this check stays out of `make test`. llama.cpp reads one head dimension
+for the linear layers' keys and values, so these checkpoints use equal ones (the real models do),
+and a vocabulary as long as the tokenizer's. Dense Qwen3-Next has no llama.cpp form (only the
+mixture-of-experts model is converted) and is not checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tests.checkpoints as checkpoints  # noqa: E402
+from tests.conftest import train_tiny_tokenizer  # noqa: E402
+from tests.gguf_writer import write_gguf  # noqa: E402
+
+LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+CASES = {"qwen3_5": {"arch": "qwen3_5"}, "qwen3_5-vlm": {"arch": "qwen3_5", "vlm": True}}
+STEPS = 8
+
+
+def default_server() -> Path | None:
+    found = sorted((Path.home() / ".cache" / "cortex-bench").glob("build-*/bin/llama-server"))
+    return found[-1] if found else None
+
+
+def make(case: dict, root: Path) -> Path:
+    """A tiny random checkpoint with a trained tokenizer, its vocabulary the tokenizer's size."""
+    text_config = checkpoints.tiny_hybrid_text_config
+
+    def equal_head_dims(*args, **kwargs) -> dict:
+        cfg = text_config(*args, **kwargs)
+        cfg["linear_value_head_dim"] = cfg["linear_key_head_dim"]
+        return cfg
+
+    checkpoints.tiny_hybrid_text_config = equal_head_dims
+    try:
+        (root / "tok").mkdir()
+        train_tiny_tokenizer(root / "tok")  # its size fixes the vocabulary
+        size = len(json.loads((root / "tok" / "tokenizer.json").read_text())["model"]["vocab"])
+        path = checkpoints.make_hybrid_checkpoint(root / "hf", layer_types=LAYERS, vocab=size, **case)
+    finally:
+        checkpoints.tiny_hybrid_text_config = text_config
+    train_tiny_tokenizer(path)
+    return path
+
+
+def transformers_greedy(path: Path, prompt: list[int]) -> list[int]:
+    model, seq, out = checkpoints.hf_hybrid_model(path), list(prompt), []
+    with torch.no_grad():
+        for _ in range(STEPS):
+            out.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(out[-1])
+    return out
+
+
+def llama_greedy(server: Path, gguf_file: Path, prompt: list[int], port: int = 39017) -> list[int]:
+    log = gguf_file.with_suffix(".log")
+    cmd = [str(server), "-m", str(gguf_file), "--port", str(port), "-t", "2", "-c", "256", "--no-warmup"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited: {log.read_text()[-2000:]}")
+        body = {"prompt": prompt, "n_predict": STEPS, "temperature": 0, "samplers": ["top_k"], "top_k": 1}
+        r = httpx.post(f"http://127.0.0.1:{port}/completion", json={**body, "return_tokens": True}, timeout=120)
+        return r.json()["tokens"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--server", type=Path, default=default_server())
+    args = p.parse_args()
+    if args.server is None or not args.server.exists():
+        print("no llama-server: build it with `.venv/bin/python bench/llama_server.py --build-only`")
+        return 2
+    failed = 0
+    for name, case in CASES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make(case, Path(tmp))
+            prompt = torch.randint(3, 250, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+            want = transformers_greedy(path, prompt)
+            for label, kw in (("f32", {}), ("f16", {"f16": True})):
+                got = llama_greedy(args.server, write_gguf(path, Path(tmp) / f"{label}.gguf", **kw), prompt)
+                same = got == want
+                failed += not same
+                print(f"{name:12s} {label}: llama.cpp {got} transformers {want} {'same' if same else 'DIFFERENT'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
