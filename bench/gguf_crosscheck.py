@@ -12,7 +12,8 @@ The server is the one `bench/llama_server.py` builds (~/.cache/cortex-bench/buil
 benchmark dependency, so this check stays out of `make test`. llama.cpp reads one head dimension
 for the linear layers' keys and values, so these checkpoints use equal ones (the real models do),
 and a vocabulary as long as the tokenizer's. Dense Qwen3-Next has no llama.cpp form (only the
-mixture-of-experts model is converted) and is not checked.
+mixture-of-experts model is converted) and is not checked; Qwen3-MoE, Qwen3-Next with experts and
+Qwen3.5-MoE are.
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ from tests.conftest import train_tiny_tokenizer  # noqa: E402
 from tests.gguf_writer import write_gguf  # noqa: E402
 
 LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
-CASES = {"qwen3_5": {"arch": "qwen3_5"}, "qwen3_5-vlm": {"arch": "qwen3_5", "vlm": True}}
+# (maker, its arguments): llama.cpp expresses neither a dense layer among MoE ones nor a layer
+# pattern other than every n-th full attention, so these checkpoints keep to what it can say
+CASES = {
+    "qwen3_5": ("hybrid", {"arch": "qwen3_5", "layer_types": LAYERS}),
+    "qwen3_5-vlm": ("hybrid", {"arch": "qwen3_5", "vlm": True, "layer_types": LAYERS}),
+    "qwen3_moe": ("moe", {"arch": "qwen3_moe", "mlp_only_layers": []}),
+    "qwen3_next-moe": ("moe", {"arch": "qwen3_next", "layer_types": LAYERS, "mlp_only_layers": []}),
+    "qwen3_5_moe": ("moe", {"arch": "qwen3_5_moe", "layer_types": LAYERS}),
+}
 STEPS = 8
 
 
@@ -44,7 +53,7 @@ def default_server() -> Path | None:
     return found[-1] if found else None
 
 
-def make(case: dict, root: Path) -> Path:
+def make(case: tuple[str, dict], root: Path) -> Path:
     """A tiny random checkpoint with a trained tokenizer, its vocabulary the tokenizer's size."""
     text_config = checkpoints.tiny_hybrid_text_config
 
@@ -58,7 +67,11 @@ def make(case: dict, root: Path) -> Path:
         (root / "tok").mkdir()
         train_tiny_tokenizer(root / "tok")  # its size fixes the vocabulary
         size = len(json.loads((root / "tok" / "tokenizer.json").read_text())["model"]["vocab"])
-        path = checkpoints.make_hybrid_checkpoint(root / "hf", layer_types=LAYERS, vocab=size, **case)
+        maker, kw = case
+        if maker == "hybrid":
+            path = checkpoints.make_hybrid_checkpoint(root / "hf", vocab=size, **kw)
+        else:
+            path = checkpoints.make_moe_checkpoint(root / "hf", vocab=size, **kw)
     finally:
         checkpoints.tiny_hybrid_text_config = text_config
     train_tiny_tokenizer(path)

@@ -248,7 +248,7 @@ def _hybrid_keys(w: gguf.GGUFWriter, text: dict) -> None:
     w.add_full_attention_interval(_interval(text))
     partial = rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     w.add_rope_dimension_count(int(text["head_dim"] * partial))
-    if w.arch == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35]:
+    if w.arch in (gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35], gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN35MOE]):
         # Qwen3.5's multimodal RoPE sections (pairs of rotary dims per position component), which
         # llama.cpp requires; for text all components are the token's position, so any split that
         # covers the rotary dims is plain RoPE (a config without mrope_section gets Qwen's 11:11:10)
