@@ -12,6 +12,7 @@ streams transformers' greedy text; the memory estimate counts every expert."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import openai
@@ -368,3 +369,52 @@ def test_a_served_moe_model_streams_transformers_greedy_text(served, model_id):
     assert got == [token_bytes(files.tokenizer.tokenizer, t) for t in want]  # token by token
     text = "".join(c.delta.content or "" for c in chunks)
     assert text and b"".join(got).decode(errors="replace").startswith(text)  # a cut-off UTF-8 tail is held back
+
+
+PICK = {
+    "type": "object",
+    # bounded values: a random model need never end a free string or number
+    "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}, "hourly": {"type": "boolean"}},
+    "required": ["unit", "hourly"],
+}
+
+
+@pytest.mark.parametrize("model_id", ["moe", "moe-hybrid-tp2"])
+def test_a_served_moe_model_makes_a_forced_tool_call_in_both_dialects(served, model_id):
+    """Tools through both official SDKs, the openai one streamed: a forced call comes back whole,
+    with arguments that fit the tool's schema, and the turn ends as a tool call."""
+    import anthropic
+
+    srv, _ = served
+    ask = [{"role": "user", "content": "Forecast for Paris, please."}]
+    tool = {"name": "forecast", "description": "The weather forecast", "parameters": PICK}
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=ask,
+        tools=[{"type": "function", "function": tool}],
+        tool_choice={"type": "function", "function": {"name": "forecast"}},
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=256,
+        stream=True,
+    )
+    chunks = [c.choices[0] for c in stream if c.choices]
+    calls = [tc for c in chunks for tc in (c.delta.tool_calls or [])]
+    assert {tc.index for tc in calls} == {0}  # one call: parallel calls were turned off
+    got = json.loads("".join(tc.function.arguments or "" for tc in calls))
+    assert [tc.function.name for tc in calls if tc.function.name] == ["forecast"]
+    assert got["unit"] in ("celsius", "fahrenheit") and isinstance(got["hourly"], bool)
+    assert chunks[-1].finish_reason == "tool_calls"
+
+    claude = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+    msg = claude.messages.create(
+        model=model_id,
+        max_tokens=256,
+        messages=ask,
+        tools=[{"name": "forecast", "description": tool["description"], "input_schema": PICK}],
+        tool_choice={"type": "tool", "name": "forecast", "disable_parallel_tool_use": True},
+        extra_body={"temperature": 0},  # this SDK's signature no longer lists it; cortex reads it
+    )
+    (call,) = [b for b in msg.content if b.type == "tool_use"]
+    assert call.name == "forecast" and call.input["unit"] in ("celsius", "fahrenheit") and msg.stop_reason == "tool_use"
