@@ -14,7 +14,7 @@ ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast lint format docs bench bench-deps clean
+.PHONY: install serve test test-fast lint format docs bench bench-deps bench-llama clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ bench: install
 # Benchmark-only: llama.cpp's Python binding compiles from source (about 12 minutes on 2 cores).
 bench-deps: install
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install --disable-pip-version-check "llama-cpp-python==0.3.36"
+
+# Benchmark-only: cortex serve against llama.cpp's llama-server on the same GGUF, every CPU kernel path.
+# The first run builds llama-server from the llama-cpp-python sdist into ~/.cache/cortex-bench (10-20
+# minutes on 2 cores); later runs reuse it.
+bench-llama: install
+	$(BIN)/python bench/llama_server.py --build --version 0.3.36
+	$(BIN)/python bench/llama_server.py --paths avx2,avx512,avx512vnni,torch $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

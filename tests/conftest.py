@@ -233,8 +233,7 @@ def pytest_sessionstart(session) -> None:
     from workers import cpu, native
 
     kernels = native.kernels()
-    flags = " ".join(f for f in native.FLAGS if f.startswith("-m"))
-    built = f"built with {flags}" if kernels else "unavailable (PyTorch fallback)"
+    built = f"{kernels.name} path" if kernels else "unavailable (PyTorch fallback)"
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(f"cpu: {cpu.describe()}")

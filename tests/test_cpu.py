@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from workers import cpu
+from workers import cpu, native
 
 
 def test_describe_names_the_cpu_its_simd_and_torchs_choice():
@@ -23,13 +23,16 @@ def test_describe_names_the_cpu_its_simd_and_torchs_choice():
 @pytest.mark.skipif(not cpu.runs_native_kernels(), reason="this CPU has no AVX2 with FMA and F16C")
 def test_native_kernels_do_not_depend_on_torchs_dispatch_level():
     # ATEN_CPU_CAPABILITY=default makes torch use its plain kernels; the CPU still runs ours
-    code = "from workers import native; print(native.kernels() is not None)"
+    # ... and the path picked is the best one the CPU reports (avx512vnni on an AVX-512 VNNI CPU),
+    # whatever torch dispatches to
+    code = "from workers import native; print(native.kernels() is not None, native.path_name())"
+    best = native.runnable_paths()[-1]
     for level in ("default", "avx2"):
         out = subprocess.run(
             [sys.executable, "-c", code],
             capture_output=True,
             text=True,
             timeout=300,
-            env={**os.environ, "ATEN_CPU_CAPABILITY": level},
+            env={**os.environ, "ATEN_CPU_CAPABILITY": level, native.ENV: "auto"},
         )
-        assert out.stdout.strip() == "True", (level, out.stderr[-2000:])
+        assert out.stdout.strip() == f"True {best}", (level, out.stderr[-2000:])

@@ -10,6 +10,17 @@ paged KV pool, float32 or float16 (no gather into padded tensors), and RoPE with
 ``pointwise.c`` the norms and SwiGLU; ``decode.c`` a whole all-decode step's layers in one call.
 When they cannot be built (no C compiler, no AVX2, ``CORTEX_NATIVE_KERNELS=0``), every caller
 takes its PyTorch path instead.
+
+Kernel paths (``PATHS``): the same sources built once per instruction set, each its own shared
+object, so a CPU without AVX-512 never loads (let alone runs) AVX-512 code. ``avx2`` is the
+baseline; ``avx512`` compiles them for AVX-512 F/BW/VL (EVEX encodings, 32 vector registers: the
+compiler's choice; the intrinsics stay 256-bit, see qmatmul.c for why); ``avx512vnni`` adds
+``vpdpwssd`` to the block products (an int16 multiply-add and the add after it in one
+instruction). All three compute the same bits. The best path the CPU reports is picked once, at
+first use; ``CORTEX_CPU_KERNELS`` (``auto``, a path's name, or ``torch`` for PyTorch's kernels)
+overrides it, so every path can be tested on one machine. A path this CPU cannot run is refused
+with a warning and the best one it can run is used instead. AMX is not used (nothing here asks
+the kernel for it), so a CPU or kernel without it changes nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +43,18 @@ log = logging.getLogger("cortex.worker")
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c", "decode.c"))
 HEADERS = (KERNELS / "simd.h", KERNELS / "kernels.h")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm")
+# -Bsymbolic: decode.c's calls into the other kernels bind within the same object, so two paths
+# loaded side by side (tests compare them in one process) never call into each other's code
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-Wl,-Bsymbolic", "-lm")
+AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl")
+# path -> (the CPU features it needs, in cpu.SIMD's spelling; the compiler flags added to FLAGS),
+# best last: `auto` takes the last one the CPU can run
+PATHS = {
+    "avx2": (cpu.NATIVE_NEEDS, ()),
+    "avx512": (cpu.NATIVE_NEEDS | {"avx512f", "avx512bw", "avx512vl"}, AVX512),
+    "avx512vnni": (cpu.NATIVE_NEEDS | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, (*AVX512, "-mavx512vnni")),
+}
+ENV = "CORTEX_CPU_KERNELS"  # auto (default), one of PATHS, or torch
 _c_int = ctypes.c_int
 
 
@@ -54,7 +76,7 @@ class Layer(ctypes.Structure):
 class NativeKernels:
     """The loaded library and typed calls into it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, name: str = "avx2"):
         lib = ctypes.CDLL(str(path))
         vp = ctypes.c_void_p
         lib.cortex_q4_matmul.argtypes = [vp, _c_int, _c_int, vp, vp, vp, _c_int, vp]
@@ -71,7 +93,7 @@ class NativeKernels:
         lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp, _c_int]
         for fn in (lib.cortex_rms_norm, lib.cortex_add_rms_norm, lib.cortex_swiglu, lib.cortex_rope_store):
             fn.restype = None
-        self.lib, self.path = lib, path
+        self.lib, self.path, self.name = lib, path, name
 
     def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
         """``x``: float32 [M, K]; ``qs``: uint8 [N, K/32, 16]; ``dm``: float32 [2, N, K/32], the
@@ -195,7 +217,7 @@ def _cache_dir() -> Path:
     return Path(base) / "cortex" / "kernels"
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, flags: tuple[str, ...]) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise OSError("no C compiler (cc or gcc) on PATH")
@@ -204,7 +226,7 @@ def _build(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)]
+        cmd = [compiler, *flags, "-o", tmp, *map(str, SOURCES)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise OSError(f"{compiler} failed: {r.stderr.strip()[:500]}")
@@ -214,26 +236,74 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
-def load() -> NativeKernels | None:
-    """The kernels, built on first use; None (with the reason logged once) when unavailable."""
-    if os.environ.get("CORTEX_NATIVE_KERNELS", "1") == "0":
-        return None
+def runnable_paths() -> list[str]:
+    """The kernel paths this CPU can run, best last (none without AVX2, FMA and F16C)."""
     if not cpu.runs_native_kernels():
-        log.info("native kernels: this CPU has no AVX2 with FMA and F16C; using PyTorch's kernels")
+        return []
+    features = cpu.simd_features()
+    if features is None:  # no /proc/cpuinfo: only the baseline, which torch's detection vouches for
+        return ["avx2"]
+    return [name for name, (needs, _) in PATHS.items() if needs <= features]
+
+
+def chosen_path() -> str:
+    """The path ``load()`` takes: ``CORTEX_CPU_KERNELS`` when this CPU can run it, else the best
+    one it can run; ``torch`` when there is none or it is asked for (or ``CORTEX_NATIVE_KERNELS=0``)."""
+    if os.environ.get("CORTEX_NATIVE_KERNELS", "1") == "0":
+        return "torch"
+    asked = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    runnable = runnable_paths()
+    if asked == "torch" or not runnable:
+        return "torch"
+    if asked in runnable:
+        return asked
+    if asked != "auto":
+        known = "one of " + ", ".join(("auto", *PATHS, "torch"))
+        why = "this CPU cannot run it" if asked in PATHS else f"expected {known}"
+        log.warning("%s=%s: %s; using %s", ENV, asked, why, runnable[-1])
+    return runnable[-1]
+
+
+def load(path: str | None = None) -> NativeKernels | None:
+    """The kernels of ``path`` (default: ``chosen_path()``, or a lesser path when that one does not
+    build, e.g. a compiler without AVX-512), built on first use; None (with the reason logged once)
+    when unavailable or when the path is ``torch``."""
+    if path is None:
+        chosen = chosen_path()
+        runnable = runnable_paths()
+        fallbacks = runnable[: runnable.index(chosen)][::-1] if chosen in runnable else []
+        for candidate in (chosen, *fallbacks):
+            kernels_ = load(candidate)
+            if kernels_ is not None:
+                return kernels_
         return None
+    if path == "torch":
+        if not cpu.runs_native_kernels():
+            log.info("native kernels: this CPU has no AVX2 with FMA and F16C; using PyTorch's kernels")
+        return None
+    if path not in runnable_paths():  # never load code this CPU cannot run
+        log.warning("native kernels: this CPU cannot run the %s path", path)
+        return None
+    flags = (*FLAGS, *PATHS[path][1])
     code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
-    digest = hashlib.sha256(code + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:16]
     for cache in (_cache_dir(), Path(tempfile.gettempdir()) / f"cortex-kernels-{os.getuid()}"):
-        target = cache / f"cortex-{digest}.so"
+        target = cache / f"cortex-{path}-{digest}.so"
         try:
             if not target.exists():
-                _build(target)
+                _build(target, flags)
                 log.info("native kernels built: %s", target)
-            return NativeKernels(target)
+            return NativeKernels(target, path)
         except OSError as e:
             reason = e
-    log.warning("native kernels unavailable (%s); using PyTorch's kernels", reason)
+    log.warning("native kernels (%s) unavailable (%s)", path, reason)
     return None
+
+
+def path_name() -> str:
+    """What the worker's CPU linears and attention run on: a path's name, or ``torch``."""
+    k = kernels()
+    return k.name if k is not None else "torch"
 
 
 _kernels: NativeKernels | None | bool = False  # False: not tried yet; this module is its only owner

