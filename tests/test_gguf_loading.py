@@ -16,7 +16,8 @@ from workers.kv_cache import LocalRunner
 from workers.weights import WeightsError, load_weights
 
 
-def _entry(path) -> ModelEntry:
+def gguf_entry(path) -> ModelEntry:
+    """A catalogue entry for one local file, every other key its default."""
     return ModelEntry(
         id="m",
         path=path,
@@ -38,7 +39,7 @@ def _ckpt(tmp_path, arch, tied):
 
 
 def _gguf_model(gguf_path):
-    files = source.read(_entry(gguf_path))
+    files = source.read(gguf_entry(gguf_path))
     model = model_class(files.config)(files.config)
     load_weights(model, "gguf", [str(gguf_path)])
     return model, files
@@ -74,7 +75,7 @@ def test_q8_0_gguf_is_close_and_keeps_the_argmax(tmp_path):
 
 def test_gguf_tokenizer_and_template_come_from_the_metadata(tmp_path):
     ckpt = _ckpt(tmp_path, "qwen3", True)
-    files = source.read(_entry(write_gguf(ckpt, tmp_path / "m.gguf")))
+    files = source.read(gguf_entry(write_gguf(ckpt, tmp_path / "m.gguf")))
     from cortex.chat.tokenizer import from_hf_dir
 
     hf_tok = from_hf_dir(ckpt)
@@ -90,13 +91,13 @@ def test_a_truncated_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(good.read_bytes()[:2000])
     with pytest.raises(source.ModelFilesError, match="bad.gguf"):
-        source.read(_entry(bad))
+        source.read(gguf_entry(bad))
 
 
 def test_a_gguf_missing_a_tensor_names_it(tmp_path):
     ckpt = _ckpt(tmp_path, "llama", True)
     path = write_gguf(ckpt, tmp_path / "m.gguf")
-    files = source.read(_entry(path))
+    files = source.read(gguf_entry(path))
     cfg = files.config
     bigger = type(cfg)(**{**cfg.to_dict(), "num_layers": cfg.num_layers + 1})
     with pytest.raises(WeightsError, match=r"blk\.2\."):

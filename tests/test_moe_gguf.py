@@ -15,12 +15,12 @@ import gguf
 import pytest
 import torch
 
-from cortex.config import ModelEntry
 from cortex.models import source
 from cortex.models.memory import packing, weight_bytes
 from tests.checkpoints import hf_hybrid_model, make_moe_checkpoint
 from tests.conftest import train_tiny_tokenizer
 from tests.gguf_writer import write_gguf
+from tests.test_gguf_loading import gguf_entry
 from workers.arch import ModelConfig, UnsupportedModel, model_class
 from workers.arch.qwen3_5 import HybridRunner
 from workers.gguf_file import GGUFFile
@@ -65,21 +65,6 @@ def ckpt(tmp_path_factory):
     return get
 
 
-def _entry(path: Path) -> ModelEntry:
-    return ModelEntry(
-        id="m",
-        path=path,
-        source=None,
-        tensor_parallel=1,
-        devices=None,
-        dtype="auto",
-        residency_priority=100,
-        pinned=False,
-        preload=False,
-        max_context=0,
-    )
-
-
 def _safetensors_model(path: Path):
     cfg = ModelConfig.from_hf_dir(path)
     model = model_class(cfg)(cfg)
@@ -88,7 +73,7 @@ def _safetensors_model(path: Path):
 
 
 def _gguf_model(path: Path, quantize: str = "none"):
-    files = source.read(_entry(path))  # config and tokenizer from the metadata, as the server reads them
+    files = source.read(gguf_entry(path))  # config and tokenizer from the metadata, as the server reads them
     model = model_class(files.config)(files.config)
     load_weights(model, "gguf", [str(path)], quantize=quantize)
     return model
@@ -146,7 +131,7 @@ def test_config_from_the_metadata_is_the_checkpoints(ckpt, tmp_path, case):
     """Expert count, top-k, sizes and the renormalised routing (llama.cpp's graphs for these archs
     always renormalise; these checkpoints do too) as config.json has them."""
     path = ckpt(case)
-    from_gguf = source.read(_entry(write_gguf(path, tmp_path / "m.gguf"))).config
+    from_gguf = source.read(gguf_entry(write_gguf(path, tmp_path / "m.gguf"))).config
     from_hf = ModelConfig.from_hf_dir(path)
     same = dict(
         rms_norm_eps=from_hf.rms_norm_eps, eos_token_ids=from_hf.eos_token_ids, bos_token_id=from_hf.bos_token_id

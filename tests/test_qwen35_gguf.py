@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.config import ModelEntry
 from cortex.models import source
 from tests.checkpoints import hf_hybrid_model, make_hybrid_checkpoint
 from tests.conftest import train_tiny_tokenizer
 from tests.gguf_writer import write_gguf
+from tests.test_gguf_loading import gguf_entry
 from workers.arch import ModelConfig, UnsupportedModel, model_class
 from workers.arch.qwen3_5 import HybridRunner, Qwen3_5Model
 from workers.gguf_file import GGUFFile
@@ -38,21 +38,6 @@ CASES = {
 GGUF_ARCH = {"qwen3_5": gguf.MODEL_ARCH.QWEN35, "qwen3_next": gguf.MODEL_ARCH.QWEN3NEXT}
 
 
-def _entry(path: Path) -> ModelEntry:
-    return ModelEntry(
-        id="m",
-        path=path,
-        source=None,
-        tensor_parallel=1,
-        devices=None,
-        dtype="auto",
-        residency_priority=100,
-        pinned=False,
-        preload=False,
-        max_context=0,
-    )
-
-
 def _ckpt(tmp_path: Path, case: str) -> Path:
     path = make_hybrid_checkpoint(tmp_path / "hf", layer_types=LAYERS, **CASES[case])
     train_tiny_tokenizer(path)
@@ -67,7 +52,7 @@ def _safetensors_model(path: Path) -> Qwen3_5Model:
 
 
 def _gguf_model(path: Path, quantize: str = "none") -> Qwen3_5Model:
-    files = source.read(_entry(path))  # config and tokenizer from the metadata, as the server reads them
+    files = source.read(gguf_entry(path))  # config and tokenizer from the metadata, as the server reads them
     model = model_class(files.config)(files.config)
     load_weights(model, "gguf", [str(path)], quantize=quantize)
     return model
@@ -135,7 +120,7 @@ def test_the_file_is_laid_out_as_llama_cpp_converts_it(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
 def test_config_from_the_metadata_is_the_checkpoints(tmp_path, arch):
     ckpt = _ckpt(tmp_path, arch)
-    from_gguf = source.read(_entry(write_gguf(ckpt, tmp_path / "m.gguf"))).config
+    from_gguf = source.read(gguf_entry(write_gguf(ckpt, tmp_path / "m.gguf"))).config
     from_hf = ModelConfig.from_hf_dir(ckpt)
     assert from_gguf.rms_norm_eps == pytest.approx(from_hf.rms_norm_eps)  # stored as float32
     # eos / bos come from the GGUF's tokenizer section, not config.json
@@ -233,7 +218,7 @@ def test_a_qwen35_gguf_is_served_with_the_greedy_tokens_of_transformers(tmp_path
 
     ckpt = _ckpt(tmp_path, "qwen3_5")
     path = write_gguf(ckpt, tmp_path / "m.gguf")
-    files = source.read(_entry(path))
+    files = source.read(gguf_entry(path))
     ids = files.tokenizer.encode(chat_prompt.render(files.template, [{"role": "user", "content": "Hi"}], None, None))
     ref, want, limit = hf_hybrid_model(ckpt), [], files.tokenizer.vocab_size  # ids past the tokenizer's: never sampled
     with torch.no_grad():
