@@ -158,10 +158,12 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=30).json()
 
-    def logs(self) -> str:
+    def logs(self, tail: int = 4000) -> str:
+        """The server's log, its last ``tail`` characters (0: all of it), for assertions and failures."""
         if not self.log.closed:
             self.log.flush()
-        return (self.root / "serve.log").read_text(errors="replace")[-4000:]
+        text = (self.root / "serve.log").read_text(errors="replace")
+        return text[-tail:] if tail else text
 
     def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
