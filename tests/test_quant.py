@@ -18,7 +18,7 @@ from cortex.models import source
 from tests.checkpoints import hf_model, make_checkpoint
 from tests.conftest import needs_native_kernels
 from tests.gguf_writer import write_gguf
-from tests.test_gguf_loading import IDS, _ckpt, _entry
+from tests.test_gguf_loading import IDS, _ckpt, gguf_entry
 from workers import native
 from workers.arch import ModelConfig, model_class
 from workers.kv_cache import LocalRunner
@@ -197,7 +197,7 @@ def test_a_q4_gguf_loads_packed_with_its_own_values_and_decodes_like_its_dense_t
     ckpt = _ckpt(tmp_path, arch, True)
     path = _write_q4_gguf(monkeypatch, ckpt, tmp_path / "q4.gguf", kind)
     monkeypatch.undo()
-    files = source.read(_entry(path))
+    files = source.read(gguf_entry(path))
 
     def load(quantize):
         model = model_class(files.config)(files.config)
