@@ -381,7 +381,9 @@ def test_reload_with_a_broken_file_keeps_serving_and_says_why(srv, tiny_qwen3):
         assert "models.toml" in r.stderr and "exactly one of 'path' or 'source'" in r.stderr
         (srv.root / "models.toml").write_text("this is = = not toml")
         os.kill(srv.proc.pid, signal.SIGHUP)
-        wait_for(lambda: "reload rejected" in srv.logs() and "TOML syntax error" in srv.logs(), what="the log")
+        wait_for(
+            lambda: "reload rejected" in srv.logs(tail=0) and "TOML syntax error" in srv.logs(tail=0), what="the log"
+        )
         assert (
             oai.chat.completions.create(
                 model="tiny", messages=HI, max_tokens=3, extra_body=NO_EOS
