@@ -8,17 +8,25 @@ for 16 decodes, and for a small chunk late in a long prompt (4 rows at 6,000 tok
 per step for gather and conversion, against 18 ms for the kernel reading in place); for whole
 256-token chunks the kernel is as fast as SDPA (1.12 s against 1.26 s at 6,000 tokens, 30 layers).
 Elsewhere (CUDA, other dtypes, head sizes the kernel does not take) prompt chunks gather their
-context and run PyTorch's ``scaled_dot_product_attention`` one by one, and decode rows one batched
-SDPA call over the gathered, padded contexts.
+context and run PyTorch's ``scaled_dot_product_attention`` one by one (FlashAttention on CUDA).
+Decode rows on CUDA run the Triton kernel of workers/gpu/paged_attention.py, which reads the pool
+through the block tables like the native one (``CORTEX_GPU_ATTENTION=torch`` turns it off, or a
+host without Triton); elsewhere they are one batched SDPA call over the gathered, padded contexts.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
 from workers import native
 from workers.kv_cache import PagedKVCache, StepBatch
+
+GPU_ATTENTION_ENV = "CORTEX_GPU_ATTENTION"  # triton (default) | torch: the decode kernel on CUDA
+GPU_ATTENTION_MODES = ("triton", "torch")
 
 
 def attend(q: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch, native_ok: bool = True) -> torch.Tensor:
@@ -62,6 +70,10 @@ def _decode(
     q: torch.Tensor, kv: PagedKVCache, layer: int, batch: StepBatch, scale: float, gqa: bool, native_ok: bool
 ) -> torch.Tensor:
     """One new token per sequence: [B, Hq, D]."""
+    if _use_triton(q):
+        return _paged_attention().paged_decode(
+            q, kv.k_layers[layer], kv.v_layers[layer], batch.decode_blocks, batch.decode_lengths, kv.block_size, scale
+        )
     kernels = native.for_tensor(q) if native_ok and kv.k.dtype in native.POOL_DTYPES else None
     if kernels is not None:
         out = kernels.paged_attention(
@@ -76,3 +88,19 @@ def _decode(
         q[:, :, None, :], keys, values, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
     )
     return o[:, :, 0, :]
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    """Decode rows on the Triton kernel: CUDA tensors, Triton installed, not switched off."""
+    mode = os.environ.get(GPU_ATTENTION_ENV, "triton")
+    if mode not in GPU_ATTENTION_MODES:
+        raise ValueError(f"{GPU_ATTENTION_ENV}={mode!r}: expected one of {', '.join(GPU_ATTENTION_MODES)}")
+    return q.is_cuda and mode == "triton" and _paged_attention() is not None
+
+
+@functools.cache
+def _paged_attention():
+    """The Triton module, imported on first CUDA use (importing Triton costs CPU-only workers time)."""
+    from workers.gpu import paged_attention
+
+    return paged_attention if paged_attention.available() else None
