@@ -1,18 +1,26 @@
 """What a routing hop costs: the same requests sent directly to leader B and through leader A.
 
     .venv/bin/python bench/gateway.py [--clients 1,16,64] [--requests 400] [--tokens 4]
+                                      [--route-cache-s 0,0.5 [--rounds 2]]
 
 B serves a tiny random Qwen3 (its compute is not what is measured); A is a device-less gateway with
 B as its only peer, so every request to A is forwarded. At each concurrency N, N clients each send
 requests alternately to B and to A (which goes first alternates too), each a non-streamed chat
 completion of a few tokens, so both paths see the same load at the same moments. Reported: p50 and
 p99 latency of each path and what the hop adds (A minus B), and the same for the first byte of a
-streamed request.
+streamed request; and "A cpu": the CPU time (user + system, from /proc) of A's processes (leader,
+front) over the run divided by the requests sent to A, i.e. what a forwarded request costs the gateway
+(10 ms clock ticks per process: read it over a few hundred requests).
 
 Targets (issue 20): the hop adds under 1 ms at p50 with one client and under 5 ms at p50 with 64
 concurrent clients; each row at those concurrencies says whether it is met. Both leaders share
 this machine's cores, so under concurrency A's work also slows B: the "added" figure then includes
 what the gateway's CPU takes from the server it forwards to.
+
+``--route-cache-s`` runs the whole measurement once per value, each with fresh leaders started with
+that ``[gateway] route_cache_s`` (how long A's front reuses its leader's routing answer; 0: it asks
+the leader for every request), and ``--rounds`` repeats the list, so settings alternate in one
+sitting.
 """
 
 from __future__ import annotations
@@ -56,16 +64,14 @@ def _tiny_model(into: Path) -> Path:
     return into
 
 
-def _serve(
-    root: Path, name: str, devices: str, port: int, models: str, extra: str, threads: int = 0
-) -> subprocess.Popen:
+def _serve(root: Path, name: str, devices: str, port: int, models: str, extra: str, gateway: str) -> subprocess.Popen:
+    """A leader; ``gateway``: more [gateway] keys, ``extra``: more tables."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "models.toml").write_text(models)
     (root / "cortex.toml").write_text(
         f'[node]\nname = "{name}"\ndevices = {devices}\nrun_dir = "{root}"\nthreads = 1\n'
-        f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{_port()}"\nworkers = 2\n'
-        + (f"threads = {threads}\n" if threads else "")  # else the front's default
-        + "[engine]\nkv_cache_mb = 64\nmax_requests_per_client = 0\n"
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{_port()}"\nworkers = 2\n{gateway}'
+        "[engine]\nkv_cache_mb = 64\nmax_requests_per_client = 0\n"
         f"[fleet]\npoll_interval_s = 1\n{extra}"
     )
     log = open(root / "serve.log", "wb")  # noqa: SIM115 (lives as long as the process)
@@ -74,15 +80,19 @@ def _serve(
 
 
 @contextlib.contextmanager
-def two_leaders(threads: int = 0) -> Iterator[tuple[str, str]]:
-    """(url of A, url of B), both answering, A routing to B."""
+def two_leaders(threads: int = 0, route_cache_s: str = "") -> Iterator[tuple[str, str, int]]:
+    """(url of A, url of B, pid of A's leader), both answering, A routing to B; ``threads`` and
+    ``route_cache_s``: the leaders' [gateway] keys (0 or "": their defaults)."""
     root = Path(tempfile.mkdtemp(prefix="cortex-gw-"))
     model = _tiny_model(root / "model")
     pa, pb = _port(), _port()
-    b = _serve(
-        root / "b", "B", '["cpu"]', pb, f'[[models]]\nid = "tiny"\npath = "{model}"\npreload = true\n', "", threads
+    gateway = (f"threads = {threads}\n" if threads else "") + (
+        f"route_cache_s = {route_cache_s}\n" if route_cache_s else ""
     )
-    a = _serve(root / "a", "A", "[]", pa, "", f'[[peers]]\nname = "B"\nendpoint = "http://127.0.0.1:{pb}"\n', threads)
+    tiny = f'[[models]]\nid = "tiny"\npath = "{model}"\npreload = true\n'
+    b = _serve(root / "b", "B", '["cpu"]', pb, tiny, "", gateway)
+    peer = f'[[peers]]\nname = "B"\nendpoint = "http://127.0.0.1:{pb}"\n'
+    a = _serve(root / "a", "A", "[]", pa, "", peer, gateway)
     url_a, url_b = f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"
     try:
         deadline = time.monotonic() + 180
@@ -93,7 +103,7 @@ def two_leaders(threads: int = 0) -> Iterator[tuple[str, str]]:
             if time.monotonic() > deadline or a.poll() is not None or b.poll() is not None:
                 raise RuntimeError(f"the leaders did not come up; logs in {root}")
             time.sleep(0.5)
-        yield url_a, url_b
+        yield url_a, url_b, a.pid
     finally:
         for p in (a, b):
             p.send_signal(signal.SIGTERM)
@@ -122,8 +132,24 @@ def _once(http: httpx.Client, url: str, stream: bool, tokens: int) -> float:
     return first
 
 
-def run(url_a: str, url_b: str, clients: int, requests: int, tokens: int, stream: bool) -> dict:
-    """``requests`` per path in all, shared among the clients."""
+def _cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` and every process under it."""
+    parent, ticks = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(d)], ticks[int(d)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += [p for p, pp in parent.items() if pp == pid and p not in tree]
+    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def run(url_a: str, url_b: str, pid_a: int, clients: int, requests: int, tokens: int, stream: bool) -> dict:
+    """``requests`` per path in all, shared among the clients; ``pid_a``: A's leader."""
     times: dict[str, list[float]] = {"A": [], "B": []}
     lock = threading.Lock()
     per_client = max(1, requests // clients)
@@ -138,6 +164,7 @@ def run(url_a: str, url_b: str, clients: int, requests: int, tokens: int, stream
                         times[name].append(t)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    cpu0 = _cpu_s(pid_a)
     for t in threads:
         t.start()
     for t in threads:
@@ -146,6 +173,7 @@ def run(url_a: str, url_b: str, clients: int, requests: int, tokens: int, stream
     return {
         "clients": clients,
         "n": len(a),
+        "a_cpu": (_cpu_s(pid_a) - cpu0) / len(a),
         "b50": pct(b, 50),
         "b99": pct(b, 99),
         "a50": pct(a, 50),
@@ -159,14 +187,32 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=384, help="per path and concurrency")
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="[gateway] threads of both leaders (0: the default)")
+    p.add_argument(
+        "--route-cache-s",
+        default="",
+        help="comma-separated [gateway] route_cache_s values, one run each (default: the default)",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="times to run the --route-cache-s list")
     args = p.parse_args()
-    verdicts = []
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores,", end=" ")
-    print(f"load average {os.getloadavg()[0]:.1f}, [gateway] threads {args.threads or 'default'}")
-    with two_leaders(args.threads) as (url_a, url_b):
+    verdicts = []
+    for _ in range(args.rounds):
+        for cache in args.route_cache_s.split(","):
+            print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores,", end=" ")
+            print(f"load average {os.getloadavg()[0]:.1f}, [gateway] threads {args.threads or 'default'},", end=" ")
+            print(f"route_cache_s {cache or 'default'}")
+            verdicts += [f"route_cache_s {cache or 'default'}: {v}" for v in measure(args, cache.strip())]
+    print("# targets")
+    for line in verdicts:
+        print(line)
+
+
+def measure(args: argparse.Namespace, route_cache_s: str) -> list[str]:
+    """Print one table per kind of request; return the verdicts on the targets."""
+    verdicts = []
+    with two_leaders(args.threads, route_cache_s) as (url_a, url_b, pid_a):
         with httpx.Client() as http:  # warm both paths: connections, code paths, the peer pool
             for _ in range(20):
                 _once(http, url_a, False, args.tokens)
@@ -175,10 +221,10 @@ def main() -> None:
             print(f"# {what}: directly to B vs through A (a gateway), same run")
             print(
                 f"{'clients':>7} {'n':>5} {'B p50':>8} {'A p50':>8} {'added':>7} {'B p99':>8} {'A p99':>8} {'added':>7}"
-                "  target (added p50)"
+                f" {'A cpu':>7}  target (added p50)"
             )
             for n in (int(x) for x in args.clients.split(",")):
-                r = run(url_a, url_b, n, args.requests, args.tokens, stream)
+                r = run(url_a, url_b, pid_a, n, args.requests, args.tokens, stream)
                 added = (r["a50"] - r["b50"]) * 1e3
                 verdict = ""
                 if n in TARGETS_MS:
@@ -188,12 +234,10 @@ def main() -> None:
                 print(
                     f"{r['clients']:>7} {r['n']:>5} {r['b50'] * 1e3:>6.1f}ms {r['a50'] * 1e3:>6.1f}ms "
                     f"{(r['a50'] - r['b50']) * 1e3:>5.1f}ms {r['b99'] * 1e3:>6.1f}ms {r['a99'] * 1e3:>6.1f}ms "
-                    f"{(r['a99'] - r['b99']) * 1e3:>5.1f}ms{verdict}",
+                    f"{(r['a99'] - r['b99']) * 1e3:>5.1f}ms {r['a_cpu'] * 1e3:>5.2f}ms{verdict}",
                     flush=True,
                 )
-    print("# targets")
-    for line in verdicts:
-        print(line)
+    return verdicts
 
 
 if __name__ == "__main__":

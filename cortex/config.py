@@ -132,6 +132,12 @@ class GatewayConfig:
         1000, "Responses API: stored responses (previous_response_id, GET); oldest dropped first; 0 = off", ge=0
     )
     responses_store_ttl_s: float = key(3600.0, "Responses API: a stored response is gone after this long", gt=0)
+    route_cache_s: float = key(
+        0.5,
+        "how long the front reuses its leader's answer that a peer serves a model before asking again "
+        "(so a model that becomes resident here may still go to the peer this long); 0 = ask every time",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ class Key:
         if self.gt is not None and not v > self.gt:
             return f"expected a number > {self.gt}, got {v}"
         if self.ge is not None and not v >= self.ge:
-            return f"expected an integer >= {self.ge}, got {v}"
+            return f"expected {'a number' if isinstance(v, float) else 'an integer'} >= {self.ge}, got {v}"
         if self.choices and v not in self.choices:
             return f"expected one of {', '.join(self.choices)}; got {v!r}"
         return self.check(v) if self.check else None

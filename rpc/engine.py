@@ -149,11 +149,14 @@ class Target(Part):
 
 class Forward(Message):
     """Answer to a Submit that another leader should serve: the front proxies the client's original
-    HTTP request to ``targets[0]``, and once to ``targets[1]`` if the first refuses or is unreachable."""
+    HTTP request to ``targets[0]``, and once to ``targets[1]`` if the first refuses or is unreachable.
+    ``valid_s``: how long the front may send later requests naming the same model to the same targets
+    without asking again (0: not at all); see cortex/fleet/routes.py."""
 
     request_id: str
     targets: list[Target]
     reason: str
+    valid_s: float = 0.0
 
 
 class Delta(Message):

@@ -26,7 +26,7 @@ import httpx
 import openai
 import pytest
 
-from cortex.config import ConfigError, FleetConfig, PeerConfig, load
+from cortex.config import ConfigError, FleetConfig, GatewayConfig, PeerConfig, load
 from cortex.fleet.catalogue import merged
 from cortex.fleet.http import Pool
 from cortex.fleet.peers import Peers
@@ -333,7 +333,7 @@ def test_a_stream_that_breaks_ends_with_the_dialects_error_event(dialect):
     first = b'event: ping\ndata: {"type":"ping"}\n\n' if dialect == "anthropic" else b"data: {}\n\n"
     url = _dying_upstream(first)
     reported = []
-    proxy = Proxy("A", lambda endpoint, why: reported.append(endpoint), 2, 10, lambda req: "")
+    proxy = Proxy("A", lambda endpoint, why: reported.append(endpoint), 2, 10, lambda req: "", lambda endpoint: None)
     conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
     out = b"".join(proxy._chunks(conn, upstream, Target("B", url), dialect))
     assert out.startswith(first) and reported == [url]
@@ -573,6 +573,26 @@ def test_count_tokens_is_forwarded(fleet):
     assert _ant(fleet.c).messages.count_tokens(model="solo", messages=HI).input_tokens == direct.input_tokens
 
 
+def test_a_model_that_becomes_resident_here_is_served_here_once_the_route_cache_bound_has_passed(fleet):
+    """A's front reuses its leader's "resident on B" for a while (cortex/fleet/routes.py); once tiny
+    is resident on A too, every request is A's own after at most that long, in each front worker."""
+    body = {"model": "tiny", "messages": HI, "max_tokens": 2, "temperature": 0}
+
+    def upstream() -> str | None:
+        r = httpx.post(fleet.a.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.headers.get(UPSTREAM)
+
+    assert [upstream() for _ in range(4)] == ["B"] * 4
+    try:
+        assert httpx.post(fleet.a.url + "/models/load", json={"model": "tiny"}, timeout=120).status_code == 200
+        time.sleep(GatewayConfig().route_cache_s)  # the leaders' setting
+        assert [upstream() for _ in range(6)] == [None] * 6
+    finally:
+        httpx.post(fleet.a.url + "/models/unload", json={"model": "tiny"}, timeout=60)
+    wait_for(lambda: _settled(fleet), what="tiny resident on B alone again, as every leader sees it")
+
+
 def test_status_table_and_json_from_any_leader(fleet):
     cmd = [os.sys.executable, "-m", "cortex.cli", "status", "--endpoint"]
     out = subprocess.run([*cmd, fleet.c.url], capture_output=True, text=True, timeout=30)
@@ -702,7 +722,7 @@ def test_a_relayed_answer_with_a_length_leaves_its_connection_for_the_next_reque
     returns its connection to the pool, and the pool is the process's, not a thread's: one
     connection serves requests relayed by different threads one after another."""
     url, accepted = _keepalive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    proxy = Proxy("A", lambda endpoint, why: None, 2, 10, lambda req: "")
+    proxy = Proxy("A", lambda endpoint, why: None, 2, 10, lambda req: "", lambda endpoint: None)
     outs = []
 
     def once() -> None:
@@ -745,7 +765,7 @@ def test_a_streamed_answers_first_chunk_is_relayed_before_the_upstream_finishes(
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    proxy = Proxy("A", lambda endpoint, why: None, 2, 10, lambda req: "")
+    proxy = Proxy("A", lambda endpoint, why: None, 2, 10, lambda req: "", lambda endpoint: None)
     conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
     chunks = proxy._chunks(conn, upstream, Target("B", url), "openai")
     assert next(chunks) == first and not finished.is_set()

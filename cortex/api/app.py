@@ -73,6 +73,7 @@ def create_app(settings: dict | None = None) -> falcon.App:
         s.get("connect_timeout_s", 2.0),
         s.get("load_timeout_s", 900.0),  # a peer may be cold-loading the model before its first byte
         client_id,
+        engine.routes.forget,
     )
     app.add_error_handler(ForwardTo, proxy.handle)
     models = Models(engine)

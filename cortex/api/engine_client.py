@@ -17,6 +17,10 @@ names the process itself, so it says exactly "the leader exited" (unlike a ZeroM
 one more socket per connection, events to decode, and a disconnect that may be a reconnect). A
 leader that hangs without dying is left to the timeouts, as before. The front always runs on the
 leader's host: the leader starts it and passes its pid.
+
+A request for a model another leader serves skips the leader while the leader's last answer for that
+model name still holds (``routes``: cortex/fleet/routes.py, which says what a copy may miss and for
+how long; the proxy drops the copies naming a peer that failed or refused).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import zmq
 
 from cortex.api.errors import ApiError
 from cortex.fleet.proxy import ForwardTo
+from cortex.fleet.routes import RouteCache
 from cortex.ops.reqlog import RequestRecord
 from rpc.codec import encode
 from rpc.engine import (
@@ -71,6 +76,7 @@ class EngineClient:
         self._leader_fd: int | None = None
         self._leader_fd_pid = 0
         self._leader_lock = threading.Lock()
+        self.routes = RouteCache()  # the leader's Forward answers, while they hold
 
     def leader_fd(self) -> int | None:
         """A pidfd of the leader, readable once it has exited; opened once per process (gunicorn
@@ -200,6 +206,10 @@ class EngineClient:
         computes (each extends the wait to ``load_timeout_s``: one long input is a single batch).
         Raises ApiError (``error`` words a failure: the caller's own field names), or ForwardTo when
         another leader serves it; a wait that ends early cancels the request."""
+        cached = self._cached_route(msg)
+        if cached is not None:
+            raise ForwardTo(cached)
+        epoch = self.routes.epoch()
         client, answered = self._client(), False
         try:
             client.socket.send(_encode(msg))
@@ -218,6 +228,7 @@ class EngineClient:
                 if isinstance(ev, Answer):
                     return ev.data
                 if isinstance(ev, Forward):
+                    self.routes.learn(msg.model, ev, epoch)
                     raise ForwardTo(ev)
                 raise (error or _as_api_error)(ev)
         finally:
@@ -230,11 +241,25 @@ class EngineClient:
 
     def submit(self, req: Submit, record: RequestRecord | None = None) -> Generation:
         """Start ``req``; ``record`` (the request log's, when there is one) follows what happens."""
+        cached = self._cached_route(req)
+        if cached is not None:
+            _record_submitted(record, req)
+            raise ForwardTo(cached)
+        epoch = self.routes.epoch()
         gen = Generation(
             self._client(), req, self.event_timeout_s, self.load_timeout_s, record, self._release, self.leader_fd()
         )
-        gen.start()
+        try:
+            gen.start()
+        except ForwardTo as fwd:
+            self.routes.learn(req.model, fwd.forward, epoch)
+            raise
         return gen
+
+    def _cached_route(self, msg: Submit | Embed) -> Forward | None:
+        """The leader's still valid answer for a request naming this model; never for a request a
+        peer forwarded (the leader serves those itself or fails them)."""
+        return None if msg.hop else self.routes.lookup(msg.model, msg.request_id)
 
 
 class Generation:
@@ -255,8 +280,7 @@ class Generation:
         self.record = record
         self._release = release or (lambda c: c.close())  # where a cleanly finished socket goes
         self._returned = False
-        if record is not None:
-            record.submitted(req.request_id, req.model, req.client, req.prompt or req.prompt_ids or req.messages)
+        _record_submitted(record, req)
         self.event_timeout_s, self.load_timeout_s = event_timeout_s, load_timeout_s
         self.prompt_tokens = 0
         self.cached_tokens = 0  # of the prompt, in the prefix cache: known from the first Delta
@@ -397,6 +421,11 @@ class Generation:
             self.client.close(linger_ms=500)
             return
         self._give_back()
+
+
+def _record_submitted(record: RequestRecord | None, req: Submit) -> None:
+    if record is not None:
+        record.submitted(req.request_id, req.model, req.client, req.prompt or req.prompt_ids or req.messages)
 
 
 def _encode(req: Submit | Embed) -> bytes:

@@ -2,6 +2,12 @@
 
 The leader asks ``decide`` only for a model that is not resident here (a resident model never pays
 for a routing decision), and ``describe`` for ``Query("fleet")``.
+
+A ``Forward`` to a node where the model is resident says how long its front may reuse it
+(``valid_s``, cortex/fleet/routes.py): ``[gateway] route_cache_s`` (0 turns the front's copies
+off). Short, because it is also how late a front may notice that the model became resident here. A
+cold-load placement is never reused: once the load has begun, the next answer is "resident there"
+(or here).
 """
 
 from __future__ import annotations
@@ -92,7 +98,8 @@ class Fleet:
             )
             for n in r.nodes[:MAX_TARGETS]
         ]
-        return Forward(request_id, targets, r.reason)
+        valid_s = self.cfg.gateway.route_cache_s if r.nodes[0].resident(r.model) else 0.0
+        return Forward(request_id, targets, r.reason, valid_s)
 
     def describe(self, local_health: dict) -> dict:
         """Everything this leader knows about the fleet: its own health and each peer's last one."""

@@ -4,8 +4,10 @@ its answer back as it arrives.
 The client's raw body and path go as they came, so the peer parses them in the client's dialect and
 answers in it; only the headers change: hop-by-hop ones and the client's credential are dropped,
 the fleet's peer credential and a hop header are added. A peer that cannot be reached, or answers
-5xx before any byte of a body, is reported to the leader and the next target is tried (once). Once
-bytes flow, a failure ends the stream with the dialect's error event: never a silent truncation.
+5xx before any byte of a body, is reported to the leader (503, a busy or loading node, is not) and
+the next target is tried (once). Once bytes flow, a failure ends the stream with the dialect's
+error event: never a silent truncation. Every such failure also drops the front's copies of the
+leader's answers that name the peer (``forget``, cortex/fleet/routes.py): the next request asks.
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ class Proxy:
         connect_timeout_s: float,
         read_timeout_s: float,
         client_of: Callable[[falcon.Request], str],
+        forget: Callable[[str], None],
     ):
-        self.node, self.report, self.client_of = node, report, client_of
+        """``report(endpoint, reason)`` tells the leader a peer failed; ``forget(endpoint)`` drops
+        the routing answers this front keeps that name it."""
+        self.node, self.report, self.client_of, self.forget = node, report, client_of, forget
         self.pool = Pool(connect_timeout_s, read_timeout_s)
 
     def handle(self, req: falcon.Request, resp: falcon.Response, ex: ForwardTo, params: dict) -> None:
@@ -140,13 +145,19 @@ class Proxy:
         except PeerError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("forward to %s (%s) failed: %s", target.node, target.endpoint, reason)
-            self.report(target.endpoint, reason)
+            self._failed(target, reason)
             return None
 
     def _refused(self, target: Target, status: int) -> None:
         log.warning("forward to %s answered %d; failing over", target.node, status)
-        if status != 503:  # 503 is a busy or loading node, not a broken one
-            self.report(target.endpoint, f"HTTP {status}")
+        if status == 503:  # a busy or loading node, not a broken one: the leader need not know
+            self.forget(target.endpoint)
+        else:
+            self._failed(target, f"HTTP {status}")
+
+    def _failed(self, target: Target, reason: str) -> None:
+        self.forget(target.endpoint)
+        self.report(target.endpoint, reason)
 
     def _relay(
         self,
@@ -209,7 +220,7 @@ class Proxy:
         except PeerError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("stream from %s broke: %s", target.node, reason)
-            self.report(target.endpoint, reason)
+            self._failed(target, reason)
             if sse_dialect is not None:
                 err = ApiError(
                     502,
