@@ -20,6 +20,8 @@ What runs (both float32 on the CPU, same thread count, greedy):
 - int8 / int4: the MoE model loaded by cortex with ``quantize = "int8"`` / ``"int4"`` (every linear
   and every expert packed, one packed layer per expert, workers/quant.py: what a Q8_0 / Q4_0 GGUF
   gets on the CPU), so about 1/3.5 / 1/5 of the float32 bytes (the logits differ by the rounding).
+  Their decode steps run every layer, router and experts included, in one native call (decode.c,
+  moe.c); prefill steps run each layer's experts in one call (moe.c).
 
 At 1 and 16 streams: prompts of 32 tokens prefilled first (not timed), then ``--steps`` decode steps
 of every stream together; tokens/s = streams * steps / time, the best of ``--rounds`` rounds, rounds

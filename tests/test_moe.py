@@ -7,7 +7,8 @@ layers and a gated shared expert (``Qwen3NextForCausalLM``) and Qwen3.5-MoE
 
 Each active expert runs once per step over its gathered tokens; two tensor-parallel ranks, each
 holding every expert's half of the intermediate features, compute what one computes; a served model
-streams transformers' greedy text; the memory estimate counts every expert."""
+streams transformers' greedy text, and packed int8 (decode steps in one native call) the Python
+path's; the memory estimate counts every expert."""
 
 from __future__ import annotations
 
@@ -316,13 +317,17 @@ def test_moe_config_fields(checkpoints):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, checkpoints):
-    """Qwen3-MoE on one rank and Qwen3.5-MoE across two, each with a tiny trained tokenizer."""
+    """Qwen3-MoE on one rank (float32, and packed int8: its decode steps in one native call) and
+    Qwen3.5-MoE across two, each with a tiny trained tokenizer."""
     dirs = {"moe": checkpoints("qwen3_moe-16x4"), "moe-hybrid-tp2": checkpoints("qwen3_5_moe-vlm")}
     for d in dirs.values():
         train_tiny_tokenizer(d)
         write_chatml_tokenizer_config(d)
+    dirs["moe-int8"] = dirs["moe"]
     models = "".join(
-        f'[[models]]\nid = "{mid}"\npath = "{path}"\ntensor_parallel = {2 if "tp2" in mid else 1}\npreload = true\n\n'
+        f'[[models]]\nid = "{mid}"\npath = "{path}"\ntensor_parallel = {2 if "tp2" in mid else 1}\npreload = true\n'
+        + ('quantize = "int8"\n' if "int8" in mid else "")
+        + "\n"
         for mid, path in dirs.items()
     )
     engine = '[engine]\nmax_seqs = 4\nprefill_chunk = 16\nkv_cache_mb = 8\nkv_cache_dtype = "float32"\n'
@@ -369,6 +374,43 @@ def test_a_served_moe_model_streams_transformers_greedy_text(served, model_id):
     assert got == [token_bytes(files.tokenizer.tokenizer, t) for t in want]  # token by token
     text = "".join(c.delta.content or "" for c in chunks)
     assert text and b"".join(got).decode(errors="replace").startswith(text)  # a cut-off UTF-8 tail is held back
+
+
+def test_a_served_packed_moe_model_streams_the_python_paths_greedy_text(served, monkeypatch):
+    """quantize = "int8": each decode step of the served Qwen3-MoE runs its layers, routers and
+    experts in one native call (decode.c, moe.c); its streamed greedy tokens are those of the same
+    packed weights run layer by layer in Python, each expert on its own."""
+    from cortex.chat import prompt as chat_prompt
+    from cortex.chat.tokenizer import token_bytes
+    from cortex.models.source import _read_hf_dir
+
+    srv, dirs = served
+    messages = [{"role": "user", "content": "The capital of France is Paris. " * 3}]
+    files = _read_hf_dir(dirs["moe-int8"])
+    ids = files.tokenizer.encode(chat_prompt.render(files.template, messages, None, None))
+    cfg = ModelConfig.from_hf_dir(dirs["moe-int8"])
+    model = model_class(cfg)(cfg)
+    load_weights(model, "safetensors", [str(dirs["moe-int8"] / "model.safetensors")], quantize="int8")
+    monkeypatch.setattr(model, "native_decode", False)
+    monkeypatch.setattr(moe_module.Experts, "native_experts", False)
+    run, want = _runner(model), []
+    logits = run.step(0, ids, 0)
+    for i in range(10):
+        want.append(int(logits[: files.tokenizer.vocab_size].argmax()))
+        logits = run.step(0, [want[-1]], len(ids) + i)
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="moe-int8",
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        stream=True,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    got = [bytes(t.bytes) for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert got == [token_bytes(files.tokenizer.tokenizer, t) for t in want]
 
 
 PICK = {

@@ -7,7 +7,8 @@ kernels keep the file's Q4/Q8 blocks exact, quantize activations per block of 32
 relative error: logits within 0.01 of float32) and use exact integer dot products, faster for one
 row and small batches (``qmatmul.c``). ``attention.c`` runs decode attention straight from the
 paged KV pool, float32 or float16 (no gather into padded tensors), and RoPE with the KV write;
-``pointwise.c`` the norms and SwiGLU; ``decode.c`` a whole all-decode step's layers in one call.
+``pointwise.c`` the norms and SwiGLU; ``moe.c`` a mixture-of-experts layer's routed experts in one
+call; ``decode.c`` a whole all-decode step's layers in one call.
 When they cannot be built (no C compiler, no AVX2, ``CORTEX_NATIVE_KERNELS=0``), every caller
 takes its PyTorch path instead.
 
@@ -41,7 +42,7 @@ from workers import cpu
 log = logging.getLogger("cortex.worker")
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c", "decode.c"))
+SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c", "moe.c", "decode.c"))
 HEADERS = (KERNELS / "simd.h", KERNELS / "kernels.h")
 # -Bsymbolic: decode.c's calls into the other kernels bind within the same object, so two paths
 # loaded side by side (tests compare them in one process) never call into each other's code
@@ -65,12 +66,48 @@ class Linear(ctypes.Structure):
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64)]  # fmt: skip
 
 
+def linear_of(layer) -> Linear | None:
+    """A ``Linear`` for a packed layer the native kernels run (``workers.quant.QuantLinear`` with
+    impl "native", no bias; the caller sees to its all-reduce), or None for any other layer."""
+    # QuantLinear is recognised by its fields: workers.quant imports this module, not the reverse
+    if getattr(layer, "impl", None) != "native" or getattr(layer, "bias", None) is not None:
+        return None
+    d = layer.scales.data
+    offsets = d[1].data_ptr() if layer.kind == "int4" else None  # int4 scales [2, N, K/32]: d, then m
+    return Linear(layer.packed.data_ptr(), d.data_ptr(), offsets, layer.out_features, layer.in_features)
+
+
+class Moe(ctypes.Structure):
+    """kernels.h's ``moe_t``: a mixture-of-experts layer, its experts as two ``Linear`` arrays.
+    Build it with ``moe_table``, which keeps the arrays it points into alive."""
+
+    _fields_ = [("router", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("experts", ctypes.c_int64), ("inter", ctypes.c_int64), ("top_k", ctypes.c_int64),
+                ("norm_topk", ctypes.c_int64)]  # fmt: skip
+
+
+def moe_table(gate_up, down, router: torch.Tensor | None = None, top_k: int = 0, norm_topk: bool = True) -> Moe | None:
+    """A ``Moe`` for experts packed one layer per expert (``gate_up``, ``down``: sequences of packed
+    layers), or None when one of them is not a ``linear_of`` layer. ``router`` (float32 [experts,
+    hidden] on the CPU), ``top_k`` and ``norm_topk``: for decode.c, which routes too."""
+    parts = [[linear_of(m) for m in bank] for bank in (gate_up, down)]
+    if any(p is None for bank in parts for p in bank) or len(parts[0]) != len(parts[1]) or not parts[0]:
+        return None
+    arrays = [(Linear * len(bank))(*bank) for bank in parts]
+    table = Moe(None, *map(ctypes.addressof, arrays), len(parts[0]), parts[1][0].k, top_k, int(norm_topk))
+    if router is not None:
+        table.router = router.data_ptr()
+    table._keep = (arrays, router)  # the Linear arrays (and router) the table points into
+    return table
+
+
 class Layer(ctypes.Structure):
-    """decode.c's ``layer_t``: one decoder layer's weights."""
+    """decode.c's ``layer_t``: one decoder layer's weights (``moe``: a ``Moe``'s address, or None
+    for a dense MLP)."""
 
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
                 ("k_norm", ctypes.c_void_p), ("qkv", Linear), ("o", Linear), ("gate_up", Linear),
-                ("down", Linear)]  # fmt: skip
+                ("down", Linear), ("moe", ctypes.c_void_p)]  # fmt: skip
 
 
 class NativeKernels:
@@ -90,6 +127,9 @@ class NativeKernels:
         lib.cortex_decode_layers.argtypes = [vp, _c_int, _c_int, vp, *[_c_int] * 5, f32, vp, vp, vp, vp, vp, i64,
                                              vp, _c_int, vp, _c_int, f32, _c_int]  # fmt: skip
         lib.cortex_decode_layers.restype = _c_int
+        lib.cortex_moe_experts.argtypes = [vp, _c_int, _c_int, vp, vp, _c_int, vp, vp]
+        lib.cortex_moe_route.argtypes = [vp, _c_int, _c_int, vp, vp, vp]
+        lib.cortex_moe_experts.restype = lib.cortex_moe_route.restype = _c_int
         lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp, _c_int]
         for fn in (lib.cortex_rms_norm, lib.cortex_add_rms_norm, lib.cortex_swiglu, lib.cortex_rope_store):
             fn.restype = None
@@ -166,8 +206,33 @@ class NativeKernels:
             kv.k.stride(0), batch.decode_blocks.data_ptr(), batch.decode_blocks.shape[1],
             batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5, _half(kv.k),
         )  # fmt: skip
-        if rc:
-            raise MemoryError("native decode step: out of memory for its buffers")
+        _check(rc, "native decode step")
+
+    def moe_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, table: Moe) -> torch.Tensor:
+        """``sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for every row t of float32 ``x``
+        [T, hidden], in one call (moe.c). ``experts``: int64 [T, k]; ``weights``: float32 [T, k];
+        ``table``: from ``moe_table``."""
+        x, experts, weights = x.contiguous(), experts.contiguous(), weights.contiguous()
+        y = torch.empty_like(x)
+        rc = self.lib.cortex_moe_experts(
+            x.data_ptr(), x.shape[0], x.shape[1], experts.data_ptr(), weights.data_ptr(), experts.shape[1],
+            ctypes.addressof(table), y.data_ptr(),
+        )  # fmt: skip
+        _check(rc, "native experts")
+        return y
+
+    def moe_route(self, h: torch.Tensor, table: Moe) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights float32 [T, k], expert ids int64 [T, k]) of float32 rows ``h`` [T, hidden] as
+        decode.c routes them (``table`` from ``moe_table`` with its router): what
+        ``SparseMoeBlock.route`` computes."""
+        h = h.contiguous()
+        ids = torch.empty(h.shape[0], table.top_k, dtype=torch.int64)
+        weights = torch.empty(h.shape[0], table.top_k, dtype=torch.float32)
+        rc = self.lib.cortex_moe_route(
+            h.data_ptr(), h.shape[0], h.shape[1], ctypes.addressof(table), ids.data_ptr(), weights.data_ptr()
+        )
+        _check(rc, "native router")
+        return weights, ids
 
     def paged_attention(
         self,
@@ -203,6 +268,14 @@ class NativeKernels:
 
 
 POOL_DTYPES = (torch.float32, torch.float16)  # KV pool dtypes the kernels read and write
+
+
+def _check(rc: int, what: str) -> None:
+    """Raise for a kernel's error code: -1 out of memory, -2 an expert id out of range."""
+    if rc == -2:
+        raise IndexError(f"{what}: an expert id out of range")
+    if rc:
+        raise MemoryError(f"{what}: out of memory for its buffers")
 
 
 def _half(pool: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ loader may replace linear layers by packed ``workers.quant.QuantLinear`` ones. E
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -245,6 +246,13 @@ class LlamaModel(nn.Module):
             self._layer_table = _layer_table(self)
         return self._layer_table
 
+    def _native_mlp(self, mlp: nn.Module) -> tuple | None:
+        """(gate_up, down, moe) of a layer's MLP as decode.c's ``layer_t`` takes them (``moe``: a
+        ``native.Moe`` for a mixture of experts, whose model overrides this), or None where it
+        cannot run there."""
+        parts = [native.linear_of(m) for m in (mlp.gate_up_proj, mlp.down_proj)]
+        return None if any(p is None for p in parts) else (*parts, None)
+
     @torch.inference_mode()
     def forward(
         self, batch: StepBatch, kv: PagedKVCache, all_logits: bool = False, hidden: bool = False
@@ -273,29 +281,27 @@ class LlamaModel(nn.Module):
 
 def _layer_table(model: LlamaModel):
     """ctypes ``Layer`` array for decode.c, or None when a layer cannot run there."""
-    from workers.quant import QuantLinear
-
     kernels = native.kernels()
     if kernels is None or model.tp.world_size != 1 or model.dtype != torch.float32 or model.cfg.head_dim % 16:
         return None
-
-    def linear(m) -> native.Linear | None:
-        if not (isinstance(m, QuantLinear) and m.impl == "native" and m.bias is None):
-            return None
-        d = m.scales.data
-        if m.kind == "int4":  # scales [2, N, K/32]: d, then m (see QuantLinear.int4)
-            return native.Linear(m.packed.data_ptr(), d.data_ptr(), d[1].data_ptr(), m.out_features, m.in_features)
-        return native.Linear(m.packed.data_ptr(), d.data_ptr(), None, m.out_features, m.in_features)
-
     table = (native.Layer * len(model.model.layers))()
+    moes = []  # the experts' tables the entries point to, kept alive with the array
     for entry, layer in zip(table, model.model.layers, strict=True):
-        attn, mlp = layer.self_attn, layer.mlp
-        parts = [linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        attn = layer.self_attn
+        parts = [native.linear_of(m) for m in (attn.qkv_proj, attn.o_proj)]
+        mlp = model._native_mlp(layer.mlp)
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
-        if any(p is None for p in parts) or any(n.weight.device.type != "cpu" for n in norms):
+        if any(p is None for p in (*parts, mlp)) or any(n.weight.device.type != "cpu" for n in norms):
             return None
         entry.input_norm, entry.post_norm = (n.weight.data_ptr() for n in norms)
         if attn.q_norm is not None:
             entry.q_norm, entry.k_norm = attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr()
-        entry.qkv, entry.o, entry.gate_up, entry.down = parts
+        entry.qkv, entry.o = parts
+        gate_up, down, moe = mlp
+        if moe is None:
+            entry.gate_up, entry.down = gate_up, down
+        else:
+            entry.moe = ctypes.addressof(moe)
+            moes.append(moe)
+    table._keep = moes
     return table

@@ -24,6 +24,17 @@ the other, from per-expert views of the stacked weights made once (``ExpertBank`
 sum as one small matmul: about 3 ops per expert, where at one token the ops' dispatch, not the
 arithmetic, is most of the time (the grouping costs ~12 fixed ops and ~7 per expert).
 
+Packed experts on the native kernels (every expert's layers, under ``quantize``): the whole routed
+compute of a step is one call into workers/kernels/moe.c (``Experts.forward``), which groups the
+tokens by expert, runs each active expert's gathered rows through the same block products as the
+loop above (so the same values per row), SwiGLU, and adds each token's k results with its routing
+weights; its table of the experts' weights is built once. At one token the Python path's 3 calls
+per expert (a few microseconds of dispatch each, more than the product at these sizes: 128
+experts of 256 x 128 in bench/moe.py) were most of a decode step. The other paths remain for
+float weights, other devices, and packed layers without native kernels. Qwen3-MoE's all-decode
+steps go further: every layer, router included (``SparseMoeBlock.native_table``), in one call
+(workers/arch/qwen3_moe.py, decode.c).
+
 Tensor parallelism: every expert is split by its intermediate features, like a dense MLP; each
 rank holds every expert's slice (``workers.sharding.ExpertLayout``), the shared expert is split
 the same way, and the router and shared-expert gate are replicated (tiny: [experts, hidden] and
@@ -126,21 +137,35 @@ class Experts(nn.Module):
         # one packed layer per expert (workers/quant.py) where ``pack`` replaced a stacked weight
         self.gate_up_q: nn.ModuleList | None = None
         self.down_q: nn.ModuleList | None = None
-        self._views: tuple | None = None  # (data pointers, per-expert views of the stacked weights)
+        # (data pointers, per-expert views of the stacked weights, the native kernels' table or None)
+        self._views: tuple | None = None
+
+    native_experts = True  # tests turn it off to compare moe.c with the per-expert path
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, experts, weights, *self._banks())
+        banks, table = self._banks()
+        kernels = native.for_tensor(x) if table is not None and self.native_experts else None
+        if kernels is not None:  # every expert packed for the native kernels: the step in one call
+            return kernels.moe_experts(x, experts, weights, table)
+        return grouped_experts(x, experts, weights, *banks)
+
+    def native_table(self) -> native.Moe | None:
+        """moe.c's table of the experts' packed weights (built once), or None where they are not
+        all packed for the native kernels."""
+        return self._banks()[1]
 
     def _banks(self) -> tuple:
-        """Each projection as grouped_experts takes it: the stacked tensor, or the packed layers; the
-        stacked ones with a list of per-expert views made once (indexing costs an op per expert)."""
+        """(each projection as grouped_experts takes it, moe.c's table or None): the stacked tensor,
+        or the packed layers; the stacked ones with a list of per-expert views made once (indexing
+        costs an op per expert)."""
         gate_up = self.gate_up_q if self.gate_up_q is not None else self.gate_up_proj
         down = self.down_q if self.down_q is not None else self.down_proj
         ptrs = tuple(b.data_ptr() if isinstance(b, torch.Tensor) else id(b) for b in (gate_up, down))
         if self._views is None or self._views[0] != ptrs:  # rebuilt after a move to another device
             views = [ExpertBank(b) for b in (gate_up, down)]
-            self._views = (ptrs, views)
-        return tuple(self._views[1])
+            table = native.moe_table(gate_up, down) if all(v.direct is not None for v in views) else None
+            self._views = (ptrs, views, table)
+        return tuple(self._views[1]), self._views[2]
 
     def pack(self, which: str, reader, name: str, mode: str) -> str | None:
         """Replace stacked weight ``which`` by one packed layer per expert, as workers/weights.py packs
@@ -304,6 +329,17 @@ class SparseMoeBlock(nn.Module):
             return F.softmax(top, dim=-1).to(x.dtype), experts
         weights, experts = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
         return weights.to(x.dtype), experts
+
+    def native_table(self) -> native.Moe | None:
+        """decode.c's table of this block: the router, ``top_k``, ``norm_topk`` and the experts'
+        packed weights; None where it cannot run there (a shared expert, a router not float32 on
+        the CPU, experts not all packed for the native kernels)."""
+        router, experts = self.gate.weight.data, self.experts
+        if self.shared_expert is not None or experts.native_table() is None:
+            return None
+        if router.dtype != torch.float32 or router.device.type != "cpu" or not router.is_contiguous():
+            return None
+        return native.moe_table(experts.gate_up_q, experts.down_q, router, self.top_k, self.norm_topk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)

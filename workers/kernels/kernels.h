@@ -1,8 +1,22 @@
-/* The kernels' entry points, for the files that call each other (decode.c). */
+/* The kernels' entry points and shared types, for the files that call each other (decode.c, moe.c). */
 #ifndef CORTEX_KERNELS_H
 #define CORTEX_KERNELS_H
 
 #include <stdint.h>
+
+/* One weight in a native block format (qmatmul.c). */
+typedef struct {
+    const void *q;      /* Q4: uint8 [N, K/32, 16]; Q8: int8 [N, K] */
+    const float *d, *m; /* [N, K/32] scales and (Q4 only; NULL for Q8) offsets */
+    int64_t n, k;
+} linear_t;
+
+/* A mixture-of-experts layer (moe.c): a float32 router and each expert's packed SwiGLU MLP. */
+typedef struct {
+    const float *router;            /* [experts, H]; only the whole-step path (decode.c) routes */
+    const linear_t *gate_up, *down; /* [experts] each: [2 inter, H] (gate rows first), [H, inter] */
+    int64_t experts, inter, top_k, norm_topk;
+} moe_t;
 
 int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const float *wd, const float *wm, int N,
                      float *y);
@@ -16,5 +30,10 @@ void cortex_rms_norm(const float *x, int M, int D, const float *w, float eps, fl
 void cortex_add_rms_norm(const float *x, const float *delta, int M, int D, const float *w, float eps, float *sum,
                          float *out);
 void cortex_swiglu(const float *gu, int M, int I, float *out);
+int cortex_linear(const linear_t *w, const float *x, int M, float *y);
+int cortex_moe_experts(const float *x, int T, int H, const int64_t *ids, const float *w, int k, const moe_t *m,
+                       float *y);
+int cortex_moe_route(const float *h, int T, int H, const moe_t *m, int64_t *ids, float *w);
+int cortex_moe_block(const float *h, int T, int H, const moe_t *m, float *out);
 
 #endif
