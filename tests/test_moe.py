@@ -45,6 +45,7 @@ CHECKPOINTS = {
         False,
     ),
     "qwen3_moe-fused": ("qwen3_moe", {}, True),
+    "qwen3_moe-inter64": ("qwen3_moe", dict(moe_intermediate_size=64), False),  # each rank's half: whole blocks
     "qwen3_next": ("qwen3_next", {}, False),  # layer 2 dense; a shared expert behind a sigmoid gate
     "qwen3_5_moe-vlm": ("qwen3_5_moe", {}, False),
     "qwen3_5_moe-fused": ("qwen3_5_moe", {}, True),
@@ -288,6 +289,21 @@ def test_tp2_equals_tp1_and_each_rank_holds_half_of_every_expert(checkpoints, ke
     for world, run in ((1, one), (2, two)):
         estimate = weight_bytes(cfg, world, "float32")
         assert abs(estimate - run.param_bytes[0]) < 0.01 * run.param_bytes[0], world
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_packed_experts_under_tp2_equal_tp1(checkpoints, mode):
+    """Packed experts (the native expert kernel on each rank's half of every expert's features, one
+    all-reduce per block) give rank 0 the logits and greedy tokens one packed process gives. Each
+    rank packs its own half, whose blocks of 32 are the whole model's (the split falls on a block
+    boundary), so the only difference is the order of the down projections' sums."""
+    path = checkpoints("qwen3_moe-inter64")
+    one = run_tp_steps(path, 1, _tp_plan(), state_slots=3, quantize=mode)
+    two = run_tp_steps(path, 2, _tp_plan(one.tokens), state_slots=3, quantize=mode)
+    assert torch.tensor(one.logits[-1]).std() > 0.3
+    assert two.tokens == one.tokens
+    for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
+        assert _rel_err(a, b) < 1e-4, f"step {i}"
 
 
 def test_an_expert_split_that_does_not_divide_is_refused(checkpoints):

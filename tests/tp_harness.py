@@ -57,7 +57,7 @@ def run_tp(ckpt: Path, world: int, prompt: list[int], steps: list[int], timeout:
 Part = tuple  # (int, list[int] | None, int, int, bool)
 
 
-def _worker_rank_main(rank, world, port, ckpt, plan, kv_blocks, state_slots, out) -> None:
+def _worker_rank_main(rank, world, port, ckpt, plan, kv_blocks, state_slots, quantize, out) -> None:
     import torch
 
     from rpc.messages import Error, GenerateStep, LoadDenseShard, SamplingParams, SeqInput
@@ -80,6 +80,7 @@ def _worker_rank_main(rank, world, port, ckpt, plan, kv_blocks, state_slots, out
                 group_timeout_s=300,
                 kv_blocks=kv_blocks,
                 state_slots=state_slots,
+                quantize=quantize,
             )
         )
         if isinstance(loaded, Error):
@@ -124,11 +125,14 @@ class RankRun:
     state_bytes: list[int]
 
 
-def run_tp_steps(ckpt: Path, world: int, plan: list[list[Part]], state_slots: int, timeout: float = 300) -> RankRun:
-    """Load ``ckpt`` on ``world`` worker processes with ``LoadDenseShard`` and run ``plan`` through
-    ``GenerateStep``, one request per step as the leader sends it to every rank (``Worker.handle``,
-    the code a served worker runs on each request, minus the socket)."""
-    results = _spawn(_worker_rank_main, world, (str(ckpt), plan, 64, state_slots), timeout)
+def run_tp_steps(
+    ckpt: Path, world: int, plan: list[list[Part]], state_slots: int, timeout: float = 300, quantize: str = "auto"
+) -> RankRun:
+    """Load ``ckpt`` on ``world`` worker processes with ``LoadDenseShard`` (``quantize`` as in
+    models.toml) and run ``plan`` through ``GenerateStep``, one request per step as the leader sends
+    it to every rank (``Worker.handle``, the code a served worker runs on each request, minus the
+    socket)."""
+    results = _spawn(_worker_rank_main, world, (str(ckpt), plan, 64, state_slots, quantize), timeout)
     logits, tokens, _, _ = results[0]
     return RankRun(logits, tokens, [r[2] for r in results], [r[3] for r in results])
 
