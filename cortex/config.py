@@ -161,6 +161,7 @@ class EngineConfig:
     state_checkpoints: int = key(
         16, "hybrid models (Qwen3.5): saved recurrent states for prefix-cache hits; 0 = no prefix cache", ge=0
     )
+    cuda_graphs: bool = key(True, "on a GPU, decode steps replay CUDA graphs (one per batch size); CPU: no effect")
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ class LoadDenseShard(Message):
     kv_dtype: str = ""  # the KV pool's dtype ("": the model's)
     # recurrent state slots to allocate (hybrid models: one per sequence the leader may run at once)
     state_slots: int = 0
+    cuda_graphs: bool = True  # [engine] cuda_graphs: decode steps as CUDA graphs (a GPU worker only)
+    max_seqs: int = 64  # the most sequences of one step ([engine] max_seqs): the largest graph bucket
 
 
 class SeqInput(Part):
@@ -153,6 +155,7 @@ class Loaded(Message):
     kv_blocks: int = 0
     kv_bytes: int = 0
     state_bytes: int = 0  # the recurrent state pool (hybrid models), 0 for plain decoders
+    graph_bytes: int = 0  # what the CUDA graphs hold (static buffers and memory pool); 0: none
 
 
 class StepResult(Message):

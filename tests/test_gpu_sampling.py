@@ -155,3 +155,11 @@ def test_distribution_matches_the_host_sampler(params):
     assert set(got) == set(want), (got, want)
     tv = sum(abs(got[i] - want[i]) for i in range(vocab)) / (2 * n)
     assert tv < 0.05, (tv, got, want)
+
+
+def test_build_takes_each_rows_draw_counter_and_masks_seeds_to_32_bits():
+    params = [SamplingParams(temperature=1.0, top_k=5), SamplingParams(temperature=0.0)]
+    t = SamplingTensors.build(params, [2**32 + 9, 4], CPU, steps=[3, 5])
+    assert (t.step.tolist(), t.seed.tolist(), t.top_k.tolist()) == ([3, 5], [9, 4], [5, 0])
+    assert SamplingTensors.build(params, [1, 2], CPU).step.tolist() == [0, 0]
+    assert t.temperature.dtype == torch.float32 and t.top_k.dtype == torch.int64

@@ -61,6 +61,7 @@ class ResidentModel:
     generators: dict = field(default_factory=dict)  # seq id -> its own torch.Generator (or None: greedy)
     prompts: dict = field(default_factory=dict)  # seq id -> prompt tokens, for the repetition penalty
     outputs: dict = field(default_factory=dict)  # seq id -> tokens sampled so far, for penalties
+    gpu: object = None  # workers.gpu.step.GpuPath on a GPU (graphs, device sampler); None: the CPU path
 
 
 class Worker:
@@ -111,6 +112,7 @@ class Worker:
     def load(self, msg: LoadDenseShard) -> Loaded | Error:
         from workers import native
         from workers.arch import ModelConfig, model_class
+        from workers.gpu import step as gpu_step
         from workers.kv_cache import PagedKVCache
         from workers.parallel import TPGroup
         from workers.weights import load_weights
@@ -138,12 +140,14 @@ class Worker:
         model.eval()
         layers, kv_heads, head_dim, _ = model.kv_shape()
         kv_dtype = getattr(torch, getattr(msg, "kv_dtype", "") or msg.dtype)  # the leader's [engine] kv_cache_dtype
-        cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, self.device, max(msg.kv_blocks, 1))
+        graphs = gpu_step.wants_graphs(self.device, msg, model)  # then one more block: the padding rows'
+        cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, self.device, max(msg.kv_blocks, 1) + graphs)
+        gpu = gpu_step.GpuPath.build(self.device, msg, model, cache, cfg.vocab_size, graphs)
         states, state_bytes = None, 0
         if getattr(model, "recurrent", False):  # hybrid: a fixed-size state per sequence, in slots
             states = model.new_state_pool(max(msg.state_slots, 1), self.device)
             state_bytes = sum(t.numel() * t.element_size() for t in (states.conv, states.delta))
-        self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit, states)
+        self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit, states, gpu=gpu)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = time.monotonic() - t0
         log.info(
@@ -155,31 +159,50 @@ class Worker:
             model_id=msg.model_id,
             param_bytes=param_bytes,
             load_seconds=seconds,
-            kv_blocks=cache.num_blocks,
+            kv_blocks=cache.num_blocks - graphs,  # the padding block is never the leader's to hand out
             kv_bytes=cache.nbytes(),
             state_bytes=state_bytes,
+            graph_bytes=gpu.reserved_bytes() if gpu else 0,
         )
 
     def step(self, msg: GenerateStep) -> StepResult | Error:
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Error(kind=ErrorKind.UNKNOWN_MODEL, message=f"model {msg.model_id!r} is not loaded on this worker")
+        _maybe_stall()
+        logits = None if rm.gpu is None else rm.gpu.decode(msg.seqs)  # a CUDA graph's replay; None: eager
+        if logits is None:
+            logits = self._forward(rm, msg.seqs)
+        if rm.gpu is not None and rm.tp.rank == 0:  # the whole batch on the device, one transfer
+            out, logprobs, errors = rm.gpu.sampler.sample(logits, msg.seqs)
+        else:
+            out, logprobs, errors = self._sample_rows(rm, msg.seqs, logits)
+        return StepResult(
+            model_id=msg.model_id,
+            tokens=out,
+            logprobs=logprobs if any(x is not None for x in logprobs) else None,
+            errors=errors if any(errors) else None,
+        )
+
+    def _forward(self, rm: ResidentModel, seqs: list[SeqInput]):
+        """The step's last logits [sequences, vocab], run eagerly."""
         from workers.kv_cache import StepBatch
 
-        _maybe_stall()
-        batch = StepBatch.build(
-            [(s.tokens, s.start_pos, s.block_table) for s in msg.seqs], rm.cache.block_size, self.device
-        )
+        rows = [(s.tokens, s.start_pos, s.block_table) for s in seqs]
+        batch = StepBatch.build(rows, rm.cache.block_size, self.device)
         if rm.states is None:
-            logits = rm.model(batch, rm.cache)  # one forward for every sequence of the step
-        else:
-            states = self._state_batch(rm, msg.seqs)  # checked, and saved prefix states restored
-            logits = rm.model(batch, rm.cache, rm.states, states)
-            for s in msg.seqs:  # after the whole step: a slot restored from above is read first
-                if s.state_save >= 0:
-                    rm.states.copy(s.state_slot, [s.state_save])
+            return rm.model(batch, rm.cache)  # one forward for every sequence of the step
+        states = self._state_batch(rm, seqs)  # checked, and saved prefix states restored
+        logits = rm.model(batch, rm.cache, rm.states, states)
+        for s in seqs:  # after the whole step: a slot restored from above is read first
+            if s.state_save >= 0:
+                rm.states.copy(s.state_slot, [s.state_save])
+        return logits
+
+    def _sample_rows(self, rm: ResidentModel, seqs: list[SeqInput], logits) -> tuple[list, list, list]:
+        """(token, logprobs, error) per sequence, one row at a time on the host's schedule."""
         out, logprobs, errors = [], [], []
-        for i, s in enumerate(msg.seqs):
+        for i, s in enumerate(seqs):
             if s.prompt is not None:
                 rm.prompts[s.seq_id] = s.prompt
             token, lp, error = -1, None, ""
@@ -192,12 +215,7 @@ class Worker:
             out.append(token)
             logprobs.append(lp)
             errors.append(error)
-        return StepResult(
-            model_id=msg.model_id,
-            tokens=out,
-            logprobs=logprobs if any(x is not None for x in logprobs) else None,
-            errors=errors if any(errors) else None,
-        )
+        return out, logprobs, errors
 
     def _state_batch(self, rm: ResidentModel, seqs: list[SeqInput]):
         """Each sequence's state slot; a sequence computing its position 0 starts from zero, one
@@ -304,6 +322,8 @@ class Worker:
             else:
                 for s in msg.seq_ids:
                     state.pop(s, None)
+        if rm.gpu is not None:
+            rm.gpu.sampler.release(msg.seq_ids)
         return Ack()
 
     def unload(self, msg: Unload) -> Ack:

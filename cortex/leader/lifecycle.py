@@ -22,6 +22,7 @@ from cortex.leader.placement import Placement
 from cortex.leader.shared import RETRY_AFTER_NO_MEMORY_S, Shared
 from cortex.leader.stepper import Stepper
 from cortex.models import source
+from cortex.models.memory import pool_bytes
 from cortex.models.registry import ModelState, ModelStatus
 from rpc.engine import Answer, Failure, FailureKind
 from rpc.messages import KV_BLOCK_SIZE, LoadDenseShard, Unload
@@ -161,6 +162,8 @@ class ModelLifecycle:
                 kv_dtype=kv_dtype,
                 quantize=state.entry.quantize,
                 state_slots=slots + checkpoints,
+                cuda_graphs=engine.cuda_graphs,
+                max_seqs=engine.max_seqs,
             )
 
         def done(replies: dict, error: CallError | None) -> None:
@@ -178,7 +181,7 @@ class ModelLifecycle:
     def _loaded(self, state: ModelState, loaded: list, state_slots: int = 0, checkpoints: int = 0) -> None:
         blocks = min(r.kv_blocks for r in loaded)
         state.kv_tokens = blocks * KV_BLOCK_SIZE
-        state.kv_bytes = max(r.kv_bytes + r.state_bytes for r in loaded)  # KV and recurrent state pools
+        state.kv_bytes = max(pool_bytes(r) for r in loaded)  # KV, recurrent state and CUDA graphs
         state.load_seconds = max(r.load_seconds for r in loaded)
         self.stepper.start_model(state, blocks, state_slots, checkpoints)
         state.status, state.error = ModelStatus.LOADED, None

@@ -1,6 +1,7 @@
 """Memory accounting and the choice of eviction victims. Pure functions, torch-free.
 
-A model's footprint on each of its ranks is its weights plus its KV pool. Mixture-of-experts
+A model's footprint on each of its ranks is its weights plus its KV pool (and, once loaded, what
+its worker reports beside it: a hybrid's state pool, CUDA graphs). Mixture-of-experts
 layers count every expert (all are resident, whichever few a token uses): each rank holds every
 expert's slice of the intermediate features (workers/arch/moe.py), packed like the other linears
 when they are (one packed layer per expert); the routers stay dense. Before the first load the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from workers.arch.config import ModelConfig
 from workers.sharding import ExpertLayout, HeadLayout
@@ -72,6 +74,21 @@ def _deltanet(cfg: ModelConfig, world_size: int) -> int:
     qkv = 2 * k_heads * cfg.linear_key_head_dim + v_heads * cfg.linear_value_head_dim
     z = v_heads * cfg.linear_value_head_dim
     return cfg.hidden_size * (qkv + 2 * z + 2 * v_heads) + qkv * cfg.linear_conv_kernel
+
+
+class Pools(Protocol):
+    """A worker's ``Loaded`` reply, as far as memory goes."""
+
+    kv_bytes: int
+    state_bytes: int
+    graph_bytes: int
+
+
+def pool_bytes(loaded: Pools) -> int:
+    """What one rank holds beside its weights: the KV pool, a hybrid's recurrent state pool, and
+    the CUDA graphs' static buffers and memory pool (known only once captured, so counted from the
+    worker's report, not estimated)."""
+    return loaded.kv_bytes + loaded.state_bytes + loaded.graph_bytes
 
 
 @dataclass(frozen=True)

@@ -47,26 +47,44 @@ class SamplingTensors:
     all_greedy: bool = False  # known on the host from the requests: skips the sort and the draw
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], device: torch.device) -> SamplingTensors:
+    def build(
+        cls, params: list[SamplingParams], seeds: list[int], device: torch.device, steps: list[int] | None = None
+    ) -> SamplingTensors:
         """The scalar parameters of ``params`` (one per row) as tensors, ``seeds`` for the draws
-        (a request's own seed, else one drawn once for it on the host). Penalty counts, bias and
-        masks are the caller's [B, V] tensors, kept on the device between steps."""
+        (a request's own seed, else one drawn once for it on the host), ``steps`` the rows' draw
+        counters (zeros when None). Two copies to the device, neither waiting for it. Penalty
+        counts, bias and masks are the caller's [B, V] tensors, kept on the device between steps."""
 
-        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+        def cols(*names: str) -> list[list]:
+            return [[getattr(p, name) for p in params] for name in names]
 
+        floats = to_device(
+            cols("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"),
+            torch.float32,
+            device,
+        )
+        seeds = [s & _MASK32 for s in seeds]
+        ints = to_device([*cols("top_k"), seeds, steps or [0] * len(params)], torch.int64, device)
         return cls(
-            temperature=col("temperature", torch.float32),
-            top_p=col("top_p", torch.float32),
-            top_k=col("top_k", torch.int64),
-            min_p=col("min_p", torch.float32),
-            presence_penalty=col("presence_penalty", torch.float32),
-            frequency_penalty=col("frequency_penalty", torch.float32),
-            repetition_penalty=col("repetition_penalty", torch.float32),
-            seed=torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64, device=device),
-            step=torch.zeros(len(params), dtype=torch.int64, device=device),
+            temperature=floats[0],
+            top_p=floats[1],
+            top_k=ints[0],
+            min_p=floats[2],
+            presence_penalty=floats[3],
+            frequency_penalty=floats[4],
+            repetition_penalty=floats[5],
+            seed=ints[1],
+            step=ints[2],
             all_greedy=all(p.temperature < GREEDY_BELOW for p in params),
         )
+
+
+def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values on ``device`` in one copy that does not wait for the device: on CUDA staged in
+    pinned memory and copied asynchronously (a blocking copy synchronises the stream: a host sync)."""
+    cuda = device.type == "cuda"
+    host = torch.as_tensor(values, dtype=dtype)
+    return (host.pin_memory() if cuda else host).to(device, non_blocking=cuda)
 
 
 @dataclass
