@@ -32,6 +32,7 @@ from cortex.config import load  # noqa: E402
 from cortex.models import source  # noqa: E402
 from workers.arch import model_class  # noqa: E402
 from workers.kv_cache import LocalRunner  # noqa: E402
+from workers.sampling import greedy  # noqa: E402
 from workers.weights import load_weights  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to paint."}]
@@ -46,12 +47,12 @@ def bench_cortex_model(model, files, device, n: int) -> tuple[float, list[int]]:
     prompt = files.tokenizer.encode(files.template.render(PROMPT))
     run = LocalRunner(model, device, num_blocks=(len(prompt) + n) // 16 + 2)
     logits = run.step(1, prompt, 0)
-    out = [int(logits.argmax())]
+    out = [greedy(logits)]  # the worker's greedy pick (workers/sampling.py)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n - 1):
         logits = run.step(1, out[-1:], len(prompt) + len(out) - 1)
-        out.append(int(logits.argmax()))
+        out.append(greedy(logits))
     sync(device)
     return (n - 1) / (time.perf_counter() - t0), out
 

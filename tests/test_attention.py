@@ -15,6 +15,8 @@ from workers.arch.config import ModelConfig
 from workers.attention import attend
 from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
 
+CPU = torch.device("cpu")
+
 pytestmark = needs_native_kernels
 
 
@@ -180,3 +182,22 @@ def test_prompt_chunks_read_in_place_match_gathered_attention():
         assert "row_tables" in vars(batch)  # the rows went to the kernel, not to SDPA
         want = attend(q, cache, 0, batch, native_ok=False)
         assert (got - want).abs().max() < 1e-5, dtype
+
+
+def test_step_batch_positions_and_slots_follow_each_block_table():
+    batch = StepBatch.build([([1, 2, 3], 14, [5, 9]), ([4], 20, [2, 7])], BLOCK_SIZE, CPU)
+    assert batch.positions.tolist() == [14, 15, 16, 20]
+    assert batch.slots.tolist() == [5 * 16 + 14, 5 * 16 + 15, 9 * 16 + 0, 7 * 16 + 4]
+    assert batch.tokens.dtype == batch.positions.dtype == batch.slots.dtype == torch.long
+    assert batch.decode_rows.tolist() == [3] and batch.last_rows.tolist() == [2, 3]
+    assert batch.decode_blocks.tolist() == [[2, 7]] and batch.decode_lengths.tolist() == [21]
+
+
+def test_decode_mask_hides_only_the_padding_and_is_none_without_any():
+    full = StepBatch.build([([1], 31, [0, 1])], BLOCK_SIZE, CPU)  # 32 positions: both blocks full
+    assert full.decode_mask is None
+    ragged = StepBatch.build([([1], 2, [3]), ([1], 20, [4, 5])], BLOCK_SIZE, CPU)
+    mask = ragged.decode_mask
+    assert mask.shape == (2, 1, 1, 32)
+    assert mask[0, 0, 0].tolist() == [True] * 3 + [False] * 29
+    assert mask[1, 0, 0].tolist() == [True] * 21 + [False] * 11

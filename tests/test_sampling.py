@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rpc.messages import SamplingParams
-from workers.sampling import new_generator, sample
+from workers.sampling import greedy, new_generator, sample
 
 LOGITS = torch.tensor([0.0, 1.0, 5.0, 2.0, 9.0])
 CPU = torch.device("cpu")
@@ -229,3 +229,19 @@ def test_n_choices_stream_with_their_indexes(client):
     )
     assert [by_index[i] for i in range(3)] == [c.message.content for c in whole.choices]
     assert chunks[-1].usage.completion_tokens == 18
+
+
+def test_greedy_takes_the_first_of_equal_maxima_as_torch_argmax_does():
+    logits = torch.zeros(49152)
+    logits[[7, 100, 40000]] = 3.0
+    assert greedy(logits) == int(torch.argmax(logits)) == 7
+    assert greedy(logits[50:]) == int(torch.argmax(logits[50:])) == 50  # a view: ids count from its start
+    assert greedy(torch.full((10,), float("-inf"))) == 0
+
+
+def test_greedy_counts_a_nan_as_the_maximum_as_torch_argmax_does():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    logits[[300, 600]] = float("nan")
+    assert greedy(logits) == int(torch.argmax(logits)) == 300
+    half = logits.half()  # not float32: PyTorch's own argmax
+    assert greedy(half) == int(torch.argmax(half)) == 300

@@ -67,6 +67,15 @@ def allowed_mask(bitmask: bytes, size: int, device: torch.device) -> torch.Tenso
     return mask[:size].to(device)
 
 
+def greedy(logits: torch.Tensor) -> int:
+    """The most likely token: the first of equal maxima (a NaN counts as the maximum), as
+    ``torch.argmax``. On the CPU through NumPy: its single-threaded SIMD scan of a 49k vocabulary
+    takes about 7 us, torch.argmax 50-90 us (a parallel reduction, on the decode's critical path)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return int(logits.numpy().argmax())
+    return int(torch.argmax(logits))
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -85,7 +94,7 @@ def sample(
         # before temperature and truncation, so top-k / top-p choose among grammatical tokens only
         logits = logits.masked_fill(~allowed_mask(allowed, logits.shape[-1], logits.device), float("-inf"))
     if generator is None:
-        return int(torch.argmax(logits))
+        return greedy(logits)
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
