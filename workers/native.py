@@ -136,14 +136,14 @@ class NativeKernels:
         self.lib, self.path, self.name = lib, path, name
 
     def q4_matmul(self, x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
-        """``x``: float32 [M, K]; ``qs``: uint8 [N, K/32, 16]; ``dm``: float32 [2, N, K/32], the
+        """``x``: float32 [M, K]; ``qs``: uint8 [N, K/32, 16]; ``dm``: float16 [2, N, K/32], the
         blocks' scales d, then their offsets m by blocks of 16 rows, each block transposed
         ([N/16, K/32, 16] in the second half); passed as two pointers into it: no indexing op per call."""
         m_ptr = dm.data_ptr() + dm.stride(0) * dm.element_size()
         return self._matmul(self.lib.cortex_q4_matmul, x, qs, dm.data_ptr(), m_ptr)
 
     def q8_matmul(self, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``x``: float32 [M, K]; ``qs``: int8 [N, K]; ``d``: float32 [N, K/32]."""
+        """``x``: float32 [M, K]; ``qs``: int8 [N, K]; ``d``: float16 [N, K/32]."""
         return self._matmul(self.lib.cortex_q8_matmul, x, qs, d.data_ptr())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

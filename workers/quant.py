@@ -4,10 +4,14 @@ Decode on a CPU is memory-bandwidth bound, so the bytes of weight read per token
 Two implementations of each kind (``impl``):
 
 ``native`` (workers/native.py, the default where it builds): llama.cpp's block formats kept as
-they are, 32 inputs per block. ``int4``: 4-bit values with a float32 scale ``d`` and offset ``m``
-per block (``w = d * q + m``: Q4_1; Q4_0 has ``m = -8 d``), so a file's blocks are used exactly.
-``int8``: int8 values with a scale per block (Q8_0; a Q8_0 tensor is re-derived exactly from its
-dequantized values). Activations are quantized per row and block to int16 inside the kernel;
+they are, 32 inputs per block. ``int4``: 4-bit values with a scale ``d`` and offset ``m`` per block
+(``w = d * q + m``: Q4_1; Q4_0 has ``m = -8 d``), so a file's blocks are used exactly. ``int8``:
+int8 values with a scale per block (Q8_0; a Q8_0 tensor is re-derived exactly from its dequantized
+values). Scales and offsets are float16, as GGUF stores them: at one decoding row the kernels read
+every byte of the weights once per token, and float32 scales made a Q4 block 24 bytes instead of
+20 (SmolLM2's layers 79.6 MB instead of 66.4, about 0.5 ms a token at this machine's bandwidth).
+Weights we quantize ourselves round their scales to float16 before choosing the values, as
+llama.cpp does. Activations are quantized per row and block to int16 inside the kernel;
 products are exact integer dot products, so a row's result does not depend on the batch.
 
 ``torch`` (the fallback without a C compiler or AVX2): two of PyTorch's CPU kernels, both fast only
@@ -45,7 +49,7 @@ def best_impl() -> str:
 class Q4Blocks:
     """4-bit weights as llama.cpp stores them, unpacked: ``w = d * q + m`` per block of 32 inputs.
 
-    ``q``: uint8 [N, K] in 0..15; ``d`` and ``m``: float32 [N, K / 32].
+    ``q``: uint8 [N, K] in 0..15; ``d`` and ``m``: float32 [N, K / 32], each a float16 value.
     """
 
     def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray):
@@ -73,11 +77,12 @@ class Q4Blocks:
 
     @classmethod
     def quantize(cls, w: torch.Tensor) -> Q4Blocks:
-        """Asymmetric min/max 4-bit quantization in groups of 32 (what llama.cpp's Q4_1 does)."""
+        """Asymmetric min/max 4-bit quantization in groups of 32 (what llama.cpp's Q4_1 does), the
+        scale and offset rounded to float16 first (the values are chosen for the stored ones)."""
         n, k = w.shape
         g = w.detach().float().reshape(n, k // GROUP, GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
-        d = (hi - lo) / 15
+        lo, hi = _half(g.amin(-1)), g.amax(-1)
+        d = _half((hi - lo) / 15)
         safe = torch.where(d > 0, d, torch.ones_like(d))
         q = ((g - lo[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
         return cls(q.reshape(n, k).numpy(), d.numpy(), lo.numpy())
@@ -111,6 +116,11 @@ def _pair_interleave(q: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     head = head.reshape(shape).transpose(2, 3).reshape(n, 2 * pairs, GROUP)
     out = torch.cat((head, tail), dim=1)
     return out if inverse else out.reshape(n, nb * GROUP)
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest float16 (kept float32): the scales the kernels store."""
+    return x.to(torch.float16).float()
 
 
 def int4_fits(out_features: int, in_features: int) -> bool:
@@ -160,7 +170,7 @@ class QuantLinear(nn.Module):
             # scales [2, N, K/32]: d, then the offsets m by blocks of 16 rows, each block transposed
             # ([N/16, K/32, 16]): the kernel adds them eight outputs at a time (qmatmul.c's `offsets`)
             m_t = m.view(n // INT4_N_MULTIPLE, INT4_N_MULTIPLE, k // GROUP).transpose(1, 2).contiguous().view(n, -1)
-            return cls("int4", packed, torch.stack((d, m_t)).float().contiguous(), k, n, impl=impl, **kw)
+            return cls("int4", packed, torch.stack((d, m_t)).to(torch.float16).contiguous(), k, n, impl=impl, **kw)
         q = torch.from_numpy(np.ascontiguousarray(blocks.q)).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         # (q - 8) * scale + zero == d * q + m
@@ -176,9 +186,9 @@ class QuantLinear(nn.Module):
         impl = impl or best_impl()
         if impl == "native" and k % GROUP == 0:
             g = w.reshape(n, k // GROUP, GROUP)
-            amax = g.abs().amax(-1)
-            q = (g * torch.where(amax > 0, 127 / amax, 0)[..., None]).round().clamp(-127, 127).to(torch.int8)
-            return cls("int8", _pair_interleave(q), (amax / 127).contiguous(), k, n, impl="native", **kw)
+            d = _half(g.abs().amax(-1) / 127)  # a Q8_0 file's own d: amax is 127 d, and d a float16
+            q = (g / torch.where(d > 0, d, 1)[..., None]).round().clamp(-127, 127).to(torch.int8)
+            return cls("int8", _pair_interleave(q), d.to(torch.float16).contiguous(), k, n, impl="native", **kw)
         scale = w.abs().amax(dim=1) / 127
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -211,11 +221,12 @@ class QuantLinear(nn.Module):
         if self.impl == "native":
             if self.kind == "int8":
                 q = _pair_interleave(self.packed.view(n, k // GROUP, GROUP), inverse=True)
-                return (q.float().view(n, k // GROUP, GROUP) * self.scales[..., None]).view(n, k)
+                return (q.float().view(n, k // GROUP, GROUP) * self.scales.float()[..., None]).view(n, k)
             q = torch.cat((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
             b = INT4_N_MULTIPLE
-            m = self.scales[1].reshape(n // b, k // GROUP, b).transpose(1, 2).reshape(n, k // GROUP)
-            return (q * self.scales[0][..., None] + m[..., None]).view(n, k)
+            scales = self.scales.float()
+            m = scales[1].reshape(n // b, k // GROUP, b).transpose(1, 2).reshape(n, k // GROUP)
+            return (q * scales[0][..., None] + m[..., None]).view(n, k)
         if self.kind == "int8":
             return self.packed.float() * self.scales.float()[:, None]
         eye = torch.eye(self.in_features, dtype=ACT_DTYPE)

@@ -21,8 +21,8 @@ from workers.sharding import ExpertLayout, HeadLayout
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # packed weight-only linears (workers/quant.py), the native kernels' layout (the larger of the two):
-# int4 in blocks of 32 with a float32 scale and offset each; int8 in blocks of 32 with a float32 scale
-_PACKED_BYTES = {"int4": 0.5 + 8 / 32, "int8": 1.0 + 4 / 32}
+# int4 in blocks of 32 with a float16 scale and offset each; int8 in blocks of 32 with a float16 scale
+_PACKED_BYTES = {"int4": 0.5 + 4 / 32, "int8": 1.0 + 2 / 32}
 
 
 def packing(quantize: str, fmt: str, device: str) -> str:

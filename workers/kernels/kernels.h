@@ -7,7 +7,7 @@
 /* One weight in a native block format (qmatmul.c). */
 typedef struct {
     const void *q;      /* Q4: uint8 [N, K/32, 16]; Q8: int8 [N, K] */
-    const float *d, *m; /* [N, K/32] scales and (Q4 only; NULL for Q8) offsets */
+    const uint16_t *d, *m; /* [N, K/32] float16 scales and (Q4 only; NULL for Q8) offsets */
     int64_t n, k;
 } linear_t;
 
@@ -18,9 +18,9 @@ typedef struct {
     int64_t experts, inter, top_k, norm_topk;
 } moe_t;
 
-int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const float *wd, const float *wm, int N,
+int cortex_q4_matmul(const float *x, int M, int K, const uint8_t *qs, const uint16_t *wd, const uint16_t *wm, int N,
                      float *y);
-int cortex_q8_matmul(const float *x, int M, int K, const int8_t *qs, const float *wd, int N, float *y);
+int cortex_q8_matmul(const float *x, int M, int K, const int8_t *qs, const uint16_t *wd, int N, float *y);
 int cortex_paged_attention(const float *q, const void *k, const void *v, const int64_t *tables, int width,
                            const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out,
                            int half);
