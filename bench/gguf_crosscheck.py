@@ -10,8 +10,10 @@ must equal transformers' on the same prompt.
 
 The server is the one `bench/llama_server.py` builds (~/.cache/cortex-bench/build-*/bin); it is a
 benchmark dependency, so this check stays out of `make test`. llama.cpp reads one head dimension
-for the linear layers' keys and values, so these checkpoints use equal ones (the real models do),
-and a vocabulary as long as the tokenizer's. Dense Qwen3-Next has no llama.cpp form (only the
+for the linear layers' keys and values, so these checkpoints use equal ones (the real models do).
+Their embeddings have more rows (512) than the tokenizer has tokens (about 400), as Qwen3.5's has
+(248,320 rows, 248,077 tokens): the writer pads the token list as llama.cpp's converter does, which
+llama.cpp requires. Dense Qwen3-Next has no llama.cpp form (only the
 mixture-of-experts model is converted) and is not checked; Qwen3-MoE, Qwen3-Next with experts and
 Qwen3.5-MoE are.
 """
@@ -19,7 +21,7 @@ Qwen3.5-MoE are.
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,8 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tests.checkpoints as checkpoints  # noqa: E402
+from tests.checkpoints import QWEN3_5_VOCAB  # noqa: E402
 from tests.conftest import train_tiny_tokenizer  # noqa: E402
 from tests.gguf_writer import write_gguf  # noqa: E402
+from tests.qwen_tok import built  # noqa: E402
 
 LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 # (maker, its arguments): llama.cpp expresses neither a dense layer among MoE ones nor a layer
@@ -41,6 +45,8 @@ LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attent
 CASES = {
     "qwen3_5": ("hybrid", {"arch": "qwen3_5", "layer_types": LAYERS}),
     "qwen3_5-vlm": ("hybrid", {"arch": "qwen3_5", "vlm": True, "layer_types": LAYERS}),
+    # the real vocabulary (tests/qwen_tok.py): 33 added tokens past the ranks, 243 pads to 248,320 rows
+    "qwen3_5-248k": ("hybrid", {"arch": "qwen3_5", "layer_types": LAYERS, "vocab": QWEN3_5_VOCAB, "tied": True}),
     "qwen3_moe": ("moe", {"arch": "qwen3_moe", "mlp_only_layers": []}),
     "qwen3_next-moe": ("moe", {"arch": "qwen3_next", "layer_types": LAYERS, "mlp_only_layers": []}),
     "qwen3_5_moe": ("moe", {"arch": "qwen3_5_moe", "layer_types": LAYERS}),
@@ -54,7 +60,8 @@ def default_server() -> Path | None:
 
 
 def make(case: tuple[str, dict], root: Path) -> Path:
-    """A tiny random checkpoint with a trained tokenizer, its vocabulary the tokenizer's size."""
+    """A tiny random checkpoint (512 embedding rows unless the case says) with a smaller trained
+    tokenizer, or with the real Qwen3.5 one."""
     text_config = checkpoints.tiny_hybrid_text_config
 
     def equal_head_dims(*args, **kwargs) -> dict:
@@ -64,17 +71,17 @@ def make(case: tuple[str, dict], root: Path) -> Path:
 
     checkpoints.tiny_hybrid_text_config = equal_head_dims
     try:
-        (root / "tok").mkdir()
-        train_tiny_tokenizer(root / "tok")  # its size fixes the vocabulary
-        size = len(json.loads((root / "tok" / "tokenizer.json").read_text())["model"]["vocab"])
         maker, kw = case
         if maker == "hybrid":
-            path = checkpoints.make_hybrid_checkpoint(root / "hf", vocab=size, **kw)
+            path = checkpoints.make_hybrid_checkpoint(root / "hf", **kw)
         else:
-            path = checkpoints.make_moe_checkpoint(root / "hf", vocab=size, **kw)
+            path = checkpoints.make_moe_checkpoint(root / "hf", **kw)
     finally:
         checkpoints.tiny_hybrid_text_config = text_config
-    train_tiny_tokenizer(path)
+    if kw.get("vocab") == QWEN3_5_VOCAB:
+        shutil.copyfile(built("qwen3_5"), path / "tokenizer.json")
+    else:
+        train_tiny_tokenizer(path)
     return path
 
 

@@ -13,9 +13,15 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 from workers.gguf_file import gguf_name
+
+
+def _tensors(ckpt: Path) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors as float32 arrays (numpy has no bfloat16, the dtype of
+    bench/hybrid.py's model; the converter too computes in float32 before writing)."""
+    return {name: t.float().numpy() for name, t in load_file(ckpt / "model.safetensors").items()}
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -55,9 +61,9 @@ def write_gguf(
     w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
 
-    _add_tokenizer(w, ckpt)
+    _add_tokenizer(w, ckpt, cfg["vocab_size"])
 
-    tensors = load_file(ckpt / "model.safetensors")
+    tensors = _tensors(ckpt)
     for name, t in tensors.items():
         t = t.astype(np.float32)
         if arch == "llama" and name.endswith("q_proj.weight"):
@@ -85,9 +91,9 @@ def _write_qwen3moe(ckpt: Path, out: Path, cfg: dict, quantize: tuple[str, ...],
     w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     _moe_keys(w, cfg)
-    _add_tokenizer(w, ckpt)
+    _add_tokenizer(w, ckpt, cfg["vocab_size"])
     names = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    tensors = [(n, t.astype(np.float32)) for n, t in load_file(ckpt / "model.safetensors").items()]
+    tensors = [(n, t.astype(np.float32)) for n, t in _tensors(ckpt).items()]
     for hf, t in _merge_experts(tensors):
         _add_tensor(w, _mapped(names, hf), t, _quantized(hf, t, quantize), _f16(hf, t, f16), qtype)
     return _finish(w, out)
@@ -160,18 +166,25 @@ def _f16(hf: str, t: np.ndarray, f16: bool) -> bool:
     return f16 and t.ndim in (2, 3) and "conv1d" not in hf and not hf.endswith(_KEEP_F32)
 
 
-def _add_tokenizer(w: gguf.GGUFWriter, ckpt: Path) -> None:
+def _add_tokenizer(w: gguf.GGUFWriter, ckpt: Path, rows: int = 0) -> None:
+    """The converter's gpt2 vocabulary (TextModel.get_vocab_base): the BPE ranks and the added tokens
+    by id, special ones CONTROL and others USER_DEFINED, and, up to ``rows`` (the embedding's, the
+    config's vocab_size), ``[PAD{i}]`` UNUSED entries for ids the tokenizer lacks: llama.cpp
+    requires as many tokens as embedding rows (Qwen3.5: 248,077 tokens, 248,320 rows)."""
     tok = json.loads((ckpt / "tokenizer.json").read_text())
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv_: kv_[1])
-    specials = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    by_id = {i: (t, gguf.TokenType.NORMAL) for t, i in tok["model"]["vocab"].items()}
+    for t in tok["added_tokens"]:
+        by_id[t["id"]] = (t["content"], gguf.TokenType.CONTROL if t["special"] else gguf.TokenType.USER_DEFINED)
+    entries = [by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(max(rows, max(by_id) + 1))]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    w.add_token_list([t for t, _ in entries])
+    w.add_token_types([int(ty) for _, ty in entries])
     merges = tok["model"]["merges"]
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    w.add_eos_token_id(tok["model"]["vocab"]["<|im_end|>"])
-    w.add_bos_token_id(tok["model"]["vocab"]["<|im_start|>"])
+    ids = {t: i for i, (t, _) in enumerate(entries)}
+    w.add_eos_token_id(ids["<|im_end|>"])
+    w.add_bos_token_id(ids["<|im_start|>"])
     w.add_add_bos_token(False)
 
 
@@ -212,9 +225,9 @@ def _write_hybrid(
     arch = HYBRID_ARCHS[cfg["model_type"]]
     w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
     _hybrid_keys(w, text)
-    _add_tokenizer(w, ckpt)
+    _add_tokenizer(w, ckpt, text["vocab_size"])
     names = gguf.get_tensor_name_map(arch, text["num_hidden_layers"])
-    for hf, t in _merge_experts(_hybrid_tensors(load_file(ckpt / "model.safetensors"), text, arch), merged_gate_up):
+    for hf, t in _merge_experts(_hybrid_tensors(_tensors(ckpt), text, arch), merged_gate_up):
         _add_tensor(w, _mapped(names, hf), t, _quantized(hf, t, quantize), _f16(hf, t, f16), qtype)
     return _finish(w, out)
 

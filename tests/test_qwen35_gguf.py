@@ -6,7 +6,9 @@ transformers; quantized files stay close; the metadata that describes the model 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shutil
 from pathlib import Path
 
 import gguf
@@ -14,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from cortex.chat.tokenizer import from_hf_dir
 from cortex.models import source
-from tests.checkpoints import hf_hybrid_model, make_hybrid_checkpoint
+from tests.checkpoints import QWEN3_5_VOCAB, hf_hybrid_model, make_hybrid_checkpoint, write_chatml_tokenizer_config
 from tests.conftest import train_tiny_tokenizer
 from tests.gguf_writer import write_gguf
+from tests.qwen_tok import built
 from tests.test_gguf_loading import gguf_entry
 from workers.arch import ModelConfig, UnsupportedModel, model_class
 from workers.arch.qwen3_5 import HybridRunner, Qwen3_5Model
@@ -115,6 +119,61 @@ def test_the_file_is_laid_out_as_llama_cpp_converts_it(tmp_path, arch):
         a = a.reshape(2, 2).T.reshape(-1)
     assert stored_as("blk.0.ssm_a", a)
     assert tuple(f.tensors["blk.0.ssm_conv1d.weight"].shape) == (4, 2 * 2 * 16 + 4 * 24)  # [kernel, channels]
+
+
+QWEN3_5_TOKENS = 248077  # the real vocabulary: 248,044 ranks and 33 added tokens, 243 rows short
+
+
+@pytest.fixture(scope="module")
+def real_vocab(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random Qwen3.5 with the real vocabulary (tests/qwen_tok.py) and the embedding's
+    248,320 rows, and its f32 GGUF."""
+    root = tmp_path_factory.mktemp("real_vocab")
+    ckpt = make_hybrid_checkpoint(root / "hf", tied=True, vocab=QWEN3_5_VOCAB, layer_types=LAYERS)
+    shutil.copyfile(built("qwen3_5"), ckpt / "tokenizer.json")
+    write_chatml_tokenizer_config(ckpt)
+    return ckpt, write_gguf(ckpt, root / "m.gguf")
+
+
+def test_the_token_list_is_padded_to_the_embedding_rows_as_llama_cpp_converts_it(real_vocab):
+    """llama.cpp wants a token for every embedding row. The converter (TextModel.get_vocab_base)
+    writes the ranks (NORMAL), the added tokens at their ids (CONTROL if special, else
+    USER_DEFINED) and ``[PAD{id}]`` (UNUSED) for every id the tokenizer lacks."""
+    ckpt, path = real_vocab
+    f = GGUFFile(path)
+    meta = f.metadata(include_bulk=True)
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == int(f.tensors["token_embd.weight"].shape[-1]) == QWEN3_5_VOCAB
+    hf = json.loads((ckpt / "tokenizer.json").read_text())
+    ranks = {i: t for t, i in hf["model"]["vocab"].items()}
+    assert all(tokens[i] == t and types[i] == gguf.TokenType.NORMAL for i, t in ranks.items())
+    for added in hf["added_tokens"]:
+        kind = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        assert (tokens[added["id"]], types[added["id"]]) == (added["content"], kind)
+    assert tokens[QWEN3_5_TOKENS:] == [f"[PAD{i}]" for i in range(QWEN3_5_TOKENS, QWEN3_5_VOCAB)]
+    assert set(types[QWEN3_5_TOKENS:]) == {gguf.TokenType.UNUSED}
+    assert tokens[meta["tokenizer.ggml.eos_token_id"]] == "<|im_end|>"
+    assert tokens[meta["tokenizer.ggml.bos_token_id"]] == "<|im_start|>"
+
+
+def test_a_padded_vocabulary_loads_with_the_same_logits_and_never_encodes_to_a_pad(real_vocab):
+    ckpt, path = real_vocab
+    want = _prefill_then_decode(_safetensors_model(ckpt), PROMPT, DECODE)
+    assert (_prefill_then_decode(_gguf_model(path), PROMPT, DECODE) - want).abs().max() < SAME
+    tok = source.read(gguf_entry(path)).tokenizer
+    chat = "<|im_start|>user\nThe keeper wrote the log<|im_end|>\n<|im_start|>assistant\n<think>"
+    assert tok.encode(chat) == from_hf_dir(ckpt).encode(chat)  # added tokens at their ids
+    spelled = tok.encode("[PAD248100] [PAD248319][PAD0]")  # a pad's name is text, not the pad
+    assert spelled and max(spelled) < QWEN3_5_TOKENS
+
+
+def test_pad_entries_are_not_vocabulary_never_sampled_nor_decoded(real_vocab):
+    """As llama.cpp treats UNUSED tokens, and as the checkpoint's own tokenizer has no such ids: the
+    vocabulary is the tokenizer's 248,077 tokens (ids past it are masked before sampling) and a pad
+    id decodes to nothing."""
+    tok = source.read(gguf_entry(real_vocab[1])).tokenizer
+    assert tok.vocab_size == from_hf_dir(real_vocab[0]).vocab_size == QWEN3_5_TOKENS
+    assert tok.decode([QWEN3_5_TOKENS + 23]) == ""
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])

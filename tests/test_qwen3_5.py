@@ -16,18 +16,24 @@ from tests.checkpoints import hf_hybrid_model, make_hybrid_checkpoint
 from workers.arch import ModelConfig, model_class
 from workers.arch.deltanet import StateBatch, delta_rule_chunked, delta_rule_step
 from workers.arch.qwen3_5 import HybridRunner, Qwen3_5Model
+from workers.parallel import ParallelLinear
+from workers.quant import QuantLinear
 from workers.weights import load_weights
 
 TOL = 1e-4  # against transformers (measured: about 1e-5 on 70-150 tokens)
 SAME = 1e-5  # our own paths, the same arithmetic batched or not: only summation order differs
 REGROUPED = 5e-5  # the delta rule split elsewhere (chunks vs recurrence): equivalent algebra, other roundings
+# quantize = "int8" against float32 on the same int8-rounded weights, as a share of the largest logit:
+# the activations' rounding only (int16 per block on the native kernels: measured 0.004-0.005;
+# bfloat16 activations and outputs on the torch fallback: 0.04)
+INT8_SAME = {"native": 0.02, "torch": 0.08}
 CPU = torch.device("cpu")
 
 
-def _load(path: Path) -> Qwen3_5Model:
+def _load(path: Path, quantize: str = "none") -> Qwen3_5Model:
     cfg = ModelConfig.from_hf_dir(path)
     model = model_class(cfg)(cfg)
-    load_weights(model, "safetensors", [str(f) for f in sorted(path.glob("*.safetensors"))])
+    load_weights(model, "safetensors", [str(f) for f in sorted(path.glob("*.safetensors"))], quantize=quantize)
     return model
 
 
@@ -85,6 +91,55 @@ def test_chunked_prefill_then_decode_matches_one_forward_and_transformers(text_c
     with torch.no_grad():  # transformers' own decode (its recurrent form) picks the same tokens
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False)
     assert out[0].tolist() == ids
+
+
+def _prefill_then_decode(model: Qwen3_5Model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits of every prompt position (one step), then of each token decoded one per step."""
+    run = HybridRunner(model, CPU)
+    out = [run.step(0, prompt, 0, all_logits=True)]
+    for i, tok in enumerate(tokens):
+        out.append(run.step(0, [tok], len(prompt) + i)[None])
+    return torch.cat(out)
+
+
+def _with_weights_of(dense: Qwen3_5Model, packed: Qwen3_5Model) -> Qwen3_5Model:
+    """``dense`` computing in float32 on ``packed``'s int8 weights (dequantized): what int8 should
+    compute but for the activations' rounding."""
+    layers = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, q in packed.named_modules():
+            if isinstance(q, QuantLinear) and name != "lm_head":
+                layers[name].weight.copy_(q.dequantized())
+        dense.lm_head = torch.nn.Linear(dense.cfg.hidden_size, dense.cfg.vocab_size, bias=False)
+        dense.lm_head.weight.copy_(packed.lm_head.dequantized())
+    return dense
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_int8_packs_every_linear_and_computes_on_its_rounded_weights(tmp_path, tied):
+    """quantize = "int8" (models.toml) on a hybrid: every linear is packed, the Gated DeltaNet's fused
+    in_proj and its out_proj included, and the head (a packed copy of a tied embedding). A prompt
+    then decoded token by token (the state carried in its slot) gives the float32 model's logits on
+    the int8-rounded weights (INT8_SAME), and stays near transformers' on the original ones (the
+    weights' rounding, carried along by the recurrent state: measured cos 0.998, max 0.09-0.11 of
+    the largest logit, argmax agreeing on 88-99% of positions)."""
+    path = make_hybrid_checkpoint(tmp_path, tied=tied)
+    packed = _load(path, "int8")
+    assert not any(isinstance(m, (ParallelLinear, torch.nn.Linear)) for m in packed.modules())
+    mixer = packed.model.layers[0].linear_attn
+    assert isinstance(mixer.in_proj, QuantLinear) and isinstance(mixer.out_proj, QuantLinear)
+    assert isinstance(packed.lm_head, QuantLinear)
+    assert {m.kind for m in packed.modules() if isinstance(m, QuantLinear)} == {"int8"}
+
+    prompt, steps = _prompt(70), [5, 300, 17, 42]  # past one 64-token chunk of the delta rule
+    got = _prefill_then_decode(packed, prompt, steps)
+    rounded = _prefill_then_decode(_with_weights_of(_load(path), packed), prompt, steps)
+    assert (got - rounded).abs().max() < INT8_SAME[packed.lm_head.impl] * rounded.abs().max()
+
+    want = _hf_logits(hf_hybrid_model(path), prompt + steps)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.995
+    assert (got - want).abs().max() < 0.2 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
 
 
 def test_sequences_stepped_together_get_what_each_gets_alone(model):

@@ -49,7 +49,7 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
 
 
 # GGUF token types (llama.cpp): 3 = control, 4 = user-defined.
-_CONTROL, _USER_DEFINED = 3, 4
+_CONTROL, _USER_DEFINED, _UNUSED = 3, 4, 5  # GGUF token types
 
 
 @dataclass
@@ -108,7 +108,9 @@ def from_gguf_fields(fields: dict[str, Any]) -> TokenizerInfo:
     tokens: list[str] = fields["tokenizer.ggml.tokens"]
     types: list[int] = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-    vocab = {t: i for i, t in enumerate(tokens)}
+    # UNUSED entries are the converter's [PAD{i}] rows up to the embedding size: not vocabulary
+    # (llama.cpp never emits them), so vocab_size, the sampler's limit, stops before them
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types, strict=True)) if ty != _UNUSED}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer_for(fields.get("tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
