@@ -42,20 +42,26 @@ def start(ckpt, forced: bool, monkeypatch, **fields) -> tuple[Worker, Loaded]:
         monkeypatch.setenv(FORCE_ENV, "1")
     else:
         monkeypatch.delenv(FORCE_ENV, raising=False)
-    worker = Worker("cpu")
+    worker, loaded = load_on(ckpt, "cpu", "float32", **fields)
+    monkeypatch.delenv(FORCE_ENV, raising=False)  # the path is chosen at load: later steps keep it
+    return worker, loaded
+
+
+def load_on(ckpt, device: str, dtype: str, **fields) -> tuple[Worker, Loaded]:
+    """A worker on ``device`` with the tiny model loaded through ``LoadDenseShard``."""
+    worker = Worker(device)
     loaded = worker.handle(
         LoadDenseShard(
             model_id="m",
             format="safetensors",
             files=[str(p) for p in sorted(ckpt.glob("*.safetensors"))],
             config=ModelConfig.from_hf_dir(ckpt).to_dict(),
-            dtype="float32",
+            dtype=dtype,
             kv_blocks=KV_BLOCKS,
             **fields,
         )
     )
     assert isinstance(loaded, Loaded), loaded
-    monkeypatch.delenv(FORCE_ENV, raising=False)  # the path is chosen at load: later steps keep it
     return worker, loaded
 
 
@@ -261,19 +267,7 @@ def test_a_graph_decode_step_syncs_the_host_once(ckpt, monkeypatch):
     import warnings
 
     monkeypatch.delenv(FORCE_ENV, raising=False)
-    worker = Worker("cuda")
-    loaded = worker.handle(
-        LoadDenseShard(
-            model_id="m",
-            format="safetensors",
-            files=[str(p) for p in sorted(ckpt.glob("*.safetensors"))],
-            config=ModelConfig.from_hf_dir(ckpt).to_dict(),
-            dtype="bfloat16",
-            kv_blocks=KV_BLOCKS,
-            max_seqs=8,
-        )
-    )
-    assert isinstance(loaded, Loaded), loaded
+    worker, loaded = load_on(ckpt, "cuda", "bfloat16", max_seqs=8)
     assert worker.models["m"].gpu.graphs.graphs  # captured
     params = [
         SamplingParams(temperature=0, repetition_penalty=1.2, logit_bias={7: 1.0}, logprobs=2),
