@@ -374,17 +374,7 @@ def test_a_served_moe_model_streams_transformers_greedy_text(served, model_id):
             want.append(int(ref(torch.tensor([seq])).logits[0, -1, : files.tokenizer.vocab_size].argmax()))
             seq.append(want[-1])
 
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(
-        model=model_id,
-        messages=messages,
-        temperature=0,
-        max_tokens=10,
-        stream=True,
-        logprobs=True,
-        extra_body={"ignore_eos": True},
-    )
-    chunks = [c.choices[0] for c in stream if c.choices]
+    chunks = _stream_greedy(srv, model_id, messages)
     assert len(chunks) > 2  # streamed, not one answer
     got = [bytes(t.bytes) for c in chunks if c.logprobs for t in c.logprobs.content]
     assert got == [token_bytes(files.tokenizer.tokenizer, t) for t in want]  # token by token
@@ -415,17 +405,8 @@ def test_a_served_packed_moe_model_streams_the_python_paths_greedy_text(served, 
         want.append(int(logits[: files.tokenizer.vocab_size].argmax()))
         logits = run.step(0, [want[-1]], len(ids) + i)
 
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(
-        model="moe-int8",
-        messages=messages,
-        temperature=0,
-        max_tokens=10,
-        stream=True,
-        logprobs=True,
-        extra_body={"ignore_eos": True},
-    )
-    got = [bytes(t.bytes) for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    chunks = _stream_greedy(srv, "moe-int8", messages)
+    got = [bytes(t.bytes) for c in chunks if c.logprobs for t in c.logprobs.content]
     assert got == [token_bytes(files.tokenizer.tokenizer, t) for t in want]
 
 
@@ -476,3 +457,19 @@ def test_a_served_moe_model_makes_a_forced_tool_call_in_both_dialects(served, mo
     )
     (call,) = [b for b in msg.content if b.type == "tool_use"]
     assert call.name == "forecast" and call.input["unit"] in ("celsius", "fahrenheit") and msg.stop_reason == "tool_use"
+
+
+def _stream_greedy(srv, model_id: str, messages: list[dict]) -> list:
+    """The choices of a streamed greedy chat completion of 10 tokens (EOS ignored), with logprobs,
+    through the openai SDK."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        stream=True,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    return [c.choices[0] for c in stream if c.choices]
