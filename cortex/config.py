@@ -104,6 +104,11 @@ class NodeConfig:
     memory_budget_mb: int = key(0, "per device, for weights + KV; 0 = measured (free VRAM, or RAM shared)", ge=0)
     memory_headroom_mb: int = key(512, "per device, kept free for activations and allocator slack", ge=0)
     threads: int = key(0, "torch threads per CPU worker; 0 = torch's default (all cores)", ge=0)
+    spare_workers: bool = key(
+        True,
+        "keep a spare worker process per device started in advance (imports done, about 300 MB of RAM), "
+        "so a worker that dies is replaced without waiting for Python and torch to load",
+    )
     drain_timeout_s: float = key(30.0, "on SIGTERM, how long in-flight requests get to finish", gt=0)
 
 

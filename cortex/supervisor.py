@@ -23,12 +23,24 @@ log = logging.getLogger("cortex.leader")
 
 class WorkerHandle:
     def __init__(
-        self, rank: int, device: str, run_dir: Path, ctx: zmq.Context, threads: int = 0, log_level: str = "INFO"
+        self,
+        rank: int,
+        device: str,
+        run_dir: Path,
+        ctx: zmq.Context,
+        threads: int = 0,
+        log_level: str = "INFO",
+        spare: bool = False,
     ):
         self.rank, self.device = rank, device
         self.endpoint = f"ipc://{run_dir}/worker-{rank}.sock"
         self.ctx, self.threads, self.log_level = ctx, threads, log_level
         self.proc: subprocess.Popen | None = None
+        # [node] spare_workers: a process started in advance (``--standby``: Python, torch and the
+        # model code imported, waiting on its stdin), woken when this rank's worker must be
+        # replaced, so a restart skips the imports (about half of it on a 2-core host under load)
+        self.keep_spare = spare
+        self.spare: subprocess.Popen | None = None
         self.pidfd: int | None = None
         self.client: RpcClient | None = None
         self.ready = False  # answered a Ping since it was (re)started
@@ -40,28 +52,55 @@ class WorkerHandle:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "workers.worker",
-            "--endpoint",
-            self.endpoint,
-            "--device",
-            self.device,
-            "--log-level",
-            self.log_level,
-        ]
+    def _command(self, standby: bool) -> list[str]:
+        cmd = [sys.executable, "-m", "workers.worker", "--endpoint", self.endpoint, "--device", self.device]
+        cmd += ["--log-level", self.log_level]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=False)
+        return [*cmd, "--standby"] if standby else cmd
+
+    def start(self) -> None:
+        """Start this rank's worker: its spare woken if there is a live one, else a new process."""
+        woken = self._wake_spare()
+        self.proc = woken or subprocess.Popen(self._command(False), stdin=subprocess.DEVNULL, start_new_session=False)
         self.pidfd = os.pidfd_open(self.proc.pid)
         # A fresh socket per process: messages queued for a dead worker must not reach its successor.
         if self.client:
             self.client.close()
         self.client = RpcClient(self.endpoint, self.ctx)
         self.ready = False
-        log.info("worker %d (%s) started, pid %d", self.rank, self.device, self.proc.pid)
+        how = "woken from its spare" if woken else "started"
+        log.info("worker %d (%s) %s, pid %d", self.rank, self.device, how, self.proc.pid)
+
+    def start_spare(self) -> None:
+        """Start a spare for the next restart, if spares are on and there is none (the leader calls
+        this once the worker answers, so the spare's imports do not compete with its start)."""
+        if not self.keep_spare or (self.spare is not None and self.spare.poll() is None):
+            return
+        self.spare = subprocess.Popen(self._command(True), stdin=subprocess.PIPE, start_new_session=False)
+        log.info("worker %d (%s): spare started, pid %d", self.rank, self.device, self.spare.pid)
+
+    def _wake_spare(self) -> subprocess.Popen | None:
+        """The spare, told to serve (one line on its stdin), or None when there is no live one."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        try:
+            spare.stdin.write(b"serve\n")
+            spare.stdin.close()
+            return spare
+        except (BrokenPipeError, OSError, ValueError):  # it died waiting: start a new process instead
+            self._stop_spare(spare)
+            return None
+
+    @staticmethod
+    def _stop_spare(spare: subprocess.Popen) -> None:
+        spare.terminate()  # it holds nothing yet: SIGTERM ends it at once
+        try:
+            spare.wait(5)
+        except subprocess.TimeoutExpired:
+            spare.kill()
+            spare.wait()
 
     def reap(self) -> str:
         """Collect an exited worker; return how it ended."""
@@ -75,6 +114,9 @@ class WorkerHandle:
         return how
 
     def stop(self, grace_s: float = 2.0) -> None:
+        if self.spare is not None:
+            self._stop_spare(self.spare)
+            self.spare = None
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 
@@ -332,6 +333,28 @@ def test_worker_crash_fails_the_request_then_recovers(tmp_path, tiny_qwen3):
         h = srv.wait_healthy()
         assert h["workers"][0]["pid"] != pid and h["models"][0]["status"] == "loaded"
         assert _post(srv, {"model": "tiny", "messages": HI, "max_tokens": 2}).status_code == 200
+        # the replacement was the spare started in advance ([node] spare_workers), and a new spare
+        # waits for the next death
+        log = srv.logs(tail=0)
+        spares = [int(m) for m in re.findall(r"worker 0 \(cpu\): spare started, pid (\d+)", log)]
+        assert h["workers"][0]["pid"] == spares[0], log[-2000:]
+        assert f"worker 0 (cpu) woken from its spare, pid {spares[0]}" in log
+        wait_for(lambda: len(re.findall("spare started", srv.logs(tail=0))) == 2, what="a new spare")
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_without_spare_workers_a_dead_worker_is_started_afresh(tmp_path, tiny_qwen3):
+    srv = Server(tmp_path, tiny_models_toml(tiny_qwen3), node_extra="memory_budget_mb = 16384\nspare_workers = false\n")
+    try:
+        pid = srv.wait_healthy()["workers"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: srv.health()["workers"][0]["pid"] not in (None, pid), what="a new worker")
+        srv.wait_healthy()
+        log = srv.logs(tail=0)
+        assert "spare started" not in log and "from its spare" not in log
+        assert log.count("worker 0 (cpu) started, pid") == 2
     finally:
         srv.stop()
 

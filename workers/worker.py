@@ -423,11 +423,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--standby", action="store_true", help="import everything, then serve once told on stdin")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format=f"%(asctime)s %(levelname)s worker[{args.device}] %(message)s", stream=sys.stderr
     )
+    if args.standby and not stand_by(args.device):
+        return
     serve(args.endpoint, args.device, args.threads)
+
+
+def stand_by(device: str) -> bool:
+    """A spare worker (cortex/supervisor.py): do the slow part of a start now (Python, torch, the
+    model code, the CPU kernels), then wait for the leader's word on stdin. True: serve; False: the
+    leader closed stdin without a word (it stopped) and this process should exit."""
+    die_with_parent(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch  # noqa: F401
+
+    from workers import arch, kv_cache, parallel, quant, weights  # noqa: F401
+
+    if device == "cpu":
+        from workers import native
+
+        native.kernels()
+    return sys.stdin.readline().strip() == "serve"
 
 
 if __name__ == "__main__":

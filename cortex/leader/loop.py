@@ -57,7 +57,8 @@ class Leader:
         self.devices = resolve_devices(cfg.node.devices)
         self.registry = Registry(cfg.catalogue)
         self.workers = [
-            WorkerHandle(r, d, run_dir, self.ctx, cfg.node.threads, cfg.log_level) for r, d in enumerate(self.devices)
+            WorkerHandle(r, d, run_dir, self.ctx, cfg.node.threads, cfg.log_level, cfg.node.spare_workers)
+            for r, d in enumerate(self.devices)
         ]
         self.shared = Shared(cfg, self.devices, self.registry, self.workers, WorkerCalls(self.workers))
         # the rooms; each owns its state, and references to the others are wired once, here

@@ -52,6 +52,7 @@ class WorkerSupervisor:
             log.info("worker %d ready (pid %d, %s)", w.rank, pong.pid, pong.device)
             self.placement.learn_budget(w.rank, pong.memory_free)
             self.lifecycle.send_pending_loads()
+            w.start_spare()  # ready for the next restart of this rank
 
         self.shared.calls.call([w.rank], lambda _: Ping(), PING_TIMEOUT_S, on_pong)
 
