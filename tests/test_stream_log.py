@@ -105,3 +105,16 @@ def test_an_overflow_is_worded_from_its_numbers_whatever_the_message():
     assert "requested 110 tokens (60 in the messages, 50 in the completion)" in both.body()["error"]["message"]
     plain = ApiError.from_failure(FailureKind.CONTEXT_LENGTH_EXCEEDED, "an embedding input is too long")
     assert plain.body("anthropic")["error"]["message"] == plain.body()["error"]["message"] == plain.message
+
+
+def test_a_request_whose_tokens_all_came_with_its_finished_event_still_has_a_first_token_time():
+    """Under load the leader may send a short answer's tokens with its Finished and no Delta before
+    it: the log line still reports a time to the first token (then), not null."""
+    from cortex.ops.reqlog import RequestRecord
+
+    record = RequestRecord("openai", "chat", node="test")
+    record.finished(prompt_tokens=7, completion_tokens=5, cached_tokens=0, reason="length")
+    assert record.first_token is not None and record.first_token >= record.started
+    empty = RequestRecord("openai", "chat", node="test")
+    empty.finished(prompt_tokens=7, completion_tokens=0, cached_tokens=0, reason="stop")
+    assert empty.first_token is None  # no token at all: no time to a first one

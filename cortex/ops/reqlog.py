@@ -93,6 +93,8 @@ class RequestRecord:
         """One Finished per choice: the prompt counts once, completions add up, cached is the
         least any choice found (the usage the API returns)."""
         self.prompt_tokens = prompt_tokens
+        if self.first_token is None and completion_tokens:  # its tokens came with the Finished alone
+            self.first_token = time.monotonic()
         self.produced[index] = completion_tokens
         self.completion_tokens = sum(self.produced.values())
         self.cached_tokens = cached_tokens if self.cached_tokens is None else min(self.cached_tokens, cached_tokens)
