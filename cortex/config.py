@@ -106,7 +106,7 @@ class NodeConfig:
     threads: int = key(0, "torch threads per CPU worker; 0 = torch's default (all cores)", ge=0)
     spare_workers: bool = key(
         True,
-        "keep a spare worker process per device started in advance (imports done, about 300 MB of RAM), "
+        "keep a spare worker process per device started in advance (imports done, about 230 MB of RAM on the CPU), "
         "so a worker that dies is replaced without waiting for Python and torch to load",
     )
     drain_timeout_s: float = key(30.0, "on SIGTERM, how long in-flight requests get to finish", gt=0)
