@@ -23,14 +23,14 @@ from tests.conftest import train_tiny_tokenizer
 from tests.gguf_writer import write_gguf
 from tests.qwen_tok import built
 from tests.test_gguf_loading import gguf_entry
+from tests.test_qwen3_5 import _prefill_then_decode
 from workers.arch import ModelConfig, UnsupportedModel, model_class
-from workers.arch.qwen3_5 import HybridRunner, Qwen3_5Model
+from workers.arch.qwen3_5 import Qwen3_5Model
 from workers.gguf_file import GGUFFile
 from workers.weights import load_weights
 
 SAME = 1e-5  # GGUF f32 vs safetensors: the same weights up to the converter's f32 round trips (1 + w - 1)
 TOL = 1e-4  # against transformers (as in tests/test_qwen3_5.py)
-CPU = torch.device("cpu")
 # llama.cpp describes the layer pattern by one number, full_attention_interval: every 2nd layer here
 LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 CASES = {
@@ -60,15 +60,6 @@ def _gguf_model(path: Path, quantize: str = "none") -> Qwen3_5Model:
     model = model_class(files.config)(files.config)
     load_weights(model, "gguf", [str(path)], quantize=quantize)
     return model
-
-
-def _prefill_then_decode(model: Qwen3_5Model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """Logits of every prompt position (one prompt step), then of each token decoded one per step."""
-    run = HybridRunner(model, CPU)
-    out = [run.step(0, prompt, 0, all_logits=True)]
-    for i, tok in enumerate(tokens):
-        out.append(run.step(0, [tok], len(prompt) + i)[None])
-    return torch.cat(out)
 
 
 PROMPT = torch.randint(3, 512, (20,), generator=torch.Generator().manual_seed(0)).tolist()
