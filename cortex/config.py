@@ -173,6 +173,9 @@ class EngineConfig:
 class EvictionConfig:
     """[eviction]: when a model must load and its devices are full, idle models are evicted (never
     pinned ones, never ones with requests in flight or queued); a load that cannot fit even then is
+    overlap_steps: bool = key(
+        True, "send a decode step before the previous one's tokens return: the device never waits for the leader"
+    )
     refused (503, or 507 when the model is larger than the device budget itself)."""
 
     strategy: str = key("lru", "lru: least recently used first; priority: lowest first", choices=STRATEGIES)

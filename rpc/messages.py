@@ -97,6 +97,9 @@ class SeqInput(Part):
     state_slot: int = -1
     state_from: int = -1  # before the step, copy this slot (a saved prefix state) into state_slot
     state_save: int = -1  # after the step, copy state_slot into this slot (the prefix cache keeps it)
+    # overlapped decode: the step was sent before the previous one's tokens returned, so its one
+    # token is the one this worker sampled for the sequence last step (``tokens`` is a placeholder)
+    follows: bool = False
 
 
 class GenerateStep(Message):

@@ -61,6 +61,7 @@ class ResidentModel:
     generators: dict = field(default_factory=dict)  # seq id -> its own torch.Generator (or None: greedy)
     prompts: dict = field(default_factory=dict)  # seq id -> prompt tokens, for the repetition penalty
     outputs: dict = field(default_factory=dict)  # seq id -> tokens sampled so far, for penalties
+    last: dict = field(default_factory=dict)  # seq id -> its latest sampled token (overlapped steps' input)
     gpu: object = None  # workers.gpu.step.GpuPath on a GPU (graphs, device sampler); None: the CPU path
 
 
@@ -170,6 +171,9 @@ class Worker:
         if rm is None:
             return Error(kind=ErrorKind.UNKNOWN_MODEL, message=f"model {msg.model_id!r} is not loaded on this worker")
         _maybe_stall()
+        for s in msg.seqs:
+            if s.follows:  # a sequence whose last step failed sampling is dead: any token serves
+                s.tokens = [rm.last.get(s.seq_id, 0)]
         logits = None if rm.gpu is None else rm.gpu.decode(msg.seqs)  # a CUDA graph's replay; None: eager
         if logits is None:
             logits = self._forward(rm, msg.seqs)
@@ -177,6 +181,9 @@ class Worker:
             out, logprobs, errors = rm.gpu.sampler.sample(logits, msg.seqs)
         else:
             out, logprobs, errors = self._sample_rows(rm, msg.seqs, logits)
+        for s, token in zip(msg.seqs, out, strict=True):
+            if token >= 0:
+                rm.last[s.seq_id] = token
         return StepResult(
             model_id=msg.model_id,
             tokens=out,
@@ -316,7 +323,7 @@ class Worker:
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Ack()  # nothing held for it: forgetting is done (idempotent, like Unload)
-        for state in (rm.generators, rm.prompts, rm.outputs):
+        for state in (rm.generators, rm.prompts, rm.outputs, rm.last):
             if msg.seq_ids is None:
                 state.clear()
             else:

@@ -38,6 +38,7 @@ class Work:
     decode: bool = False  # the next token of a sequence that is generating (not a prompt chunk)
     restore_from: int = -1  # hybrid: copy this saved state into the sequence's slot first
     save_to: int = -1  # hybrid: save the sequence's state after this chunk into this slot
+    follows: bool = False  # overlapped: its token is the one the step in flight before it samples
 
     @property
     def first(self) -> bool:
@@ -46,7 +47,7 @@ class Work:
 
     @property
     def samples(self) -> bool:
-        return self.start + len(self.tokens) == len(self.seq.tokens)
+        return self.follows or self.start + len(self.tokens) == len(self.seq.tokens)
 
 
 class Scheduler:
@@ -140,6 +141,26 @@ class Scheduler:
                 seq.cached_tokens, seq.admitted = seq.computed, True
             self.running.append(seq)
             budget -= self._chunk(seq, budget, work)
+        return work
+
+    def plan_ahead(self, in_flight: list[Work]) -> list[Work]:
+        """The decode step after the one in flight, planned before its tokens are known: each of
+        its sequences feeds the token that step samples (``follows``; the worker has it). Only when
+        that step is the whole batch and every sequence in it will surely want one more token
+        (empty when not: the next step is then planned as usual, once the tokens are back). A
+        sequence that stops on the token in flight wastes its overlapped position, nothing more."""
+        if self.waiting or {w.seq.seq_id for w in in_flight} != {s.seq_id for s in self.running}:
+            return []  # a newcomer, or a sequence outside the step, waits for a plan of its own
+        work = []
+        for w in in_flight:
+            seq = w.seq
+            useful = seq.output_len + 2 <= seq.max_tokens  # the token in flight is not its last by length
+            if not w.samples or seq.cancelled or seq.constraint is not None or not useful:
+                return []  # a grammar needs the token in flight before the next step's mask
+            start = w.start + len(w.tokens)
+            if not self.blocks.grow(seq.block_table, start + 1):
+                return []  # no preemption for a step that may be wasted
+            work.append(Work(seq, [0], start, decode=True, follows=True))
         return work
 
     def _give_state(self, seq: Sequence) -> None:

@@ -4,7 +4,9 @@ It owns the per-model schedulers (created when a model loads, dropped when it go
 of live sequences and the step in flight per model. Each loop turn it plans the next step of
 every model that has work and none in flight, sends one ``GenerateStep`` to the model's ranks,
 and applies the result: tokens to sequences, text and finish to the front, blocks back to the
-pool. A failed step fails its requests here and asks the lifecycle to recover the model. A
+pool. While a one-device model decodes, its next step is sent before the running one's tokens
+return (``[engine] overlap_steps``, ``Scheduler.plan_ahead``): the worker starts it the moment it
+answers, and the leader's bookkeeping of one step overlaps the device's work on the next. A failed step fails its requests here and asks the lifecycle to recover the model. A
 model's turn may go to an embedding batch instead (``Embedder.plan``): the model then counts as
 stepping until it returns.
 """
@@ -42,6 +44,8 @@ class Stepper:
         self.shared = shared
         self.schedulers: dict[str, Scheduler] = {}  # model id -> its batcher, while loaded
         self.in_flight: dict[str, list[Work]] = {}  # model id -> the work of its step in flight
+        self.ahead: dict[str, list[Work]] = {}  # model id -> an overlapped step sent behind it
+        self.started: dict[str, float] = {}  # model id -> when its step in flight began on the device
         self.requests = RequestTable()  # live sequences (waiting or running)
         self.lifecycle: ModelLifecycle  # wired by Leader: recovers a model whose step failed
         self.embedder: Embedder  # wired by Leader: embedding batches take turns with steps
@@ -80,7 +84,8 @@ class Stepper:
         return model_id in self.in_flight
 
     def in_step(self, seq: Sequence) -> bool:
-        return any(w.seq is seq for w in self.in_flight.get(seq.model_id, ()))
+        steps = (self.in_flight.get(seq.model_id, ()), self.ahead.get(seq.model_id, ()))
+        return any(w.seq is seq for step in steps for w in step)
 
     def add(self, seq: Sequence) -> None:
         """An admitted sequence joins its model's queue."""
@@ -93,6 +98,7 @@ class Stepper:
         """Start the next step of every loaded model that has work and no step in flight."""
         for model_id, sched in list(self.schedulers.items()):  # a failed send may stop a model
             if model_id in self.in_flight:
+                self._overlap(model_id, sched)
                 continue
             state = self.shared.registry.models[model_id]
             if state.status != ModelStatus.LOADED:
@@ -107,21 +113,50 @@ class Stepper:
             work = sched.plan()
             if work:
                 self._step(state, work)
+                self._overlap(model_id, sched)
+
+    def _overlap(self, model_id: str, sched: Scheduler) -> None:
+        """Send the step after the one in flight now, if the batch is decoding steadily."""
+        running = self.in_flight[model_id]
+        state = self.shared.registry.models[model_id]
+        if (
+            model_id in self.ahead
+            or running is EMBEDDING
+            or not self.shared.cfg.engine.overlap_steps
+            or len(state.ranks) != 1  # other ranks do not sample: they could not fill the token in
+            or state.status != ModelStatus.LOADED
+            or self.embedder.count(model_id)
+        ):
+            return
+        work = sched.plan_ahead(running)
+        if work:
+            self._step(state, work)
 
     def _step(self, state: ModelState, work: list[Work]) -> None:
+        """Send a step: the model's step in flight, or the overlapped one behind it."""
         step = GenerateStep(state.id, [_seq_input(w) for w in work])
-        self.in_flight[state.id] = work
-        self.shared.stats.step_started(state.id, work)
-        gen, sent = state.load_gen, time.monotonic()
+        overlapped = state.id in self.in_flight
+        if overlapped:
+            self.ahead[state.id] = work
+        else:
+            self.in_flight[state.id], self.started[state.id] = work, time.monotonic()
+        self.shared.stats.step_started(state.id, work, overlapped)
+        gen = state.load_gen
 
         def done(replies: dict, error: CallError | None) -> None:
-            self.in_flight.pop(state.id, None)
+            if self.in_flight.get(state.id) is not work:
+                return  # dropped behind a step that failed, whose requests were failed with it
+            seconds = time.monotonic() - self.started[state.id]
+            del self.in_flight[state.id]
+            behind = self.ahead.pop(state.id, None)
+            if behind is not None and error is None:  # the worker started it as it answered
+                self.in_flight[state.id], self.started[state.id] = behind, time.monotonic()
             if gen != state.load_gen:
                 return  # the model was torn down meanwhile; its requests were already failed
             if error:
                 self._step_failed(state, work, error)
             else:
-                self._apply(state, work, replies[state.ranks[0]], time.monotonic() - sent)
+                self._apply(state, work, replies[state.ranks[0]], seconds)
 
         self.shared.calls.call(state.ranks, lambda _: step, self.shared.cfg.engine.step_timeout_s, done)
 
@@ -141,10 +176,11 @@ class Stepper:
             self.lifecycle.recover(state, f"a step failed: {error.message}")  # ranks may disagree now
 
     def _apply(self, state: ModelState, work: list[Work], result, seconds: float) -> None:
-        self.schedulers[state.id].done(work, seconds)
         logprobs = result.logprobs or [None] * len(work)
         errors = result.errors or [""] * len(work)
-        for w, token, lp, err in zip(work, result.tokens, logprobs, errors, strict=True):
+        rows = [r for r in zip(work, result.tokens, logprobs, errors, strict=True) if r[0].seq in self.requests]
+        self.schedulers[state.id].done([r[0] for r in rows], seconds)  # an overlapped sequence may have ended
+        for w, token, lp, err in rows:
             if w.seq.cancelled:
                 self.retire(w.seq)
             elif err:
@@ -257,6 +293,7 @@ class Stepper:
             self.fail(seq, kind, message, retry_after)
         self.embedder.fail_model(state.id, kind, message, retry_after)
         self.in_flight.pop(state.id, None)
+        self.ahead.pop(state.id, None)
 
     def clear_prefix_cache(self, state: ModelState) -> str | None:
         """Drop every cached prompt of a loaded model that no request holds: their names go, and
@@ -291,6 +328,7 @@ def _seq_input(w: Work) -> SeqInput:
         state_slot=seq.state_slot,
         state_from=w.restore_from,
         state_save=w.save_to,
+        follows=w.follows,
     )
 
 

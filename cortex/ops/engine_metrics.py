@@ -32,7 +32,9 @@ class EngineMetrics:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def step_started(self, model: str, work: list[Work]) -> None:
+    def step_started(self, model: str, work: list[Work], overlapped: bool = False) -> None:
+        if overlapped:
+            m.OVERLAPPED_STEPS.labels(model).inc()
         now = time.monotonic()
         for w in work:
             if w.seq.admitted_at is None:

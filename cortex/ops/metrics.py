@@ -107,6 +107,12 @@ E2E_ENGINE = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=LEADER,
 )
+OVERLAPPED_STEPS = Counter(
+    "cortex_overlapped_steps",
+    "Decode steps sent before the tokens of the step ahead of them returned ([engine] overlap_steps)",
+    ["model"],
+    registry=LEADER,
+)
 RUNNING = Gauge("cortex_running_sequences", "Sequences in the running batch", ["model"], registry=LEADER)
 WAITING = Gauge(
     "cortex_waiting_sequences", "Sequences queued, and requests parked for a model load", ["model"], registry=LEADER
