@@ -14,7 +14,9 @@ loads it into cortex as the benches do, and measures:
 - TTFT of a 2,000-token prompt (one prefill step to the first token on the host);
 - HF transformers ``generate`` (greedy, KV cache) on the same weights and device, one stream;
 - the memory bound: weight bytes read per decode step over the bandwidth of a measured device copy.
-Prints one table, writes JSON (``--out``).
+Then the same table for a random Qwen3.5-0.8B-shaped hybrid (Gated DeltaNet layers: their state
+slots are among the graphs' static inputs, workers/gpu/deltanet.py's kernels update them in place),
+JSON key ``hybrid`` (``--no-hybrid`` skips it). Prints the tables, writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from rpc.messages import SamplingParams  # noqa: E402
 from workers import attention  # noqa: E402
 from workers.arch import model_class  # noqa: E402
 from workers.arch.config import ModelConfig  # noqa: E402
+from workers.arch.qwen3_5 import HybridRunner  # noqa: E402
 from workers.gpu.graphs import DecodeGraphs  # noqa: E402
 from workers.gpu.sampling import SamplingTensors, sample  # noqa: E402
 from workers.kv_cache import BLOCK_SIZE, LocalRunner  # noqa: E402
@@ -52,6 +55,15 @@ QWEN3_06B = dict(  # Qwen/Qwen3-0.6B's config.json
 TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True,
+)  # fmt: skip
+# Qwen3.5-0.8B's text model, as bench/hybrid.py writes it; the quick run takes tests' tiny hybrid
+QWEN3_5_08B = dict(
+    hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+    layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=16, vocab_size=248320, max_position_embeddings=262144,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+    tie_word_embeddings=True,
 )  # fmt: skip
 # (streams, decode tokens per stream, TTFT prompt, parity prompt, greedy-check tokens)
 FULL = dict(streams=(1, 16, 64), tokens=128, ttft_prompt=2000, parity_prompt=32, greedy=32)
@@ -78,6 +90,29 @@ def make_checkpoint(path: Path, shape: dict) -> Path:
     model.tie_weights()
     model.to(torch.bfloat16).save_pretrained(path)
     return path
+
+
+def make_hybrid_checkpoint(path: Path, quick: bool) -> tuple[Path, int]:
+    """A random Qwen3.5 checkpoint (decays near 1, so the state carries far) and its vocabulary."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from tests.checkpoints import hybrid_randomize, tiny_hybrid_text_config
+
+    shape = tiny_hybrid_text_config(tied=True) if quick else QWEN3_5_08B
+    torch.manual_seed(0)
+    model = Qwen3_5ForCausalLM(Qwen3_5TextConfig(**{"bos_token_id": 1, "eos_token_id": 2, **shape}))
+    hybrid_randomize(model.float())
+    model.tie_weights()
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path, shape["vocab_size"]
+
+
+def runner(model, device: torch.device, num_blocks: int, streams: int = 1):
+    """A runner for ``streams`` sequences: a hybrid model's holds a state slot each, and one more
+    (the graphs' padding rows' scratch slot, the last)."""
+    if getattr(model, "recurrent", False):
+        return HybridRunner(model, device, num_blocks=num_blocks, num_slots=streams + 1)
+    return LocalRunner(model, device, num_blocks=num_blocks)
 
 
 def load_cortex(path: Path, device: torch.device, dtype: torch.dtype):
@@ -108,7 +143,7 @@ def prompt(n: int, vocab: int, seed: int) -> list[int]:
 
 def greedy_logits(model, device: torch.device, ids: list[int], steps: int) -> torch.Tensor:
     """The prompt's last logits, then those of ``steps`` greedy decode steps: [steps + 1, vocab] fp32 on the CPU."""
-    run = LocalRunner(model, device, num_blocks=(len(ids) + steps) // BLOCK_SIZE + 2)
+    run = runner(model, device, (len(ids) + steps) // BLOCK_SIZE + 2)
     out = [run.step(0, ids, 0)]
     for i in range(steps):
         out.append(run.step(0, [int(out[-1].argmax())], len(ids) + i))
@@ -127,22 +162,29 @@ def parity(model, path: Path, device: torch.device, vocab: int, n_prompt: int) -
 
 class Streams:
     """``n`` sequences prefilled with random prompts in one runner, their blocks allocated up front
-    for ``tokens`` more positions; the pool's last block is the graphs' scratch block."""
+    for ``tokens`` more positions; the pool's last block is the graphs' scratch block. A hybrid
+    model's sequence ``s`` holds state slot ``s``; the last slot is the graphs' scratch slot."""
 
     def __init__(self, model, device: torch.device, n: int, tokens: int, vocab: int):
         per_seq = -(-(STREAM_PROMPT + tokens) // BLOCK_SIZE)
-        self.runner = LocalRunner(model, device, num_blocks=n * per_seq + 1)
+        self.runner = runner(model, device, n * per_seq + 1, n)
         self.scratch, self.per_seq = n * per_seq, per_seq
         for s in range(n):
             self.runner.tables[s] = list(range(s * per_seq, (s + 1) * per_seq))
-        self.runner.next_block = n * per_seq
+        self.states = getattr(self.runner, "states", None)
+        if self.states is None:
+            self.runner.next_block = n * per_seq
+        else:
+            self.runner.slots.update((s, s) for s in range(n))
         first = self.runner.step_many([(s, prompt(STREAM_PROMPT, vocab, 10 + s), 0) for s in range(n)])
         self.last = first.argmax(-1).tolist()
         self.pos = STREAM_PROMPT
         self.n = n
 
     def graphs(self, model, vocab: int) -> DecodeGraphs:
-        return DecodeGraphs(model, self.runner.cache, self.n, self.per_seq, vocab, pad_block=self.scratch)
+        return DecodeGraphs(
+            model, self.runner.cache, self.n, self.per_seq, vocab, pad_block=self.scratch, states=self.states
+        )
 
     def decode(self, steps: int, graphs: DecodeGraphs | None) -> tuple[float, list[list[int]]]:
         """``steps`` greedy steps of every stream: (seconds, tokens per stream). One host sync per step."""
@@ -154,7 +196,8 @@ class Streams:
             if graphs is None:
                 logits = self.runner.step_many([(s, [self.last[s]], self.pos) for s in range(self.n)])
             else:
-                logits = graphs.run([(self.last[s], self.pos, self.runner.tables[s]) for s in range(self.n)])
+                rows = [(self.last[s], self.pos, self.runner.tables[s]) for s in range(self.n)]
+                logits = graphs.run(rows, range(self.n) if self.states is not None else ())
             self.last = sample(logits, greedy).tokens.tolist()  # the step's one host sync
             self.pos += 1
             for s, tok in enumerate(self.last):
@@ -200,11 +243,27 @@ def greedy_checks(model, device: torch.device, vocab: int, tokens: int) -> dict:
     }
 
 
+def deltanet_kernel_calls(model, device: torch.device, vocab: int) -> int:
+    """Calls one hybrid decode step makes into workers/gpu/deltanet.py's kernels: two per linear
+    layer when the model's decode rows take them, 0 on the PyTorch (or native CPU) path."""
+    from workers.gpu import deltanet
+
+    calls, saved = [], {n: getattr(deltanet, n) for n in ("delta_rule_decode", "conv_decode")}
+    for name, fn in saved.items():
+        setattr(deltanet, name, lambda *a, _fn=fn: calls.append(1) or _fn(*a))
+    try:
+        Streams(model, device, 1, 2, vocab).decode(1, None)
+    finally:
+        for name, fn in saved.items():
+            setattr(deltanet, name, fn)
+    return len(calls)
+
+
 def ttft(model, device: torch.device, n: int, vocab: int) -> float:
     """Milliseconds from a ``n``-token prompt to its first token on the host (best of 2, after a warm-up)."""
     best = float("inf")
     for i in range(3):
-        run = LocalRunner(model, device, num_blocks=n // BLOCK_SIZE + 2)
+        run = runner(model, device, n // BLOCK_SIZE + 2)
         ids = prompt(n, vocab, 100 + i)
         sync(device)
         t0 = time.perf_counter()
@@ -217,9 +276,9 @@ def ttft(model, device: torch.device, n: int, vocab: int) -> float:
 def hf_rate(path: Path, device: torch.device, dtype: torch.dtype, tokens: int, vocab: int) -> float:
     """HF transformers generate, greedy with its KV cache, one stream: (n - 1) / (t(n) - t(1)),
     the prompt's cost cancelled as bench/decode.py does."""
-    from transformers import Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf = Qwen3ForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     ids = torch.tensor([prompt(STREAM_PROMPT, vocab, 10)], device=device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -304,9 +363,16 @@ def sampling_syncs(device: torch.device, vocab: int) -> str:
 
 
 def report(r: dict) -> None:
-    m, s = r["machine"], r["model"]
+    m = r["machine"]
     print(f"# bench/gpu.py on {m.get('gpu', m['host'])} ({m['device']}, driver {m.get('driver')}), torch {m['torch']}")
-    print(f"# model: random {s['shape']} ({s['params']:,} parameters, {s['dtype']})")
+    for section in (r, r.get("hybrid")):
+        if section is not None:
+            table(section)
+
+
+def table(r: dict) -> None:
+    s = r["model"]
+    print(f"# model: random {s['shape']} ({s.get('params', 0):,} parameters, {s['dtype']})")
     par, gr = r.get("parity") or {}, r.get("greedy") or {}
     rows = [
         ("parity vs fp32 CPU: max rel diff", lambda: f"{par['max_rel_diff']:.4f} (< {PARITY_RTOL}: {par['pass']})"),
@@ -314,7 +380,9 @@ def report(r: dict) -> None:
         ("greedy equal, Triton vs torch attn", lambda: f"{gr['triton_vs_torch_attention']}/{gr['tokens']}"),
         ("greedy equal, graphs vs eager", lambda: f"{gr['graphs_vs_eager']}/{gr['tokens']}"),
     ]
-    for n, d in r["decode"].items():
+    if "deltanet_kernel_calls" in r:
+        rows.append(("Triton DeltaNet kernel calls per step", lambda: str(r["deltanet_kernel_calls"])))
+    for n, d in (r.get("decode") or {}).items():
         for mode, rate in d.items():
             label = mode if (rate or {}).get("graphs_captured", True) else "graphs not captured (padded, eager)"
             rows.append(
@@ -366,6 +434,8 @@ def measure(r: dict, path: Path, device: torch.device, dtype: torch.dtype, plan:
             for mode in ("graphs", "eager")
         }  # fmt: skip
     r["ttft_ms"] = attempt(r, "ttft", lambda: ttft(model, device, plan["ttft_prompt"], vocab))
+    if getattr(model, "recurrent", False):
+        r["deltanet_kernel_calls"] = attempt(r, "deltanet", lambda: deltanet_kernel_calls(model, device, vocab))
     if hf:
         r["hf_tok_s"] = attempt(r, "hf", lambda: hf_rate(path, device, dtype, 64, vocab))
     r["bandwidth_gb_s"] = attempt(r, "bandwidth", lambda: bandwidth(device, 16 if plan is QUICK else 1024) / 1e9)
@@ -391,21 +461,36 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes and counts (the script's own test)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-hybrid", action="store_true", help="skip the Qwen3.5-shaped hybrid's table")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shape, plan = (TINY, QUICK) if args.quick else (QWEN3_06B, FULL)
     r = {"machine": machine(device), "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}}
-    r["model"] = {"shape": "qwen3-tiny" if args.quick else "qwen3-0.6b", "dtype": str(dtype).removeprefix("torch.")}
-    r["ttft_prompt"], r["errors"] = plan["ttft_prompt"], {}
+    r.update(section("qwen3-tiny" if args.quick else "qwen3-0.6b", dtype, plan))
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp) / "qwen3", shape)
         measure(r, path, device, dtype, plan, shape["vocab_size"], not args.no_hf)
     ratios(r, str(plan["streams"][0]))
+    if not args.no_hybrid:
+        r["hybrid"] = h = section("qwen3_5-tiny" if args.quick else "qwen3_5-0.8b", dtype, plan)
+        with tempfile.TemporaryDirectory() as tmp:
+            path, vocab = make_hybrid_checkpoint(Path(tmp) / "qwen3_5", args.quick)
+            measure(h, path, device, dtype, plan, vocab, not args.no_hf)
+        ratios(h, str(plan["streams"][0]))
     report(r)
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2))
-    sys.exit(1 if r["errors"] else 0)
+    sys.exit(1 if r["errors"] or r.get("hybrid", {}).get("errors") else 0)
+
+
+def section(shape: str, dtype: torch.dtype, plan: dict) -> dict:
+    """One model's results, before measuring."""
+    return {
+        "model": {"shape": shape, "dtype": str(dtype).removeprefix("torch.")},
+        "ttft_prompt": plan["ttft_prompt"],
+        "errors": {},
+    }
 
 
 if __name__ == "__main__":

@@ -156,6 +156,12 @@ class EngineConfig:
     queue_timeout_s: float = key(120.0, "a request still queued after this gets 503 + Retry-After", gt=0)
     max_requests_per_client: int = key(64, "in flight per API key (else address); more get 429; 0 = off", ge=0)
     kv_cache_mb: int = key(1024, "KV cache per device per model: bounds concurrent tokens", gt=0)
+    kv_cache_fill: bool = key(
+        True,
+        "on a GPU, a model's KV pool grows from kv_cache_mb to what the device has free after its weights, less "
+        "[node] memory_headroom_mb (one model fills the GPU; false: several share it); only without memory_budget_mb "
+        "and with one worker per GPU; CPU: no effect",
+    )
     kv_cache_dtype: str = key("auto", "auto: float16 for float32 models on the CPU, else theirs", choices=KV_DTYPES)
     max_batch_tokens: int = key(512, "tokens per step, all sequences together (decodes first)", gt=0)
     prefill_chunk: int = key(256, "longest prompt piece per step, so decodes never stall long", gt=0)
@@ -167,15 +173,15 @@ class EngineConfig:
         16, "hybrid models (Qwen3.5): saved recurrent states for prefix-cache hits; 0 = no prefix cache", ge=0
     )
     cuda_graphs: bool = key(True, "on a GPU, decode steps replay CUDA graphs (one per batch size); CPU: no effect")
+    overlap_steps: bool = key(
+        True, "send a decode step before the previous one's tokens return: the device never waits for the leader"
+    )
 
 
 @dataclass(frozen=True)
 class EvictionConfig:
     """[eviction]: when a model must load and its devices are full, idle models are evicted (never
     pinned ones, never ones with requests in flight or queued); a load that cannot fit even then is
-    overlap_steps: bool = key(
-        True, "send a decode step before the previous one's tokens return: the device never waits for the leader"
-    )
     refused (503, or 507 when the model is larger than the device budget itself)."""
 
     strategy: str = key("lru", "lru: least recently used first; priority: lowest first", choices=STRATEGIES)

@@ -76,6 +76,9 @@ class LoadDenseShard(Message):
     state_slots: int = 0
     cuda_graphs: bool = True  # [engine] cuda_graphs: decode steps as CUDA graphs (a GPU worker only)
     max_seqs: int = 64  # the most sequences of one step ([engine] max_seqs): the largest graph bucket
+    # bytes a GPU worker leaves free when it sizes the KV pool from the device's free memory after
+    # the weights (workers/gpu/memory.py); the pool then holds at least kv_blocks. -1: kv_blocks exactly
+    kv_headroom: int = -1
 
 
 class SeqInput(Part):

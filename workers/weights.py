@@ -1,16 +1,21 @@
 """Fill a model's parameters from checkpoint files, reading only this rank's slice of each tensor.
 
 safetensors: tensors are read through ``get_slice`` so no rank materialises a whole sharded weight.
-GGUF: tensors are dequantized at load to the configured dtype; q/k rows are un-permuted because
+GGUF: tensors are dequantized at load (to float32, one at a time); q/k rows are un-permuted because
 llama.cpp's converter reorders them for its interleaved RoPE on Llama models.
 
-Fused layers (``weight.parts``) are filled with their parts' slices concatenated along the output
-features. A parameter with a ``loader`` reads its own sources (the stacked expert weights of
-workers/arch/moe.py: fused or per-expert in the file; in a GGUF file llama.cpp's 3-D
-``ffn_{gate,up,down}_exps``). With ``quantize`` (see ``QUANTIZE``) linear layers are then replaced by packed
-``QuantLinear`` layers (workers/quant.py): from a GGUF file's own Q4_0/Q4_1 blocks (4-bit values kept
-as they are), or by quantizing the loaded weights; a parameter with a ``packer`` (the stacked
-experts) packs itself the same way, one packed layer per expert.
+Parameters are allocated on the model's device before loading (uninitialised) and filled one
+checkpoint slice at a time: each slice is read on the host in its stored dtype (from safetensors, a
+view of the mapped file), moved to the parameter's device and converted there (``_to_device``), so
+the host never holds a copy of the model, nor a converted copy of any tensor. Fused layers
+(``weight.parts``) are filled part by part, each into its rows of the fused parameter (no
+concatenated copy on the host). A parameter with a ``loader`` reads its own sources (the stacked
+expert weights of workers/arch/moe.py, assembled on the host one layer at a time: fused or
+per-expert in the file; in a GGUF file llama.cpp's 3-D ``ffn_{gate,up,down}_exps``). With
+``quantize`` (see ``QUANTIZE``) linear layers are then replaced by packed ``QuantLinear`` layers
+(workers/quant.py): from a GGUF file's own Q4_0/Q4_1 blocks (4-bit values kept as they are), or by
+quantizing the loaded weights; a parameter with a ``packer`` (the stacked experts) packs itself the
+same way, one packed layer per expert.
 """
 
 from __future__ import annotations
@@ -56,7 +61,31 @@ def _params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 def _copy(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
     if tuple(value.shape) != tuple(param.shape):
         raise WeightsError(f"{name}: checkpoint shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
-    param.copy_(value.to(param.dtype))
+    param.copy_(_to_device(value, param.device))  # the dtype is converted on the device
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One checkpoint slice, read on the host, on ``device`` in its stored dtype. Converting there
+    (by the caller's ``copy_``) keeps the host to one memcpy per slice: no converted host copy, and
+    a bfloat16 file crosses the bus at 2 bytes per value."""
+    return host.to(device)
+
+
+def _fill_dense(name: str, param: torch.Tensor, reader, sources: list[tuple[str, Shard | None]]) -> None:
+    """A dense parameter from its checkpoint slices; a fused one's parts each into its own rows."""
+    if len(sources) == 1:
+        _copy(name, param, reader.dense(*sources[0]))
+        return
+    row = 0
+    for part, shard in sources:
+        value = reader.dense(part, shard)
+        rows = value.shape[0]
+        if row + rows > param.shape[0]:
+            raise WeightsError(f"{name}: its parts have more than the {param.shape[0]} rows it holds")
+        _copy(part, param.narrow(0, row, rows), value)
+        row += rows
+    if row != param.shape[0]:
+        raise WeightsError(f"{name}: its parts fill {row} of its {param.shape[0]} rows")
 
 
 def _index(files: list[Path]) -> dict[str, Path]:
@@ -380,7 +409,7 @@ def _fill(model: nn.Module, reader, mode: str, progress: Progress | None) -> dic
                 label = f"{kind} experts ({best_impl()} kernels)"
                 counts[label] = counts.get(label, 0) + 1
         elif kind is None:
-            _copy(name, p.data, _dense(reader, sources))
+            _fill_dense(name, p.data, reader, sources)
         else:
             q = _pack(reader, kind, sources, reduce=getattr(layer, "reduce", False), tp=getattr(layer, "tp", None))
             if (q.out_features, q.in_features) != tuple(p.shape):

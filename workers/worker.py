@@ -113,6 +113,7 @@ class Worker:
     def load(self, msg: LoadDenseShard) -> Loaded | Error:
         from workers import native
         from workers.arch import ModelConfig, model_class
+        from workers.gpu import memory as gpu_memory
         from workers.gpu import step as gpu_step
         from workers.kv_cache import PagedKVCache
         from workers.parallel import TPGroup
@@ -142,12 +143,13 @@ class Worker:
         layers, kv_heads, head_dim, _ = model.kv_shape()
         kv_dtype = getattr(torch, getattr(msg, "kv_dtype", "") or msg.dtype)  # the leader's [engine] kv_cache_dtype
         graphs = gpu_step.wants_graphs(self.device, msg, model)  # then one more block: the padding rows'
-        cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, self.device, max(msg.kv_blocks, 1) + graphs)
-        gpu = gpu_step.GpuPath.build(self.device, msg, model, cache, cfg.vocab_size, graphs)
+        kv_blocks = gpu_memory.kv_pool_blocks(self.device, msg, msg.kv_headroom, model, kv_dtype, graphs)
+        cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, self.device, kv_blocks + graphs)
         states, state_bytes = None, 0
         if getattr(model, "recurrent", False):  # hybrid: a fixed-size state per sequence, in slots
-            states = model.new_state_pool(max(msg.state_slots, 1), self.device)
+            states = model.new_state_pool(max(msg.state_slots, 1) + graphs, self.device)  # + the padding rows'
             state_bytes = sum(t.numel() * t.element_size() for t in (states.conv, states.delta))
+        gpu = gpu_step.GpuPath.build(self.device, msg, model, cache, cfg.vocab_size, graphs, states)
         self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit, states, gpu=gpu)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = time.monotonic() - t0

@@ -22,7 +22,7 @@ from cortex.leader.placement import Placement
 from cortex.leader.shared import RETRY_AFTER_NO_MEMORY_S, Shared
 from cortex.leader.stepper import Stepper
 from cortex.models import source
-from cortex.models.memory import pool_bytes
+from cortex.models.memory import kv_headroom, pool_bytes
 from cortex.models.registry import ModelState, ModelStatus
 from rpc.engine import Answer, Failure, FailureKind
 from rpc.messages import KV_BLOCK_SIZE, LoadDenseShard, Unload
@@ -143,6 +143,7 @@ class ModelLifecycle:
         address = f"127.0.0.1:{free_port()}" if n > 1 else ""
         kv_blocks, slots = self.placement.kv_blocks(state, n, kv_dtype), self.placement.state_slots(state)
         checkpoints = self.placement.state_checkpoints(state)
+        headroom = kv_headroom(self.shared.cfg, self.shared.devices, state.ranks)  # -1: kv_blocks exactly
         engine = self.shared.cfg.engine
         state.load_in_flight = True
 
@@ -164,6 +165,7 @@ class ModelLifecycle:
                 state_slots=slots + checkpoints,
                 cuda_graphs=engine.cuda_graphs,
                 max_seqs=engine.max_seqs,
+                kv_headroom=headroom,
             )
 
         def done(replies: dict, error: CallError | None) -> None:

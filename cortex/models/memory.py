@@ -7,17 +7,23 @@ expert's slice of the intermediate features (workers/arch/moe.py), packed like t
 when they are (one packed layer per expert); the routers stay dense. Before the first load the
 weights are estimated from the model's shape (dtype, packing); once loaded, the worker's measured
 size replaces the estimate. A device's budget is configured, or measured by its worker at start-up;
-a headroom stays free for activations and allocator slack.
+a headroom stays free for activations and allocator slack. On a GPU the KV pool may grow beyond
+[engine] kv_cache_mb to what the device has free after the weights, less the same headroom
+(``kv_headroom``; the worker's side is workers/gpu/memory.py): the estimate counts kv_cache_mb (the
+least it will be), the worker's ``Loaded`` reply the pool it made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from workers.arch.config import ModelConfig
 from workers.sharding import ExpertLayout, HeadLayout
+
+if TYPE_CHECKING:
+    from cortex.config import Config
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # packed weight-only linears (workers/quant.py), the native kernels' layout (the larger of the two):
@@ -74,6 +80,21 @@ def _deltanet(cfg: ModelConfig, world_size: int) -> int:
     qkv = 2 * k_heads * cfg.linear_key_head_dim + v_heads * cfg.linear_value_head_dim
     z = v_heads * cfg.linear_value_head_dim
     return cfg.hidden_size * (qkv + 2 * z + 2 * v_heads) + qkv * cfg.linear_conv_kernel
+
+
+def kv_headroom(cfg: Config, devices: list[str], ranks: list[int]) -> int:
+    """``LoadDenseShard.kv_headroom`` for a model placed on ``ranks``: the bytes its workers leave
+    free when they size its KV pool from their GPU's free memory, or -1 for exactly kv_cache_mb.
+    Only where that free memory is the model's to take: [engine] kv_cache_fill on, GPUs only (a
+    CPU's free memory is the host's RAM), no configured budget (the operator gave cortex a share of
+    the device, not all of it), and no other worker on the same device (each would see it all)."""
+    node = cfg.node
+    placed = [devices[r] for r in ranks]
+    shared = any(devices.count(d) > 1 for d in placed)
+    gpus = all(d.startswith("cuda") for d in placed)
+    if not cfg.engine.kv_cache_fill or node.memory_budget_mb or shared or not gpus:
+        return -1
+    return node.memory_headroom_mb * 2**20
 
 
 class Pools(Protocol):

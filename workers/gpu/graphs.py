@@ -11,7 +11,14 @@ once. Graphs fix their shapes and addresses, so:
 - batch sizes are rounded up to a bucket (1, 2, 4, 8, ... up to ``max_batch``), one graph each;
   padding rows decode token 0 at position 0 against one scratch block (``pad_block``, which the
   caller reserves: never handed to a sequence) and their logits are dropped;
-- prefill and mixed steps, and batches above the largest bucket, run eagerly.
+- prefill and mixed steps, and batches above the largest bucket, run eagerly;
+- a hybrid model (recurrent state, workers/arch/deltanet.py) also gets each row's state slot in a
+  static buffer: the step reads and writes the pool's slots through it, in place, so the graph
+  serves whichever sequences fill the rows. Padding rows use one scratch slot (``pad_slot``, also
+  the caller's to reserve);
+- a tensor-parallel step captures its all-reduces (NCCL supports capture): every rank builds the
+  same buckets from the same ``max_batch``, captures them in the same order and pads a step the
+  same way, so the collectives of a replay pair up across ranks.
 
 The graphs of every bucket share one memory pool, captured largest first, so the pool is the
 largest bucket's activations; ``reserved_bytes`` reports it with the static buffers, for the
@@ -28,11 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.arch.deltanet import RecurrentStatePool, StateBatch
 from workers.kv_cache import PagedKVCache, StepBatch
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[StepBatch, PagedKVCache], torch.Tensor]  # the model: a step's last logits [B, V]
+# the model: a step's last logits [B, V]; a hybrid model also takes its state pool and a StateBatch
+Forward = Callable[..., torch.Tensor]
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -61,21 +70,32 @@ class StaticInputs:
     lengths: torch.Tensor
     tables: torch.Tensor
     rows: torch.Tensor  # 0 .. max_batch - 1: every row decodes and is sampled
+    state_slots: torch.Tensor | None = None  # a hybrid model's: each row's state slot
 
     @classmethod
-    def allocate(cls, max_batch: int, max_blocks: int, device: torch.device, pin: bool = False) -> StaticInputs:
+    def allocate(
+        cls, max_batch: int, max_blocks: int, device: torch.device, pin: bool = False, recurrent: bool = False
+    ) -> StaticInputs:
         def z(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=torch.long, device=device, pin_memory=pin)
 
         rows = torch.arange(max_batch, dtype=torch.long, device=device)
-        return cls(z(max_batch), z(max_batch), z(max_batch), z(max_batch), z(max_batch, max_blocks), rows)
+        state_slots = z(max_batch) if recurrent else None
+        return cls(z(max_batch), z(max_batch), z(max_batch), z(max_batch), z(max_batch, max_blocks), rows, state_slots)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
 
     def copy_(self, other: StaticInputs) -> None:
-        for name in ("tokens", "positions", "slots", "lengths", "tables"):
-            getattr(self, name).copy_(getattr(other, name), non_blocking=True)
+        for name in ("tokens", "positions", "slots", "lengths", "tables", "state_slots"):
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(other, name), non_blocking=True)
+
+    def state_batch(self, n: int) -> StateBatch:
+        """The first ``n`` rows as one-token sequences in their slots of the static buffer: no host
+        data (no contiguous span either, which would fix this step's slots into the graph), and
+        no fresh slot, as a decode step continues a state."""
+        return StateBatch(fresh_slots=None, runs=[], single_rows=self.rows[:n], single_slots=self.state_slots[:n])
 
     def batch(self, n: int, block_size: int) -> StepBatch:
         """A decode StepBatch over the first ``n`` rows: views of the buffers, no host data, so a
@@ -100,10 +120,17 @@ class StaticInputs:
 
 
 def fill(
-    host: StaticInputs, steps: Sequence[tuple[int, int, Sequence[int]]], bucket: int, block_size: int, pad_block: int
+    host: StaticInputs,
+    steps: Sequence[tuple[int, int, Sequence[int]]],
+    bucket: int,
+    block_size: int,
+    pad_block: int,
+    state_slots: Sequence[int] = (),
+    pad_slot: int = 0,
 ) -> None:
     """Write ``steps`` ((token, position, block table) per sequence) into the host buffers, then
-    pad to ``bucket`` rows with token 0 at position 0 in ``pad_block``. Built as Python lists and
+    pad to ``bucket`` rows with token 0 at position 0 in ``pad_block``; with a state slot buffer,
+    ``state_slots`` (one per step) padded with ``pad_slot``. Built as Python lists and
     written with one op per buffer: a scalar tensor write costs microseconds, at 64 rows a
     millisecond of host time a step."""
     width = host.tables.shape[1]
@@ -122,6 +149,10 @@ def fill(
     host.lengths[:bucket] = torch.tensor([p + 1 for p in positions] + [1] * pad)
     host.slots[:bucket] = torch.tensor(slots + [pad_block * block_size] * pad)
     host.tables[:bucket] = torch.tensor(tables + [[pad_block] * width] * pad)
+    if host.state_slots is not None:
+        if len(state_slots) != len(steps):
+            raise ValueError(f"{len(steps)} rows but {len(state_slots)} state slots")
+        host.state_slots[:bucket] = torch.tensor(list(state_slots) + [pad_slot] * pad)
 
 
 class DecodeGraphs:
@@ -136,14 +167,19 @@ class DecodeGraphs:
         vocab: int,
         pad_block: int,
         buckets: Sequence[int] | None = None,
+        states: RecurrentStatePool | None = None,
     ):
-        self.forward, self.kv = forward, kv
+        """With ``states`` (a hybrid model's pool) the last slot is the padding rows' scratch."""
+        self.forward, self.kv, self.states = forward, kv, states
         self.block_size, self.pad_block, self.vocab = kv.block_size, pad_block, vocab
+        self.pad_slot = states.num_slots - 1 if states is not None else 0
         self.buckets = tuple(buckets) if buckets else bucket_sizes(max_batch)
         self.max_batch = max(self.buckets)
-        device = kv.k.device
-        self.static = StaticInputs.allocate(self.max_batch, max_blocks, device)
-        self.host = StaticInputs.allocate(self.max_batch, max_blocks, torch.device("cpu"), pin=device.type == "cuda")
+        device, recurrent = kv.k.device, states is not None
+        self.static = StaticInputs.allocate(self.max_batch, max_blocks, device, recurrent=recurrent)
+        self.host = StaticInputs.allocate(
+            self.max_batch, max_blocks, torch.device("cpu"), pin=device.type == "cuda", recurrent=recurrent
+        )
         self.logits = torch.zeros(self.max_batch, vocab, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool_bytes = 0  # measured at capture: the graphs' shared memory pool
@@ -162,7 +198,7 @@ class DecodeGraphs:
         if self.kv.k.device.type != "cuda" or not torch.cuda.is_available():
             log.info("CUDA graphs: no CUDA device, decode steps run eagerly")
             return False
-        fill(self.host, [], self.max_batch, self.block_size, self.pad_block)  # every row a padding row
+        fill(self.host, [], self.max_batch, self.block_size, self.pad_block, (), self.pad_slot)  # all padding
         self.static.copy_(self.host)
         before = torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
@@ -189,16 +225,21 @@ class DecodeGraphs:
         return True
 
     def _step(self, n: int) -> None:
-        self.logits[:n] = self.forward(self.static.batch(n, self.block_size), self.kv)
+        batch = self.static.batch(n, self.block_size)
+        if self.states is None:
+            self.logits[:n] = self.forward(batch, self.kv)
+        else:
+            self.logits[:n] = self.forward(batch, self.kv, self.states, self.static.state_batch(n))
 
-    def run(self, steps: Sequence[tuple[int, int, Sequence[int]]]) -> torch.Tensor:
-        """One decode step of ``steps`` ((token, position, block table) per sequence): the logits
-        [len(steps), vocab] (a view of the static buffer: read or copy before the next step)."""
+    def run(self, steps: Sequence[tuple[int, int, Sequence[int]]], state_slots: Sequence[int] = ()) -> torch.Tensor:
+        """One decode step of ``steps`` ((token, position, block table) per sequence; a hybrid
+        model's also in ``state_slots``, one each): the logits [len(steps), vocab] (a view of the
+        static buffer: read or copy before the next step)."""
         n = len(steps)
         bucket = pick_bucket(n, self.buckets)
         if bucket is None:
             raise ValueError(f"{n} rows exceed the largest bucket ({self.max_batch}): run this step eagerly")
-        fill(self.host, steps, bucket, self.block_size, self.pad_block)
+        fill(self.host, steps, bucket, self.block_size, self.pad_block, state_slots, self.pad_slot)
         self.static.copy_(self.host)
         graph = self.graphs.get(bucket)
         if graph is None:

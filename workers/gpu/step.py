@@ -1,8 +1,9 @@
 """The worker's GPU step: decode steps through CUDA graphs, and sampling for the whole batch on the
 device with one host transfer per step.
 
-``GpuPath.build`` decides at load time what a model gets: graphs for a plain decoder (no recurrent
-state) on one device when ``[engine] cuda_graphs`` is on, the device sampler on any GPU. On the CPU
+``GpuPath.build`` decides at load time what a model gets: graphs when ``[engine] cuda_graphs`` is on
+(a hybrid model's given its state pool, with one scratch slot for the padding rows; a
+tensor-parallel rank's with the all-reduces inside), the device sampler on any GPU. On the CPU
 it returns None and the worker's own path runs unchanged. ``CORTEX_FORCE_GPU_PATH=1`` is a test
 hook: it builds the same path on the CPU (the graphs' padded step runs eagerly, as
 ``DecodeGraphs.run`` does without CUDA), so the wiring is tested where no GPU is lent.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rpc.messages import LoadDenseShard, SamplingParams, SeqInput
+from workers.arch.deltanet import RecurrentStatePool
 from workers.gpu.graphs import DecodeGraphs
 from workers.gpu.sampling import SamplingTensors, sample, to_device
 from workers.kv_cache import PagedKVCache
@@ -34,10 +36,12 @@ def forced() -> bool:
 
 def wants_graphs(device: torch.device, msg: LoadDenseShard, model: object) -> bool:
     """Whether this load captures decode graphs: the switch is on, the device is a GPU (or the test
-    hook forces it), the model keeps no recurrent state and runs on one device (a TP step's
-    all-reduce is not captured yet). The caller then reserves one more KV block, the padding rows'."""
-    on_device = device.type == "cuda" or forced()
-    return on_device and msg.cuda_graphs and not getattr(model, "recurrent", False) and msg.world_size == 1
+    hook forces it) and the step never reads the device from the host (mixture-of-experts routing
+    reads each expert's token count back, which capture forbids). Every rank of a tensor-parallel
+    group decides the same, from the same message. The caller then reserves one more KV block, and
+    for a hybrid model one more state slot: the padding rows'."""
+    experts = getattr(getattr(model, "cfg", None), "num_experts", 0)
+    return (device.type == "cuda" or forced()) and msg.cuda_graphs and not experts
 
 
 @dataclass
@@ -181,18 +185,32 @@ class GpuPath:
 
     @classmethod
     def build(
-        cls, device: torch.device, msg: LoadDenseShard, model: object, cache: PagedKVCache, vocab: int, graphs: bool
+        cls,
+        device: torch.device,
+        msg: LoadDenseShard,
+        model: object,
+        cache: PagedKVCache,
+        vocab: int,
+        graphs: bool,
+        states: RecurrentStatePool | None = None,
     ) -> GpuPath | None:
         """The path for a loaded model (None on the CPU unless forced). With ``graphs``, ``cache``
-        holds ``msg.kv_blocks`` + 1 blocks and the last is the padding rows' scratch block."""
+        holds ``msg.kv_blocks`` + 1 blocks and the last is the padding rows' scratch block; a
+        hybrid model's ``states`` hold ``msg.state_slots`` + 1 slots, the last the padding rows'
+        (without ``states`` its decode steps stay eager)."""
         if device.type != "cuda" and not forced():
             return None
         sampler = DeviceSampler(vocab, msg.vocab_limit, device)
         if not graphs:
             return cls(None, sampler)
+        if getattr(model, "recurrent", False) and states is None:
+            log.info(
+                "CUDA graphs: %s keeps recurrent state and no state pool was given: decode runs eagerly", msg.model_id
+            )
+            return cls(None, sampler)
         pad_block = cache.num_blocks - 1
         max_blocks = min(-(-model.cfg.max_position_embeddings // cache.block_size), pad_block)
-        g = DecodeGraphs(model, cache, max(msg.max_seqs, 1), max(max_blocks, 1), vocab, pad_block)
+        g = DecodeGraphs(model, cache, max(msg.max_seqs, 1), max(max_blocks, 1), vocab, pad_block, states=states)
         g.capture()
         return cls(g, sampler)
 
@@ -210,4 +228,13 @@ class GpuPath:
         width = g.static.tables.shape[1]
         if any(len(s.tokens) != 1 or s.start_pos // g.block_size >= width for s in seqs):
             return None
-        return g.run([(s.tokens[0], s.start_pos, s.block_table) for s in seqs])
+        if g.states is not None and not all(_continues_state(s, g.pad_slot) for s in seqs):
+            return None
+        return g.run([(s.tokens[0], s.start_pos, s.block_table) for s in seqs], [s.state_slot for s in seqs])
+
+
+def _continues_state(s: SeqInput, pad_slot: int) -> bool:
+    """A hybrid decode row the graph can take: it continues the state in its own slot (not position
+    0, which starts from zero; no saved state to restore or save; a slot below the scratch one). The
+    eager step handles the rest, and checks the slots."""
+    return s.start_pos > 0 and s.state_from < 0 and s.state_save < 0 and 0 <= s.state_slot < pad_slot
