@@ -17,7 +17,7 @@ import torch
 from rpc.messages import Error, LoadDenseShard, Ping, Pong
 from rpc.transport import RpcClient
 from tests.checkpoints import make_checkpoint
-from tests.conftest import Server, train_tiny_tokenizer, wait_for
+from tests.conftest import Server, scrape, train_tiny_tokenizer, value, wait_for
 from tests.tp_harness import run_tp
 from workers.arch.config import ModelConfig
 
@@ -180,6 +180,8 @@ def test_tp2_serves_the_same_greedy_text_as_tp1(tp_server, family):
     one = _chat(tp_server, f"{family}-tp1", max_tokens=24).choices[0].message.content
     two = _chat(tp_server, f"{family}-tp2", max_tokens=24).choices[0].message.content
     assert one == two and one
+    # its steps overlapped: rank 0 sent the other rank the tokens it sampled
+    assert value(scrape(tp_server.metrics_url), "cortex_overlapped_steps_total", model=f"{family}-tp2") > 0
 
 
 def test_tp_models_report_both_devices_and_half_the_bytes(tp_server):

@@ -56,6 +56,16 @@ class TPGroup:
             self._pg.allreduce([t], opts).wait()
         return t
 
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as rank 0 holds it, on every rank (in place)."""
+        if self._pg is not None:
+            import torch.distributed as dist
+
+            opts = dist.BroadcastOptions()
+            opts.rootRank, opts.rootTensor = 0, 0
+            self._pg.broadcast([t], opts).wait()
+        return t
+
     def close(self) -> None:
         self._pg = self._store = None
 

@@ -62,6 +62,7 @@ class ResidentModel:
     prompts: dict = field(default_factory=dict)  # seq id -> prompt tokens, for the repetition penalty
     outputs: dict = field(default_factory=dict)  # seq id -> tokens sampled so far, for penalties
     last: dict = field(default_factory=dict)  # seq id -> its latest sampled token (overlapped steps' input)
+    step_failed: bool = False  # the latest step raised: an overlapped step queued behind it is void
     gpu: object = None  # workers.gpu.step.GpuPath on a GPU (graphs, device sampler); None: the CPU path
 
 
@@ -172,10 +173,13 @@ class Worker:
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Error(kind=ErrorKind.UNKNOWN_MODEL, message=f"model {msg.model_id!r} is not loaded on this worker")
+        followed = [s for s in msg.seqs if s.follows]
+        if followed and rm.step_failed:  # the leader dropped it with the failed one: no collective for it
+            return Error(kind=ErrorKind.STEP_FAILED, message="the step this one follows failed")
+        rm.step_failed = True  # until this step returns
         _maybe_stall()
-        for s in msg.seqs:
-            if s.follows:  # a sequence whose last step failed sampling is dead: any token serves
-                s.tokens = [rm.last.get(s.seq_id, 0)]
+        if followed:
+            self._fill_followed(rm, followed)
         logits = None if rm.gpu is None else rm.gpu.decode(msg.seqs)  # a CUDA graph's replay; None: eager
         if logits is None:
             logits = self._forward(rm, msg.seqs)
@@ -186,12 +190,23 @@ class Worker:
         for s, token in zip(msg.seqs, out, strict=True):
             if token >= 0:
                 rm.last[s.seq_id] = token
+        rm.step_failed = False
         return StepResult(
             model_id=msg.model_id,
             tokens=out,
             logprobs=logprobs if any(x is not None for x in logprobs) else None,
             errors=errors if any(errors) else None,
         )
+
+    def _fill_followed(self, rm: ResidentModel, seqs: list[SeqInput]) -> None:
+        """An overlapped step's rows feed the token their sequence sampled last step. Rank 0 sampled
+        it: the other ranks of a tensor-parallel group get it from rank 0, in one small broadcast.
+        A sequence whose sampling failed last step is dead (its request failed): any token serves."""
+        tokens = [rm.last.get(s.seq_id, 0) for s in seqs]
+        if rm.tp.world_size > 1:  # a device tensor: NCCL broadcasts those only
+            tokens = rm.tp.broadcast(self.torch.tensor(tokens, dtype=self.torch.int64, device=self.device)).tolist()
+        for s, token in zip(seqs, tokens, strict=True):
+            s.tokens = [token]
 
     def _forward(self, rm: ResidentModel, seqs: list[SeqInput]):
         """The step's last logits [sequences, vocab], run eagerly."""
