@@ -8,7 +8,8 @@ relative error: logits within 0.01 of float32) and use exact integer dot product
 row and small batches (``qmatmul.c``). ``attention.c`` runs decode attention straight from the
 paged KV pool, float32 or float16 (no gather into padded tensors), and RoPE with the KV write;
 ``pointwise.c`` the norms and SwiGLU; ``moe.c`` a mixture-of-experts layer's routed experts in one
-call; ``decode.c`` a whole all-decode step's layers in one call.
+call; ``decode.c`` a whole all-decode step's layers in one call; ``deltanet.c`` a Gated DeltaNet
+layer's single-token step (conv, delta rule on the state in place, gated norm) in one call.
 When they cannot be built (no C compiler, no AVX2, ``CORTEX_NATIVE_KERNELS=0``), every caller
 takes its PyTorch path instead.
 
@@ -42,7 +43,9 @@ from workers import cpu
 log = logging.getLogger("cortex.worker")
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = tuple(KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c", "moe.c", "decode.c"))
+SOURCES = tuple(
+    KERNELS / name for name in ("qmatmul.c", "attention.c", "pointwise.c", "moe.c", "decode.c", "deltanet.c")
+)
 HEADERS = (KERNELS / "simd.h", KERNELS / "kernels.h")
 # -Bsymbolic: decode.c's calls into the other kernels bind within the same object, so two paths
 # loaded side by side (tests compare them in one process) never call into each other's code
@@ -131,6 +134,9 @@ class NativeKernels:
         lib.cortex_moe_route.argtypes = [vp, _c_int, _c_int, vp, vp, vp]
         lib.cortex_moe_experts.restype = lib.cortex_moe_route.restype = _c_int
         lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp, _c_int]
+        lib.cortex_deltanet_decode.argtypes = [vp, i64, _c_int, vp, vp, vp, vp, vp, vp, vp, vp, f32,
+                                               *[_c_int] * 5, vp, i64]  # fmt: skip
+        lib.cortex_deltanet_decode.restype = _c_int
         for fn in (lib.cortex_rms_norm, lib.cortex_add_rms_norm, lib.cortex_swiglu, lib.cortex_rope_store):
             fn.restype = None
         self.lib, self.path, self.name = lib, path, name
@@ -207,6 +213,30 @@ class NativeKernels:
             batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5, _half(kv.k),
         )  # fmt: skip
         _check(rc, "native decode step")
+
+    def deltanet_decode(
+        self,
+        proj: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        layer: tuple,
+        pool: tuple,
+        dims: tuple,
+        out: torch.Tensor,
+    ) -> None:
+        """One Gated DeltaNet decode step of the single-token ``rows`` (int64 [B]) of ``proj`` (float32
+        [T, width], the fused input projection), in one call (deltanet.c): conv and delta states of
+        ``slots`` (int64 [B]) updated in place in ``pool`` = (conv [slots, C, kernel - 1], delta [slots,
+        hv, dk, dv]), the gated norm's output written to those rows of ``out`` [T, hv dv]. ``layer``:
+        (conv weight [C, kernel], A_log, dt_bias, norm weight, eps); ``dims``: (hk, hv, dk, dv)."""
+        conv, delta = pool
+        conv_w, a_log, dt_bias, norm_w, eps = layer
+        rc = self.lib.cortex_deltanet_decode(
+            proj.data_ptr(), proj.stride(0), rows.shape[0], rows.data_ptr(), slots.data_ptr(), conv.data_ptr(),
+            conv_w.data_ptr(), delta.data_ptr(), a_log.data_ptr(), dt_bias.data_ptr(), norm_w.data_ptr(), eps, *dims,
+            conv.shape[-1] + 1, out.data_ptr(), out.stride(0),
+        )  # fmt: skip
+        _check(rc, "native DeltaNet step")
 
     def moe_experts(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, table: Moe) -> torch.Tensor:
         """``sum_j weights[t, j] * expert_{experts[t, j]}(x[t])`` for every row t of float32 ``x``

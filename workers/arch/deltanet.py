@@ -15,7 +15,10 @@ A Gated DeltaNet layer has no KV cache. Each sequence carries, per layer, a fixe
 Prompt chunks use the chunked form of the same recurrence (``delta_rule_chunked``): within a chunk of
 L tokens the corrections ``u`` of all tokens solve one unit lower-triangular system, so a chunk costs
 a few [L, L] and [L, d] matrix products instead of L sequential rank-1 updates. Single-token steps
-use the recurrence directly (``delta_rule_step``), batched over sequences.
+use the recurrence directly (``delta_rule_step``), batched over sequences. On the CPU in float32 the
+whole single-token step of a layer, conv to gated norm, is one native call (workers/kernels/
+deltanet.c: about forty PyTorch ops fewer per layer, and one pass over the state instead of three);
+the PyTorch path stays the reference and serves prompt chunks, other dtypes and devices.
 
 The states of all sequences live in a ``RecurrentStatePool`` indexed by *state slot*, as KV lives in
 blocks; ``StateBatch`` says which slot each sequence of a step uses and whether it starts fresh.
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import native
 from workers.parallel import TPGroup, fused, row
 from workers.sharding import Shard
 
@@ -104,6 +108,11 @@ class StateBatch:
     single_span: tuple[int, int] | None = None
 
     @classmethod
+    def one_run(cls, n: int, slot: int) -> StateBatch:
+        """One sequence of ``n`` tokens (rows 0..n-1) continuing in ``slot``."""
+        return cls(None, [(0, n, slot)], None, None)
+
+    @classmethod
     def build(cls, lengths: list[int], slots: list[int], fresh: list[bool], device: torch.device) -> StateBatch:
         """``lengths``: new tokens of each sequence; ``slots``: its state slot; ``fresh``: True on the
         step that computes its position 0. Built from host lists only (no device round trip)."""
@@ -175,9 +184,13 @@ def delta_rule_chunked(
 
     Everything but the state's own recurrence is independent of S, so it is computed for all chunks
     at once (one batched solve); the loop over chunks is then five matrix products each. The last
-    chunk is padded with tokens that change nothing (k = v = beta = 0, decay 1)."""
+    chunk is padded with tokens that change nothing (k = v = beta = 0, decay 1); a piece shorter
+    than ``chunk`` is one chunk of its own length, rounded up to a multiple of 8."""
     H, n, dk = k.shape
     dv = v.shape[-1]
+    # a piece shorter than a chunk is one chunk of its own length (to a multiple of 8), not padded to
+    # a whole one: the [L, L] work and the products with S shrink with L (20 tokens: 3x less time)
+    chunk = min(chunk, -(-n // 8) * 8)
     pad = -n % chunk
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -307,9 +320,38 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = row(self.value, cfg.hidden_size, lay.v_start * self.dv, tp, dtype)
 
     def forward(self, x: torch.Tensor, pool: RecurrentStatePool, layer: int, seqs: StateBatch) -> torch.Tensor:
-        T = x.shape[0]
+        proj = self.in_proj(x)
+        kernels = self._native(proj, pool)
+        if kernels is None or seqs.single_rows is None:
+            return self.out_proj(self._mix(proj, pool, layer, seqs))
+        # single tokens: one native call per layer (deltanet.c) instead of about forty PyTorch ops
+        out = proj.new_empty(proj.shape[0], self.value)
+        weights = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps)
+        states = (pool.conv_layers[layer], pool.delta_layers[layer])
+        dims = (self.k_heads, self.v_heads, self.dk, self.dv)
+        kernels.deltanet_decode(proj, seqs.single_rows, seqs.single_slots, weights, states, dims, out)
+        for start, end, slot in seqs.runs:  # prompt chunks of the same step: the chunked rule
+            out[start:end] = self._mix(proj[start:end], pool, layer, StateBatch.one_run(end - start, slot))
+        return self.out_proj(out)
+
+    def _native(self, proj: torch.Tensor, pool: RecurrentStatePool) -> native.NativeKernels | None:
+        """The native kernels when this layer's decode step can run on them: float32 on the CPU,
+        weights and both states included (a bfloat16 model takes the PyTorch path)."""
+        kernels = native.for_tensor(proj)
+        if kernels is None or proj.stride(-1) != 1 or self.A_log.dtype != torch.float32:
+            return None
+        if not self.conv1d.weight.is_contiguous():  # the kernel reads it as [channels, kernel]
+            return None
+        if pool.conv.dtype != torch.float32 or pool.delta.dtype != torch.float32:
+            return None
+        return kernels
+
+    def _mix(self, proj: torch.Tensor, pool: RecurrentStatePool, layer: int, seqs: StateBatch) -> torch.Tensor:
+        """The PyTorch path from the fused projection ``proj`` [T, width] to the gated norm's output
+        [T, value]: the reference, and what prompt chunks, other dtypes and devices run."""
+        T = proj.shape[0]
         channels = 2 * self.key + self.value
-        qkv, z, b, a = self.in_proj(x).split((channels, self.value, self.v_heads, self.v_heads), dim=-1)
+        qkv, z, b, a = proj.split((channels, self.value, self.v_heads, self.v_heads), dim=-1)
         qkv = F.silu(self.conv1d(qkv, pool.conv_layers[layer], seqs))
         q, k, v = qkv.float().split((self.key, self.key, self.value), dim=-1)
         rep = self.v_heads // self.k_heads  # each key head serves ``rep`` value heads
@@ -322,8 +364,8 @@ class GatedDeltaNet(nn.Module):
         # the decay in float32 whatever the model's dtype: exp(A_log) in half precision can overflow
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         out = _delta_rule(pool.delta_layers[layer], q, k, v, g, beta, seqs)
-        out = self.norm(out.to(x.dtype), z.view(T, self.v_heads, self.dv))
-        return self.out_proj(out.reshape(T, self.value))
+        out = self.norm(out.to(proj.dtype), z.view(T, self.v_heads, self.dv))
+        return out.reshape(T, self.value)
 
 
 def _delta_rule(states: torch.Tensor, q, k, v, g, beta, seqs: StateBatch) -> torch.Tensor:

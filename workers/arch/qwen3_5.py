@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import native
 from workers.arch.config import ModelConfig
 from workers.arch.deltanet import GatedDeltaNet, LinearLayout, RecurrentStatePool, StateBatch
 from workers.arch.llama import Rotary, apply_rotary
@@ -72,9 +73,33 @@ class ZeroCentredRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
         self.weight.shard = None
         self.eps = eps
+        self._scale: tuple[tuple[int, int], torch.Tensor] | None = None  # (weight's identity, 1 + w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.rms_norm(x.float(), self.weight.shape, self.weight.float() + 1, self.eps).to(x.dtype)
+        kernels = native.for_tensor(x)
+        if kernels is not None:  # one call instead of PyTorch's six ops (about 70 us a norm at decode)
+            return kernels.rms_norm(x, self.scale(), self.eps)
+        return torch.rms_norm(x.float(), self.weight.shape, self.scale(), self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))``: a residual add and this norm, fused where possible."""
+        kernels = native.for_tensor(x)
+        if kernels is not None and delta.dtype == x.dtype:
+            return kernels.add_rms_norm(x, delta, self.scale(), self.eps)
+        total = x + delta
+        return total, self(total)
+
+    def scale(self) -> torch.Tensor:
+        """``1 + w`` in float32, made once per weight: keyed by its storage and version counter, so
+        loading (an in-place copy) or moving the weight makes it anew. Every decode step reads the
+        49 norms of a 24-layer model, and each op there costs tens of microseconds."""
+        w = self.weight
+        if w.is_inference():  # no version counter to tell a changed weight by: made every call
+            return w.float() + 1
+        key = (w.data_ptr(), w._version)
+        if self._scale is None or self._scale[0] != key:
+            self._scale = (key, w.float() + 1)
+        return self._scale[1]
 
 
 class GatedAttention(nn.Module):
@@ -142,8 +167,8 @@ class HybridLayer(nn.Module):
             h = self.self_attn(h, step, self.index)
         else:
             h = self.linear_attn(h, step.states, self.index, step.seqs)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(x, h)
+        return x + self.mlp(h)
 
 
 @dataclass
