@@ -18,6 +18,7 @@ import torch
 
 from rpc.messages import LoadDenseShard, SamplingParams, SeqInput
 from tests.checkpoints import hybrid_randomize, tiny_hybrid_text_config
+from workers import native
 from workers.arch import ModelConfig, model_class
 from workers.arch.deltanet import DepthwiseConv, StateBatch, delta_rule_step, l2_normalize
 from workers.gpu import deltanet
@@ -231,3 +232,29 @@ def test_hybrids_get_graphs_unless_their_experts_route_through_the_host(monkeypa
     assert wants_graphs(CPU, msg, model)
     model.cfg = dataclasses.replace(model.cfg, num_experts=8)
     assert not wants_graphs(CPU, msg, model)
+
+
+def test_the_forced_path_runs_the_kernels_inside_a_hybrid_decode_step(monkeypatch):
+    """With the test hook and the interpreter, the model's decode rows take workers/gpu/deltanet.py
+    (once per linear layer, conv and delta rule) and give the PyTorch step's logits and states."""
+    model = tiny_hybrid()
+    cache, states = _prefilled(model)
+    kv, pool = _copy(cache, states, model)
+    monkeypatch.setenv(FORCE_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(native, "for_tensor", lambda x: None)  # the CPU's own decode kernel steps aside
+    calls = []
+    for name in ("delta_rule_decode", "conv_decode"):
+        real = getattr(deltanet, name)
+        monkeypatch.setattr(deltanet, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    graphs = DecodeGraphs(model, cache, max_batch=8, max_blocks=4, vocab=512, pad_block=SCRATCH_BLOCK, states=states)
+    steps = [(p[-1] + 1, len(p), t) for p, t in zip(PROMPTS, TABLES, strict=True)]
+    got = graphs.run(steps, SLOTS)
+    assert calls.count("delta_rule_decode") == calls.count("conv_decode") == model.cfg.linear_layers
+    monkeypatch.delenv(FORCE_ENV)
+    batch = StepBatch.build([([tok], pos, t) for tok, pos, t in steps], BS, CPU)
+    want = model(batch, kv, pool, StateBatch.build([1, 1, 1], SLOTS, [False] * 3, CPU))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    real = [s for s in range(5) if s != SCRATCH_SLOT]
+    torch.testing.assert_close(states.delta[:, real], pool.delta[:, real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states.conv[:, real], pool.conv[:, real])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import make_checkpoint, make_hybrid_checkpoint
 from tests.tp_harness import run_tp_steps
 from workers.gpu.step import FORCE_ENV
 
@@ -62,6 +62,25 @@ def test_tp2_through_the_graphed_decode_step_computes_what_one_cpu_worker_comput
     assert len(set(sampled)) > 3, "greedy decoding is stuck on a token: a weak test"
     assert two.tokens == one.tokens  # rank 0 of the group chose what the lone worker chose
     # the forward ran on the graphs' padded rows: three decodes fill a bucket of 4, two a bucket of 2
+    assert [len(s) for s in two.logits] == [3] + [4] * DECODES + [2]
+    for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
+        assert _rel_err(a, b[: len(a)]) < SAME, f"step {i}"
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tmp_path_factory) -> Path:
+    return make_hybrid_checkpoint(tmp_path_factory.mktemp("tp-graphs-hybrid"))
+
+
+def test_a_hybrid_tp2_group_decodes_through_the_graphs_state_slots(qwen3_5, monkeypatch):
+    """The hybrid's state slots are static inputs of the graphed step: each rank's half of every
+    state is read and written through them, the padding rows in the scratch slot."""
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    plan = _plan()
+    one = run_tp_steps(qwen3_5, 1, plan, state_slots=3)
+    monkeypatch.setenv(FORCE_ENV, "1")
+    two = run_tp_steps(qwen3_5, 2, _with_tokens(plan, one.tokens), state_slots=3)
+    assert two.tokens == one.tokens
     assert [len(s) for s in two.logits] == [3] + [4] * DECODES + [2]
     for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
         assert _rel_err(a, b[: len(a)]) < SAME, f"step {i}"

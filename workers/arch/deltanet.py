@@ -26,6 +26,7 @@ blocks; ``StateBatch`` says which slot each sequence of a step uses and whether 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -380,7 +381,10 @@ def _delta_rule(states: torch.Tensor, q, k, v, g, beta, seqs: StateBatch) -> tor
     if seqs.single_rows is not None:
         rows, slots = seqs.single_rows, seqs.single_slots
         args = (q[rows], k[rows], v[rows], g[rows], beta[rows])
-        if seqs.single_span is not None and states.dtype == torch.float32:
+        kernels = _gpu_kernels(states)
+        if kernels is not None:  # the slots updated in place by one kernel: no gather, no scatter
+            o = kernels.delta_rule_decode(states, slots, *args)
+        elif seqs.single_span is not None and states.dtype == torch.float32:
             o, _ = delta_rule_step(states[seqs.single_span[0] : seqs.single_span[1]], *args)  # in the pool
         else:
             o, new = delta_rule_step(states.index_select(0, slots).float(), *args)
@@ -419,6 +423,10 @@ class DepthwiseConv(nn.Module):
             states[slot] = window[n:].T.to(states.dtype)
         if seqs.single_rows is not None:
             rows, slots, span = seqs.single_rows, seqs.single_slots, seqs.single_span
+            kernels = _gpu_kernels(states)
+            if kernels is not None:
+                out[rows] = kernels.conv_decode(x[rows], states, slots, self.weight[:, 0])
+                return out
             held = states[span[0] : span[1]] if span is not None else states.index_select(0, slots)  # [B, C, keep]
             window = torch.cat((held, x[rows, :, None].to(states.dtype)), dim=-1)  # [B, C, kernel]
             out[rows] = (window.to(x.dtype) * self.weight[:, 0]).sum(-1)  # [B, C, kernel] -> [B, C]
@@ -427,3 +435,13 @@ class DepthwiseConv(nn.Module):
             else:
                 states.index_copy_(0, slots, window[..., 1:])
         return out
+
+
+def _gpu_kernels(t: torch.Tensor):
+    """workers/gpu/deltanet.py when its decode kernels take ``t`` (CUDA; on the CPU the test hook
+    under Triton's interpreter), else None. Imported on first use: Triton slows a CPU worker's start."""
+    if not t.is_cuda and os.environ.get("CORTEX_FORCE_GPU_PATH", "") != "1":
+        return None
+    from workers.gpu import deltanet
+
+    return deltanet if deltanet.wanted(t) else None
