@@ -192,65 +192,112 @@ static inline __attribute__((always_inline)) void sequence(unit_t *u, int U, con
         }
 }
 
+/* A call's shapes and how it splits into tasks: a task is one sequence's KV heads h0 .. h0 +
+ * per_task - 1, all of them when there are sequences enough to keep the threads busy (each task
+ * then reads whole blocks), fewer when there are not. */
+typedef struct {
+    const float *q;
+    const void *k, *v;
+    const int64_t *tables, *lengths;
+    int width, B, Hq, Hkv, D, block, half, group, per_task, tasks_per_seq, max_units;
+    float scale;
+    float *out;
+    size_t stride, room; /* from one slot's K (or V) of a head to the next; a head's scores' room */
+} plan_t;
+
+static plan_t plan(const float *q, const void *k, const void *v, const int64_t *tables, int width,
+                   const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out, int half,
+                   int threads) {
+    plan_t p = {.q = q, .k = k, .v = v, .tables = tables, .lengths = lengths, .width = width, .B = B, .Hq = Hq,
+                .Hkv = Hkv, .D = D, .block = block, .half = half, .group = Hq / Hkv};
+    int64_t longest = 0;
+    for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
+    /* tasks per sequence: enough for two per thread, at most one per KV head */
+    const int wanted = B >= 2 * threads ? 1 : (2 * threads + B - 1) / B, cuts = wanted < Hkv ? wanted : Hkv;
+    p.per_task = (Hkv + cuts - 1) / cuts;
+    p.tasks_per_seq = (Hkv + p.per_task - 1) / p.per_task;
+    p.max_units = p.per_task * ((p.group + GQ - 1) / GQ);
+    p.scale = scale, p.out = out;
+    p.stride = (size_t)Hkv * D;
+    p.room = (size_t)longest + 8;
+    return p;
+}
+
+/* Task `task` of p, with a thread's units u and score buffer buf (max_units each). */
+static void attention_task(const plan_t *p, int task, unit_t *u, float *buf) {
+    const int b = task / p->tasks_per_seq, h0 = task % p->tasks_per_seq * p->per_task;
+    const int h1 = h0 + p->per_task < p->Hkv ? h0 + p->per_task : p->Hkv, D = p->D;
+    int U = 0;
+    for (int h = h0; h < h1; h++)
+        for (int g0 = 0; g0 < p->group; g0 += GQ, U++) {
+            u[U].G = p->group - g0 < GQ ? p->group - g0 : GQ;
+            u[U].kv = (size_t)h * D;
+            for (int g = 0; g < u[U].G; g++) {
+                const size_t row = ((size_t)b * p->Hq + h * p->group + g0 + g) * D;
+                u[U].q[g] = p->q + row, u[U].out[g] = p->out + row;
+                u[U].p[g] = buf + ((size_t)U * GQ + g) * p->room;
+            }
+        }
+    const int64_t L = p->lengths[b], *table = p->tables + (size_t)b * p->width;
+    const size_t first = (size_t)h0 * D, span = (size_t)(h1 - h0) * D;
+    /* one copy of the loops per pool dtype: no branch per load */
+    if (p->half)
+        sequence(u, U, p->k, p->v, p->stride, first, span, table, L, p->block, D, p->scale, 1);
+    else
+        sequence(u, U, p->k, p->v, p->stride, first, span, table, L, p->block, D, p->scale, 0);
+}
+
+/* A thread's units and score buffer for p's tasks (NULL when out of memory; free with free). */
+static unit_t *units(const plan_t *p, float **buf) {
+    unit_t *u = malloc(sizeof(unit_t) * p->max_units);
+    *buf = malloc(sizeof(float) * p->max_units * GQ * p->room);
+    if (u && *buf) return u;
+    free(u), free(*buf);
+    return NULL;
+}
+
 /* out[b, h] = softmax(scale * q[b, h] . K[b]) V[b] for query head h of sequence b, whose context is
  * positions 0 .. lengths[b] - 1 held in blocks tables[b, 0 ..] of the cache.
  *   q, out: [B, Hq, D]; k, v: [slots, Hkv, D] (slot = block * block + offset), float32, or float16
  *   when half; tables: [B, width].
- * A task is one sequence's KV heads h0 .. h0 + per_task - 1: all of them when there are sequences
- * enough to keep the threads busy (each task then reads whole blocks), fewer when there are not.
  * Returns -1 (nothing computed) for shapes it does not handle; the caller then uses PyTorch. */
 int cortex_paged_attention(const float *q, const void *k, const void *v, const int64_t *tables, int width,
                            const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out,
                            int half) {
-    const int group = Hq / Hkv;
     if (D % 8 || Hq % Hkv) return -1;
-    int64_t longest = 0;
-    for (int b = 0; b < B; b++) longest = lengths[b] > longest ? lengths[b] : longest;
-    const int threads = omp_get_max_threads();
-    /* tasks per sequence: enough for two per thread, at most one per KV head */
-    const int wanted = B >= 2 * threads ? 1 : (2 * threads + B - 1) / B, cuts = wanted < Hkv ? wanted : Hkv;
-    const int per_task = (Hkv + cuts - 1) / cuts; /* KV heads per task */
-    const int tasks_per_seq = (Hkv + per_task - 1) / per_task, units_per_head = (group + GQ - 1) / GQ;
-    const int max_units = per_task * units_per_head;
-    const size_t stride = (size_t)Hkv * D; /* from one slot's K (or V) of a head to the next */
+    const plan_t p = plan(q, k, v, tables, width, lengths, B, Hq, Hkv, D, block, scale, out, half,
+                          omp_get_max_threads());
     int failed = 0;
-#pragma omp parallel if (B * tasks_per_seq > 1)
+#pragma omp parallel if (B * p.tasks_per_seq > 1)
     {
-        /* per thread, reused: the units of a task and their heads' softmax weights */
-        const size_t room = (size_t)longest + 8;
-        unit_t *u = malloc(sizeof(unit_t) * max_units);
-        float *buf = malloc(sizeof(float) * max_units * GQ * room);
-        if (!u || !buf) {
+        float *buf; /* per thread, reused */
+        unit_t *u = units(&p, &buf);
+        if (!u) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < B * tasks_per_seq; task++) {
-            if (!u || !buf) continue;
-            const int b = task / tasks_per_seq, h0 = task % tasks_per_seq * per_task;
-            const int h1 = h0 + per_task < Hkv ? h0 + per_task : Hkv;
-            int U = 0;
-            for (int h = h0; h < h1; h++)
-                for (int g0 = 0; g0 < group; g0 += GQ, U++) {
-                    u[U].G = group - g0 < GQ ? group - g0 : GQ;
-                    u[U].kv = (size_t)h * D;
-                    for (int g = 0; g < u[U].G; g++) {
-                        const size_t row = ((size_t)b * Hq + h * group + g0 + g) * D;
-                        u[U].q[g] = q + row, u[U].out[g] = out + row;
-                        u[U].p[g] = buf + ((size_t)U * GQ + g) * room;
-                    }
-                }
-            const int64_t L = lengths[b], *table = tables + (size_t)b * width;
-            /* one copy of the loops per pool dtype: no branch per load */
-            if (half)
-                sequence(u, U, k, v, stride, (size_t)h0 * D, (size_t)(h1 - h0) * D, table, L, block, D, scale, 1);
-            else
-                sequence(u, U, k, v, stride, (size_t)h0 * D, (size_t)(h1 - h0) * D, table, L, block, D, scale, 0);
-        }
-        free(u);
-        free(buf);
+        for (int task = 0; task < B * p.tasks_per_seq; task++)
+            if (u) attention_task(&p, task, u, buf);
+        if (u) free(u), free(buf);
     }
     return failed ? -1 : 0;
+}
+
+/* cortex_paged_attention's tasks part, part + parts, ... only: for the threads of a parallel region
+ * that split a step's attention between them (decode.c), each calling it with its own part. The
+ * same results as the whole call. Returns 0, or -1 (nothing computed) as cortex_paged_attention. */
+int cortex_attention_part(const float *q, const void *k, const void *v, const int64_t *tables, int width,
+                          const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out,
+                          int half, int part, int parts) {
+    if (D % 8 || Hq % Hkv) return -1;
+    const plan_t p = plan(q, k, v, tables, width, lengths, B, Hq, Hkv, D, block, scale, out, half, parts);
+    float *buf;
+    unit_t *u = units(&p, &buf);
+    if (!u) return -1;
+    for (int task = part; task < B * p.tasks_per_seq; task += parts) attention_task(&p, task, u, buf);
+    free(u), free(buf);
+    return 0;
 }
 
 /* RoPE and the KV write of one step, in one pass over the projections.
@@ -259,28 +306,37 @@ int cortex_paged_attention(const float *q, const void *k, const void *v, const i
  * Writes rotated q to q_out [T, Hq, D] and rotated k and plain v to the pool's slot of each row
  * (float32 pools, or float16 when half): x * cos + roll(x, D / 2) * ssin, as workers/arch/llama.py's
  * apply_rotary. D must be a multiple of 16 (the caller checks). */
-void cortex_rope_store(const float *qkv, int T, int Hq, int Hkv, int D, const float *cos, const float *ssin,
-                       const int64_t *slots, void *k_pool, void *v_pool, float *q_out, int half) {
-    const int mid = D / 2, heads = Hq + 2 * Hkv;
-#pragma omp parallel for schedule(static) if (T >= 32)
-    for (int t = 0; t < T; t++) {
-        const float *row = qkv + (size_t)t * heads * D, *c = cos + (size_t)t * D, *s = ssin + (size_t)t * D;
-        const size_t slot = (size_t)slots[t];
-        for (int h = 0; h < Hq + Hkv; h++) {
-            const float *x = row + (size_t)h * D;
-            for (int i = 0; i < D; i += 8) {
-                const float *partner = x + (i < mid ? i + mid : i - mid);
-                const __m256 xc = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(c + i));
-                const __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(partner), _mm256_loadu_ps(s + i), xc);
-                if (h < Hq)
-                    _mm256_storeu_ps(q_out + ((size_t)t * Hq + h) * D + i, r);
-                else
-                    store_kv(k_pool, (slot * Hkv + h - Hq) * D + i, r, half);
-            }
-        }
-        for (int h = 0; h < Hkv; h++) {
-            const float *x = row + (size_t)(Hq + Hkv + h) * D;
-            for (int i = 0; i < D; i += 8) store_kv(v_pool, (slot * Hkv + h) * D + i, _mm256_loadu_ps(x + i), half);
+static void rope_row(const float *row, int Hq, int Hkv, int D, const float *c, const float *s, size_t slot,
+                     void *k_pool, void *v_pool, float *q_out, int half) {
+    const int mid = D / 2;
+    for (int h = 0; h < Hq + Hkv; h++) {
+        const float *x = row + (size_t)h * D;
+        for (int i = 0; i < D; i += 8) {
+            const float *partner = x + (i < mid ? i + mid : i - mid);
+            const __m256 xc = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(c + i));
+            const __m256 r = _mm256_fmadd_ps(_mm256_loadu_ps(partner), _mm256_loadu_ps(s + i), xc);
+            if (h < Hq)
+                _mm256_storeu_ps(q_out + (size_t)h * D + i, r);
+            else
+                store_kv(k_pool, (slot * Hkv + h - Hq) * D + i, r, half);
         }
     }
+    for (int h = 0; h < Hkv; h++) {
+        const float *x = row + (size_t)(Hq + Hkv + h) * D;
+        for (int i = 0; i < D; i += 8) store_kv(v_pool, (slot * Hkv + h) * D + i, _mm256_loadu_ps(x + i), half);
+    }
+}
+
+void cortex_rope_store(const float *qkv, int T, int Hq, int Hkv, int D, const float *cos, const float *ssin,
+                       const int64_t *slots, void *k_pool, void *v_pool, float *q_out, int half) {
+    const size_t heads = Hq + 2 * Hkv;
+#define ROW(t) rope_row(qkv + (size_t)(t) * heads * D, Hq, Hkv, D, cos + (size_t)(t) * D, ssin + (size_t)(t) * D, \
+                        (size_t)slots[t], k_pool, v_pool, q_out + (size_t)(t) * Hq * D, half)
+    if (T < 32) { /* a parallel region would cost more than it saves */
+        for (int t = 0; t < T; t++) ROW(t);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) ROW(t);
+#undef ROW
 }

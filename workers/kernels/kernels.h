@@ -11,6 +11,13 @@ typedef struct {
     int64_t n, k;
 } linear_t;
 
+/* A product's activations, quantized per row and block of 32 inputs to int16 (qmatmul.c says how). */
+typedef struct {
+    int16_t *q;
+    float *d, *sums;
+    int pairs, blocks;
+} act_t;
+
 /* A mixture-of-experts layer (moe.c): a float32 router and each expert's packed SwiGLU MLP. */
 typedef struct {
     const float *router;            /* [experts, H]; only the whole-step path (decode.c) routes */
@@ -31,6 +38,14 @@ void cortex_add_rms_norm(const float *x, const float *delta, int M, int D, const
                          float *out);
 void cortex_swiglu(const float *gu, int M, int I, float *out);
 int cortex_linear(const linear_t *w, const float *x, int M, float *y);
+int cortex_act_alloc(act_t *a, int M, int K);
+void cortex_act_quantize(act_t *a, const float *x, int M, int K);
+void cortex_act_free(act_t *a);
+void cortex_linear_part(const linear_t *w, const act_t *a, int M, float *y, int part, int parts);
+void cortex_linear_prefetch(const linear_t *w, int part, int parts);
+int cortex_attention_part(const float *q, const void *k, const void *v, const int64_t *tables, int width,
+                          const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out,
+                          int half, int part, int parts);
 int cortex_moe_experts(const float *x, int T, int H, const int64_t *ids, const float *w, int k, const moe_t *m,
                        float *y);
 int cortex_moe_route(const float *h, int T, int H, const moe_t *m, int64_t *ids, float *w);

@@ -35,8 +35,10 @@
  * Threads: OpenMP, the runtime PyTorch already loaded (same soname), so both share one pool.
  */
 #include <stdint.h>
+#include <omp.h>
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 #define QK 32
@@ -45,17 +47,12 @@
 #define BLOCK_N 16    /* weight rows per block of the output (see matmul); Q4's offsets are stored by it */
 _Static_assert(BLOCK_N == 16, "offsets() computes a block as two groups of eight");
 
-/* Activations of a step, quantized, in pair order. Per row and pair of blocks (b0, b1):
+/* Activations of a step, quantized, in pair order (act_t, kernels.h). Per row and pair of blocks (b0, b1):
  *   q:   64 int16, four vectors [b0 x[8c .. 8c+7] | b1 x[8c .. 8c+7]] for c = 0..3;
  *   d:   8 floats [d0 x4 | d1 x4], the blocks' scales amax / 32767.
  * An odd last block pairs with zeros. Per row and block, sums[b] = d * sum(q): Q4's offsets m
  * contribute sum_b m[b] * sums[b] to a product; `offsets` computes them for eight outputs at a time
  * from the offsets stored transposed, before the integer products add to them. */
-typedef struct {
-    int16_t *q;
-    float *d, *sums;
-    int pairs, blocks;
-} act_t;
 
 static void quantize_row(const float *x, int nb, int16_t *q, float *d, float *sums) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -94,25 +91,45 @@ static void quantize_row(const float *x, int nb, int16_t *q, float *d, float *su
     }
 }
 
-static int act_alloc(act_t *a, const float *x, int M, int K) {
-    const int nb = K / QK;
-    a->pairs = (nb + 1) / 2;
-    const size_t np = (size_t)M * a->pairs;
+/* Buffers for M rows of up to K inputs (quantized by act_quantize, which sets the shape). */
+int cortex_act_alloc(act_t *a, int M, int K) {
+    const size_t np = (size_t)M * ((K / QK + 1) / 2);
     /* cache-line aligned: with malloc's 16-byte alignment up to half of the 32-byte loads straddled
      * two lines, and the products are bound by these loads (9-14% at 16 rows) */
-    a->q = (int16_t *)aligned_alloc(64, np * 64 * sizeof(int16_t));
+    a->q = (int16_t *)aligned_alloc(64, np * 64 * sizeof(int16_t) + 64);
     a->d = (float *)aligned_alloc(64, (np * 8 * sizeof(float) + 63) & ~(size_t)63);
-    a->blocks = nb;
-    a->sums = (float *)malloc((size_t)M * nb * sizeof(float));
-    if (!a->q || !a->d || !a->sums) return -1;
-#pragma omp parallel for schedule(static) if (M > 8)
-    for (int r = 0; r < M; r++)
-        quantize_row(x + (size_t)r * K, nb, a->q + (size_t)r * a->pairs * 64, a->d + (size_t)r * a->pairs * 8,
+    a->sums = (float *)malloc((size_t)M * (K / QK) * sizeof(float) + 1);
+    return a->q && a->d && a->sums ? 0 : -1;
+}
+
+static void quantize_rows(act_t *a, const float *x, int r0, int r1, int K) {
+    for (int r = r0; r < r1; r++)
+        quantize_row(x + (size_t)r * K, a->blocks, a->q + (size_t)r * a->pairs * 64, a->d + (size_t)r * a->pairs * 8,
                      a->sums + (size_t)r * a->blocks);
+}
+
+/* x [M, K] into a (allocated for at least M rows of K): one thread's work (the whole-step call
+ * quantizes each product's few rows on every thread rather than wait on one). */
+void cortex_act_quantize(act_t *a, const float *x, int M, int K) {
+    a->blocks = K / QK;
+    a->pairs = (a->blocks + 1) / 2;
+    quantize_rows(a, x, 0, M, K);
+}
+
+static int act_alloc(act_t *a, const float *x, int M, int K) {
+    if (cortex_act_alloc(a, M, K)) return -1;
+    if (M <= 8) {
+        cortex_act_quantize(a, x, M, K);
+        return 0;
+    }
+    a->blocks = K / QK;
+    a->pairs = (a->blocks + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < M; r++) quantize_rows(a, x, r, r + 1, K);
     return 0;
 }
 
-static void act_free(act_t *a) {
+void cortex_act_free(act_t *a) {
     free(a->q);
     free(a->d);
     free(a->sums);
@@ -259,35 +276,40 @@ static void offsets(const act_t *a, int nb, const uint16_t *mt, int N, int r0, i
     }
 }
 
-/* y[M, N] = x[M, K] @ w[N, K]^T for either block format (Q4: N a multiple of BLOCK_N); mt (Q4's
- * offsets, see `offsets`) NULL for Q8. */
-static int matmul(const float *x, int M, int K, const void *qs, const uint16_t *wd, const uint16_t *mt, int N,
-                  float *y) {
-    act_t a;
-    if (act_alloc(&a, x, M, K)) {
-        act_free(&a);
-        return -1;
-    }
+/* The blocks of BLOCK_N outputs that part `part` of `parts` computes: [*lo, *hi), contiguous, in
+ * order, the same split wherever the product runs (so a part can prefetch its first block). */
+static void part_blocks(int N, int part, int parts, int *lo, int *hi) {
+    const int blocks = (N + BLOCK_N - 1) / BLOCK_N;
+    *lo = (int)((int64_t)blocks * part / parts);
+    *hi = (int)((int64_t)blocks * (part + 1) / parts);
+}
+
+/* y's columns of part `part` of `parts` (see part_blocks) for the quantized activations a [M, K]
+ * (either block format; mt, Q4's offsets (see `offsets`), NULL for Q8). Each output is computed
+ * the same way whatever the split. */
+static void products(const act_t *a, int M, int K, const void *qs, const uint16_t *wd, const uint16_t *mt, int N,
+                     float *y, int part, int parts) {
     const int nb = K / QK;
     const size_t row_bytes = mt ? (size_t)nb * QK / 2 : (size_t)K;
+    int lo, hi;
+    part_blocks(N, part, parts, &lo, &hi);
+    const int end = hi * BLOCK_N < N ? hi * BLOCK_N : N; /* the part's last output + 1 */
     /* Blocks of BLOCK_N weight rows and tiles of ROWS activation rows: both stay in L1 while the
      * tiles pass over the block (an activation row's int16 copy is 2 K bytes: at K = 1536 the
      * whole step's no longer fits and was re-read from L2 for every weight row). */
-#pragma omp parallel
     for (int c0 = 0; c0 < M; c0 += ROW_CHUNK) {
         const int c1 = c0 + ROW_CHUNK < M ? c0 + ROW_CHUNK : M;
-#pragma omp for schedule(static)
-        for (int n0 = 0; n0 < N; n0 += BLOCK_N) {
+        for (int n0 = lo * BLOCK_N; n0 < hi * BLOCK_N; n0 += BLOCK_N) {
             const int n1 = n0 + BLOCK_N < N ? n0 + BLOCK_N : N;
-            offsets(&a, nb, mt, N, c0, c1, n0, n1, y);
+            offsets(a, nb, mt, N, c0, c1, n0, n1, y);
             for (int r0 = c0; r0 < c1; r0 += ROWS)
                 for (int n = n0; n < n1; n++) {
                     const void *wq = (const uint8_t *)qs + (size_t)n * row_bytes;
                     const uint16_t *dn = wd + (size_t)n * nb;
-                    if (r0 == c0 && n + BLOCK_N < N) /* the next block's row, while this one computes */
+                    if (r0 == c0 && n + BLOCK_N < end) /* the next block's row, while this one computes */
                         prefetch_row(wq, row_bytes, dn, mt ? mt + (size_t)n * nb : NULL, nb);
-#define TILE_Q4(R) tile(R, 0, &a, r0, nb, wq, dn, y, N, n)
-#define TILE_Q8(R) tile(R, 1, &a, r0, nb, wq, dn, y, N, n)
+#define TILE_Q4(R) tile(R, 0, a, r0, nb, wq, dn, y, N, n)
+#define TILE_Q8(R) tile(R, 1, a, r0, nb, wq, dn, y, N, n)
                     if (mt) {
                         BY_ROWS(c1 - r0, TILE_Q4)
                     } else {
@@ -298,8 +320,45 @@ static int matmul(const float *x, int M, int K, const void *qs, const uint16_t *
                 }
         }
     }
-    act_free(&a);
+}
+
+/* y[M, N] = x[M, K] @ w[N, K]^T for either block format (Q4: N a multiple of BLOCK_N); mt (Q4's
+ * offsets, see `offsets`) NULL for Q8. */
+static int matmul(const float *x, int M, int K, const void *qs, const uint16_t *wd, const uint16_t *mt, int N,
+                  float *y) {
+    act_t a;
+    if (act_alloc(&a, x, M, K)) {
+        cortex_act_free(&a);
+        return -1;
+    }
+#pragma omp parallel
+    products(&a, M, K, qs, wd, mt, N, y, omp_get_thread_num(), omp_get_num_threads());
+    cortex_act_free(&a);
     return 0;
+}
+
+/* w's product with the quantized rows a [M, w->k] into y [M, w->n]: the columns of part `part` of
+ * `parts` only, for the threads of a parallel region that split a product between them (decode.c). */
+void cortex_linear_part(const linear_t *w, const act_t *a, int M, float *y, int part, int parts) {
+    products(a, M, (int)w->k, w->q, w->d, w->m, (int)w->n, y, part, parts);
+}
+
+/* Ask for the first block of weight rows (and their scales and offsets) that part `part` of
+ * `parts` of w's product reads first, ahead of the product: at one row the start of each product
+ * otherwise waits on memory until the hardware prefetcher catches on. */
+void cortex_linear_prefetch(const linear_t *w, int part, int parts) {
+    const int nb = (int)(w->k / QK);
+    const size_t row_bytes = w->m ? (size_t)nb * QK / 2 : (size_t)w->k;
+    int lo, hi;
+    part_blocks((int)w->n, part, parts, &lo, &hi);
+    if (lo >= hi) return;
+    const size_t n0 = (size_t)lo * BLOCK_N;
+    const char *wq = (const char *)w->q + n0 * row_bytes;
+    for (size_t off = 0; off < BLOCK_N * row_bytes; off += 64) _mm_prefetch(wq + off, _MM_HINT_T0);
+    for (size_t b = 0; b < (size_t)BLOCK_N * nb; b += 32) {
+        _mm_prefetch((const char *)(w->d + n0 * nb + b), _MM_HINT_T0);
+        if (w->m) _mm_prefetch((const char *)(w->m + n0 * nb + b), _MM_HINT_T0);
+    }
 }
 
 /* Q4 weights: qs [N, K/32, 16] bytes, d [N, K/32], mt the offsets by blocks of 16 rows, each block

@@ -1,0 +1,67 @@
+"""The native decode step's two ways of running (workers/kernels/decode.c): a few rows (up to 8)
+go through every layer in one parallel region, the threads splitting each product and the
+attention between them; more rows take one parallel region per kernel call. Both must give the
+layer-by-layer forward's logits bit for bit, at one sequence and past the one-region limit, and
+whatever the number of threads (so however the products' columns and the attention's heads are
+split, unevenly included)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from tests.conftest import needs_native_kernels
+from tests.test_decode_step import _model
+from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
+
+pytestmark = needs_native_kernels
+
+
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for one test (OpenMP's team size in the kernels), restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _decode(model, sequences: int, native: bool, kv_dtype=torch.float32) -> list[torch.Tensor]:
+    """`sequences` prompts of different lengths prefilled together, then four all-decode steps."""
+    model.native_decode = native
+    layers, kv_heads, head_dim, _ = model.kv_shape()
+    cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, torch.device("cpu"), 3 * sequences)
+    prompts = [[(7 * s + j) % 500 + 3 for j in range(3 + 5 * s % 23)] for s in range(sequences)]
+    tables = [[3 * s, 3 * s + 1, 3 * s + 2] for s in range(sequences)]
+    seqs = [(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
+    logits = [model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache)]
+    lengths = [len(p) for p in prompts]
+    for _ in range(4):
+        nxt = logits[-1].argmax(-1).tolist()
+        seqs = [([n], L, t) for n, L, t in zip(nxt, lengths, tables, strict=True)]
+        logits.append(model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache))
+        lengths = [L + 1 for L in lengths]
+    return logits
+
+
+@pytest.mark.parametrize("sequences", [1, 8, 9, 12], ids=lambda n: f"{n}seq")
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_one_region_and_per_kernel_steps_equal_the_layer_by_layer_forward(tmp_path, sequences, quantize):
+    model = _model(make_checkpoint(tmp_path, "llama", tied=True), quantize)
+    fused, stepwise = _decode(model, sequences, True), _decode(model, sequences, False)
+    assert model._layer_table is not None  # the decode steps did run natively
+    for a, b in zip(fused, stepwise, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
+def test_the_step_is_the_same_whatever_the_number_of_threads(tmp_path, threads, arch, kv_dtype):
+    model = _model(make_checkpoint(tmp_path, arch, tied=True, kv_heads=4), "int4")
+    runs = {}
+    for n in (1, 2, 3):
+        threads(n)
+        runs[n] = _decode(model, 2, True, kv_dtype)
+    for n in (2, 3):
+        for a, b in zip(runs[n], runs[1], strict=True):
+            assert torch.equal(a, b)
