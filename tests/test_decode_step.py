@@ -25,17 +25,22 @@ def _model(path, quantize: str):
     return model
 
 
-def _run(model, native: bool, kv_dtype=torch.float32) -> list[torch.Tensor]:
-    """Three prompts prefilled together, then five steps where all three decode (greedy)."""
+PROMPTS = [[5, 9, 2, 7], list(range(3, 23)), [11] * 9]
+TABLES = [[0, 1], [2, 3, 4], [5, 6]]
+
+
+def _run(
+    model, native: bool, kv_dtype=torch.float32, prompts=PROMPTS, tables=TABLES, steps: int = 5
+) -> list[torch.Tensor]:
+    """The prompts prefilled together, then ``steps`` steps where all of them decode (greedy)."""
     model.native_decode = native
     layers, kv_heads, head_dim, _ = model.kv_shape()
-    cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, torch.device("cpu"), 16)
-    prompts = [[5, 9, 2, 7], list(range(3, 23)), [11] * 9]
-    tables = [[0, 1], [2, 3, 4], [5, 6]]
+    blocks = max(16, 1 + max(b for t in tables for b in t))
+    cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, torch.device("cpu"), blocks)
     seqs = [(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
     logits = [model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache)]
     lengths = [len(p) for p in prompts]
-    for _ in range(5):
+    for _ in range(steps):
         nxt = logits[-1].argmax(-1).tolist()
         seqs = [([n], L, t) for n, L, t in zip(nxt, lengths, tables, strict=True)]
         logits.append(model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache))

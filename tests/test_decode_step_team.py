@@ -12,8 +12,7 @@ import torch
 
 from tests.checkpoints import make_checkpoint
 from tests.conftest import needs_native_kernels
-from tests.test_decode_step import _model
-from workers.kv_cache import BLOCK_SIZE, PagedKVCache, StepBatch
+from tests.test_decode_step import _model, _run
 
 pytestmark = needs_native_kernels
 
@@ -28,20 +27,9 @@ def threads():
 
 def _decode(model, sequences: int, native: bool, kv_dtype=torch.float32) -> list[torch.Tensor]:
     """`sequences` prompts of different lengths prefilled together, then four all-decode steps."""
-    model.native_decode = native
-    layers, kv_heads, head_dim, _ = model.kv_shape()
-    cache = PagedKVCache(layers, kv_heads, head_dim, kv_dtype, torch.device("cpu"), 3 * sequences)
     prompts = [[(7 * s + j) % 500 + 3 for j in range(3 + 5 * s % 23)] for s in range(sequences)]
     tables = [[3 * s, 3 * s + 1, 3 * s + 2] for s in range(sequences)]
-    seqs = [(p, 0, t) for p, t in zip(prompts, tables, strict=True)]
-    logits = [model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache)]
-    lengths = [len(p) for p in prompts]
-    for _ in range(4):
-        nxt = logits[-1].argmax(-1).tolist()
-        seqs = [([n], L, t) for n, L, t in zip(nxt, lengths, tables, strict=True)]
-        logits.append(model(StepBatch.build(seqs, BLOCK_SIZE, torch.device("cpu")), cache))
-        lengths = [L + 1 for L in lengths]
-    return logits
+    return _run(model, native, kv_dtype, prompts, tables, steps=4)
 
 
 @pytest.mark.parametrize("sequences", [1, 8, 9, 12], ids=lambda n: f"{n}seq")

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.checkpoints import make_checkpoint, make_hybrid_checkpoint
-from tests.tp_harness import run_tp_steps
+from tests.tp_harness import rel_err, run_tp_steps, with_sampled_tokens
 from workers.gpu.step import FORCE_ENV
 
 SAME = 1e-5  # relative: the all-reduce only changes the order of the row-parallel sums
@@ -32,20 +31,6 @@ def _plan() -> list[list[tuple]]:
     return plan
 
 
-def _with_tokens(plan: list[list[tuple]], sampled: list[list[int]]) -> list[list[tuple]]:
-    """``plan`` with each None replaced by the token sampled for that sequence on its previous step."""
-    last, out = {}, []
-    for step, tokens in zip(plan, sampled, strict=True):
-        out.append([(seq, [last[seq]] if t is None else t, *rest) for seq, t, *rest in step])
-        last.update((seq, tok) for (seq, *_), tok in zip(step, tokens, strict=True) if tok >= 0)
-    return out
-
-
-def _rel_err(a, b) -> float:
-    a, b = torch.tensor(a), torch.tensor(b)
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("tp-graphs"), "qwen3", tied=True, kv_heads=2)
@@ -56,7 +41,7 @@ def test_tp2_through_the_graphed_decode_step_computes_what_one_cpu_worker_comput
     plan = _plan()
     one = run_tp_steps(qwen3, 1, plan, state_slots=0)
     monkeypatch.setenv(FORCE_ENV, "1")  # the rank processes inherit it
-    two = run_tp_steps(qwen3, 2, _with_tokens(plan, one.tokens), state_slots=0)
+    two = run_tp_steps(qwen3, 2, with_sampled_tokens(plan, one.tokens), state_slots=0)
 
     sampled = [t for step in one.tokens for t in step]
     assert len(set(sampled)) > 3, "greedy decoding is stuck on a token: a weak test"
@@ -64,7 +49,7 @@ def test_tp2_through_the_graphed_decode_step_computes_what_one_cpu_worker_comput
     # the forward ran on the graphs' padded rows: three decodes fill a bucket of 4, two a bucket of 2
     assert [len(s) for s in two.logits] == [3] + [4] * DECODES + [2]
     for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
-        assert _rel_err(a, b[: len(a)]) < SAME, f"step {i}"
+        assert rel_err(a, b[: len(a)]) < SAME, f"step {i}"
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +64,8 @@ def test_a_hybrid_tp2_group_decodes_through_the_graphs_state_slots(qwen3_5, monk
     plan = _plan()
     one = run_tp_steps(qwen3_5, 1, plan, state_slots=3)
     monkeypatch.setenv(FORCE_ENV, "1")
-    two = run_tp_steps(qwen3_5, 2, _with_tokens(plan, one.tokens), state_slots=3)
+    two = run_tp_steps(qwen3_5, 2, with_sampled_tokens(plan, one.tokens), state_slots=3)
     assert two.tokens == one.tokens
     assert [len(s) for s in two.logits] == [3] + [4] * DECODES + [2]
     for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
-        assert _rel_err(a, b[: len(a)]) < SAME, f"step {i}"
+        assert rel_err(a, b[: len(a)]) < SAME, f"step {i}"

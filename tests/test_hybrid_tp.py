@@ -20,7 +20,7 @@ import torch
 
 from tests.checkpoints import make_hybrid_checkpoint, write_chatml_tokenizer_config
 from tests.conftest import Server, train_tiny_tokenizer
-from tests.tp_harness import run_tp_steps
+from tests.tp_harness import rel_err, run_tp_steps, with_sampled_tokens
 from workers.arch.config import ModelConfig
 
 SAME = 1e-5  # relative: the all-reduce only changes the order of the output projections' sums
@@ -45,20 +45,6 @@ def _plan() -> list[list[tuple]]:
     return plan
 
 
-def _with_tokens(plan: list[list[tuple]], sampled: list[list[int]]) -> list[list[tuple]]:
-    """``plan`` with each None replaced by the token sampled for that sequence on its previous step."""
-    last, out = {}, []
-    for step, tokens in zip(plan, sampled, strict=True):
-        out.append([(seq, [last[seq]] if t is None else t, *rest) for seq, t, *rest in step])
-        last.update((seq, tok) for (seq, *_), tok in zip(step, tokens, strict=True) if tok >= 0)
-    return out
-
-
-def _rel_err(a, b) -> float:
-    a, b = torch.tensor(a), torch.tensor(b)
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def qwen3_5_vlm(tmp_path_factory) -> Path:
     return make_hybrid_checkpoint(tmp_path_factory.mktemp("h-qwen3_5"), vlm=True)
@@ -77,7 +63,7 @@ def test_tp2_workers_compute_what_one_worker_computes_and_each_holds_its_share(r
     path = request.getfixturevalue(ckpt)
     plan = _plan()
     one = run_tp_steps(path, 1, plan, SLOTS)
-    two = run_tp_steps(path, 2, _with_tokens(plan, one.tokens), SLOTS)
+    two = run_tp_steps(path, 2, with_sampled_tokens(plan, one.tokens), SLOTS)
 
     assert [len(s) for s in one.logits] == [len(s) for s in plan]  # every step ran, each sequence's row
     assert torch.tensor(one.logits[-1]).std() > 0.3, "logits are flat: the checkpoint was not re-randomised"
@@ -85,7 +71,7 @@ def test_tp2_workers_compute_what_one_worker_computes_and_each_holds_its_share(r
     sampled = [t for step in one.tokens for t in step if t >= 0]
     assert len(sampled) == 2 * (DECODES + 1) and len(set(sampled)) > 2  # greedy, not stuck on one token
     for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
-        assert _rel_err(a, b) < SAME, f"step {i}"
+        assert rel_err(a, b) < SAME, f"step {i}"
 
     cfg = ModelConfig.from_hf_dir(path)
     h, hd, dv = cfg.hidden_size, cfg.head_dim, cfg.linear_value_head_dim

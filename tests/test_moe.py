@@ -22,7 +22,7 @@ import torch
 
 from tests.checkpoints import hf_hybrid_model, make_moe_checkpoint, write_chatml_tokenizer_config
 from tests.conftest import Server, train_tiny_tokenizer
-from tests.tp_harness import run_tp_steps
+from tests.tp_harness import rel_err, run_tp_steps
 from workers.arch import ModelConfig, model_class
 from workers.arch import moe as moe_module
 from workers.arch.moe import SparseMoeBlock, grouped_experts
@@ -262,11 +262,6 @@ def _tp_plan(tokens: dict[int, list[int]] | None = None) -> list[list[tuple]]:
     return out
 
 
-def _rel_err(a, b) -> float:
-    a, b = torch.tensor(a), torch.tensor(b)
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
 @pytest.mark.parametrize("key", ["qwen3_moe-16x4", "qwen3_next", "qwen3_5_moe-vlm"])
 def test_tp2_equals_tp1_and_each_rank_holds_half_of_every_expert(checkpoints, key):
     """Two worker processes (gloo), loaded and stepped through the leader's requests, give rank 0
@@ -280,7 +275,7 @@ def test_tp2_equals_tp1_and_each_rank_holds_half_of_every_expert(checkpoints, ke
     assert torch.tensor(one.logits[-1]).std() > 0.3
     assert two.tokens == one.tokens
     for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
-        assert _rel_err(a, b) < SAME, f"step {i}"
+        assert rel_err(a, b) < SAME, f"step {i}"
 
     cfg = ModelConfig.from_hf_dir(path)
     experts = cfg.moe_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
@@ -303,7 +298,7 @@ def test_packed_experts_under_tp2_equal_tp1(checkpoints, mode):
     assert torch.tensor(one.logits[-1]).std() > 0.3
     assert two.tokens == one.tokens
     for i, (a, b) in enumerate(zip(one.logits, two.logits, strict=True)):
-        assert _rel_err(a, b) < 1e-4, f"step {i}"
+        assert rel_err(a, b) < 1e-4, f"step {i}"
 
 
 def test_an_expert_split_that_does_not_divide_is_refused(checkpoints):

@@ -1,4 +1,4 @@
-"""Overlapped decode steps (`[engine] overlap_steps`): while a one-device model decodes, the leader
+"""Overlapped decode steps (`[engine] overlap_steps`): while a model decodes, the leader
 sends its next step before the running one's tokens return, and the worker feeds each sequence the
 token it has just sampled. Nothing a client sees may change: the same text, the same usage, the
 same stops, nothing held afterwards; only the device stops waiting for the leader."""
@@ -9,30 +9,13 @@ import threading
 
 import openai
 import pytest
-from tokenizers import Tokenizer, models
 
-from cortex.chat.detokenizer import IncrementalDecoder
 from cortex.engine.blocks import BlockManager
 from cortex.engine.scheduler import Scheduler
-from cortex.engine.sequence import Sequence
-from rpc.messages import SamplingParams
 from tests.conftest import Server, scrape, tiny_models_toml, value, wait_for
+from tests.test_engine import _seq
 
 # -- the plan: which steps may go ahead --------------------------------------------------------------
-
-
-def _seq(prompt_len: int, max_tokens: int = 100) -> Sequence:
-    return Sequence(
-        request_id=f"r{prompt_len}",
-        peer=b"p",
-        model_id="m",
-        prompt_len=prompt_len,
-        tokens=list(range(prompt_len)),
-        sampling=SamplingParams(),
-        max_tokens=max_tokens,
-        decoder=IncrementalDecoder(Tokenizer(models.BPE())),
-        eos_ids=frozenset(),
-    )
 
 
 def _scheduler() -> Scheduler:

@@ -18,17 +18,12 @@ from rpc.messages import Error, LoadDenseShard, Ping, Pong
 from rpc.transport import RpcClient
 from tests.checkpoints import make_checkpoint
 from tests.conftest import Server, scrape, train_tiny_tokenizer, value, wait_for
-from tests.tp_harness import run_tp
+from tests.tp_harness import rel_err, run_tp
 from workers.arch.config import ModelConfig
 
 PROMPT = [3, 17, 42, 99, 7, 250, 11, 5, 300, 18, 64]
 DECODE = [5, 9, 100, 7, 2, 44, 300, 8]  # 8 decode steps
 HI = [{"role": "user", "content": "Hello, world!"}]
-
-
-def _rel_err(a, b) -> float:
-    a, b = torch.tensor(a), torch.tensor(b)
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def test_tp2_logits_equal_tp1_and_each_rank_holds_its_share(request, ckpt):
     tp2, bytes2 = run_tp(path, 2, PROMPT, DECODE)
     assert len(tp1) == len(tp2) == 1 + len(DECODE)  # the prefill, then 8 decode steps
     for a, b in zip(tp1, tp2, strict=True):
-        assert _rel_err(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
 
     # resident bytes per rank: the sharded weights split in two, the replicated ones whole
     cfg = ModelConfig.from_hf_dir(path)

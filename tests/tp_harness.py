@@ -157,3 +157,21 @@ def _spawn(target, world: int, args: tuple, timeout: float) -> list:
     if errors:
         raise RuntimeError("; ".join(errors))
     return [res for _, res, _ in sorted(results, key=lambda x: x[0])]
+
+
+def with_sampled_tokens(plan: list[list[tuple]], sampled: list[list[int]]) -> list[list[tuple]]:
+    """A ``run_tp_steps`` plan with each None token replaced by the token sampled for that sequence
+    on its previous step (``sampled``: the tokens of a run of the same plan, step by step)."""
+    last, out = {}, []
+    for step, tokens in zip(plan, sampled, strict=True):
+        out.append([(seq, [last[seq]] if t is None else t, *rest) for seq, t, *rest in step])
+        last.update((seq, tok) for (seq, *_), tok in zip(step, tokens, strict=True) if tok >= 0)
+    return out
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference over the largest magnitude of ``a``."""
+    import torch
+
+    a, b = torch.tensor(a), torch.tensor(b)
+    return ((a - b).abs().max() / a.abs().max()).item()
