@@ -21,9 +21,9 @@ from tests.checkpoints import hybrid_randomize, tiny_hybrid_text_config
 from workers import native
 from workers.arch import ModelConfig, model_class
 from workers.arch.deltanet import DepthwiseConv, StateBatch, delta_rule_step, l2_normalize
-from workers.gpu import deltanet
+from workers.gpu import FORCE_ENV, deltanet
 from workers.gpu.graphs import DecodeGraphs
-from workers.gpu.step import FORCE_ENV, GpuPath, wants_graphs
+from workers.gpu.step import GpuPath, wants_graphs
 from workers.kv_cache import PagedKVCache, StepBatch
 from workers.sharding import Shard
 

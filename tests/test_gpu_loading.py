@@ -34,9 +34,9 @@ from tests.gguf_writer import write_gguf
 from tests.test_gguf_loading import gguf_entry
 from workers import weights
 from workers.arch import ModelConfig, model_class
+from workers.gpu import FORCE_ENV
 from workers.gpu import memory as gpu_memory
 from workers.gpu.graphs import DecodeGraphs
-from workers.gpu.step import FORCE_ENV
 from workers.kv_cache import PagedKVCache
 from workers.parallel import TPGroup
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.checkpoints import make_checkpoint, make_hybrid_checkpoint
 from tests.tp_harness import rel_err, run_tp_steps, with_sampled_tokens
-from workers.gpu.step import FORCE_ENV
+from workers.gpu import FORCE_ENV
 
 SAME = 1e-5  # relative: the all-reduce only changes the order of the row-parallel sums
 PROMPTS = [[3, 17, 42, 99, 7], [8, 400, 23, 61, 5, 90, 311, 2, 77], [250, 11, 5]]

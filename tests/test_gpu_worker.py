@@ -24,7 +24,7 @@ from rpc.messages import (
 from tests.checkpoints import make_checkpoint
 from tests.conftest import Server, tiny_models_toml
 from workers.arch import ModelConfig
-from workers.gpu.step import FORCE_ENV
+from workers.gpu import FORCE_ENV
 from workers.worker import Worker
 
 GREEDY = SamplingParams(temperature=0)

@@ -26,14 +26,13 @@ blocks; ``StateBatch`` says which slot each sequence of a step uses and whether 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers import native
+from workers import gpu, native
 from workers.parallel import TPGroup, fused, row
 from workers.sharding import Shard
 
@@ -440,7 +439,7 @@ class DepthwiseConv(nn.Module):
 def _gpu_kernels(t: torch.Tensor):
     """workers/gpu/deltanet.py when its decode kernels take ``t`` (CUDA; on the CPU the test hook
     under Triton's interpreter), else None. Imported on first use: Triton slows a CPU worker's start."""
-    if not t.is_cuda and os.environ.get("CORTEX_FORCE_GPU_PATH", "") != "1":
+    if not t.is_cuda and not gpu.forced():
         return None
     from workers.gpu import deltanet
 

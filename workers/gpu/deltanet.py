@@ -52,7 +52,7 @@ def wanted(t: torch.Tensor) -> bool:
         return False
     if t.is_cuda:
         return True
-    from workers.gpu.step import forced
+    from workers.gpu import forced
 
     return forced() and interpreting()
 

@@ -25,8 +25,8 @@ import logging
 import torch
 
 from rpc.messages import KV_BLOCK_SIZE, LoadDenseShard
+from workers.gpu import forced
 from workers.gpu.graphs import StaticInputs
-from workers.gpu.step import forced
 
 log = logging.getLogger("cortex.worker")
 META = torch.device("meta")

@@ -12,7 +12,6 @@ hook: it builds the same path on the CPU (the graphs' padded step runs eagerly, 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 
 from rpc.messages import LoadDenseShard, SamplingParams, SeqInput
 from workers.arch.deltanet import RecurrentStatePool
+from workers.gpu import forced
 from workers.gpu.graphs import DecodeGraphs
 from workers.gpu.sampling import SamplingTensors, sample, to_device
 from workers.kv_cache import PagedKVCache
@@ -27,11 +27,6 @@ from workers.sampling import allowed_mask
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
-FORCE_ENV = "CORTEX_FORCE_GPU_PATH"  # test hook: "1" builds the GPU path on a CPU worker too
-
-
-def forced() -> bool:
-    return os.environ.get(FORCE_ENV, "") == "1"
 
 
 def wants_graphs(device: torch.device, msg: LoadDenseShard, model: object) -> bool:
