@@ -128,7 +128,10 @@ def one_request(client: httpx.Client, url: str, rng: random.Random) -> str:
                 return "cancelled"  # closing the stream after its first event cancels the request
         text = r.read().decode(errors="replace")
     if body["stream"] and ('"error"' in text or "event: error" in text):
-        return "stream-error-" + _stream_code(text)
+        code = _stream_code(text)
+        if code == "?":  # keep what could not be read, for whoever looks into it
+            print(f"unreadable stream error ({path}):\n{text[-2000:]}", file=sys.stderr, flush=True)
+        return "stream-error-" + code
     return "ok"
 
 
