@@ -149,7 +149,7 @@ class Worker:
         states, state_bytes = None, 0
         if getattr(model, "recurrent", False):  # hybrid: a fixed-size state per sequence, in slots
             states = model.new_state_pool(max(msg.state_slots, 1) + graphs, self.device)  # + the padding rows'
-            state_bytes = sum(t.numel() * t.element_size() for t in (states.conv, states.delta))
+            state_bytes = states.nbytes()
         gpu = gpu_step.GpuPath.build(self.device, msg, model, cache, cfg.vocab_size, graphs, states)
         self.models[msg.model_id] = ResidentModel(model, cache, tp, msg.vocab_limit, states, gpu=gpu)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

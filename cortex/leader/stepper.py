@@ -4,10 +4,11 @@ It owns the per-model schedulers (created when a model loads, dropped when it go
 of live sequences and the step in flight per model. Each loop turn it plans the next step of
 every model that has work and none in flight, sends one ``GenerateStep`` to the model's ranks,
 and applies the result: tokens to sequences, text and finish to the front, blocks back to the
-pool. While a model decodes, its next step is sent before the running one's tokens
-return (``[engine] overlap_steps``, ``Scheduler.plan_ahead``): the worker starts it the moment it
-answers, and the leader's bookkeeping of one step overlaps the device's work on the next. A failed step fails its requests here and asks the lifecycle to recover the model. A
-model's turn may go to an embedding batch instead (``Embedder.plan``): the model then counts as
+pool. While a model decodes, its next step is sent before the running one's tokens return
+(``[engine] overlap_steps``, ``Scheduler.plan_ahead``): the worker starts it the moment it
+answers, and the leader's bookkeeping of one step overlaps the device's work on the next. A
+failed step fails its requests here and asks the lifecycle to recover the model. A model's turn
+may go to an embedding batch instead (``Embedder.plan``): the model then counts as
 stepping until it returns.
 """
 

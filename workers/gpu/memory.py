@@ -51,8 +51,7 @@ def state_pool_bytes(model: object, slots: int) -> int:
     measured on the meta device: the worker's own allocation, without the memory."""
     if not getattr(model, "recurrent", False):
         return 0
-    states = model.new_state_pool(max(slots, 1), META)
-    return sum(t.numel() * t.element_size() for t in (states.conv, states.delta))
+    return model.new_state_pool(max(slots, 1), META).nbytes()
 
 
 def fit_blocks(free: int, headroom: int, reserved: int, block: int, least: int) -> int:
