@@ -127,27 +127,43 @@ def one_request(client: httpx.Client, url: str, rng: random.Random) -> str:
             for _ in r.iter_lines():
                 return "cancelled"  # closing the stream after its first event cancels the request
         text = r.read().decode(errors="replace")
-    if body["stream"] and ('"error"' in text or "event: error" in text):
-        code = _stream_code(text)
-        if code == "?":  # keep what could not be read, for whoever looks into it
-            print(f"unreadable stream error ({path}):\n{text[-2000:]}", file=sys.stderr, flush=True)
-        return "stream-error-" + code
-    return "ok"
+    return stream_outcome(text) if body["stream"] else "ok"
+
+
+def stream_outcome(text: str) -> str:
+    """What a whole streamed answer says of itself, read event by event: ``ok`` when it ends as its
+    dialect ends a stream (OpenAI ``data: [DONE]``, Anthropic ``message_stop``), ``stream-error-CODE``
+    for an error event, ``stream-cut`` when it just stops. Only the events' own structure counts: a
+    token whose text is ``error`` (``"content":"error"``) is text, not an error."""
+    ended = False
+    for line in text.splitlines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            ended = True
+            continue
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return "stream-unreadable"
+        if not isinstance(event, dict):
+            return "stream-unreadable"
+        if "error" in event:  # OpenAI's {"error": {...}}, Anthropic's {"type": "error", "error": {...}}
+            return "stream-error-" + _error_code(event["error"])
+        ended = ended or event.get("type") == "message_stop"
+    if not ended:
+        print(f"stream that ended without its last event:\n{text[-2000:]}", file=sys.stderr, flush=True)
+    return "ok" if ended else "stream-cut"
+
+
+def _error_code(err: object) -> str:
+    return str(err.get("code") or err.get("type")) if isinstance(err, dict) else "?"
 
 
 def _code(r: httpx.Response) -> str:
     with contextlib.suppress(ValueError, KeyError, TypeError):
-        err = r.json()["error"]
-        return str(err.get("code") or err.get("type"))
-    return "?"
-
-
-def _stream_code(text: str) -> str:
-    for line in text.splitlines():
-        if line.startswith("data: ") and "error" in line:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                err = json.loads(line[6:])["error"]
-                return str(err.get("code") or err.get("type"))
+        return _error_code(r.json()["error"])
     return "?"
 
 
