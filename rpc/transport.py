@@ -55,9 +55,9 @@ class RpcServer:
 
     def recv(self, timeout_ms: int | None = None) -> tuple[bytes, int, Any] | None:
         """Next request, or None on timeout. A malformed frame is answered here with an Error."""
-        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+        frames = _recv_frames(self.socket, timeout_ms)
+        if frames is None:
             return None
-        frames = self.socket.recv_multipart()
         peer, payload = frames[0], frames[-1]
         try:
             msg_id, msg = decode(payload)
@@ -77,6 +77,20 @@ class RpcServer:
             self._remove_file()
             atexit.unregister(self._remove_file)  # this very partial: other servers' hooks stay
             self._remove_file = None
+
+
+def _recv_frames(socket: zmq.Socket, timeout_ms: int | None) -> list[bytes] | None:
+    """The next message's frames; None if none arrives within ``timeout_ms`` (None: wait). With 0
+    it is one non-blocking receive, not a poll and a receive: event loops drain their sockets this
+    way once per token, and a zmq poll costs several system calls."""
+    if timeout_ms == 0:
+        try:
+            return socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+    if timeout_ms is not None and not socket.poll(timeout_ms):
+        return None
+    return socket.recv_multipart()
 
 
 def _remove_socket_file(path: str, inode: int, pid: int) -> None:
@@ -110,9 +124,10 @@ class RpcClient:
 
     def recv(self, timeout_ms: int | None = None) -> tuple[int, Any] | None:
         """Next reply as ``(id, message)``; None on timeout; an undecodable reply becomes an Error."""
-        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+        frames = _recv_frames(self.socket, timeout_ms)
+        if frames is None:
             return None
-        payload = self.socket.recv_multipart()[-1]
+        payload = frames[-1]
         try:
             return decode(payload)
         except DecodeError as exc:

@@ -287,19 +287,18 @@ class Generation:
         self.reasoning = False  # the output starts inside a <think> span
         self.waiting: str | None = None  # why the request has not started yet (a model loading)
         self.done = False
+        self._poller: zmq.Poller | None = None  # see _poll_set
+        self._poller_watch: socket.socket | None = None
 
     def _next(self, timeout_s: float, watch: socket.socket | None = None) -> object | None:
         """The next event, or None after ``timeout_s``. With ``watch`` (the client's connection), a
         client that hangs up while we wait raises ClientGone, so its request is cancelled instead
         of generated for nobody. A leader that exits raises ApiError (503) once the events it sent
         before it died are read."""
-        poller = zmq.Poller()
-        poller.register(self.client.socket, zmq.POLLIN)
-        leader = self.leader_fd
-        if leader is not None and leader != GONE:
-            poller.register(leader, zmq.POLLIN)
-        if watch is not None:
-            poller.register(watch, zmq.POLLIN)
+        got = self.client.recv(0)  # an event already here needs no poll: at one stream, one per token
+        if got is not None and getattr(got[1], "request_id", self.req.request_id) == self.req.request_id:
+            return got[1]  # (anything else: a late event of an earlier request on this socket)
+        leader, poller = self.leader_fd, self._poll_set(watch)
         deadline = time.monotonic() + timeout_s
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
@@ -309,14 +308,28 @@ class Generation:
             if self.client.socket in ready:
                 got = self.client.recv(0)
                 if got is not None and getattr(got[1], "request_id", self.req.request_id) == self.req.request_id:
-                    return got[1]  # (anything else: a late event of an earlier request on this socket)
+                    return got[1]
             elif leader is not None and (leader == GONE or leader in ready):
                 raise _leader_gone()
             elif watch is not None and (watch in ready or watch.fileno() in ready):
                 if _hung_up(watch):
                     raise ClientGone()
                 poller.unregister(watch)  # readable but open: a pipelined request; stop watching
+                self._poller = None  # (for this wait: the next one watches again)
                 watch = None
+
+    def _poll_set(self, watch: socket.socket | None) -> zmq.Poller:
+        """The poller over the events socket, the leader's pidfd and ``watch``; kept for the next
+        wait on the same ``watch``, as a stream waits once per token."""
+        if self._poller is None or self._poller_watch is not watch:
+            poller = zmq.Poller()
+            poller.register(self.client.socket, zmq.POLLIN)
+            if self.leader_fd is not None and self.leader_fd != GONE:
+                poller.register(self.leader_fd, zmq.POLLIN)
+            if watch is not None:
+                poller.register(watch, zmq.POLLIN)
+            self._poller, self._poller_watch = poller, watch
+        return self._poller
 
     def _started(self, ev: object) -> bool:
         if isinstance(ev, Started):

@@ -81,6 +81,7 @@ class Leader:
         self.stopping = self.shared.stopping
         self.admin: AdminServer | None = None
         self.auth_file = run_dir / "front-auth.json"  # API key digests for the front; rewritten by reload
+        self._polling: tuple | None = None  # (workers' sockets and pidfds, poller, by socket, by pidfd)
         self.stop_at: float | None = None  # SIGTERM: stop once idle, or at this monotonic time at the latest
         # peers to route to; a node with no devices is a pure gateway and always routes
         self.fleet = Fleet(cfg) if cfg.peers or not self.devices else None
@@ -125,18 +126,7 @@ class Leader:
 
     def poll_once(self) -> None:
         frontend = self.shared.frontend
-        poller = zmq.Poller()
-        poller.register(frontend.socket, zmq.POLLIN)
-        poller.register(self.admin.socket, zmq.POLLIN)
-        by_socket, by_fd = {}, {}
-        for w in self.workers:
-            if w.client:
-                poller.register(w.client.socket, zmq.POLLIN)
-                by_socket[w.client.socket] = w
-            if w.pidfd is not None:
-                poller.register(w.pidfd, zmq.POLLIN)
-                by_fd[w.pidfd] = w
-        poller.register(self.admission.preparer.wake_fd, zmq.POLLIN)
+        poller, by_socket, by_fd = self._poll_set()
         ready = dict(poller.poll(20 if self.lifecycle.file_reads else 100))  # wake for deadlines and stops
         for w in list(by_fd.values()):
             if w.pidfd in ready:
@@ -151,6 +141,27 @@ class Leader:
         if self.admission.preparer.wake_fd in ready:
             self.admission.take_prepared()
         self._every_turn()
+
+    def _poll_set(self) -> tuple[zmq.Poller, dict, dict]:
+        """The poller over the front, admin and preparation sockets and each worker's socket and
+        pidfd, with the workers by socket and by pidfd. Built again only when a worker's socket or
+        pidfd changed (a start or a restart), not on every turn: at one stream a turn is a token."""
+        key = tuple((w.client.socket if w.client else None, w.pidfd) for w in self.workers)
+        if self._polling is None or self._polling[0] != key:
+            poller = zmq.Poller()
+            for sock in (self.shared.frontend.socket, self.admin.socket):
+                poller.register(sock, zmq.POLLIN)
+            by_socket, by_fd = {}, {}
+            for w in self.workers:
+                if w.client:
+                    poller.register(w.client.socket, zmq.POLLIN)
+                    by_socket[w.client.socket] = w
+                if w.pidfd is not None:
+                    poller.register(w.pidfd, zmq.POLLIN)
+                    by_fd[w.pidfd] = w
+            poller.register(self.admission.preparer.wake_fd, zmq.POLLIN)
+            self._polling = (key, poller, by_socket, by_fd)
+        return self._polling[1:]
 
     def _every_turn(self) -> None:
         self.lifecycle.check_file_reads()
