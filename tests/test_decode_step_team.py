@@ -53,3 +53,18 @@ def test_the_step_is_the_same_whatever_the_number_of_threads(tmp_path, threads, 
     for n in (2, 3):
         for a, b in zip(runs[n], runs[1], strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_one_sequence_split_by_query_heads_is_the_same_whatever_the_number_of_threads(tmp_path, threads, kv_heads):
+    """One sequence has fewer KV heads than the threads want tasks: its attention splits by ranges
+    of query heads (a KV head's group between tasks, its query heads computed in groups of 1 to
+    4), which must not change a bit of the result."""
+    model = _model(make_checkpoint(tmp_path, "qwen3", tied=True, kv_heads=kv_heads), "int4")
+    runs = {}
+    for n in (1, 2, 3):
+        threads(n)
+        runs[n] = _decode(model, 1, True, torch.float16)
+    for n in (2, 3):
+        for a, b in zip(runs[n], runs[1], strict=True):
+            assert torch.equal(a, b)

@@ -8,8 +8,9 @@ relative error: logits within 0.01 of float32) and use exact integer dot product
 row and small batches (``qmatmul.c``). ``attention.c`` runs decode attention straight from the
 paged KV pool, float32 or float16 (no gather into padded tensors), and RoPE with the KV write;
 ``pointwise.c`` the norms and SwiGLU; ``moe.c`` a mixture-of-experts layer's routed experts in one
-call; ``decode.c`` a whole all-decode step's layers in one call; ``deltanet.c`` a Gated DeltaNet
-layer's single-token step (conv, delta rule on the state in place, gated norm) in one call.
+call; ``decode.c`` a whole all-decode step's layers (and, where the head is packed, its logits) in
+one call; ``deltanet.c`` a Gated DeltaNet layer's single-token step (conv, delta rule on the state
+in place, gated norm) in one call.
 When they cannot be built (no C compiler, no AVX2, ``CORTEX_NATIVE_KERNELS=0``), every caller
 takes its PyTorch path instead.
 
@@ -128,7 +129,7 @@ class NativeKernels:
         lib.cortex_swiglu.argtypes = [vp, _c_int, _c_int, vp]
         i64, f32 = ctypes.c_int64, ctypes.c_float
         lib.cortex_decode_layers.argtypes = [vp, _c_int, _c_int, vp, *[_c_int] * 5, f32, vp, vp, vp, vp, vp, i64,
-                                             vp, _c_int, vp, _c_int, f32, _c_int]  # fmt: skip
+                                             vp, _c_int, vp, _c_int, f32, _c_int, vp, vp, vp, _c_int, vp]  # fmt: skip
         lib.cortex_decode_layers.restype = _c_int
         lib.cortex_moe_experts.argtypes = [vp, _c_int, _c_int, vp, vp, _c_int, vp, vp]
         lib.cortex_moe_route.argtypes = [vp, _c_int, _c_int, vp, vp, vp]
@@ -202,17 +203,28 @@ class NativeKernels:
         )  # fmt: skip
         return q
 
-    def decode_layers(self, x: torch.Tensor, layers, dims: tuple[int, ...], eps: float, cos, sin, kv, batch) -> None:
+    def decode_layers(
+        self, x: torch.Tensor, layers, dims: tuple[int, ...], eps: float, cos, sin, kv, batch, head=None
+    ) -> torch.Tensor | None:
         """Every decoder layer of an all-decode step, in place on the residual stream ``x`` [T, H]
-        (decode.c). ``layers``: a ``Layer`` array; ``dims``: (Hq, Hkv, D, intermediate)."""
+        (decode.c). ``layers``: a ``Layer`` array; ``dims``: (Hq, Hkv, D, intermediate). With
+        ``head`` = (final norm weight [H], the head's ``Linear``), the step goes on in the same call
+        to the logits of ``batch.last_rows``, returned (float32 [S, vocab]); else None."""
         hq, hkv, d, inter = dims
+        logits, tail = None, (None, None, None, 0, None)
+        if head is not None:
+            norm, linear = head
+            last = batch.last_rows
+            logits = torch.empty(last.shape[0], linear.n, dtype=torch.float32)
+            tail = (norm.data_ptr(), ctypes.addressof(linear), last.data_ptr(), last.shape[0], logits.data_ptr())
         rc = self.lib.cortex_decode_layers(
             x.data_ptr(), x.shape[0], x.shape[1], ctypes.addressof(layers), len(layers), hq, hkv, d, inter, eps,
             cos.data_ptr(), sin.data_ptr(), batch.slots.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(),
             kv.k.stride(0), batch.decode_blocks.data_ptr(), batch.decode_blocks.shape[1],
-            batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5, _half(kv.k),
+            batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5, _half(kv.k), *tail,
         )  # fmt: skip
         _check(rc, "native decode step")
+        return logits
 
     def deltanet_decode(
         self,

@@ -233,6 +233,7 @@ class LlamaModel(nn.Module):
         return out
 
     native_decode = True  # tests turn it off to compare with the layer-by-layer path
+    native_head = True  # and this, to compare the head in the native step with the head below
 
     def _native_layers(self, batch: StepBatch, kv: PagedKVCache):
         """The layers' weights as decode.c takes them, when this step can run there: every row
@@ -245,6 +246,18 @@ class LlamaModel(nn.Module):
         if not hasattr(self, "_layer_table"):
             self._layer_table = _layer_table(self)
         return self._layer_table
+
+    def _native_head(self) -> tuple | None:
+        """(final norm weight, head ``native.Linear``) for decode.c to go on to the logits in the
+        step's call (one parallel region, no Python between the last layer and the head), or None
+        where the head is not a packed native linear (dense, or tied and dense). Built once."""
+        if not self.native_head:
+            return None
+        if not hasattr(self, "_head_table"):
+            linear = native.linear_of(self.lm_head) if self.lm_head is not None else None
+            fits = linear is not None and not getattr(self.lm_head, "reduce", False)
+            self._head_table = (self.model.norm.weight, linear) if fits else None
+        return self._head_table
 
     def _native_mlp(self, mlp: nn.Module) -> tuple | None:
         """(gate_up, down, moe) of a layer's MLP as decode.c's ``layer_t`` takes them (``moe``: a
@@ -266,7 +279,10 @@ class LlamaModel(nn.Module):
         if layers is not None:  # every row decodes: all layers in one native call, same arithmetic
             x = x.contiguous()
             dims = (self.layout.q_heads, self.layout.kv_heads, self.cfg.head_dim, self.layout.inter)
-            native.kernels().decode_layers(x, layers, dims, self.cfg.rms_norm_eps, cos, sin, kv, batch)
+            head = None if all_logits or hidden else self._native_head()  # and the head, when it can
+            logits = native.kernels().decode_layers(x, layers, dims, self.cfg.rms_norm_eps, cos, sin, kv, batch, head)
+            if logits is not None:
+                return logits
         else:
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, kv, i, batch)

@@ -194,12 +194,17 @@ static inline __attribute__((always_inline)) void sequence(unit_t *u, int U, con
 
 /* A call's shapes and how it splits into tasks: a task is one sequence's KV heads h0 .. h0 +
  * per_task - 1, all of them when there are sequences enough to keep the threads busy (each task
- * then reads whole blocks), fewer when there are not. */
+ * then reads whole blocks), fewer when there are not; and where even one KV head a task leaves
+ * too few tasks (q_cuts > 0), a range of the sequence's query heads, q_cuts ranges as even as they
+ * come (one sequence, three KV heads, two threads: by KV heads thread 0 had two of the three tasks
+ * and thread 1 waited on it for half of the attention; by query heads they have 4 and 5 of 9). A
+ * query head's scores, softmax and weighted sum are computed the same way whatever heads share its
+ * task or unit: the same results whatever the split. */
 typedef struct {
     const float *q;
     const void *k, *v;
     const int64_t *tables, *lengths;
-    int width, B, Hq, Hkv, D, block, half, group, per_task, tasks_per_seq, max_units;
+    int width, B, Hq, Hkv, D, block, half, group, per_task, q_cuts, tasks_per_seq, max_units;
     float scale;
     float *out;
     size_t stride, room; /* from one slot's K (or V) of a head to the next; a head's scores' room */
@@ -217,6 +222,11 @@ static plan_t plan(const float *q, const void *k, const void *v, const int64_t *
     p.per_task = (Hkv + cuts - 1) / cuts;
     p.tasks_per_seq = (Hkv + p.per_task - 1) / p.per_task;
     p.max_units = p.per_task * ((p.group + GQ - 1) / GQ);
+    if (wanted > Hkv && Hkv < Hq) { /* by ranges of query heads (see plan_t) */
+        p.q_cuts = p.tasks_per_seq = wanted < Hq ? wanted : Hq;
+        const int most = (Hq + p.q_cuts - 1) / p.q_cuts; /* a range's query heads, at most */
+        p.max_units = (most / p.group + 2) * ((p.group + GQ - 1) / GQ); /* its KV heads: most / group + 2 at most */
+    }
     p.scale = scale, p.out = out;
     p.stride = (size_t)Hkv * D;
     p.room = (size_t)longest + 8;
@@ -225,19 +235,28 @@ static plan_t plan(const float *q, const void *k, const void *v, const int64_t *
 
 /* Task `task` of p, with a thread's units u and score buffer buf (max_units each). */
 static void attention_task(const plan_t *p, int task, unit_t *u, float *buf) {
-    const int b = task / p->tasks_per_seq, h0 = task % p->tasks_per_seq * p->per_task;
-    const int h1 = h0 + p->per_task < p->Hkv ? h0 + p->per_task : p->Hkv, D = p->D;
+    const int b = task / p->tasks_per_seq, j = task % p->tasks_per_seq, D = p->D, group = p->group;
+    int q0, q1; /* the task's query heads */
+    if (p->q_cuts) {
+        q0 = (int)((int64_t)p->Hq * j / p->q_cuts), q1 = (int)((int64_t)p->Hq * (j + 1) / p->q_cuts);
+    } else {
+        const int k0 = j * p->per_task, k1 = k0 + p->per_task < p->Hkv ? k0 + p->per_task : p->Hkv;
+        q0 = k0 * group, q1 = k1 * group;
+    }
+    const int h0 = q0 / group, h1 = (q1 - 1) / group + 1; /* their KV heads */
     int U = 0;
-    for (int h = h0; h < h1; h++)
-        for (int g0 = 0; g0 < p->group; g0 += GQ, U++) {
-            u[U].G = p->group - g0 < GQ ? p->group - g0 : GQ;
+    for (int h = h0; h < h1; h++) {
+        const int lo = q0 > h * group ? q0 : h * group, hi = q1 < (h + 1) * group ? q1 : (h + 1) * group;
+        for (int g0 = lo; g0 < hi; g0 += GQ, U++) { /* up to GQ of the group's heads in the range */
+            u[U].G = hi - g0 < GQ ? hi - g0 : GQ;
             u[U].kv = (size_t)h * D;
             for (int g = 0; g < u[U].G; g++) {
-                const size_t row = ((size_t)b * p->Hq + h * p->group + g0 + g) * D;
+                const size_t row = ((size_t)b * p->Hq + g0 + g) * D;
                 u[U].q[g] = p->q + row, u[U].out[g] = p->out + row;
                 u[U].p[g] = buf + ((size_t)U * GQ + g) * p->room;
             }
         }
+    }
     const int64_t L = p->lengths[b], *table = p->tables + (size_t)b * p->width;
     const size_t first = (size_t)h0 * D, span = (size_t)(h1 - h0) * D;
     /* one copy of the loops per pool dtype: no branch per load */

@@ -9,6 +9,10 @@
  *
  * Up to TEAM_ROWS rows of dense layers run in one OpenMP parallel region (decode_team); more rows,
  * or experts, run each kernel in its own region, as the model's forward does.
+ *
+ * Optionally the step goes on to its logits (head_t): the final norm of the sequences' last rows
+ * and the head's product (a packed linear), in the same region, so a step is one call and one
+ * region with no Python between the layers and the head.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -36,6 +40,15 @@ static int mlp(const layer_t *w, const float *h, int T, int H, int inter, float 
     return cortex_linear(&w->down, act, T, out);
 }
 
+/* The step's logits: the final RMSNorm of rows `last` of the residual stream, times the head. */
+typedef struct {
+    const float *norm;   /* [H] */
+    const linear_t *w;   /* [vocab, H], either block format */
+    const int64_t *last; /* [S] rows of x */
+    int S;
+    float *logits; /* [S, vocab] */
+} head_t;
+
 /* A step's shapes and buffers, shared by both paths. */
 typedef struct {
     int T, H, L, Hq, Hkv, D, inter, width, block, half;
@@ -44,6 +57,7 @@ typedef struct {
     const int64_t *slots, *tables, *lengths;
     void *k_pool, *v_pool;
     int64_t layer_stride;
+    const head_t *head; /* NULL: the layers only */
 } step_t;
 
 /* Layer l's K and V pools. */
@@ -64,6 +78,19 @@ static void rope_store(const step_t *s, const layer_t *w, float *qkv, void *kl, 
     cortex_rope_store(qkv, s->T, s->Hq, s->Hkv, D, s->cos, s->ssin, s->slots, kl, vl, q, s->half);
 }
 
+/* The logits of the rows s->head->last of the residual stream x [T, H]: their final norm into h
+ * [S, H], quantized into a, and part `part` of `parts` of the head's product (a thread's share in
+ * decode_team; the whole in the per-kernel path, which passes a = NULL). Returns 0 or -1. */
+static int head_part(const step_t *s, const float *x, float *h, act_t *a, int part, int parts) {
+    const head_t *hd = s->head;
+    for (int i = 0; i < hd->S; i++) /* as the model's norm on the gathered rows: row by row */
+        cortex_rms_norm(x + (size_t)hd->last[i] * s->H, 1, s->H, hd->norm, s->eps, h + (size_t)i * s->H);
+    if (!a) return cortex_linear(hd->w, h, hd->S, hd->logits);
+    cortex_act_quantize(a, h, hd->S, s->H);
+    cortex_linear_part(hd->w, a, hd->S, hd->logits, part, parts);
+    return 0;
+}
+
 /* A few rows (T <= TEAM_ROWS) through dense layers in one parallel region: at one row a step is
  * some 150 products and attentions of a few microseconds each, and a region per kernel call, with
  * the threads joining and forking around the one-thread parts, cost more than barriers do. Each
@@ -71,7 +98,10 @@ static void rope_store(const step_t *s, const layer_t *w, float *qkv, void *kl, 
  * residual add) itself, on its own copies, rather than wait on one that does; the products and
  * the attention are split between the threads, and each thread asks for the first weights of its
  * part of the next product as soon as it is done with this one. Every result is computed as the
- * per-kernel path computes it: the same bits. Returns as cortex_decode_layers. */
+ * per-kernel path computes it: the same bits. Returns as cortex_decode_layers.
+ * Splitting the q, k and v projections by whole heads, so that each thread could apply RoPE and
+ * write the KV pool for its own heads without the barriers around thread 0 doing it all, measured
+ * no faster at one row on two threads (SmolLM2: 7 and 8 of 15 heads; the imbalance ate the barrier). */
 static int decode_team(float *x, const layer_t *layers, const step_t *s) {
     const int T = s->T, H = s->H, heads = s->Hq + 2 * s->Hkv, wide = s->inter > H ? s->inter : H;
     const int threads = omp_get_max_threads(), qd = s->Hq * s->D, kmax = wide > qd ? wide : qd;
@@ -121,9 +151,11 @@ static int decode_team(float *x, const layer_t *layers, const step_t *s) {
                 cortex_act_quantize(a, act, T, s->inter);
                 cortex_linear_part(&w->down, a, T, o, me, team);
                 if (l + 1 < s->L) cortex_linear_prefetch(&layers[l + 1].qkv, me, team);
+                if (l + 1 == s->L && s->head) cortex_linear_prefetch(s->head->w, me, team);
 #pragma omp barrier
                 for (size_t i = 0; i < (size_t)T * H; i++) xr[i] += o[i];
             }
+            if (s->head) head_part(s, xr, h, a, me, team); /* each thread's own rows: no barrier */
         }
     }
     for (int i = 0; i < threads && acts; i++) cortex_act_free(&acts[i]);
@@ -133,16 +165,20 @@ static int decode_team(float *x, const layer_t *layers, const step_t *s) {
 
 /* x: [T, H], the residual stream, updated in place through all L layers. The KV pools are
  * [L, slots, Hkv, D] (layer_stride elements per layer; float16 when half, else float32); cos, ssin, slots, tables, lengths as the
- * kernels they go to; inter: the dense MLPs' intermediate size. Returns 0, -1 when a buffer could
- * not be allocated, or -2 for an expert id out of range. */
+ * kernels they go to; inter: the dense MLPs' intermediate size. With a head (not NULL; norm: the
+ * final norm's weight [H]), the logits of rows last [S] of x after the layers go to logits [S,
+ * head->n] (x is then left as the last layer made it, as without). Returns 0, -1 when a buffer
+ * could not be allocated, or -2 for an expert id out of range. */
 int cortex_decode_layers(float *x, int T, int H, const layer_t *layers, int L, int Hq, int Hkv, int D, int inter,
                          float eps, const float *cos, const float *ssin, const int64_t *slots, void *k_pool,
                          void *v_pool, int64_t layer_stride, const int64_t *tables, int width,
-                         const int64_t *lengths, int block, float scale, int half) {
+                         const int64_t *lengths, int block, float scale, int half, const float *norm,
+                         const linear_t *head, const int64_t *last, int S, float *logits) {
+    const head_t hd = {.norm = norm, .w = head, .last = last, .S = S, .logits = logits};
     const step_t s = {.T = T, .H = H, .L = L, .Hq = Hq, .Hkv = Hkv, .D = D, .inter = inter, .width = width,
                       .block = block, .half = half, .eps = eps, .scale = scale, .cos = cos, .ssin = ssin,
                       .slots = slots, .tables = tables, .lengths = lengths, .k_pool = k_pool, .v_pool = v_pool,
-                      .layer_stride = layer_stride};
+                      .layer_stride = layer_stride, .head = head ? &hd : NULL};
     int dense = 1;
     for (int l = 0; l < L; l++) dense &= layers[l].moe == NULL;
     if (dense && T <= TEAM_ROWS) return decode_team(x, layers, &s);
@@ -166,6 +202,7 @@ int cortex_decode_layers(float *x, int T, int H, const layer_t *layers, int L, i
         if ((rc = mlp(w, h, T, H, inter, gu, act, o))) break;
         for (size_t i = 0; i < (size_t)T * H; i++) x[i] += o[i];
     }
+    if (!rc && head) rc = head_part(&s, x, h, NULL, 0, 1);
     free(h), free(qkv), free(q), free(att), free(o), free(gu), free(act);
     return rc;
 }
