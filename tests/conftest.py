@@ -253,3 +253,13 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for one test (OpenMP's team size in the native kernels), restored after."""
+    import torch  # here, not at the top: most tests never load torch in this process
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -20,14 +20,6 @@ from workers.quant import Q4Blocks, QuantLinear
 pytestmark = needs_native_kernels
 
 
-@pytest.fixture
-def threads():
-    """torch.set_num_threads for one test (OpenMP's team size in the kernels), restored after."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def model(request, tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama", tied=request.param, kv_heads=4)

@@ -17,14 +17,6 @@ from tests.test_decode_step import _model, _run
 pytestmark = needs_native_kernels
 
 
-@pytest.fixture
-def threads():
-    """torch.set_num_threads for one test (OpenMP's team size in the kernels), restored after."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def _decode(model, sequences: int, native: bool, kv_dtype=torch.float32) -> list[torch.Tensor]:
     """`sequences` prompts of different lengths prefilled together, then four all-decode steps."""
     prompts = [[(7 * s + j) % 500 + 3 for j in range(3 + 5 * s % 23)] for s in range(sequences)]
