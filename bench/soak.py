@@ -136,7 +136,8 @@ def stream_outcome(text: str) -> str:
     for an error event, ``stream-cut`` when it just stops. Only the events' own structure counts: a
     token whose text is ``error`` (``"content":"error"``) is text, not an error."""
     ended = False
-    for line in text.splitlines():
+    for line in text.split("\n"):  # SSE ends lines with LF (or CRLF); str.splitlines would also split
+        line = line.removesuffix("\r")  # a token's raw U+2028 inside a JSON string
         if not line.startswith("data: "):
             continue
         data = line[6:]
@@ -146,8 +147,9 @@ def stream_outcome(text: str) -> str:
         try:
             event = json.loads(data)
         except ValueError:
-            return "stream-unreadable"
+            event = None
         if not isinstance(event, dict):
+            print(f"unreadable stream event:\n{text[-2000:]}", file=sys.stderr, flush=True)
             return "stream-unreadable"
         if "error" in event:  # OpenAI's {"error": {...}}, Anthropic's {"type": "error", "error": {...}}
             return "stream-error-" + _error_code(event["error"])

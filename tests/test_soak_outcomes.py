@@ -12,7 +12,7 @@ from bench.soak import stream_outcome
 
 def _openai(*contents: str, done: bool = True) -> str:
     chunks = [{"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": c}}]} for c in contents]
-    lines = [f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in chunks]
+    lines = [f"data: {json.dumps(c, separators=(',', ':'), ensure_ascii=False)}\n\n" for c in chunks]
     return "".join(lines) + ("data: [DONE]\n\n" if done else "")
 
 
@@ -27,6 +27,12 @@ def test_a_token_whose_text_is_error_is_an_answer_not_an_error():
     assert '"error"' in _openai("The ", "error")  # what the old classifier looked for
     assert stream_outcome(_openai("The ", "error")) == "ok"
     assert stream_outcome(_anthropic("error", " was")) == "ok"
+
+
+def test_a_token_with_a_unicode_line_separator_does_not_cut_its_event():
+    stream = _openai("a\u2028b")  # as the server writes it: ensure_ascii=False leaves U+2028 raw
+    assert "\u2028" in stream
+    assert stream_outcome(stream) == "ok"
 
 
 def test_error_events_are_errors_with_their_code_in_both_dialects():
