@@ -217,6 +217,8 @@ def main() -> None:
         "operations: on a machine shared with other processes, spinning threads wait on descheduled ones)",
     )
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.build:
         print(build(args.version))
         return

@@ -55,7 +55,7 @@ def test_a_q4_head_in_the_step_equals_the_head_after_it(model, threads):
     q4 = Q4Blocks(rng.integers(0, 16, (vocab, hidden), dtype=np.uint8), scales(), scales())
     before = model.lm_head
     model.lm_head = QuantLinear.int4(q4, impl="native")
-    del model._head_table
+    model.__dict__.pop("_head_table", None)  # built again for the new head
     try:
         for n in (1, 2, 3):
             threads(n)
@@ -66,7 +66,7 @@ def test_a_q4_head_in_the_step_equals_the_head_after_it(model, threads):
         assert model._head_table[1].m  # the Q4 head did run in the step
     finally:
         model.lm_head = before
-        del model._head_table
+        model.__dict__.pop("_head_table", None)
 
 
 @pytest.mark.parametrize("kw", [{"all_logits": True}, {"hidden": True}], ids=["all_logits", "hidden"])
