@@ -195,11 +195,11 @@ static inline __attribute__((always_inline)) void sequence(unit_t *u, int U, con
 /* A call's shapes and how it splits into tasks: a task is one sequence's KV heads h0 .. h0 +
  * per_task - 1, all of them when there are sequences enough to keep the threads busy (each task
  * then reads whole blocks), fewer when there are not; and where even one KV head a task leaves
- * too few tasks (q_cuts > 0), a range of the sequence's query heads, q_cuts ranges as even as they
- * come (one sequence, three KV heads, two threads: by KV heads thread 0 had two of the three tasks
- * and thread 1 waited on it for half of the attention; by query heads they have 4 and 5 of 9). A
- * query head's scores, softmax and weighted sum are computed the same way whatever heads share its
- * task or unit: the same results whatever the split. */
+ * too few tasks, and unevenly shared (q_cuts > 0), a range of the sequence's query heads, q_cuts
+ * ranges as even as they come (one sequence, three KV heads, two threads: by KV heads thread 0 had
+ * two of the three tasks and thread 1 waited on it for half of the attention; by query heads they
+ * have 4 and 5 of 9). A query head's scores, softmax and weighted sum are computed the same way
+ * whatever heads share its task or unit: the same results whatever the split. */
 typedef struct {
     const float *q;
     const void *k, *v;
@@ -222,7 +222,9 @@ static plan_t plan(const float *q, const void *k, const void *v, const int64_t *
     p.per_task = (Hkv + cuts - 1) / cuts;
     p.tasks_per_seq = (Hkv + p.per_task - 1) / p.per_task;
     p.max_units = p.per_task * ((p.group + GQ - 1) / GQ);
-    if (wanted > Hkv && Hkv < Hq) { /* by ranges of query heads (see plan_t) */
+    /* by ranges of query heads (see plan_t), only where the KV heads leave the threads uneven: two
+     * KV heads on two threads are already even, and each would then read both heads' K and V */
+    if (wanted > Hkv && Hkv < Hq && (B * Hkv) % threads) {
         p.q_cuts = p.tasks_per_seq = wanted < Hq ? wanted : Hq;
         const int most = (Hq + p.q_cuts - 1) / p.q_cuts; /* a range's query heads, at most */
         p.max_units = (most / p.group + 2) * ((p.group + GQ - 1) / GQ); /* its KV heads: most / group + 2 at most */
