@@ -295,9 +295,9 @@ class Generation:
         client that hangs up while we wait raises ClientGone, so its request is cancelled instead
         of generated for nobody. A leader that exits raises ApiError (503) once the events it sent
         before it died are read."""
-        got = self.client.recv(0)  # an event already here needs no poll: at one stream, one per token
-        if got is not None and getattr(got[1], "request_id", self.req.request_id) == self.req.request_id:
-            return got[1]  # (anything else: a late event of an earlier request on this socket)
+        ev = self._take()  # an event already here needs no poll: at one stream, one per token
+        if ev is not None:
+            return ev
         leader, poller = self.leader_fd, self._poll_set(watch)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -306,9 +306,9 @@ class Generation:
                 return None
             ready = dict(poller.poll(0 if leader == GONE else left_ms))
             if self.client.socket in ready:
-                got = self.client.recv(0)
-                if got is not None and getattr(got[1], "request_id", self.req.request_id) == self.req.request_id:
-                    return got[1]
+                ev = self._take()
+                if ev is not None:
+                    return ev
             elif leader is not None and (leader == GONE or leader in ready):
                 raise _leader_gone()
             elif watch is not None and (watch in ready or watch.fileno() in ready):
@@ -317,6 +317,14 @@ class Generation:
                 poller.unregister(watch)  # readable but open: a pipelined request; stop watching
                 self._poller = None  # (for this wait: the next one watches again)
                 watch = None
+
+    def _take(self) -> object | None:
+        """This request's next event if one is waiting (anything else on the socket: a late event
+        of an earlier request, dropped)."""
+        got = self.client.recv(0)
+        if got is not None and getattr(got[1], "request_id", self.req.request_id) == self.req.request_id:
+            return got[1]
+        return None
 
     def _poll_set(self, watch: socket.socket | None) -> zmq.Poller:
         """The poller over the events socket, the leader's pidfd and ``watch``; kept for the next
