@@ -20,6 +20,25 @@ from rpc.transport import RpcClient
 
 log = logging.getLogger("cortex.leader")
 
+# How long an idle OpenMP thread of a CPU worker spins before it sleeps (libgomp's GOMP_SPINCOUNT,
+# in spin iterations). libgomp's default, 300,000, keeps the second thread of a decode step spinning
+# through the Python between two steps (receiving the step, sampling, sending its tokens), on a core
+# the leader, the front and ZeroMQ's I/O threads need at that very moment: they then preempt the
+# thread running the step. 10,000 (tens of microseconds) still spins through the barriers inside a
+# step and lets the thread sleep between steps: one-stream decode over HTTP 3-8% faster on a 2-core
+# host in five alternating runs (docs/benchmarks.md). An operator's own GOMP_SPINCOUNT or
+# OMP_WAIT_POLICY is kept.
+OMP_SPIN_COUNT = "10000"
+
+
+def worker_env(device: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a worker for ``device`` starts with: ours, plus the OpenMP spin default for
+    CPU workers where the operator has not set one."""
+    env = dict(os.environ if base is None else base)
+    if device == "cpu" and "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
+        env["GOMP_SPINCOUNT"] = OMP_SPIN_COUNT
+    return env
+
 
 class WorkerHandle:
     def __init__(
@@ -62,7 +81,9 @@ class WorkerHandle:
     def start(self) -> None:
         """Start this rank's worker: its spare woken if there is a live one, else a new process."""
         woken = self._wake_spare()
-        self.proc = woken or subprocess.Popen(self._command(False), stdin=subprocess.DEVNULL, start_new_session=False)
+        self.proc = woken or subprocess.Popen(
+            self._command(False), stdin=subprocess.DEVNULL, start_new_session=False, env=worker_env(self.device)
+        )
         self.pidfd = os.pidfd_open(self.proc.pid)
         # A fresh socket per process: messages queued for a dead worker must not reach its successor.
         if self.client:
@@ -77,7 +98,9 @@ class WorkerHandle:
         this once the worker answers, so the spare's imports do not compete with its start)."""
         if not self.keep_spare or (self.spare is not None and self.spare.poll() is None):
             return
-        self.spare = subprocess.Popen(self._command(True), stdin=subprocess.PIPE, start_new_session=False)
+        self.spare = subprocess.Popen(
+            self._command(True), stdin=subprocess.PIPE, start_new_session=False, env=worker_env(self.device)
+        )
         log.info("worker %d (%s): spare started, pid %d", self.rank, self.device, self.spare.pid)
 
     def _wake_spare(self) -> subprocess.Popen | None:
