@@ -184,6 +184,27 @@ def test_prompt_chunks_read_in_place_match_gathered_attention():
         assert (got - want).abs().max() < 1e-5, dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rows_from_the_cpu_table_are_the_angles_computed_for_each_position(dtype):
+    """On the CPU cos and sin come from a table (one gather a step instead of six small ops): the
+    same bits as computing them for those positions, when the table is first made, when a position
+    passes its end and it grows, and past the model's longest context."""
+    from workers.arch.llama import Rotary
+
+    cfg = ModelConfig.from_hf(
+        {"model_type": "llama", "hidden_size": 9 * 64, "num_attention_heads": 9, "num_key_value_heads": 3,
+         "intermediate_size": 8, "num_hidden_layers": 1, "vocab_size": 8, "rope_theta": 100000.0,
+         "max_position_embeddings": 2048}
+    )  # fmt: skip
+    rotary = Rotary(cfg)
+    for positions in ([0], [41], [3, 255, 17], [256], list(range(0, 2100, 13)), [5000, 2]):
+        p = torch.tensor(positions)
+        got, want = rotary(p, dtype), rotary._angles(p, dtype)
+        assert [t.shape for t in got] == [t.shape for t in want] == [(len(positions), 1, 64)] * 2
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), positions
+        assert got[0].is_contiguous() and got[1].is_contiguous()
+
+
 def test_step_batch_positions_and_slots_follow_each_block_table():
     batch = StepBatch.build([([1, 2, 3], 14, [5, 9]), ([4], 20, [2, 7])], BLOCK_SIZE, CPU)
     assert batch.positions.tolist() == [14, 15, 16, 20]

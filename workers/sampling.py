@@ -5,6 +5,7 @@ seeded request is reproducible whatever else shares its steps). Temperature 0 is
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 
@@ -24,7 +25,7 @@ def new_generator(params: SamplingParams, device: torch.device) -> torch.Generat
     return g
 
 
-def adjust(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+def adjust(logits: torch.Tensor, params: SamplingParams, prompt: Sequence[int], output: Sequence[int]) -> torch.Tensor:
     """Logit bias and penalties. Presence and frequency penalties count generated tokens (OpenAI);
     the repetition penalty covers prompt and output alike (HF / vLLM)."""
     if not (params.logit_bias or params.needs_history):
@@ -81,15 +82,15 @@ def sample(
     params: SamplingParams,
     generator: torch.Generator | None,
     vocab_limit: int,
-    prompt: list[int] = (),
-    output: list[int] = (),
+    prompt: Sequence[int] = (),
+    output: Sequence[int] = (),
     allowed: bytes | None = None,
 ) -> int:
     """``logits``: fp32 [vocab]. Ids >= ``vocab_limit`` (padding rows the tokenizer cannot decode)
     are never chosen, nor ids outside ``allowed`` (a grammar's bitmask) when given."""
     if 0 < vocab_limit < logits.shape[-1]:
         logits = logits[:vocab_limit]
-    logits = adjust(logits, params, list(prompt), list(output))
+    logits = adjust(logits, params, prompt, output)  # read only: no copy of a long history per token
     if allowed is not None:
         # before temperature and truncation, so top-k / top-p choose among grammatical tokens only
         logits = logits.masked_fill(~allowed_mask(allowed, logits.shape[-1], logits.device), float("-inf"))
