@@ -89,6 +89,12 @@ class StepBatch:
     decode_lengths: torch.Tensor | None  # [B] their context lengths (this step's token included)
     last_rows: torch.Tensor  # [S] the last row of every sequence (whose logits may be sampled)
     block_size: int
+    max_position: int = -1  # the largest of positions (-1: not known; see ``top_position``)
+
+    @property
+    def top_position(self) -> int:
+        """The largest position of the step (as the builder knew it, or read from the tensor)."""
+        return self.max_position if self.max_position >= 0 else int(self.positions.max())
 
     @functools.cached_property
     def decode_mask(self) -> torch.Tensor | None:
@@ -161,7 +167,8 @@ class StepBatch:
             rows = blocks_pad = lengths = None
         else:
             blocks_pad = blocks_pad.view(B, width)
-        return cls(tokens_t, positions_t, slots_t, prefills, rows, blocks_pad, lengths, last_t, block_size)
+        top = max(positions, default=-1)
+        return cls(tokens_t, positions_t, slots_t, prefills, rows, blocks_pad, lengths, last_t, block_size, top)
 
 
 class LocalRunner:

@@ -128,13 +128,13 @@ class NativeKernels:
         lib.cortex_add_rms_norm.argtypes = [vp, vp, _c_int, _c_int, vp, ctypes.c_float, vp, vp]
         lib.cortex_swiglu.argtypes = [vp, _c_int, _c_int, vp]
         i64, f32 = ctypes.c_int64, ctypes.c_float
-        lib.cortex_decode_layers.argtypes = [vp, _c_int, _c_int, vp, *[_c_int] * 5, f32, vp, vp, vp, vp, vp, i64,
+        lib.cortex_decode_layers.argtypes = [vp, _c_int, _c_int, vp, *[_c_int] * 5, f32, vp, vp, vp, vp, vp, vp, i64,
                                              vp, _c_int, vp, _c_int, f32, _c_int, vp, vp, vp, _c_int, vp]  # fmt: skip
         lib.cortex_decode_layers.restype = _c_int
         lib.cortex_moe_experts.argtypes = [vp, _c_int, _c_int, vp, vp, _c_int, vp, vp]
         lib.cortex_moe_route.argtypes = [vp, _c_int, _c_int, vp, vp, vp]
         lib.cortex_moe_experts.restype = lib.cortex_moe_route.restype = _c_int
-        lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp, _c_int]
+        lib.cortex_rope_store.argtypes = [vp, *[_c_int] * 4, vp, vp, vp, vp, vp, vp, vp, _c_int]
         lib.cortex_deltanet_decode.argtypes = [vp, i64, _c_int, vp, vp, vp, vp, vp, vp, vp, vp, f32,
                                                *[_c_int] * 5, vp, i64]  # fmt: skip
         lib.cortex_deltanet_decode.restype = _c_int
@@ -198,7 +198,7 @@ class NativeKernels:
         T, _, d = heads.shape
         q = heads.new_empty(T, q_heads, d)
         self.lib.cortex_rope_store(
-            heads.data_ptr(), T, q_heads, k_pool.shape[1], d, cos.data_ptr(), signed_sin.data_ptr(),
+            heads.data_ptr(), T, q_heads, k_pool.shape[1], d, cos.data_ptr(), signed_sin.data_ptr(), None,
             slots.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), q.data_ptr(), _half(k_pool),
         )  # fmt: skip
         return q
@@ -207,7 +207,9 @@ class NativeKernels:
         self, x: torch.Tensor, layers, dims: tuple[int, ...], eps: float, cos, sin, kv, batch, head=None
     ) -> torch.Tensor | None:
         """Every decoder layer of an all-decode step, in place on the residual stream ``x`` [T, H]
-        (decode.c). ``layers``: a ``Layer`` array; ``dims``: (Hq, Hkv, D, intermediate). With
+        (decode.c). ``layers``: a ``Layer`` array; ``dims``: (Hq, Hkv, D, intermediate); ``cos``,
+        ``sin``: the RoPE tables (``Rotary.table``: row p for position p, read at each row's
+        ``batch.positions``). With
         ``head`` = (final norm weight [H], the head's ``Linear``), the step goes on in the same call
         to the logits of ``batch.last_rows``, returned (float32 [S, vocab]); else None."""
         hq, hkv, d, inter = dims
@@ -219,7 +221,8 @@ class NativeKernels:
             tail = (norm.data_ptr(), ctypes.addressof(linear), last.data_ptr(), last.shape[0], logits.data_ptr())
         rc = self.lib.cortex_decode_layers(
             x.data_ptr(), x.shape[0], x.shape[1], ctypes.addressof(layers), len(layers), hq, hkv, d, inter, eps,
-            cos.data_ptr(), sin.data_ptr(), batch.slots.data_ptr(), kv.k.data_ptr(), kv.v.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), batch.positions.data_ptr(), batch.slots.data_ptr(), kv.k.data_ptr(),
+            kv.v.data_ptr(),
             kv.k.stride(0), batch.decode_blocks.data_ptr(), batch.decode_blocks.shape[1],
             batch.decode_lengths.data_ptr(), kv.block_size, d**-0.5, _half(kv.k), *tail,
         )  # fmt: skip

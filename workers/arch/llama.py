@@ -75,12 +75,17 @@ class Rotary(nn.Module):
         ``_angles`` computes it for that one position (elementwise ops)."""
         if positions.device.type != "cpu" or not positions.numel():
             return self._angles(positions, dtype)  # a device computes them in the step (or its graph)
-        top = int(positions.max())
+        cos, sin = self.table(int(positions.max()), dtype)
+        return cos[positions], sin[positions]
+
+    def table(self, top: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU tables of cos and signed sin, [N, 1, head_dim] each, row p for position p, for
+        positions 0 .. ``top`` at least (the native decode step reads its rows from them)."""
         table = self._tables.get(dtype)
         if table is None or table[0].shape[0] <= top:
             size = max(top + 1, min(max(256, 2 * (top + 1)), self._longest))
             table = self._tables[dtype] = self._angles(torch.arange(size), dtype)
-        return table[0][positions], table[1][positions]
+        return table
 
     def _angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -289,17 +294,18 @@ class LlamaModel(nn.Module):
         """Run one step; return fp32 logits of each sequence's last token ([S, vocab]), or of every
         token ([T, vocab]) when ``all_logits``. With ``hidden``, the final norm's output instead of
         logits ([S, hidden] or [T, hidden]), as the model computes it: what embeddings pool."""
-        cos, sin = self.rotary(batch.positions, self.dtype)
         x = self.model.embed_tokens(batch.tokens)
         layers = self._native_layers(batch, kv)
         if layers is not None:  # every row decodes: all layers in one native call, same arithmetic
             x = x.contiguous()
             dims = (self.layout.q_heads, self.layout.kv_heads, self.cfg.head_dim, self.layout.inter)
             head = None if all_logits or hidden else self._native_head()  # and the head, when it can
+            cos, sin = self.rotary.table(batch.top_position, self.dtype)  # rows read in the call
             logits = native.kernels().decode_layers(x, layers, dims, self.cfg.rms_norm_eps, cos, sin, kv, batch, head)
             if logits is not None:
                 return logits
         else:
+            cos, sin = self.rotary(batch.positions, self.dtype)
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, kv, i, batch)
         x = x if all_logits else x[batch.last_rows]

@@ -348,10 +348,14 @@ static void rope_row(const float *row, int Hq, int Hkv, int D, const float *c, c
     }
 }
 
+/* cos and ssin: row t's angles at row t, or with positions (not NULL), tables whose row p holds
+ * position p's (the worker keeps them: no gather per step). */
 void cortex_rope_store(const float *qkv, int T, int Hq, int Hkv, int D, const float *cos, const float *ssin,
-                       const int64_t *slots, void *k_pool, void *v_pool, float *q_out, int half) {
+                       const int64_t *positions, const int64_t *slots, void *k_pool, void *v_pool, float *q_out,
+                       int half) {
     const size_t heads = Hq + 2 * Hkv;
-#define ROW(t) rope_row(qkv + (size_t)(t) * heads * D, Hq, Hkv, D, cos + (size_t)(t) * D, ssin + (size_t)(t) * D, \
+#define ANGLES(t) ((size_t)(positions ? positions[t] : (t)) * D)
+#define ROW(t) rope_row(qkv + (size_t)(t) * heads * D, Hq, Hkv, D, cos + ANGLES(t), ssin + ANGLES(t), \
                         (size_t)slots[t], k_pool, v_pool, q_out + (size_t)(t) * Hq * D, half)
     if (T < 32) { /* a parallel region would cost more than it saves */
         for (int t = 0; t < T; t++) ROW(t);
@@ -360,4 +364,5 @@ void cortex_rope_store(const float *qkv, int T, int Hq, int Hkv, int D, const fl
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) ROW(t);
 #undef ROW
+#undef ANGLES
 }

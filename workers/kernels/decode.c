@@ -53,7 +53,8 @@ typedef struct {
 typedef struct {
     int T, H, L, Hq, Hkv, D, inter, width, block, half;
     float eps, scale;
-    const float *cos, *ssin;
+    const float *cos, *ssin; /* tables: row p holds position p's angles */
+    const int64_t *positions;
     const int64_t *slots, *tables, *lengths;
     void *k_pool, *v_pool;
     int64_t layer_stride;
@@ -75,7 +76,7 @@ static void rope_store(const step_t *s, const layer_t *w, float *qkv, void *kl, 
             cortex_rms_norm(row, s->Hq, D, w->q_norm, s->eps, row);
             cortex_rms_norm(row + (size_t)s->Hq * D, s->Hkv, D, w->k_norm, s->eps, row + (size_t)s->Hq * D);
         }
-    cortex_rope_store(qkv, s->T, s->Hq, s->Hkv, D, s->cos, s->ssin, s->slots, kl, vl, q, s->half);
+    cortex_rope_store(qkv, s->T, s->Hq, s->Hkv, D, s->cos, s->ssin, s->positions, s->slots, kl, vl, q, s->half);
 }
 
 /* The logits of the rows s->head->last of the residual stream x [T, H]: their final norm into h
@@ -164,19 +165,20 @@ static int decode_team(float *x, const layer_t *layers, const step_t *s) {
 }
 
 /* x: [T, H], the residual stream, updated in place through all L layers. The KV pools are
- * [L, slots, Hkv, D] (layer_stride elements per layer; float16 when half, else float32); cos, ssin, slots, tables, lengths as the
+ * [L, slots, Hkv, D] (layer_stride elements per layer; float16 when half, else float32); cos, ssin: the
+ * angle tables, row p for position p, each row's position in positions [T]; slots, tables, lengths as the
  * kernels they go to; inter: the dense MLPs' intermediate size. With a head (not NULL; norm: the
  * final norm's weight [H]), the logits of rows last [S] of x after the layers go to logits [S,
  * head->n] (x is then left as the last layer made it, as without). Returns 0, -1 when a buffer
  * could not be allocated, or -2 for an expert id out of range. */
 int cortex_decode_layers(float *x, int T, int H, const layer_t *layers, int L, int Hq, int Hkv, int D, int inter,
-                         float eps, const float *cos, const float *ssin, const int64_t *slots, void *k_pool,
+                         float eps, const float *cos, const float *ssin, const int64_t *positions, const int64_t *slots, void *k_pool,
                          void *v_pool, int64_t layer_stride, const int64_t *tables, int width,
                          const int64_t *lengths, int block, float scale, int half, const float *norm,
                          const linear_t *head, const int64_t *last, int S, float *logits) {
     const head_t hd = {.norm = norm, .w = head, .last = last, .S = S, .logits = logits};
     const step_t s = {.T = T, .H = H, .L = L, .Hq = Hq, .Hkv = Hkv, .D = D, .inter = inter, .width = width,
-                      .block = block, .half = half, .eps = eps, .scale = scale, .cos = cos, .ssin = ssin,
+                      .block = block, .half = half, .eps = eps, .scale = scale, .cos = cos, .ssin = ssin, .positions = positions,
                       .slots = slots, .tables = tables, .lengths = lengths, .k_pool = k_pool, .v_pool = v_pool,
                       .layer_stride = layer_stride, .head = head ? &hd : NULL};
     int dense = 1;

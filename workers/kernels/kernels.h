@@ -32,7 +32,8 @@ int cortex_paged_attention(const float *q, const void *k, const void *v, const i
                            const int64_t *lengths, int B, int Hq, int Hkv, int D, int block, float scale, float *out,
                            int half);
 void cortex_rope_store(const float *qkv, int T, int Hq, int Hkv, int D, const float *cos, const float *ssin,
-                       const int64_t *slots, void *k_pool, void *v_pool, float *q_out, int half);
+                       const int64_t *positions, const int64_t *slots, void *k_pool, void *v_pool, float *q_out,
+                       int half);
 void cortex_rms_norm(const float *x, int M, int D, const float *w, float eps, float *out);
 void cortex_add_rms_norm(const float *x, const float *delta, int M, int D, const float *w, float eps, float *sum,
                          float *out);
