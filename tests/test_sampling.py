@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rpc.messages import SamplingParams
-from workers.sampling import greedy, new_generator, sample
+from workers.sampling import greedy, greedy_rows, new_generator, plain_greedy, sample
 
 LOGITS = torch.tensor([0.0, 1.0, 5.0, 2.0, 9.0])
 CPU = torch.device("cpu")
@@ -245,3 +245,32 @@ def test_greedy_counts_a_nan_as_the_maximum_as_torch_argmax_does():
     assert greedy(logits) == int(torch.argmax(logits)) == 300
     half = logits.half()  # not float32: PyTorch's own argmax
     assert greedy(half) == int(torch.argmax(half)) == 300
+
+
+def test_a_steps_greedy_rows_pick_as_greedy_does_row_by_row():
+    """A step whose rows are all plain greedy is picked in one scan (workers.worker._greedy_rows):
+    each row's token is what ``sample`` picks for it, ties, NaNs and the vocabulary limit included."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(3))
+    logits[0, [5, 9]] = 50.0  # a tie: the first
+    logits[1, 700] = float("nan")  # a NaN counts as the maximum
+    logits[2, 990] = 99.0  # past the vocabulary limit: never picked
+    params = SamplingParams(temperature=0.0)
+    for limit in (0, 980):
+        want = [sample(row, params, None, limit) for row in logits]
+        assert greedy_rows(logits, limit) == want
+    assert greedy_rows(logits, 0)[:3] == [5, 700, 990]
+
+
+@pytest.mark.parametrize(
+    ("params", "allowed", "plain"),
+    [
+        (SamplingParams(temperature=0.0), None, True),
+        (SamplingParams(temperature=0.7), None, False),
+        (SamplingParams(temperature=0.0, logprobs=0), None, False),
+        (SamplingParams(temperature=0.0, logit_bias={3: 1.0}), None, False),
+        (SamplingParams(temperature=0.0, repetition_penalty=1.1), None, False),
+        (SamplingParams(temperature=0.0), b"\xff", False),
+    ],
+)
+def test_only_rows_with_nothing_but_greedy_take_the_one_scan(params, allowed, plain):
+    assert plain_greedy(params, allowed) is plain

@@ -77,6 +77,27 @@ def greedy(logits: torch.Tensor) -> int:
     return int(torch.argmax(logits))
 
 
+def plain_greedy(params: SamplingParams, allowed: bytes | None = None) -> bool:
+    """Whether the token is the logits' first maximum and nothing more: greedy, with no bias,
+    penalty, grammar mask (``allowed``) or log-probabilities to apply."""
+    return (
+        params.temperature < GREEDY_BELOW
+        and params.logprobs < 0
+        and not params.logit_bias
+        and not params.needs_history
+        and allowed is None
+    )
+
+
+def greedy_rows(logits: torch.Tensor, vocab_limit: int) -> list[int]:
+    """``greedy`` of every row of ``logits`` [S, vocab] below ``vocab_limit`` (0: all), in one scan."""
+    if 0 < vocab_limit < logits.shape[-1]:
+        logits = logits[:, :vocab_limit]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(axis=1).tolist()
+    return torch.argmax(logits, dim=-1).tolist()
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
