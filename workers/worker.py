@@ -113,7 +113,7 @@ class Worker:
         return host_memory()
 
     def load(self, msg: LoadDenseShard) -> Loaded | Error:
-        from workers import native
+        from workers import hugepages, native
         from workers.arch import ModelConfig, model_class
         from workers.gpu import memory as gpu_memory
         from workers.gpu import step as gpu_step
@@ -142,6 +142,7 @@ class Worker:
         quantize = getattr(msg, "quantize", "auto")
         load_weights(model, msg.format, msg.files, _progress_logger(msg.model_id), quantize, self.device.type)
         model.eval()
+        huge = hugepages.move_to_huge_pages(model) if self.device.type == "cpu" else 0  # before any step
         layers, kv_heads, head_dim, _ = model.kv_shape()
         kv_dtype = getattr(torch, getattr(msg, "kv_dtype", "") or msg.dtype)  # the leader's [engine] kv_cache_dtype
         graphs = gpu_step.wants_graphs(self.device, msg, model)  # then one more block: the padding rows'
@@ -156,9 +157,11 @@ class Worker:
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         seconds = time.monotonic() - t0
         log.info(
-            "loaded %s: %.1f MB of weights in %.1fs; KV pool %.1f MB (%s); state pool %.1f MB; CPU kernels: %s",
-            msg.model_id, param_bytes / 1e6, seconds, cache.nbytes() / 1e6, str(kv_dtype).removeprefix("torch."),
-            state_bytes / 1e6, native.path_name() if self.device.type == "cpu" else "none (not on the CPU)",
+            "loaded %s: %.1f MB of weights in %.1fs (%.1f MB of them in huge pages); KV pool %.1f MB (%s); "
+            "state pool %.1f MB; CPU kernels: %s",
+            msg.model_id, param_bytes / 1e6, seconds, huge / 1e6, cache.nbytes() / 1e6,
+            str(kv_dtype).removeprefix("torch."), state_bytes / 1e6,
+            native.path_name() if self.device.type == "cpu" else "none (not on the CPU)",
         )  # fmt: skip
         return Loaded(
             model_id=msg.model_id,
