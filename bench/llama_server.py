@@ -19,6 +19,12 @@ time, rounds alternating the servers, and measures through the same streaming cl
 
 Each figure is the best over rounds (TTFT: the lowest p50); ratios are cortex / llama.cpp, so above
 1 means cortex is faster (for TTFT: llama.cpp's time over cortex's).
+
+``--pairs N`` (default 0: off) adds one more measure of the one-stream figure, for the first path:
+llama-server and cortex serve running side by side, N one-stream requests to each, alternating
+(the order flipped every pair), each pair's ratio taken from two requests a fraction of a second
+apart. A shared VM's speed drifts by 10-15% over minutes, so the best of each server's rounds can
+compare a fast minute with a slow one; the median of the pairs' ratios cannot.
 """
 
 from __future__ import annotations
@@ -210,6 +216,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens per request in the decode runs")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="one-stream decode requests per round (the best counts)")
+    p.add_argument("--pairs", type=int, default=0, help="one-stream requests per server, alternating (0: off)")
     p.add_argument(
         "--llama-args",
         default="",
@@ -224,6 +231,10 @@ def main() -> None:
         return
     binary, gguf = find_binary(), default_gguf()
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if args.pairs > 0:
+        paired(binary, gguf, args, paths[0])
+        if args.rounds < 1:
+            return  # --rounds 0: the paired figure alone
     servers = ["llama.cpp", *paths]
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in servers}
     for r in range(args.rounds):
@@ -264,6 +275,33 @@ def main() -> None:
             v = best[s][k]
             cells.append(f"{v * scale:.1f} | {(v / base if hi else base / v):.2f}x")
         print(f"| {label} | {base * scale:.1f} | " + " | ".join(cells) + " |")
+
+
+def paired(binary: Path, gguf: Path, args: argparse.Namespace, path: str) -> None:
+    """The one-stream figure measured in alternating pairs, both servers up (see the docstring)."""
+    extra = tuple(args.llama_args.split())
+    with (
+        running_llama_server(binary, gguf, args.threads, args.streams, 1536, extra) as llama,
+        running_server(args.threads, env={**os.environ, "CORTEX_CPU_KERNELS": path}) as ours,
+    ):
+        urls = {"llama.cpp": llama, path: ours}
+        for url in urls.values():
+            stream(url, f"{Counter.next()} warm up", 4, "default")
+        rates: dict[str, list[float]] = {k: [] for k in urls}
+        for i in range(args.pairs):
+            for k in list(urls) if i % 2 == 0 else list(urls)[::-1]:
+                one = stream(urls[k], f"{Counter.next()}. {SHORT}", args.tokens, "default")["stamps"]
+                rates[k].append((len(one) - 1) / (one[-1] - one[0]))
+    ratios = sorted(b / a for a, b in zip(rates["llama.cpp"], rates[path], strict=True))
+    q = lambda f: ratios[int(f * (len(ratios) - 1))]  # noqa: E731
+    print(
+        f"\n# decode 1 stream, {args.pairs} alternating pairs, both servers up ({path}): llama.cpp best "
+        f"{max(rates['llama.cpp']):.1f} median {sorted(rates['llama.cpp'])[len(ratios) // 2]:.1f} tok/s; cortex best "
+        f"{max(rates[path]):.1f} median {sorted(rates[path])[len(ratios) // 2]:.1f} tok/s; ratio of each pair: "
+        f"median {q(0.5):.2f}x (p25 {q(0.25):.2f}x, p75 {q(0.75):.2f}x), best over best "
+        f"{max(rates[path]) / max(rates['llama.cpp']):.2f}x",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
