@@ -203,6 +203,9 @@ def test_rotary_rows_from_the_cpu_table_are_the_angles_computed_for_each_positio
         assert [t.shape for t in got] == [t.shape for t in want] == [(len(positions), 1, 64)] * 2
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), positions
         assert got[0].is_contiguous() and got[1].is_contiguous()
+    # past the longest context the table doubles too: the next positions do not rebuild it
+    table = rotary.table(5000, dtype)
+    assert rotary.table(5001, dtype) is table and table[0].shape[0] == 10002
 
 
 def test_step_batch_positions_and_slots_follow_each_block_table():

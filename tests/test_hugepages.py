@@ -63,7 +63,10 @@ def test_moved_weights_sit_in_huge_pages_and_compute_the_same_bits(tmp_path, qua
     weights = hugepages.packed_weights(moved)
     assert weights and all(w.is_contiguous() for w in weights)
     assert hugepages.move_to_huge_pages(moved) == sum(w.numel() * w.element_size() for w in weights)
-    assert all(_huge_kib(w.data_ptr()) > 0 for w in hugepages.packed_weights(moved))
+    huge = [_huge_kib(w.data_ptr()) > 0 for w in hugepages.packed_weights(moved)]
+    if not any(huge):  # advised, but the kernel may fall back to small pages (fragmented memory)
+        pytest.skip("the kernel gave these mappings no huge pages")
+    assert all(huge)
     assert all(w.data_ptr() % hugepages.ALIGN == 0 for w in hugepages.packed_weights(moved))
     got, want = _steps(moved), _steps(kept)
     assert moved._layer_table is not None  # the decode steps ran natively, on the moved weights
@@ -92,3 +95,21 @@ def test_a_tensor_larger_than_a_chunk_gets_a_mapping_of_its_own(monkeypatch):
     assert torch.equal(layer.packed, small) and torch.equal(layer.scales, big)
     assert len(layer._huge_pages) == 2  # the small one's chunk, then one as large as the big one
     assert layer.packed.data_ptr() % hugepages.HUGE == 0 and layer.scales.data_ptr() % hugepages.HUGE == 0
+
+
+def test_a_refused_mapping_leaves_the_weights_working_where_they_were(tmp_path, monkeypatch):
+    """A memory limit or a sandbox that refuses the mapping costs the speed-up, never the load."""
+    monkeypatch.delenv(hugepages.ENV, raising=False)
+    monkeypatch.setattr(hugepages, "available", lambda: True)
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hugepages.mmap, "mmap", refused)
+    path = make_checkpoint(tmp_path, "llama", tied=True)
+    model, plain = _model(path, "int4"), _model(path, "int4")
+    before = [w.data_ptr() for w in hugepages.packed_weights(model)]
+    assert hugepages.move_to_huge_pages(model) == 0
+    assert [w.data_ptr() for w in hugepages.packed_weights(model)] == before
+    for a, b in zip(_steps(model, 2), _steps(plain, 2), strict=True):
+        assert torch.equal(a, b)

@@ -15,6 +15,8 @@ them where they are.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import mmap
 import os
@@ -91,10 +93,24 @@ def move_to_huge_pages(model: nn.Module) -> int:
         return 0
     params = [p for p in params if p.is_contiguous()]  # what the kernels read; anything else stays
     sizes = [p.numel() * p.element_size() for p in params]
-    arena = _Arena(sum(sizes))
-    for p, nbytes in zip(params, sizes, strict=True):
-        home = arena.take(nbytes).view(p.dtype).view(p.shape)
-        home.copy_(p.data)
-        p.data = home  # the old storage goes with its last reference
-    model._huge_pages = arena.chunks
-    return sum(sizes)
+    arena, moved = _Arena(sum(sizes)), 0
+    try:
+        for p, nbytes in zip(params, sizes, strict=True):
+            home = arena.take(nbytes).view(p.dtype).view(p.shape)
+            home.copy_(p.data)
+            p.data = home  # the old storage goes with its last reference
+            moved += nbytes
+    except OSError as exc:  # a mapping or the advice refused (a memory limit, a sandbox): a speed-up lost, no more
+        log.warning("packed weights stay in ordinary pages after %.1f MB moved: %s", moved / 1e6, exc)
+    model._huge_pages = arena.chunks  # (each moved tensor also keeps its own mapping alive)
+    _trim_heap()
+    return moved
+
+
+def _trim_heap() -> None:
+    """Give the freed copies back to the system: weights under glibc's mmap threshold were on the
+    heap, whose free middle glibc keeps unless asked."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

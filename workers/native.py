@@ -213,6 +213,8 @@ class NativeKernels:
         ``head`` = (final norm weight [H], the head's ``Linear``), the step goes on in the same call
         to the logits of ``batch.last_rows``, returned (float32 [S, vocab]); else None."""
         hq, hkv, d, inter = dims
+        if cos.shape[0] <= batch.top_position:  # the kernel reads row p of the tables for position p
+            raise ValueError(f"RoPE tables of {cos.shape[0]} rows for position {batch.top_position}")
         logits, tail = None, (None, None, None, 0, None)
         if head is not None:
             norm, linear = head

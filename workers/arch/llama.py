@@ -83,8 +83,10 @@ class Rotary(nn.Module):
         positions 0 .. ``top`` at least (the native decode step reads its rows from them)."""
         table = self._tables.get(dtype)
         if table is None or table[0].shape[0] <= top:
-            size = max(top + 1, min(max(256, 2 * (top + 1)), self._longest))
-            table = self._tables[dtype] = self._angles(torch.arange(size), dtype)
+            # twice what is needed, up to the model's longest context; past it, twice again (a
+            # position beyond it must not rebuild the table on every step)
+            size = min(max(256, 2 * (top + 1)), self._longest) if top < self._longest else 2 * (top + 1)
+            table = self._tables[dtype] = self._angles(torch.arange(size, device=self.inv_freq.device), dtype)
         return table
 
     def _angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
