@@ -31,8 +31,9 @@ from tests.conftest import Server
 from workers import native
 from workers.arch import ModelConfig, model_class
 from workers.kv_cache import PagedKVCache
+from workers.seams import STEP_DELAY_ENV
 from workers.weights import load_weights
-from workers.worker import STEP_DELAY_ENV, ResidentModel, Worker
+from workers.worker import ResidentModel, Worker
 
 TOL = 1e-4
 HIDDEN = 64

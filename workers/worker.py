@@ -7,7 +7,6 @@ leader's view of what the worker holds is always exact. Every failure becomes an
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import signal
@@ -34,22 +33,9 @@ from rpc.messages import (
 )
 from rpc.process import die_with_parent
 from rpc.transport import RpcServer
+from workers import seams
 
 log = logging.getLogger("cortex.worker")
-
-# Testing seams (mock only what cannot be made to happen on demand):
-# slow every load by this many seconds, so a test can observe "loading";
-LOAD_DELAY_ENV = "CORTEX_TEST_LOAD_DELAY_S"
-# hold every load while this file exists, so a test decides when "loading" ends, however slow the machine;
-LOAD_GATE_ENV = "CORTEX_TEST_LOAD_GATE_FILE"
-# sleep this long in every step, to emulate a slower device (e.g. so a client can disconnect mid-way);
-STEP_DELAY_ENV = "CORTEX_TEST_STEP_DELAY_S"
-# stall one step for 30 s if this file exists (deleted first: one stall, even across restarts),
-# so a test can watch the step watchdog fire; with a tensor-parallel group, one rank takes it.
-STALL_FILE_ENV = "CORTEX_TEST_STALL_FILE"
-# fail one step with an error if this file exists (deleted first); checked after the stall file,
-# so with both, one rank of a group stalls and another fails the same step.
-FAIL_FILE_ENV = "CORTEX_TEST_FAIL_FILE"
 
 
 @dataclass
@@ -124,12 +110,7 @@ class Worker:
         torch = self.torch
         if msg.model_id in self.models:
             return Error(kind=ErrorKind.LOAD_FAILED, message=f"model {msg.model_id!r} is already loaded on this worker")
-        delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
-        gate = os.environ.get(LOAD_GATE_ENV)
-        while gate and os.path.exists(gate):
-            time.sleep(0.02)
+        seams.before_load()
         cfg = ModelConfig.from_dict(msg.config)
         dtype = getattr(torch, msg.dtype)
         t0 = time.monotonic()
@@ -181,7 +162,7 @@ class Worker:
         if followed and rm.step_failed:  # the leader dropped it with the failed one: no collective for it
             return Error(kind=ErrorKind.STEP_FAILED, message="the step this one follows failed")
         rm.step_failed = True  # until this step returns
-        _maybe_stall()
+        seams.before_step()
         if followed:
             self._fill_followed(rm, followed)
         logits = None if rm.gpu is None else rm.gpu.decode(msg.seqs)  # a CUDA graph's replay; None: eager
@@ -403,32 +384,6 @@ def host_memory() -> tuple[int, int]:
         return 0, 0
     kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
     return kib("MemTotal"), kib("MemAvailable")
-
-
-@functools.cache
-def _test_hooks() -> tuple[float, str | None, str | None]:
-    """The tests' step hooks (delay, stall file, fail file), read from the environment the worker
-    started with once: three lookups on every step cost a one-stream decode step ~15 us for nothing."""
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-    return delay, os.environ.get(STALL_FILE_ENV), os.environ.get(FAIL_FILE_ENV)
-
-
-def _maybe_stall() -> None:
-    delay, stall_file, fail_file = _test_hooks()
-    if delay:
-        time.sleep(delay)
-    for path, act in ((stall_file, lambda: time.sleep(30)), (fail_file, _fail)):
-        if path:
-            try:
-                os.unlink(path)  # the rank that takes the file acts; a TP peer finds it gone
-            except FileNotFoundError:
-                continue
-            act()
-            return
-
-
-def _fail() -> None:
-    raise RuntimeError("test fault: this step fails")
 
 
 def _progress_logger(model_id: str):
