@@ -16,7 +16,6 @@ them where they are.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import mmap
 import os
@@ -110,7 +109,6 @@ def move_to_huge_pages(model: nn.Module) -> int:
 def _trim_heap() -> None:
     """Give the freed copies back to the system: weights under glibc's mmap threshold were on the
     heap, whose free middle glibc keeps unless asked."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
+    libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them (find_library runs ldconfig)
+    if hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

@@ -72,9 +72,7 @@ def greedy(logits: torch.Tensor) -> int:
     """The most likely token: the first of equal maxima (a NaN counts as the maximum), as
     ``torch.argmax``. On the CPU through NumPy: its single-threaded SIMD scan of a 49k vocabulary
     takes about 7 us, torch.argmax 50-90 us (a parallel reduction, on the decode's critical path)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return int(logits.numpy().argmax())
-    return int(torch.argmax(logits))
+    return greedy_rows(logits[None], 0)[0]
 
 
 def plain_greedy(params: SamplingParams, allowed: bytes | None = None) -> bool:
@@ -90,7 +88,8 @@ def plain_greedy(params: SamplingParams, allowed: bytes | None = None) -> bool:
 
 
 def greedy_rows(logits: torch.Tensor, vocab_limit: int) -> list[int]:
-    """``greedy`` of every row of ``logits`` [S, vocab] below ``vocab_limit`` (0: all), in one scan."""
+    """``greedy`` of every row of ``logits`` [S, vocab] below ``vocab_limit`` (0: all), in one scan
+    (NumPy's on the CPU: see ``greedy``)."""
     if 0 < vocab_limit < logits.shape[-1]:
         logits = logits[:, :vocab_limit]
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
