@@ -1,23 +1,164 @@
-"""A small keep-alive HTTP/1.1 client for talking to peer leaders (stdlib ``http.client``).
+"""A small keep-alive HTTP/1.1 client for talking to peer leaders, on plain sockets.
 
-Why not a general client library: a forwarded request is on the latency path of every routed
-request, and ``http.client`` costs well under half of what httpx does per request (measured: about
-0.5 ms against 1.2 ms for the same call on the 2-core test box); what the fleet needs on top of it
-is small: pooled connections, a connect timeout apart from the read timeout, and one retry when a
-pooled connection turns out to have been closed by the peer while idle.
+Why not a client library, nor the standard library's ``http.client``: a forwarded request is on the
+latency path of every routed request. httpx costs about 1.2 ms per call on the 2-core test box,
+``http.client`` about 0.15 ms of CPU (most of it parsing the answer's headers through the ``email``
+package), this client about 0.04 ms (``bench/gateway.py``, docs/benchmarks.md). What the fleet
+needs is small: one request written in one ``sendall``, the status line and headers read with the
+buffered reader's C ``readline``, a body framed by Content-Length, chunks or the connection's end
+(RFC 9112 section 6), pooled connections, a connect timeout apart from the read timeout, and one
+retry when a pooled connection turns out to have been closed by the peer while it sat idle.
 """
 
 from __future__ import annotations
 
-import http.client
+import socket
+import ssl
 import threading
 import time
 import urllib.parse
 
-PeerError = (OSError, http.client.HTTPException)  # anything a dead, closing or garbling peer raises
-# what sending on a connection the peer closed while it sat idle raises: safe to send again on a new
-# one (a timeout is not among them: a slow peer must not get the request twice)
-_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected)
+
+class PeerProtocolError(Exception):
+    """The peer's answer is not HTTP/1.1 as this client reads it (a garbled or truncated answer)."""
+
+
+class _Stale(Exception):
+    """A pooled connection the peer closed while it sat idle: nothing of an answer arrived."""
+
+
+PeerError = (OSError, PeerProtocolError)  # anything a dead, closing or garbling peer raises
+# sending on a connection the peer closed while idle: safe to send again on a new one (a timeout is
+# not among them: a slow peer must not get the request twice)
+_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, _Stale)
+_MAX_LINE = 65536  # longest status, header or chunk-size line read from a peer
+_MAX_HEADERS = 200
+_NO_BODY = frozenset((204, 304))
+
+
+class Answer:
+    """A peer's answer: status and headers read, the body for the caller to read (``read1`` or
+    ``read``) to its end; then ``done`` is true and the connection may carry another request."""
+
+    def __init__(self, rfile, method: str):
+        self._rfile = rfile
+        self.status, self.headers, version = _read_head(rfile)
+        fields = {name.lower(): value for name, value in self.headers}
+        conn_opts = fields.get("connection", "").lower()
+        self.will_close = "close" in conn_opts or (version == "HTTP/1.0" and "keep-alive" not in conn_opts)
+        self.chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+        self._left: int | None = None  # bytes left of a sized body or of the current chunk
+        self.done = False
+        if method == "HEAD" or self.status in _NO_BODY:
+            self.done = True
+        elif self.chunked:
+            self._left = 0
+        elif "content-length" in fields:
+            length = fields["content-length"]
+            if not length.isdigit():
+                raise PeerProtocolError(f"bad Content-Length {length!r}")
+            self._left = int(length)
+            self.done = self._left == 0
+        else:  # the body runs to the connection's end
+            self.will_close = True
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), None)
+
+    def read1(self, n: int = 65536) -> bytes:
+        """Body bytes already here (at most ``n``; one socket read if none are); b"" at its end."""
+        if self.done:
+            return b""
+        if self._left is None:  # to the connection's end
+            data = self._rfile.read1(n)
+            self.done = not data
+            return data
+        if self.chunked and self._left == 0 and not self._next_chunk():
+            return b""
+        data = self._rfile.read1(min(n, self._left))
+        if not data:
+            raise PeerProtocolError("the peer closed the connection before the end of its answer")
+        self._left -= len(data)
+        if self._left == 0:
+            if not self.chunked:
+                self.done = True
+            elif self._rfile.readline(_MAX_LINE) not in (b"\r\n", b"\n"):
+                raise PeerProtocolError("a chunk does not end with CRLF")
+        return data
+
+    def read(self) -> bytes:
+        """The rest of the body."""
+        parts = []
+        while data := self.read1():
+            parts.append(data)
+        return b"".join(parts)
+
+    def _next_chunk(self) -> bool:
+        """Read the next chunk's size line; False (and the trailers read) after the last one."""
+        line = self._rfile.readline(_MAX_LINE)
+        size = line.split(b";", 1)[0].strip()
+        try:
+            self._left = int(size, 16)
+        except ValueError:
+            raise PeerProtocolError(f"bad chunk size line {line[:40]!r}") from None
+        if self._left < 0:
+            raise PeerProtocolError(f"bad chunk size line {line[:40]!r}")
+        if self._left:
+            return True
+        for _ in range(_MAX_HEADERS):  # trailers, up to the blank line that ends the message
+            line = self._rfile.readline(_MAX_LINE)
+            if line in (b"\r\n", b"\n"):
+                self.done = True
+                return False
+            if not line:
+                break
+        raise PeerProtocolError("the chunked body did not end")
+
+
+def _read_head(rfile) -> tuple[int, list[tuple[str, str]], str]:
+    """Status, header fields and version of the next final answer (1xx interim answers skipped)."""
+    while True:
+        line = rfile.readline(_MAX_LINE)
+        if not line:
+            raise _Stale("the peer closed the connection before answering")
+        version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise PeerProtocolError(f"bad status line {line[:60]!r}")
+        headers = []
+        while (field := rfile.readline(_MAX_LINE)) not in (b"\r\n", b"\n"):
+            if not field.endswith(b"\n") or len(headers) >= _MAX_HEADERS:
+                raise PeerProtocolError("the answer's header is cut short or too large")
+            name, colon, value = field.decode("latin-1").partition(":")
+            if not colon or not name or name != name.strip():
+                raise PeerProtocolError(f"bad header line {field[:60]!r}")
+            headers.append((name, value.strip()))
+        if int(code) >= 200 or code == "101":
+            return int(code), headers, version
+
+
+class Connection:
+    """One keep-alive connection to a peer: a request goes out in one write, its answer comes back
+    through a buffered reader kept with the socket."""
+
+    def __init__(self, sock: socket.socket, host: str):
+        self.sock, self.host = sock, host
+        self._rfile = sock.makefile("rb")
+
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> Answer:
+        """Send a request; return its answer once the status line and headers are in."""
+        if any("\n" in v or "\r" in v for v in headers.values()):
+            raise ValueError("a header value holds a line break")
+        fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        length = f"Content-Length: {len(body)}\r\n" if body is not None else ""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{fields}{length}Accept-Encoding: identity\r\n\r\n"
+        self.sock.sendall(head.encode("latin-1") + (body or b""))
+        return Answer(self._rfile, method)
+
+    def close(self) -> None:
+        self._rfile.close()
+        self.sock.close()
 
 
 class Pool:
@@ -34,10 +175,11 @@ class Pool:
         # at most ``max_idle`` idle connections per endpoint; one idle longer than ``idle_s`` is not
         # reused (gunicorn, as cortex runs it, closes a keep-alive connection idle for 5 s)
         self.max_idle, self.idle_s = max_idle, idle_s
-        self._idle: dict[str, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: dict[str, list[tuple[float, Connection]]] = {}
         self._lock = threading.Lock()
+        self._tls: ssl.SSLContext | None = None
 
-    def _take(self, endpoint: str) -> http.client.HTTPConnection | None:
+    def _take(self, endpoint: str) -> Connection | None:
         stale = []
         conn = None
         with self._lock:
@@ -52,24 +194,32 @@ class Pool:
             c.close()
         return conn
 
-    def _connect(self, endpoint: str) -> http.client.HTTPConnection:
+    def _connect(self, endpoint: str) -> Connection:
         url = urllib.parse.urlsplit(endpoint)
-        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        conn = cls(url.hostname, url.port, timeout=self.connect_timeout_s)
-        conn.connect()  # (http.client sets TCP_NODELAY: a request is never held back for an ACK)
-        conn.sock.settimeout(self.read_timeout_s)  # connecting is quick or dead; answers may take a cold load
-        return conn
+        https = url.scheme == "https"
+        host, port = url.hostname or "localhost", url.port or (443 if https else 80)
+        sock = socket.create_connection((host, port), timeout=self.connect_timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request never waits for an ACK
+            if https:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                sock = self._tls.wrap_socket(sock, server_hostname=host)
+            sock.settimeout(self.read_timeout_s)  # connecting is quick or dead; answers may take a cold load
+        except BaseException:
+            sock.close()
+            raise
+        return Connection(sock, url.netloc.rpartition("@")[2])
 
     def request(
         self, method: str, endpoint: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    ) -> tuple[Connection, Answer]:
         """Send a request and read the status line and headers; the body is the caller's to read,
-        then ``release`` (or ``discard``) the connection. Raises one of ``PeerError``."""
+        then ``release`` (or close) the connection. Raises one of ``PeerError``."""
         conn = self._take(endpoint)
         if conn is not None:
             try:
-                conn.request(method, path, body=body, headers=headers)
-                return conn, conn.getresponse()
+                return conn, conn.request(method, path, body, headers)
             except _STALE:
                 conn.close()  # the peer closed it while it sat idle: one more try on a new one
             except BaseException:
@@ -77,19 +227,17 @@ class Pool:
                 raise
         conn = self._connect(endpoint)
         try:
-            conn.request(method, path, body=body, headers=headers)
-            return conn, conn.getresponse()
+            return conn, conn.request(method, path, body, headers)
+        except _Stale as exc:
+            conn.close()
+            raise PeerProtocolError(str(exc)) from None
         except BaseException:
             conn.close()
             raise
 
-    def release(self, endpoint: str, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+    def release(self, endpoint: str, conn: Connection, answer: Answer) -> None:
         """Keep the connection for the next request if its answer was read to the end."""
-        if not resp.isclosed() and not resp.chunked and resp.length == 0:
-            # a Content-Length body read to its end with ``read1``, which (unlike ``read``) does not
-            # mark the response done: without this every such connection was closed, not reused
-            resp.close()  # (closes the response's file, not the connection's socket)
-        if not (resp.isclosed() and not resp.will_close):
+        if not answer.done or answer.will_close:
             conn.close()
             return
         extra = None
@@ -110,11 +258,11 @@ class Pool:
                 c.close()
 
     def get(self, endpoint: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
-        conn, resp = self.request("GET", endpoint, path, None, headers)
+        conn, answer = self.request("GET", endpoint, path, None, headers)
         try:
-            body = resp.read()
+            body = answer.read()
         except BaseException:
             conn.close()
             raise
-        self.release(endpoint, conn, resp)
-        return resp.status, body
+        self.release(endpoint, conn, answer)
+        return answer.status, body

@@ -12,7 +12,6 @@ leader's answers that name the peer (``forget``, cortex/fleet/routes.py): the ne
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import time
@@ -23,7 +22,7 @@ import falcon
 
 from cortex.api import sse
 from cortex.api.errors import ApiError, dialect_of, handle_api_error
-from cortex.fleet.http import PeerError, Pool
+from cortex.fleet.http import Answer, Connection, PeerError, Pool
 from rpc.engine import Forward, Target
 
 if TYPE_CHECKING:
@@ -129,9 +128,7 @@ class Proxy:
             retry_after=2,
         )
 
-    def _send(
-        self, req: falcon.Request, target: Target, body: bytes
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse] | None:
+    def _send(self, req: falcon.Request, target: Target, body: bytes) -> tuple[Connection, Answer] | None:
         if target.model:
             body = _rename(body, target.model)
         headers = {k: v for k, v in req.headers.items() if k.lower() not in _DROP}
@@ -139,7 +136,7 @@ class Proxy:
         headers[CLIENT] = self.client_of(req)
         if target.key:
             headers["Authorization"] = f"Bearer {target.key}"
-        # http.client adds Host, Content-Length and Accept-Encoding: identity (relayed byte for byte)
+        # the pool adds Host, Content-Length and Accept-Encoding: identity (relayed byte for byte)
         try:
             return self.pool.request(req.method, target.endpoint, req.relative_uri, body, headers)
         except PeerError as exc:
@@ -164,17 +161,17 @@ class Proxy:
         req: falcon.Request,
         resp: falcon.Response,
         target: Target,
-        conn: http.client.HTTPConnection,
-        upstream: http.client.HTTPResponse,
+        conn: Connection,
+        upstream: Answer,
         failed: list[str],
         tap: Callable[[int, str, bytes], None] | None = None,
     ) -> None:
         resp.status = upstream.status
-        for name, value in upstream.getheaders():
+        for name, value in upstream.headers:
             if name.lower() not in _DROP and name.lower() != "content-encoding":
                 resp.set_header(name, value)
-        length = upstream.getheader("content-length")
-        if length is not None and length.isdigit() and upstream.getheader("transfer-encoding") is None:
+        length = upstream.header("content-length")
+        if length is not None and length.isdigit() and upstream.header("transfer-encoding") is None:
             # the client learns the size as the peer said it: one write, not a chunked body and
             # then its end marker (a second small write a client would wait for)
             resp.content_length = int(length)
@@ -184,13 +181,13 @@ class Proxy:
         record = req.context.get("record")  # the request log's (cortex/ops/reqlog.py)
         if record is not None:
             record.node = target.node  # counted for the node that served it
-        is_sse = (upstream.getheader("content-type") or "").startswith("text/event-stream")
+        is_sse = (upstream.header("content-type") or "").startswith("text/event-stream")
         resp.stream = self._chunks(conn, upstream, target, dialect_of(req) if is_sse else None, record, tap)
 
     def _chunks(
         self,
-        conn: http.client.HTTPConnection,
-        upstream: http.client.HTTPResponse,
+        conn: Connection,
+        upstream: Answer,
         target: Target,
         sse_dialect: str | None,
         record: RequestRecord | None = None,
@@ -201,7 +198,7 @@ class Proxy:
         cancels the request on the peer. With ``tap``, the whole answer is also kept and handed
         to it once it has all arrived."""
         ended_event = True
-        ctype = upstream.getheader("content-type") or ""
+        ctype = upstream.header("content-type") or ""
         try:
             if tap is not None and sse_dialect is None:  # one JSON body: whole, then tapped, then relayed
                 whole = upstream.read()
