@@ -134,9 +134,62 @@ def test_connection_close_and_http_1_0_answers_are_not_kept(pool):
     server.close()
 
 
+def test_transfer_coding_framing_follows_rfc_9112(pool):
+    server = Canned(
+        [
+            # chunked and a Content-Length: the chunks frame it, and the connection is not kept
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+            # chunked not last: the body runs to the connection's end
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+            # repeats of one Content-Length, and a folded header line
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\nX-Long: a\r\n  b\r\n\r\nok",
+        ],
+        close_after={0, 1},
+    )
+    assert pool.get(server.url, "/", {}) == (200, b"ab")
+    assert pool.get(server.url, "/", {}) == (200, b"2\r\nab\r\n0\r\n\r\n")
+    conn, answer = pool.request("GET", server.url, "/", None, {})
+    assert answer.read() == b"ok" and answer.header("X-Long") == "a b"
+    server.close()
+
+
+def test_bytes_left_after_an_answer_are_never_taken_for_the_next_one(pool):
+    server = Canned(
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSECRET", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nnew"]
+    )
+    assert pool.get(server.url, "/", {}) == (200, b"ok")
+    assert pool.get(server.url, "/", {}) == (200, b"new")  # on a new connection
+    assert server.accepted == 2
+    server.close()
+
+
+@pytest.mark.parametrize("method, sent_again", [("GET", True), ("POST", False)])
+def test_a_request_the_peer_read_before_closing_goes_again_only_if_it_is_safe_to_repeat(pool, method, sent_again):
+    # the pooled connection looks open; the peer reads the next request, then closes without a word
+    server = Canned(
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na", b"", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"], {1}
+    )
+    assert pool.get(server.url, "/warm", {}) == (200, b"a")
+    if sent_again:
+        conn, answer = pool.request(method, server.url, "/again", None, {})
+        assert answer.read() == b"b"
+    else:
+        with pytest.raises(PeerProtocolError):
+            pool.request(method, server.url, "/once", b"{}", {})
+    lines = [r.split(b"\r\n", 1)[0] for r in server.received]
+    assert lines[1:] == ([b"GET /again HTTP/1.1"] * 2 if sent_again else [b"POST /once HTTP/1.1"])
+    server.close()
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
+        b"HTTP/1.1 \xb200 OK\r\n\r\n",  # digits to str.isdigit, not to int()
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         b"SSH-2.0-OpenSSH\r\n\r\n",
         b"HTTP/1.1 2x0 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
@@ -149,9 +202,9 @@ def test_connection_close_and_http_1_0_answers_are_not_kept(pool):
         b"",  # closed without a word, on a fresh connection
     ],
 )
-def test_a_garbled_or_cut_answer_raises_a_peer_error(pool, garbage):
+def test_a_garbled_or_cut_answer_raises_a_protocol_error(pool, garbage):
     server = Canned([garbage], close_after={0})
-    with pytest.raises(PeerError):
+    with pytest.raises(PeerProtocolError):
         pool.get(server.url, "/", {})
     server.close()
 
@@ -159,23 +212,30 @@ def test_a_garbled_or_cut_answer_raises_a_peer_error(pool, garbage):
 def test_a_peer_that_never_answers_is_a_timeout_and_a_closed_port_a_refusal():
     server = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) but never answers
     url = f"http://127.0.0.1:{server.getsockname()[1]}"
-    with pytest.raises(OSError):
+    with pytest.raises(TimeoutError):
         Pool(1, 0.2).get(url, "/", {})
     server.close()
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         Pool(1, 0.2).get(url, "/", {})
+    assert issubclass(TimeoutError, PeerError) and issubclass(PeerProtocolError, PeerError)
 
 
-def test_a_header_value_with_a_line_break_is_never_sent(pool):
+@pytest.mark.parametrize(
+    "method, path, headers",
+    [
+        ("GET", "/", {"X-A": "a\r\nX-Injected: 1"}),
+        ("GET", "/a\r\nX-Injected: 1", {}),
+        ("GET", "/a b", {}),
+        ("GET /x HTTP/1.1\r\n", "/", {}),
+        ("GET", "/", {"X-A\r\nX-B": "1"}),
+    ],
+)
+def test_a_request_that_would_be_two_on_the_wire_is_never_sent(pool, method, path, headers):
     server = Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
     with pytest.raises(ValueError):
-        pool.request("GET", server.url, "/", None, {"X-A": "a\r\nX-Injected: 1"})
+        pool.request(method, server.url, path, None, headers)
     assert server.received == []
     server.close()
-
-
-def test_protocol_errors_are_peer_errors():
-    assert issubclass(PeerProtocolError, PeerError[1])
 
 
 def test_the_text_log_line_writes_each_kind_of_field_as_before():

@@ -8,10 +8,19 @@ needs is small: one request written in one ``sendall``, the status line and head
 buffered reader's C ``readline``, a body framed by Content-Length, chunks or the connection's end
 (RFC 9112 section 6), pooled connections, a connect timeout apart from the read timeout, and one
 retry when a pooled connection turns out to have been closed by the peer while it sat idle.
+
+Strict where a lenient reader could be fooled: a garbled answer (a status, length or chunk size that
+is not plain digits, Content-Length fields that disagree, more than 16 interim answers) is a
+PeerProtocolError, never a ValueError, and the connection is not reused; a pooled connection with
+anything waiting on it (an end, or bytes the last answer left) is closed rather than reused; a
+request that went out whole is sent again only if it is safe to repeat (GET, HEAD, OPTIONS); a
+request line or header that would not be one request on the wire is refused before it is sent.
 """
 
 from __future__ import annotations
 
+import re
+import select
 import socket
 import ssl
 import threading
@@ -23,17 +32,28 @@ class PeerProtocolError(Exception):
     """The peer's answer is not HTTP/1.1 as this client reads it (a garbled or truncated answer)."""
 
 
-class _Stale(Exception):
-    """A pooled connection the peer closed while it sat idle: nothing of an answer arrived."""
+class _Unsent(ConnectionError):
+    """The request could not be written on a pooled connection (the peer had closed it): the peer
+    never read it whole, so it may go again on a new connection."""
+
+
+class _Unanswered(PeerProtocolError):
+    """The peer closed the connection after the request went out, before any byte of an answer:
+    it may or may not have acted on it, so only a request that is safe to repeat goes again."""
 
 
 PeerError = (OSError, PeerProtocolError)  # anything a dead, closing or garbling peer raises
-# sending on a connection the peer closed while idle: safe to send again on a new one (a timeout is
-# not among them: a slow peer must not get the request twice)
-_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, _Stale)
+_SEND_FAILED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS"))
 _MAX_LINE = 65536  # longest status, header or chunk-size line read from a peer
 _MAX_HEADERS = 200
+_MAX_INTERIM = 16  # 1xx answers skipped before the final one
 _NO_BODY = frozenset((204, 304))
+_STATUS = re.compile(r"HTTP/1\.[01] ([1-9][0-9]{2})(?: .*)?")
+_DIGITS = re.compile(r"[0-9]+")
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name or method (RFC 9110 5.6.2)
+_TARGET = re.compile(r"[!-~]+")  # a request target: visible ASCII, no space or control
 
 
 class Answer:
@@ -43,26 +63,31 @@ class Answer:
     def __init__(self, rfile, method: str):
         self._rfile = rfile
         self.status, self.headers, version = _read_head(rfile)
-        fields = {name.lower(): value for name, value in self.headers}
-        conn_opts = fields.get("connection", "").lower()
+        fields: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            fields.setdefault(name.lower(), []).append(value)
+        conn_opts = ",".join(fields.get("connection", ())).lower()
         self.will_close = "close" in conn_opts or (version == "HTTP/1.0" and "keep-alive" not in conn_opts)
-        self.chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+        codings = [c.strip().lower() for c in ",".join(fields.get("transfer-encoding", ())).split(",") if c.strip()]
+        self.chunked = bool(codings) and codings[-1] == "chunked"
         self._left: int | None = None  # bytes left of a sized body or of the current chunk
         self.done = False
         if method == "HEAD" or self.status in _NO_BODY:
             self.done = True
-        elif self.chunked:
-            self._left = 0
+        elif codings:  # RFC 9112 6.3: it overrides a Content-Length, and the connection then ends
+            self.will_close = self.will_close or "content-length" in fields or version == "HTTP/1.0"
+            if self.chunked:
+                self._left = 0
+            else:  # a coding other than chunked last: the body runs to the connection's end
+                self.will_close = True
         elif "content-length" in fields:
-            length = fields["content-length"]
-            if not length.isdigit():
-                raise PeerProtocolError(f"bad Content-Length {length!r}")
-            self._left = int(length)
+            self._left = _content_length(fields["content-length"])
             self.done = self._left == 0
         else:  # the body runs to the connection's end
             self.will_close = True
 
     def header(self, name: str) -> str | None:
+        """The first value of the named header field (any case), or None."""
         name = name.lower()
         return next((v for k, v in self.headers if k.lower() == name), None)
 
@@ -97,13 +122,10 @@ class Answer:
     def _next_chunk(self) -> bool:
         """Read the next chunk's size line; False (and the trailers read) after the last one."""
         line = self._rfile.readline(_MAX_LINE)
-        size = line.split(b";", 1)[0].strip()
-        try:
-            self._left = int(size, 16)
-        except ValueError:
-            raise PeerProtocolError(f"bad chunk size line {line[:40]!r}") from None
-        if self._left < 0:
+        size = line.split(b";", 1)[0].strip().decode("latin-1")
+        if not line.endswith(b"\n") or not _HEX.fullmatch(size):
             raise PeerProtocolError(f"bad chunk size line {line[:40]!r}")
+        self._left = int(size, 16)
         if self._left:
             return True
         for _ in range(_MAX_HEADERS):  # trailers, up to the blank line that ends the message
@@ -116,26 +138,47 @@ class Answer:
         raise PeerProtocolError("the chunked body did not end")
 
 
+def _content_length(values: list[str]) -> int:
+    """The body's length from its Content-Length field(s): repeats must agree (RFC 9112 6.3)."""
+    lengths = {v.strip() for value in values for v in value.split(",")}
+    if len(lengths) != 1 or not _DIGITS.fullmatch(next(iter(lengths))):
+        raise PeerProtocolError(f"bad Content-Length {', '.join(values)[:60]!r}")
+    return int(lengths.pop())
+
+
 def _read_head(rfile) -> tuple[int, list[tuple[str, str]], str]:
     """Status, header fields and version of the next final answer (1xx interim answers skipped)."""
-    while True:
+    for interim in range(_MAX_INTERIM + 1):
         line = rfile.readline(_MAX_LINE)
-        if not line:
-            raise _Stale("the peer closed the connection before answering")
-        version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
+        if not line and not interim:
+            raise _Unanswered("the peer closed the connection before answering")
+        status = _STATUS.fullmatch(line.decode("latin-1").rstrip("\r\n")) if line.endswith(b"\n") else None
+        if status is None:
             raise PeerProtocolError(f"bad status line {line[:60]!r}")
-        headers = []
-        while (field := rfile.readline(_MAX_LINE)) not in (b"\r\n", b"\n"):
-            if not field.endswith(b"\n") or len(headers) >= _MAX_HEADERS:
-                raise PeerProtocolError("the answer's header is cut short or too large")
-            name, colon, value = field.decode("latin-1").partition(":")
-            if not colon or not name or name != name.strip():
-                raise PeerProtocolError(f"bad header line {field[:60]!r}")
-            headers.append((name, value.strip()))
-        if int(code) >= 200 or code == "101":
-            return int(code), headers, version
+        headers = _read_fields(rfile)
+        code = int(status.group(1))
+        if code >= 200 or code == 101:
+            return code, headers, line[:8].decode("latin-1")
+    raise PeerProtocolError(f"more than {_MAX_INTERIM} interim (1xx) answers")
+
+
+def _read_fields(rfile) -> list[tuple[str, str]]:
+    """Header fields up to the blank line; a continuation line (obs-fold) joins the field before it
+    with a space, as RFC 9112 5.2 asks of a client."""
+    headers: list[tuple[str, str]] = []
+    while (field := rfile.readline(_MAX_LINE)) not in (b"\r\n", b"\n"):
+        if not field.endswith(b"\n") or len(headers) >= _MAX_HEADERS:
+            raise PeerProtocolError("the answer's header is cut short or too large")
+        text = field.decode("latin-1")
+        if text[0] in " \t" and headers:
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {text.strip()}".strip())
+            continue
+        name, colon, value = text.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise PeerProtocolError(f"bad header line {field[:60]!r}")
+        headers.append((name, value.strip()))
+    return headers
 
 
 class Connection:
@@ -147,14 +190,38 @@ class Connection:
         self._rfile = sock.makefile("rb")
 
     def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> Answer:
-        """Send a request; return its answer once the status line and headers are in."""
-        if any("\n" in v or "\r" in v for v in headers.values()):
-            raise ValueError("a header value holds a line break")
+        """Send a request; return its answer once the status line and headers are in. Raises
+        ValueError for a request that would not be one request on the wire (a line break or
+        space where none may be: a request smuggled into another), before anything is sent."""
+        if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(path):
+            raise ValueError(f"not a request line: {method[:20]!r} {path[:60]!r}")
+        if any(not _TOKEN.fullmatch(k) or "\n" in v or "\r" in v or "\0" in v for k, v in headers.items()):
+            raise ValueError("a header field name is not a token, or its value holds a line break")
         fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         length = f"Content-Length: {len(body)}\r\n" if body is not None else ""
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{fields}{length}Accept-Encoding: identity\r\n\r\n"
-        self.sock.sendall(head.encode("latin-1") + (body or b""))
+        try:
+            self.sock.sendall(head.encode("latin-1") + (body or b""))
+        except _SEND_FAILED as exc:
+            raise _Unsent(str(exc)) from exc
         return Answer(self._rfile, method)
+
+    def reusable(self) -> bool:
+        """Whether this idle connection can carry another request: nothing waits to be read on it,
+        neither an end (the peer closed it) nor bytes the last answer left, which would be taken
+        for the next answer."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return False
+        if select.select([self.sock], [], [], 0)[0]:
+            return False
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)  # the reader's buffer only: a non-blocking socket read finds nothing
+        try:
+            return not self._rfile.peek(1)
+        except OSError:
+            return False
+        finally:
+            self.sock.settimeout(timeout)
 
     def close(self) -> None:
         self._rfile.close()
@@ -180,19 +247,23 @@ class Pool:
         self._tls: ssl.SSLContext | None = None
 
     def _take(self, endpoint: str) -> Connection | None:
-        stale = []
-        conn = None
-        with self._lock:
-            idle = self._idle.get(endpoint)
-            if idle:
-                since, conn = idle.pop()
-                if time.monotonic() - since > self.idle_s:  # the newest is too old: so are the rest
-                    stale = [c for _, c in idle] + [conn]
-                    idle.clear()
-                    conn = None
-        for c in stale:
-            c.close()
-        return conn
+        """The idle connection used last, if it can carry a request (see Connection.reusable)."""
+        while True:
+            stale = []
+            conn = None
+            with self._lock:
+                idle = self._idle.get(endpoint)
+                if idle:
+                    since, conn = idle.pop()
+                    if time.monotonic() - since > self.idle_s:  # the newest is too old: so are the rest
+                        stale = [c for _, c in idle] + [conn]
+                        idle.clear()
+                        conn = None
+            for c in stale:
+                c.close()
+            if conn is None or conn.reusable():
+                return conn
+            conn.close()
 
     def _connect(self, endpoint: str) -> Connection:
         url = urllib.parse.urlsplit(endpoint)
@@ -220,17 +291,19 @@ class Pool:
         if conn is not None:
             try:
                 return conn, conn.request(method, path, body, headers)
-            except _STALE:
-                conn.close()  # the peer closed it while it sat idle: one more try on a new one
+            except (_Unsent, _Unanswered) as exc:
+                # the peer closed it as it sat idle: one more try on a new connection, unless the
+                # request went out whole and the peer may have acted on it (then only if it is
+                # safe to repeat); a timeout is never retried: a slow peer must not get it twice
+                conn.close()
+                if isinstance(exc, _Unanswered) and method not in _IDEMPOTENT:
+                    raise
             except BaseException:
                 conn.close()
                 raise
         conn = self._connect(endpoint)
         try:
             return conn, conn.request(method, path, body, headers)
-        except _Stale as exc:
-            conn.close()
-            raise PeerProtocolError(str(exc)) from None
         except BaseException:
             conn.close()
             raise
