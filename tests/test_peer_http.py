@@ -150,6 +150,7 @@ def test_transfer_coding_framing_follows_rfc_9112(pool):
     assert pool.get(server.url, "/", {}) == (200, b"2\r\nab\r\n0\r\n\r\n")
     conn, answer = pool.request("GET", server.url, "/", None, {})
     assert answer.read() == b"ok" and answer.header("X-Long") == "a b"
+    assert server.accepted == 3  # neither of the first two connections was kept
     server.close()
 
 
