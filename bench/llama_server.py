@@ -24,7 +24,8 @@ Each figure is the best over rounds (TTFT: the lowest p50); ratios are cortex / 
 llama-server and cortex serve running side by side, N one-stream requests to each, alternating
 (the order flipped every pair), each pair's ratio taken from two requests a fraction of a second
 apart. A shared VM's speed drifts by 10-15% over minutes, so the best of each server's rounds can
-compare a fast minute with a slow one; the median of the pairs' ratios cannot.
+compare a fast minute with a slow one; the median of the pairs' ratios cannot. It also prints
+each server's gaps between streamed tokens (p10, p50, p90, p99): how evenly the tokens come.
 """
 
 from __future__ import annotations
@@ -288,10 +289,15 @@ def paired(binary: Path, gguf: Path, args: argparse.Namespace, path: str) -> Non
         for url in urls.values():
             stream(url, f"{Counter.next()} warm up", 4, "default")
         rates: dict[str, list[float]] = {k: [] for k in urls}
+        gaps: dict[str, list[float]] = {k: [] for k in urls}
         for i in range(args.pairs):
             for k in list(urls) if i % 2 == 0 else list(urls)[::-1]:
                 one = stream(urls[k], f"{Counter.next()}. {SHORT}", args.tokens, "default")["stamps"]
                 rates[k].append((len(one) - 1) / (one[-1] - one[0]))
+                gaps[k] += [b - a for a, b in zip(one, one[1:], strict=False)]
+    for k, g in gaps.items():  # how evenly the tokens come: a step that varies shows here, not in a mean
+        at = [sorted(g)[int(f * (len(g) - 1))] * 1e3 for f in (0.1, 0.5, 0.9, 0.99)]
+        print(f"# gaps between tokens, {k}: p10 {at[0]:.2f} p50 {at[1]:.2f} p90 {at[2]:.2f} p99 {at[3]:.2f} ms")
     ratios = sorted(b / a for a, b in zip(rates["llama.cpp"], rates[path], strict=True))
     q = lambda f: ratios[int(f * (len(ratios) - 1))]  # noqa: E731
     print(
