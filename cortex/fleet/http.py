@@ -112,10 +112,13 @@ class Answer:
                 raise PeerProtocolError("a chunk does not end with CRLF")
         return data
 
-    def read(self) -> bytes:
-        """The rest of the body."""
-        parts = []
+    def read(self, limit: int | None = None) -> bytes:
+        """The rest of the body; more than ``limit`` bytes (None: no limit) is a PeerProtocolError."""
+        parts, size = [], 0
         while data := self.read1():
+            size += len(data)
+            if limit is not None and size > limit:
+                raise PeerProtocolError(f"the answer's body is larger than {limit} bytes")
             parts.append(data)
         return b"".join(parts)
 
@@ -330,10 +333,12 @@ class Pool:
             for _, c in conns:
                 c.close()
 
-    def get(self, endpoint: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    def get(self, endpoint: str, path: str, headers: dict[str, str], limit: int = 16 << 20) -> tuple[int, bytes]:
+        """Status and whole body of a GET; a body over ``limit`` bytes (16 MiB: a peer's health
+        is a few KB) is a PeerProtocolError, not memory a broken or hostile peer fills."""
         conn, answer = self.request("GET", endpoint, path, None, headers)
         try:
-            body = answer.read()
+            body = answer.read(limit)
         except BaseException:
             conn.close()
             raise
