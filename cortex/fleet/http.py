@@ -63,9 +63,10 @@ class Answer:
     def __init__(self, rfile, method: str):
         self._rfile = rfile
         self.status, self.headers, version = _read_head(rfile)
-        fields: dict[str, list[str]] = {}
+        fields: dict[str, list[str]] = {}  # by lower-case name: every value, in order
         for name, value in self.headers:
             fields.setdefault(name.lower(), []).append(value)
+        self._fields = fields
         conn_opts = ",".join(fields.get("connection", ())).lower()
         self.will_close = "close" in conn_opts or (version == "HTTP/1.0" and "keep-alive" not in conn_opts)
         codings = [c.strip().lower() for c in ",".join(fields.get("transfer-encoding", ())).split(",") if c.strip()]
@@ -88,8 +89,8 @@ class Answer:
 
     def header(self, name: str) -> str | None:
         """The first value of the named header field (any case), or None."""
-        name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), None)
+        values = self._fields.get(name.lower())
+        return values[0] if values else None
 
     def read1(self, n: int = 65536) -> bytes:
         """Body bytes already here (at most ``n``; one socket read if none are); b"" at its end."""
