@@ -25,7 +25,11 @@ llama-server and cortex serve running side by side, N one-stream requests to eac
 (the order flipped every pair), each pair's ratio taken from two requests a fraction of a second
 apart. A shared VM's speed drifts by 10-15% over minutes, so the best of each server's rounds can
 compare a fast minute with a slow one; the median of the pairs' ratios cannot. It also prints
-each server's gaps between streamed tokens (p10, p50, p90, p99): how evenly the tokens come.
+each server's gaps between streamed events (p10, p50, p90, p99) and tokens per event: how evenly
+the tokens come (cortex streams a multi-step's tokens in one event, ``[engine] decode_steps``).
+
+Rates count the tokens each server says it generated (``usage``, asked for with
+``stream_options.include_usage``), else one per event, after the first event.
 """
 
 from __future__ import annotations
@@ -127,13 +131,14 @@ def stream(url: str, content: str, max_tokens: int, model: str) -> dict:
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "stream": True,
+        "stream_options": {"include_usage": True},  # cortex streams a multi-step's tokens in one event
         "ignore_eos": True,
         "temperature": 0,
     }
     target = urlsplit(url)
     conn = http.client.HTTPConnection(target.hostname, target.port, timeout=900)
     t0 = time.perf_counter()
-    stamps, other = [], []
+    stamps, other, tokens = [], [], None
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -142,13 +147,21 @@ def stream(url: str, content: str, max_tokens: int, model: str) -> dict:
         for line in resp:
             if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
                 stamps.append(time.perf_counter())
+            elif b'"usage":{' in line:
+                tokens = json.loads(line[len(b"data: ") :])["usage"]["completion_tokens"]
             elif line.strip():
                 other.append(line.strip()[:200])
     finally:
         conn.close()
     if not stamps:  # an error event instead of tokens: counted as failed, not timed
         return {"ttft": None, "stamps": [], "error": b" | ".join(other[-3:]).decode(errors="replace")}
-    return {"ttft": stamps[0] - t0, "stamps": stamps}
+    # tokens: what the server generated (its usage), else one per event
+    return {"ttft": stamps[0] - t0, "stamps": stamps, "tokens": tokens or len(stamps)}
+
+
+def decode_rate(one: dict) -> float:
+    """Tokens per second after the first event (which carries the prompt's first token alone)."""
+    return (one["tokens"] - 1) / (one["stamps"][-1] - one["stamps"][0])
 
 
 def concurrent(url: str, prompts: list[str], max_tokens: int, model: str) -> tuple[list[dict], float]:
@@ -191,11 +204,10 @@ def measure(url: str, model: str, tokens: int, streams: int, repeats: int = 1) -
     out = {}
     rates = []
     for _ in range(repeats):  # one request is a fraction of a second: a hiccup of the machine decides it
-        one = stream(url, f"{Counter.next()}. {SHORT}", tokens, model)["stamps"]  # needs at least two tokens
-        rates.append((len(one) - 1) / (one[-1] - one[0]))
+        rates.append(decode_rate(stream(url, f"{Counter.next()}. {SHORT}", tokens, model)))
     out["decode_1"] = max(rates)
     many, wall = concurrent(url, [f"{Counter.next()}. {SHORT}" for _ in range(streams)], tokens, model)
-    out[f"decode_{streams}"] = sum(len(r["stamps"]) for r in many) / wall
+    out[f"decode_{streams}"] = sum(r.get("tokens", 0) for r in many) / wall
     for name, text in (("short", SHORT), ("long", long_text)):
         ttft1 = [stream(url, f"{Counter.next()}. {text}", 2, model)["ttft"] for _ in range(3)]
         out[f"ttft_{name}_1"] = median(ttft1)
@@ -290,14 +302,20 @@ def paired(binary: Path, gguf: Path, args: argparse.Namespace, path: str) -> Non
             stream(url, f"{Counter.next()} warm up", 4, "default")
         rates: dict[str, list[float]] = {k: [] for k in urls}
         gaps: dict[str, list[float]] = {k: [] for k in urls}
+        per_event: dict[str, list[float]] = {k: [] for k in urls}
         for i in range(args.pairs):
             for k in list(urls) if i % 2 == 0 else list(urls)[::-1]:
-                one = stream(urls[k], f"{Counter.next()}. {SHORT}", args.tokens, "default")["stamps"]
-                rates[k].append((len(one) - 1) / (one[-1] - one[0]))
+                got = stream(urls[k], f"{Counter.next()}. {SHORT}", args.tokens, "default")
+                rates[k].append(decode_rate(got))
+                one = got["stamps"]
                 gaps[k] += [b - a for a, b in zip(one, one[1:], strict=False)]
-    for k, g in gaps.items():  # how evenly the tokens come: a step that varies shows here, not in a mean
+                per_event[k].append(got["tokens"] / len(one))
+    for k, g in gaps.items():  # how evenly the events come: a step that varies shows here, not in a mean
         at = [sorted(g)[int(f * (len(g) - 1))] * 1e3 for f in (0.1, 0.5, 0.9, 0.99)]
-        print(f"# gaps between tokens, {k}: p10 {at[0]:.2f} p50 {at[1]:.2f} p90 {at[2]:.2f} p99 {at[3]:.2f} ms")
+        print(
+            f"# gaps between streamed events, {k}: p10 {at[0]:.2f} p50 {at[1]:.2f} p90 {at[2]:.2f} "
+            f"p99 {at[3]:.2f} ms; {sum(per_event[k]) / len(per_event[k]):.2f} tokens per event"
+        )
     ratios = sorted(b / a for a, b in zip(rates["llama.cpp"], rates[path], strict=True))
     q = lambda f: ratios[int(f * (len(ratios) - 1))]  # noqa: E731
     print(

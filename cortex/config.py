@@ -176,6 +176,12 @@ class EngineConfig:
     overlap_steps: bool = key(
         True, "send a decode step before the previous one's tokens return: the device never waits for the leader"
     )
+    decode_steps: int = key(
+        4,
+        "while every running sequence decodes and nothing waits, a step runs up to this many forwards back to back "
+        "and streams their tokens together: less leader and front work per token; 1 = a token per step",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)

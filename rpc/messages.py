@@ -103,11 +103,24 @@ class SeqInput(Part):
     # overlapped decode: the step was sent before the previous one's tokens returned, so its one
     # token is the one this worker sampled for the sequence last step (``tokens`` is a placeholder)
     follows: bool = False
+    # multi-step decode: the token ids that end this sequence (EOS, stop_token_ids). A step of
+    # several decode steps ends early once every sequence of it has sampled one of its own.
+    stop_ids: list[int] | None = None
 
 
 class GenerateStep(Message):
+    """One step of a model: one forward of every sequence, each sampling where ``sample`` says.
+
+    ``steps`` > 1 (every sequence decoding one token and sampling): that many forwards back to back,
+    each sequence fed the token it sampled in the one before, at the next position (its block table
+    covers them all). It ends early only once every sequence has sampled one of its ``stop_ids``, so
+    a step the leader sent behind it (``follows``) knows where each sequence stands. One message and
+    one reply for several tokens: the leader's and the front's work per token is what multi-step
+    saves, which at one stream on a CPU is a tenth of the step."""
+
     model_id: str
     seqs: list[SeqInput]
+    steps: int = 1
 
 
 class EmbedStep(Message):
@@ -173,6 +186,9 @@ class StepResult(Message):
     # per SeqInput, why sampling its token failed ("" where it did not); None when nothing failed.
     # One sequence's bad distribution fails that request only, not the step's others.
     errors: list[str] | None = None
+    # multi-step: per SeqInput, the tokens sampled after ``tokens``'s one (-1 after its sampling
+    # failed); None for a single step. Every sequence has the same number: the forwards that ran.
+    more: list[list[int]] | None = None
 
 
 class Embeddings(Message):

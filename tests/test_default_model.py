@@ -66,7 +66,8 @@ def test_streams_paris_in_several_chunks_ending_with_done(default_server):
     chunks = list(client.chat.completions.create(model="default", messages=QUESTION, temperature=0, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
+    # the first token alone, then up to [engine] decode_steps (4) tokens an event
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 3
     body = {"model": "default", "messages": QUESTION, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert read_sse(r)[-1] == "[DONE]"

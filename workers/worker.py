@@ -158,6 +158,8 @@ class Worker:
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Error(kind=ErrorKind.UNKNOWN_MODEL, message=f"model {msg.model_id!r} is not loaded on this worker")
+        if msg.steps > 1 and not all(s.sample and len(s.tokens) == 1 for s in msg.seqs):
+            return Error(kind=ErrorKind.BAD_FRAME, message="a multi-step is decodes only: one token each, sampled")
         followed = [s for s in msg.seqs if s.follows]
         if followed and rm.step_failed:  # the leader dropped it with the failed one: no collective for it
             return Error(kind=ErrorKind.STEP_FAILED, message="the step this one follows failed")
@@ -165,23 +167,60 @@ class Worker:
         seams.before_step()
         if followed:
             self._fill_followed(rm, followed)
-        logits = None if rm.gpu is None else rm.gpu.decode(msg.seqs)  # a CUDA graph's replay; None: eager
-        if logits is None:
-            logits = self._forward(rm, msg.seqs)
-        if rm.gpu is not None and rm.tp.rank == 0:  # the whole batch on the device, one transfer
-            out, logprobs, errors = rm.gpu.sampler.sample(logits, msg.seqs)
-        else:
-            out, logprobs, errors = self._sample_rows(rm, msg.seqs, logits)
-        for s, token in zip(msg.seqs, out, strict=True):
-            if token >= 0:
-                rm.last[s.seq_id] = token
+        out, logprobs, errors = self._forward_and_sample(rm, msg.seqs)
+        more = self._more_steps(rm, msg, out, errors) if msg.steps > 1 else None
         rm.step_failed = False
         return StepResult(
             model_id=msg.model_id,
             tokens=out,
             logprobs=logprobs if any(x is not None for x in logprobs) else None,
             errors=errors if any(errors) else None,
+            more=more,
         )
+
+    def _forward_and_sample(self, rm: ResidentModel, seqs: list[SeqInput]) -> tuple[list, list, list]:
+        """One forward of the step's sequences and their samples: (token, logprobs, error) each."""
+        logits = None if rm.gpu is None else rm.gpu.decode(seqs)  # a CUDA graph's replay; None: eager
+        if logits is None:
+            logits = self._forward(rm, seqs)
+        if rm.gpu is not None and rm.tp.rank == 0:  # the whole batch on the device, one transfer
+            out, logprobs, errors = rm.gpu.sampler.sample(logits, seqs)
+        else:
+            out, logprobs, errors = self._sample_rows(rm, seqs, logits)
+        for s, token in zip(seqs, out, strict=True):
+            if token >= 0:
+                rm.last[s.seq_id] = token
+        return out, logprobs, errors
+
+    def _more_steps(self, rm: ResidentModel, msg: GenerateStep, first: list[int], errors: list[str]) -> list[list[int]]:
+        """A multi-step's forwards after its first (``GenerateStep.steps``): each sequence fed what
+        it sampled, one position on, until ``steps`` ran or every sequence has sampled a stop id
+        (or failed). Rank 0 samples; the other ranks of a group get its tokens in one broadcast per
+        forward, so every rank decides to stop at the same forward."""
+        seqs = msg.seqs
+        stops = [frozenset(s.stop_ids or ()) for s in seqs]
+        ended = [False] * len(seqs)
+        more: list[list[int]] = [[] for _ in seqs]
+        sampled = first
+        for _ in range(msg.steps - 1):
+            sampled = self._share_tokens(rm, [-1 if e else t for t, e in zip(sampled, errors, strict=True)])
+            ended = [done or t < 0 or t in stop for done, t, stop in zip(ended, sampled, stops, strict=True)]
+            if all(ended):
+                break
+            for s, token in zip(seqs, sampled, strict=True):
+                s.start_pos, s.tokens = s.start_pos + len(s.tokens), [max(token, 0)]  # a dead one: any token
+                s.prompt, s.state_from, s.state_save, s.follows = None, -1, -1, False
+            sampled, _, now_failed = self._forward_and_sample(rm, seqs)
+            for i, (token, error) in enumerate(zip(sampled, now_failed, strict=True)):
+                more[i].append(-1 if errors[i] or error else token)
+                errors[i] = errors[i] or error
+        return more
+
+    def _share_tokens(self, rm: ResidentModel, tokens: list[int]) -> list[int]:
+        """Rank 0's sampled tokens on every rank of the model's group (as they are with one rank)."""
+        if rm.tp.world_size == 1:
+            return tokens
+        return rm.tp.broadcast(self.torch.tensor(tokens, dtype=self.torch.int64, device=self.device)).tolist()
 
     def _fill_followed(self, rm: ResidentModel, seqs: list[SeqInput]) -> None:
         """An overlapped step's rows feed the token their sequence sampled last step. Rank 0 sampled

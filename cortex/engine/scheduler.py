@@ -39,6 +39,7 @@ class Work:
     restore_from: int = -1  # hybrid: copy this saved state into the sequence's slot first
     save_to: int = -1  # hybrid: save the sequence's state after this chunk into this slot
     follows: bool = False  # overlapped: its token is the one the step in flight before it samples
+    steps: int = 1  # multi-step decode: forwards back to back, each sampling (``GenerateStep.steps``)
 
     @property
     def first(self) -> bool:
@@ -91,7 +92,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
-        """Forget a sequence (finished, cancelled or failed) and free its blocks."""
+        """Forget a sequence (finished, cancelled or failed) and free its blocks, named first for
+        the prefix cache as far as its tokens are known (a multi-step's last forwards are named here)."""
+        if seq.block_table and seq.computed:
+            self.blocks.register(seq.block_table, seq.tokens, seq.computed, seq.block_digests, seq.cache_salt)
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
@@ -103,7 +107,9 @@ class Scheduler:
         """Whether a prompt of this length could ever be held, with the whole pool to itself."""
         return -(-(prompt_len + 1) // self.blocks.block_size) <= self.blocks.num_blocks
 
-    def plan(self) -> list[Work]:
+    def plan(self, decode_steps: int = 1) -> list[Work]:
+        """The next step. ``decode_steps``: when the step is every running sequence decoding and
+        nothing waits, up to that many forwards back to back (``_multi_step``)."""
         budget = self.max_batch_tokens
         work: list[Work] = []
         for seq in list(self.running):  # decodes first: they are what users are watching
@@ -141,9 +147,11 @@ class Scheduler:
                 seq.cached_tokens, seq.admitted = seq.computed, True
             self.running.append(seq)
             budget -= self._chunk(seq, budget, work)
+        if decode_steps > 1:
+            self._multi_step(work, [w.seq.max_tokens - w.seq.output_len for w in work], decode_steps)
         return work
 
-    def plan_ahead(self, in_flight: list[Work]) -> list[Work]:
+    def plan_ahead(self, in_flight: list[Work], decode_steps: int = 1) -> list[Work]:
         """The decode step after the one in flight, planned before its tokens are known: each of
         its sequences feeds the token that step samples (``follows``; the worker has it). Only when
         that step is the whole batch and every sequence in it will surely want one more token
@@ -151,17 +159,40 @@ class Scheduler:
         sequence that stops on the token in flight wastes its overlapped position, nothing more."""
         if self.waiting or {w.seq.seq_id for w in in_flight} != {s.seq_id for s in self.running}:
             return []  # a newcomer, or a sequence outside the step, waits for a plan of its own
-        work = []
+        work, left = [], []
         for w in in_flight:
             seq = w.seq
-            useful = seq.output_len + 2 <= seq.max_tokens  # the token in flight is not its last by length
-            if not w.samples or seq.cancelled or seq.constraint is not None or not useful:
+            after = seq.max_tokens - seq.output_len - w.steps  # what it may still make after the step in flight
+            if not w.samples or seq.cancelled or seq.constraint is not None or after < 1:
                 return []  # a grammar needs the token in flight before the next step's mask
-            start = w.start + len(w.tokens)
+            start = w.start + len(w.tokens) + w.steps - 1
             if not self.blocks.grow(seq.block_table, start + 1):
                 return []  # no preemption for a step that may be wasted
             work.append(Work(seq, [0], start, decode=True, follows=True))
+            left.append(after)
+        if decode_steps > 1:
+            self._multi_step(work, left, decode_steps)
         return work
+
+    def _multi_step(self, work: list[Work], left: list[int], decode_steps: int) -> None:
+        """Make a step of decodes several forwards (``GenerateStep.steps``): one message to the
+        workers and one reply for up to ``decode_steps`` tokens of each sequence. Only when the step
+        is the whole running batch decoding and nothing waits (a newcomer's prompt would wait for
+        the forwards), no sequence follows a grammar or wants logprobs (the leader needs each token
+        before the next mask; logprobs travel per token), and every one may make that many more
+        tokens (``left``) and gets room for them without preempting anyone. The forwards together
+        take about ``step_target_s`` at most, as the step clock predicts: a big batch's are few."""
+        if self.waiting or not work or len(work) != len(self.running):
+            return
+        if not all(w.decode and w.seq.constraint is None and w.seq.sampling.logprobs < 0 for w in work):
+            return
+        steps = min(decode_steps, *left)
+        if self.step_target_s and self.clock.fixed_s:  # a newcomer waits for these forwards: keep them short
+            steps = min(steps, int(self.step_target_s / self.clock.fixed_s))
+        if steps < 2 or not all(self.blocks.grow(w.seq.block_table, w.start + steps) for w in work):
+            return
+        for w in work:
+            w.steps = steps
 
     def _give_state(self, seq: Sequence) -> None:
         """A state slot for an admitted hybrid sequence: zeroed, or a saved prefix's state copied in;
@@ -257,14 +288,15 @@ class Scheduler:
             self.checkpoints.clear()
         return blocks
 
-    def done(self, work: list[Work], seconds: float | None = None) -> None:
+    def done(self, work: list[Work], seconds: float | None = None, ran: int = 1) -> None:
         """Record a finished step (and how long it took): the fed tokens now have KV; name the
-        blocks they filled."""
+        blocks they filled. ``ran``: the forwards a multi-step ran (each fed one more token; the
+        sequence's list gets them as its sampled tokens are applied, after this)."""
         if seconds is not None:
             prefill = sum(units(len(w.tokens), w.start, self.attention_k) for w in work if not w.decode)
-            self.clock.observe(prefill, seconds)
+            self.clock.observe(prefill, seconds / ran)  # the clock models one forward
         for w in work:
-            w.seq.computed = w.start + len(w.tokens)
+            w.seq.computed = w.start + len(w.tokens) + ran - 1
             w.seq.computed_once = True
             self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_digests, w.seq.cache_salt)
             if w.restore_from >= 0:

@@ -111,7 +111,7 @@ class Stepper:
                 continue
             if not sched.has_work():
                 continue
-            work = sched.plan()
+            work = sched.plan(self.shared.cfg.engine.decode_steps)
             if work:
                 self._step(state, work)
                 self._overlap(model_id, sched)
@@ -128,13 +128,13 @@ class Stepper:
             or self.embedder.count(model_id)
         ):
             return
-        work = sched.plan_ahead(running)
+        work = sched.plan_ahead(running, self.shared.cfg.engine.decode_steps)
         if work:
             self._step(state, work)
 
     def _step(self, state: ModelState, work: list[Work]) -> None:
         """Send a step: the model's step in flight, or the overlapped one behind it."""
-        step = GenerateStep(state.id, [_seq_input(w) for w in work])
+        step = GenerateStep(state.id, [_seq_input(w) for w in work], work[0].steps)
         overlapped = state.id in self.in_flight
         if overlapped:
             self.ahead[state.id] = work
@@ -176,27 +176,40 @@ class Stepper:
             self.lifecycle.recover(state, f"a step failed: {error.message}")  # ranks may disagree now
 
     def _apply(self, state: ModelState, work: list[Work], result, seconds: float) -> None:
-        logprobs = result.logprobs or [None] * len(work)
-        errors = result.errors or [""] * len(work)
-        rows = [r for r in zip(work, result.tokens, logprobs, errors, strict=True) if r[0].seq in self.requests]
-        self.schedulers[state.id].done([r[0] for r in rows], seconds)  # an overlapped sequence may have ended
-        for w, token, lp, err in rows:
+        n = len(work)
+        logprobs, errors, more = result.logprobs or [None] * n, result.errors or [""] * n, result.more or [[]] * n
+        rows = [r for r in zip(work, result.tokens, logprobs, errors, more, strict=True) if r[0].seq in self.requests]
+        ran = 1 + len(more[0]) if result.more else 1
+        self.schedulers[state.id].done([r[0] for r in rows], seconds, ran)  # an overlapped sequence may have ended
+        for w, token, lp, err, later in rows:
             if w.seq.cancelled:
                 self.retire(w.seq)
-            elif err:
+                continue
+            tokens = [token, *later]
+            if -1 in tokens:  # its sampling failed there: what came before it still counts
+                tokens = tokens[: tokens.index(-1)]
+            if w.samples and tokens:
+                self._on_tokens(w.seq, tokens, lp)
+            if err:
                 self._fail_sampling(state, w.seq, err)
-            elif w.samples:
-                self._on_token(w.seq, token, lp)
 
-    def _on_token(self, seq: Sequence, token: int, logprobs: list | None = None) -> None:
-        if seq.constraint is not None:
-            tok = self.shared.registry.models[seq.model_id].files.tokenizer.tokenizer
-            seq.constraint.advance(token, token_bytes(tok, token))
-        self.shared.stats.token(seq)
-        text, finish = seq.append(token)
+    def _on_tokens(self, seq: Sequence, tokens: list[int], logprobs: list | None = None) -> None:
+        """Apply a step's sampled tokens (several from a multi-step) and send what they make: one
+        Delta for them all, and the Finished if one ends the sequence (the rest are dropped)."""
+        texts, finish = [], None
+        for token in tokens:
+            if seq.constraint is not None:
+                tok = self.shared.registry.models[seq.model_id].files.tokenizer.tokenizer
+                seq.constraint.advance(token, token_bytes(tok, token))
+            text, finish = seq.append(token)
+            texts.append(text)
+            if finish:
+                break
+        self.shared.stats.tokens(seq, len(texts))
         entry = self._logprob_entry(seq, token, logprobs) if logprobs is not None else None
         if entry is not None and (finish != "stop" or token not in seq.eos_ids):
             seq.pending_logprobs.append(entry)
+        text = "".join(texts)
         if text or seq.pending_logprobs:
             delta = Delta(
                 seq.request_id, text, seq.output_len, seq.pending_logprobs or None, seq.index, seq.cached_tokens
@@ -329,6 +342,7 @@ def _seq_input(w: Work) -> SeqInput:
         state_from=w.restore_from,
         state_save=w.save_to,
         follows=w.follows,
+        stop_ids=sorted(seq.eos_ids) if w.steps > 1 else None,
     )
 
 

@@ -41,13 +41,18 @@ class EngineMetrics:
                 w.seq.admitted_at = now
                 m.QUEUE_TIME.labels(model).observe(now - w.seq.arrived)
 
-    def token(self, seq: Sequence) -> None:
+    def tokens(self, seq: Sequence, n: int = 1) -> None:
+        """``n`` tokens of ``seq`` arrived together (a multi-step returns several): each after the
+        last counts an equal share of the time since the one before them."""
         now = time.monotonic()
         if seq.first_token_at is None:
-            seq.first_token_at = now
+            seq.first_token_at = seq.last_token_at = now
             m.TTFT.labels(seq.model_id).observe(now - seq.arrived)
-        else:
-            m.INTER_TOKEN.labels(seq.model_id).observe(now - seq.last_token_at)
+            n -= 1
+        if n > 0:
+            inter, share = m.INTER_TOKEN.labels(seq.model_id), (now - seq.last_token_at) / n
+            for _ in range(n):
+                inter.observe(share)
         seq.last_token_at = now
 
     def sequence_ended(self, seq: Sequence, outcome: str) -> None:

@@ -1,0 +1,228 @@
+"""Multi-step decode (`[engine] decode_steps`): while every running sequence decodes and nothing
+waits, one GenerateStep runs several forwards back to back, each sequence fed the token it has just
+sampled, and the leader applies and streams their tokens together. Nothing a client sees may change
+but how tokens group into events: the same text, the same usage, the same stops, nothing held
+afterwards."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cortex.engine.blocks import BlockManager
+from cortex.engine.scheduler import Scheduler
+from rpc.messages import GenerateStep, LoadDenseShard, SamplingParams, SeqInput, StepResult
+from tests.conftest import Server, scrape, tiny_models_toml, value, wait_for
+from tests.test_engine import _seq
+from tests.test_overlap import _answers, _client
+
+# -- the plan: when a step is several forwards ------------------------------------------------------
+
+
+def _decoding(*prompts: int, max_tokens: int = 100) -> tuple[Scheduler, list]:
+    """A scheduler whose sequences have computed their prompts and sampled one token each."""
+    sched = Scheduler(BlockManager(64, 4), max_batch_tokens=64, prefill_chunk=64, max_seqs=8)
+    seqs = [_seq(n, max_tokens) for n in prompts]
+    for s in seqs:
+        sched.add(s)
+    sched.done(sched.plan())
+    for s in seqs:
+        s.tokens.append(7)
+    return sched, seqs
+
+
+def test_a_decoding_batch_takes_several_forwards_with_room_for_them_all():
+    sched, (a, b) = _decoding(6, 3)
+    work = sched.plan(decode_steps=4)
+    assert [(w.seq, w.start, w.steps) for w in work] == [(a, 6, 4), (b, 3, 4)]
+    assert len(a.block_table) == 3 and len(b.block_table) == 2  # positions up to 9 and 6
+    sched.done(work, ran=4)
+    assert (a.computed, b.computed) == (10, 7)  # the fed token and the three sampled ones fed after it
+    a.tokens += [1, 2, 3, 4]
+    assert a.pending == 1  # once its four sampled tokens are applied, it decodes on from the last
+    assert sched.plan(decode_steps=1)[0].steps == 1  # 1: a token per step
+
+
+def test_a_step_is_one_forward_when_a_token_decides_the_next_or_someone_waits():
+    sched, (a,) = _decoding(6, max_tokens=3)
+    assert sched.plan(decode_steps=4)[0].steps == 2  # it may make only two more tokens
+    sched, (a,) = _decoding(6)
+    a.constraint = object()  # a grammar: the next mask depends on each token
+    assert sched.plan(decode_steps=4)[0].steps == 1
+    sched, (a,) = _decoding(6)
+    a.sampling = SamplingParams(logprobs=2)
+    assert sched.plan(decode_steps=4)[0].steps == 1
+    sched, (a,) = _decoding(6)
+    sched.add(_seq(9))  # a newcomer's prompt would wait for the forwards
+    assert [w.steps for w in sched.plan(decode_steps=4)] == [1, 1]
+    sched, (a,) = _decoding(6)
+    sched.add(_seq(200))
+    sched.plan()  # its prompt is still being prefilled in chunks
+    assert [w.steps for w in sched.plan(decode_steps=4)] == [1, 1]
+
+
+def test_the_forwards_of_a_multi_step_take_about_the_step_target_at_most():
+    sched, (a, b) = _decoding(6, 3)
+    sched.step_target_s = 0.05
+    sched.clock.observe(0, 0.02)  # a decode step of this batch takes 20 ms
+    assert [w.steps for w in sched.plan(decode_steps=4)] == [2, 2]
+    sched.clock.fixed_s = 0.06
+    assert [w.steps for w in sched.plan(decode_steps=4)] == [1, 1]
+
+
+def test_the_step_overlapped_behind_a_multi_step_starts_after_its_forwards():
+    sched, (a,) = _decoding(6, max_tokens=7)
+    first = sched.plan(decode_steps=4)
+    ahead = sched.plan_ahead(first, decode_steps=4)
+    assert [(w.start, w.follows, w.steps) for w in ahead] == [(10, True, 2)]  # 1 + 4 made, 2 left
+    assert len(a.block_table) == 3  # room for positions up to 11
+    sched, (a,) = _decoding(6, max_tokens=5)
+    assert sched.plan_ahead(sched.plan(decode_steps=4), decode_steps=4) == []  # its last tokens are in flight
+
+
+# -- the worker: several forwards compute what single steps compute -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_qwen3):
+    from workers.arch import ModelConfig
+    from workers.worker import Worker
+
+    w = Worker("cpu")
+    loaded = w.handle(
+        LoadDenseShard(
+            model_id="m",
+            format="safetensors",
+            files=[str(p) for p in sorted(tiny_qwen3.glob("*.safetensors"))],
+            config=ModelConfig.from_hf_dir(tiny_qwen3).to_dict(),
+            dtype="float32",
+            kv_blocks=32,
+        )
+    )
+    assert not hasattr(loaded, "kind"), loaded
+    return w
+
+
+def _step(worker, *seqs: SeqInput, steps: int = 1) -> StepResult:
+    got = worker.handle(GenerateStep("m", list(seqs), steps))
+    assert isinstance(got, StepResult), got
+    return got
+
+
+def _tokens_one_at_a_time(worker, seq_id: int, prompt: list[int], table: list[int], n: int) -> list[int]:
+    greedy = SamplingParams(temperature=0)
+    out = _step(worker, SeqInput(seq_id, prompt, 0, greedy, table)).tokens
+    for i in range(n - 1):
+        out += _step(worker, SeqInput(seq_id, out[-1:], len(prompt) + i, greedy, table)).tokens
+    return out
+
+
+def test_a_multi_step_samples_what_single_steps_sample_and_ends_when_every_sequence_stopped(worker):
+    greedy = SamplingParams(temperature=0)
+    prompt_a, prompt_b = [5, 9, 14, 3, 22], [8, 1, 30]
+    want_a = _tokens_one_at_a_time(worker, 1, prompt_a, [0, 1], 6)
+    want_b = _tokens_one_at_a_time(worker, 2, prompt_b, [2, 3], 6)
+    first = _step(worker, SeqInput(3, prompt_a, 0, greedy, [4, 5]), SeqInput(4, prompt_b, 0, greedy, [6, 7]))
+    assert first.tokens == [want_a[0], want_b[0]] and first.more is None
+    a = SeqInput(3, first.tokens[:1], 5, greedy, [4, 5], stop_ids=[want_a[2]])
+    b = SeqInput(4, first.tokens[1:], 3, greedy, [6, 7])
+    got = _step(worker, a, b, steps=5)
+    # a sampled its stop id on the second forward, but b had not: every forward ran
+    assert [[t, *m] for t, m in zip(got.tokens, got.more, strict=True)] == [want_a[1:], want_b[1:]]
+    assert _step(worker, SeqInput(5, prompt_a, 0, greedy, [8, 9])).tokens == want_a[:1]
+    alone = _step(worker, SeqInput(5, want_a[:1], 5, greedy, [8, 9], stop_ids=[want_a[2]]), steps=5)
+    ends = want_a.index(want_a[2], 1)  # where it first samples its stop id (a tiny model may repeat)
+    assert [alone.tokens[0], *alone.more[0]] == want_a[1 : ends + 1]  # alone, it ends there
+
+
+def test_a_multi_step_of_a_prompt_chunk_is_refused(worker):
+    got = worker.handle(GenerateStep("m", [SeqInput(9, [1, 2, 3], 0, SamplingParams(), [10])], 3))
+    assert got.kind == "bad_frame" and "decodes only" in got.message
+
+
+# -- served: the same answers whatever decode_steps is ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, tiny_qwen3):
+    made = []
+    for steps in (1, 4):
+        root = tmp_path_factory.mktemp(f"steps-{steps}")
+        extra = f"[engine]\nkv_cache_mb = 8\nmax_requests_per_client = 0\ndecode_steps = {steps}\n"
+        made.append(Server(root, tiny_models_toml(tiny_qwen3, "max_context = 1024"), extra))
+    try:
+        for srv in made:
+            srv.wait_healthy()
+        yield made
+    finally:
+        for srv in made:
+            srv.stop()
+
+
+def _kv_used(srv: Server) -> float:
+    return value(scrape(srv.metrics_url), "cortex_kv_cache_blocks", model="tiny", state="used")
+
+
+def test_multi_steps_answer_exactly_what_single_steps_answer(servers):
+    single, multi = servers
+    expected = _answers(single, concurrent=False)
+    assert _answers(multi, concurrent=False) == expected
+    assert _answers(multi, concurrent=True) == expected  # batches that grow and shrink under it
+    wait_for(lambda: _kv_used(multi) == 0, what="every KV block free again")
+
+
+def test_a_multi_step_stream_carries_every_token_once_and_its_usage(servers):
+    single, multi = servers
+    ask = {"model": "tiny", "max_tokens": 30, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    messages = [{"role": "user", "content": "Paris is the capital of"}]
+    full = _client(single).chat.completions.create(messages=messages, **ask).choices[0].message.content
+    pieces, usage = [], None
+    with _client(multi).chat.completions.create(
+        messages=messages, stream=True, stream_options={"include_usage": True}, **ask
+    ) as stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+            usage = chunk.usage or usage
+    assert "".join(pieces) == full and usage.completion_tokens == 30
+    assert len(pieces) < 30  # tokens of one multi-step travel together
+    assert value(scrape(multi.metrics_url), "cortex_inter_token_latency_seconds_count", model="tiny") >= 29
+
+
+def test_a_stop_string_inside_a_multi_step_or_a_client_gone_ends_the_same_and_frees_its_blocks(servers):
+    single, multi = servers
+    ask = {"model": "tiny", "max_tokens": 40, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    messages = [{"role": "user", "content": "Hello world"}]
+    full = _client(single).chat.completions.create(messages=messages, **ask).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    for srv in (single, multi):
+        r = _client(srv).chat.completions.create(messages=messages, stop=[stop], **ask)
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == full[: full.index(stop)]
+    with _client(multi).chat.completions.create(messages=messages, stream=True, **ask) as stream:
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break  # the client goes away with a multi-step in flight
+    wait_for(lambda: _kv_used(multi) == 0, what="the cancelled stream's blocks free again")
+
+
+def test_requests_arriving_during_multi_steps_all_complete(servers):
+    _, multi = servers
+    client, done = _client(multi), []
+
+    def go(i: int) -> None:
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=12 + i,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        done.append(r.usage.completion_tokens == 12 + i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert done == [True] * 6
