@@ -64,8 +64,11 @@ def _tiny_model(into: Path) -> Path:
     return into
 
 
-def _serve(root: Path, name: str, devices: str, port: int, models: str, extra: str, gateway: str) -> subprocess.Popen:
-    """A leader; ``gateway``: more [gateway] keys, ``extra``: more tables."""
+def _serve(
+    root: Path, name: str, devices: str, port: int, models: str, extra: str, gateway: str, cpus: set[int] | None = None
+) -> subprocess.Popen:
+    """A leader; ``gateway``: more [gateway] keys, ``extra``: more tables; ``cpus``: the cores it
+    and its processes may run on (None: any)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "models.toml").write_text(models)
     (root / "cortex.toml").write_text(
@@ -76,13 +79,16 @@ def _serve(root: Path, name: str, devices: str, port: int, models: str, extra: s
     )
     log = open(root / "serve.log", "wb")  # noqa: SIM115 (lives as long as the process)
     cmd = [sys.executable, "-m", "cortex.cli", "serve", "--config", str(root / "cortex.toml")]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)  # noqa: PLW1509
 
 
 @contextlib.contextmanager
-def two_leaders(threads: int = 0, route_cache_s: str = "") -> Iterator[tuple[str, str, int]]:
+def two_leaders(threads: int = 0, route_cache_s: str = "", pin: bool = False) -> Iterator[tuple[str, str, int]]:
     """(url of A, url of B, pid of A's leader), both answering, A routing to B; ``threads`` and
-    ``route_cache_s``: the leaders' [gateway] keys (0 or "": their defaults)."""
+    ``route_cache_s``: the leaders' [gateway] keys (0 or "": their defaults). ``pin``: A on the
+    first core, B and this process (the clients) on the others, as if the gateway were a host of
+    its own (a gateway and the peers it routes to are different machines in a fleet)."""
     root = Path(tempfile.mkdtemp(prefix="cortex-gw-"))
     model = _tiny_model(root / "model")
     pa, pb = _port(), _port()
@@ -90,9 +96,15 @@ def two_leaders(threads: int = 0, route_cache_s: str = "") -> Iterator[tuple[str
         f"route_cache_s = {route_cache_s}\n" if route_cache_s else ""
     )
     tiny = f'[[models]]\nid = "tiny"\npath = "{model}"\npreload = true\n'
-    b = _serve(root / "b", "B", '["cpu"]', pb, tiny, "", gateway)
+    cores = sorted(os.sched_getaffinity(0))
+    if pin and len(cores) < 2:
+        raise SystemExit("--pin needs at least two cores")
+    gw_cpus, rest = ({cores[0]}, set(cores[1:])) if pin else (None, None)
+    if pin:
+        os.sched_setaffinity(0, rest)  # the clients: with B, away from the gateway
+    b = _serve(root / "b", "B", '["cpu"]', pb, tiny, "", gateway, rest)
     peer = f'[[peers]]\nname = "B"\nendpoint = "http://127.0.0.1:{pb}"\n'
-    a = _serve(root / "a", "A", "[]", pa, "", peer, gateway)
+    a = _serve(root / "a", "A", "[]", pa, "", peer, gateway, gw_cpus)
     url_a, url_b = f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"
     try:
         deadline = time.monotonic() + 180
@@ -193,6 +205,11 @@ def main() -> None:
         help="comma-separated [gateway] route_cache_s values, one run each (default: the default)",
     )
     p.add_argument("--rounds", type=int, default=1, help="times to run the --route-cache-s list")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="the gateway (A) on the first core, B and the clients on the others: the gateway as a host of its own",
+    )
     args = p.parse_args()
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -202,7 +219,7 @@ def main() -> None:
         for cache in args.route_cache_s.split(","):
             print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores,", end=" ")
             print(f"load average {os.getloadavg()[0]:.1f}, [gateway] threads {args.threads or 'default'},", end=" ")
-            print(f"route_cache_s {cache or 'default'}")
+            print(f"route_cache_s {cache or 'default'}, {'A pinned apart' if args.pin else 'cores shared'}")
             verdicts += [f"route_cache_s {cache or 'default'}: {v}" for v in measure(args, cache.strip())]
     print("# targets")
     for line in verdicts:
@@ -212,7 +229,7 @@ def main() -> None:
 def measure(args: argparse.Namespace, route_cache_s: str) -> list[str]:
     """Print one table per kind of request; return the verdicts on the targets."""
     verdicts = []
-    with two_leaders(args.threads, route_cache_s) as (url_a, url_b, pid_a):
+    with two_leaders(args.threads, route_cache_s, args.pin) as (url_a, url_b, pid_a):
         with httpx.Client() as http:  # warm both paths: connections, code paths, the peer pool
             for _ in range(20):
                 _once(http, url_a, False, args.tokens)

@@ -168,6 +168,9 @@ class Delta(Message):
     logprobs: list[dict[str, Any]] | None = None
     index: int = 0  # which of the request's n choices
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (known once the sequence is scheduled)
+    # several tokens in one Delta (a multi-step): how many characters of ``text`` each one made, in
+    # order, so the front counts tokens where they fell (e.g. inside a reasoning span); None: one token
+    pieces: list[int] | None = None
 
 
 class Finished(Message):

@@ -84,10 +84,11 @@ def events(
         if ev is None:
             yield Ping()
         elif isinstance(ev, Delta):
-            p = parser(ev.index)
-            before = p.mode
-            parts = p.feed(ev.text)
-            count(ev.index, ev.completion_tokens, "reasoning" in (before, p.mode))
+            p, parts = parser(ev.index), []
+            for text, tokens in _pieces(ev):
+                before = p.mode
+                parts += p.feed(text)
+                count(ev.index, tokens, "reasoning" in (before, p.mode))
             yield Parts(ev.index, parts, ev.logprobs)
         elif isinstance(ev, Finished):
             p = parser(ev.index)
@@ -96,6 +97,19 @@ def events(
             if rest:
                 yield Parts(ev.index, rest)
             yield Done(ev, p.calls, reasoning[ev.index])
+
+
+def _pieces(delta: Delta) -> list[tuple[str, int]]:
+    """(text, completion tokens once it is out) of each token of a delta that made text, as if each
+    had come in a delta of its own (a token that made none is counted with the next that does)."""
+    if delta.pieces is None:
+        return [(delta.text, delta.completion_tokens)]
+    out, at, last = [], 0, len(delta.pieces) - 1
+    for k, n in enumerate(delta.pieces):
+        if n:
+            out.append((delta.text[at : at + n], delta.completion_tokens - (last - k)))
+        at += n
+    return out or [(delta.text, delta.completion_tokens)]
 
 
 def collect(gen: Generation, req: falcon.Request, tools: bool = False) -> list[Choice]:

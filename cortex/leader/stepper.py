@@ -212,7 +212,13 @@ class Stepper:
         text = "".join(texts)
         if text or seq.pending_logprobs:
             delta = Delta(
-                seq.request_id, text, seq.output_len, seq.pending_logprobs or None, seq.index, seq.cached_tokens
+                seq.request_id,
+                text,
+                seq.output_len,
+                seq.pending_logprobs or None,
+                seq.index,
+                seq.cached_tokens,
+                [len(t) for t in texts] if len(texts) > 1 else None,
             )
             self.shared.reply(seq.peer, delta)
             seq.pending_logprobs = []
