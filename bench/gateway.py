@@ -46,6 +46,7 @@ from bench.serve import pct  # noqa: E402
 
 HI = [{"role": "user", "content": "Hello, world!"}]
 TARGETS_MS = {1: 1.0, 64: 5.0}  # clients: most the hop may add at p50
+CORES = sorted(os.sched_getaffinity(0))  # before --pin moves this process
 
 
 def _port() -> int:
@@ -96,10 +97,9 @@ def two_leaders(threads: int = 0, route_cache_s: str = "", pin: bool = False) ->
         f"route_cache_s = {route_cache_s}\n" if route_cache_s else ""
     )
     tiny = f'[[models]]\nid = "tiny"\npath = "{model}"\npreload = true\n'
-    cores = sorted(os.sched_getaffinity(0))
-    if pin and len(cores) < 2:
+    if pin and len(CORES) < 2:
         raise SystemExit("--pin needs at least two cores")
-    gw_cpus, rest = ({cores[0]}, set(cores[1:])) if pin else (None, None)
+    gw_cpus, rest = ({CORES[0]}, set(CORES[1:])) if pin else (None, None)
     if pin:
         os.sched_setaffinity(0, rest)  # the clients: with B, away from the gateway
     b = _serve(root / "b", "B", '["cpu"]', pb, tiny, "", gateway, rest)
