@@ -53,6 +53,11 @@ def test_a_step_is_one_forward_when_a_token_decides_the_next_or_someone_waits():
     sched, (a,) = _decoding(6)
     a.sampling = SamplingParams(logprobs=2)
     assert sched.plan(decode_steps=4)[0].steps == 1
+    sched, a = Scheduler(BlockManager(64, 4), max_batch_tokens=64, prefill_chunk=5, max_seqs=8), _seq(6)
+    sched.add(a)
+    sched.done(sched.plan())  # a prompt chunk that ends one token short of the prompt's end
+    (w,) = sched.plan(decode_steps=4)
+    assert (w.decode, w.samples, w.steps) == (True, True, 1)  # its first token goes out alone
     sched, (a,) = _decoding(6)
     sched.add(_seq(9))  # a newcomer's prompt would wait for the forwards
     assert [w.steps for w in sched.plan(decode_steps=4)] == [1, 1]
@@ -60,6 +65,17 @@ def test_a_step_is_one_forward_when_a_token_decides_the_next_or_someone_waits():
     sched.add(_seq(200))
     sched.plan()  # its prompt is still being prefilled in chunks
     assert [w.steps for w in sched.plan(decode_steps=4)] == [1, 1]
+
+
+def test_a_preempted_sequence_names_the_blocks_its_last_multi_step_filled():
+    sched, (a,) = _decoding(6)
+    sched.blocks.prefix_cache = True
+    work = sched.plan(decode_steps=4)
+    sched.done(work, ran=4)  # positions 6-9 computed; tokens 8 and 9 are not in a's list yet
+    a.tokens += [1, 2, 3, 4]
+    assert len(a.block_digests) == 1
+    sched._preempt(a)
+    assert len(a.block_digests) == 0 and len(sched.blocks.by_digest) == 2  # [0, 4) and [4, 8) named
 
 
 def test_the_forwards_of_a_multi_step_take_about_the_step_target_at_most():
@@ -128,17 +144,24 @@ def test_a_multi_step_samples_what_single_steps_sample_and_ends_when_every_seque
     a = SeqInput(3, first.tokens[:1], 5, greedy, [4, 5], stop_ids=[want_a[2]])
     b = SeqInput(4, first.tokens[1:], 3, greedy, [6, 7])
     got = _step(worker, a, b, steps=5)
-    # a sampled its stop id on the second forward, but b had not: every forward ran
-    assert [[t, *m] for t, m in zip(got.tokens, got.more, strict=True)] == [want_a[1:], want_b[1:]]
+    # a sampled its stop id on the second forward (or sooner: a tiny model may repeat itself), but b
+    # had not: every forward ran, a's after its stop unsampled (-1)
+    stop_at = want_a.index(want_a[2], 1)
+    a_got = want_a[1 : stop_at + 1] + [-1] * (len(want_a) - 1 - stop_at)
+    assert [[t, *m] for t, m in zip(got.tokens, got.more, strict=True)] == [a_got, want_b[1:]]
     assert _step(worker, SeqInput(5, prompt_a, 0, greedy, [8, 9])).tokens == want_a[:1]
     alone = _step(worker, SeqInput(5, want_a[:1], 5, greedy, [8, 9], stop_ids=[want_a[2]]), steps=5)
-    ends = want_a.index(want_a[2], 1)  # where it first samples its stop id (a tiny model may repeat)
-    assert [alone.tokens[0], *alone.more[0]] == want_a[1 : ends + 1]  # alone, it ends there
+    assert [alone.tokens[0], *alone.more[0]] == want_a[1 : stop_at + 1]  # alone, it ends there
 
 
-def test_a_multi_step_of_a_prompt_chunk_is_refused(worker):
-    got = worker.handle(GenerateStep("m", [SeqInput(9, [1, 2, 3], 0, SamplingParams(), [10])], 3))
-    assert got.kind == "bad_frame" and "decodes only" in got.message
+def test_a_multi_step_of_a_prompt_chunk_a_mask_or_logprobs_is_refused(worker):
+    for row in (
+        SeqInput(9, [1, 2, 3], 0, SamplingParams(), [10]),
+        SeqInput(9, [1], 0, SamplingParams(), [10], allowed=b"\xff" * 64),
+        SeqInput(9, [1], 0, SamplingParams(logprobs=1), [10]),
+    ):
+        got = worker.handle(GenerateStep("m", [row], 3))
+        assert got.kind == "bad_frame" and "plain decodes only" in got.message
 
 
 # -- served: the same answers whatever decode_steps is ------------------------------------------------

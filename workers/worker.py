@@ -158,8 +158,8 @@ class Worker:
         rm = self.models.get(msg.model_id)
         if rm is None:
             return Error(kind=ErrorKind.UNKNOWN_MODEL, message=f"model {msg.model_id!r} is not loaded on this worker")
-        if msg.steps > 1 and not all(s.sample and len(s.tokens) == 1 for s in msg.seqs):
-            return Error(kind=ErrorKind.BAD_FRAME, message="a multi-step is decodes only: one token each, sampled")
+        if msg.steps > 1 and not all(_multistep_row(s) for s in msg.seqs):
+            return Error(kind=ErrorKind.BAD_FRAME, message="a multi-step is plain decodes only (no mask, no logprobs)")
         followed = [s for s in msg.seqs if s.follows]
         if followed and rm.step_failed:  # the leader dropped it with the failed one: no collective for it
             return Error(kind=ErrorKind.STEP_FAILED, message="the step this one follows failed")
@@ -193,10 +193,9 @@ class Worker:
         return out, logprobs, errors
 
     def _more_steps(self, rm: ResidentModel, msg: GenerateStep, first: list[int], errors: list[str]) -> list[list[int]]:
-        """A multi-step's forwards after its first (``GenerateStep.steps``): each sequence fed what
-        it sampled, one position on, until ``steps`` ran or every sequence has sampled a stop id
-        (or failed). Rank 0 samples; the other ranks of a group get its tokens in one broadcast per
-        forward, so every rank decides to stop at the same forward."""
+        """A multi-step's forwards after its first (``GenerateStep.steps``), each sequence fed what it
+        sampled, until every sequence has sampled a stop id (or failed). Rank 0 samples; the other
+        ranks get its tokens in a broadcast per forward, so every rank stops at the same one."""
         seqs = msg.seqs
         stops = [frozenset(s.stop_ids or ()) for s in seqs]
         ended = [False] * len(seqs)
@@ -207,7 +206,8 @@ class Worker:
             ended = [done or t < 0 or t in stop for done, t, stop in zip(ended, sampled, stops, strict=True)]
             if all(ended):
                 break
-            for s, token in zip(seqs, sampled, strict=True):
+            for s, token, done in zip(seqs, sampled, ended, strict=True):
+                s.sample = not done  # an ended row's forwards are wasted; its samples would be too
                 s.start_pos, s.tokens = s.start_pos + len(s.tokens), [max(token, 0)]  # a dead one: any token
                 s.prompt, s.state_from, s.state_save, s.follows = None, -1, -1, False
             sampled, _, now_failed = self._forward_and_sample(rm, seqs)
@@ -217,7 +217,8 @@ class Worker:
         return more
 
     def _share_tokens(self, rm: ResidentModel, tokens: list[int]) -> list[int]:
-        """Rank 0's sampled tokens on every rank of the model's group (as they are with one rank)."""
+        """Rank 0's sampled tokens on every rank of the model's group (as they are with one rank); a
+        device tensor, since NCCL broadcasts those only."""
         if rm.tp.world_size == 1:
             return tokens
         return rm.tp.broadcast(self.torch.tensor(tokens, dtype=self.torch.int64, device=self.device)).tolist()
@@ -226,9 +227,7 @@ class Worker:
         """An overlapped step's rows feed the token their sequence sampled last step. Rank 0 sampled
         it: the other ranks of a tensor-parallel group get it from rank 0, in one small broadcast.
         A sequence whose sampling failed last step is dead (its request failed): any token serves."""
-        tokens = [rm.last.get(s.seq_id, 0) for s in seqs]
-        if rm.tp.world_size > 1:  # a device tensor: NCCL broadcasts those only
-            tokens = rm.tp.broadcast(self.torch.tensor(tokens, dtype=self.torch.int64, device=self.device)).tolist()
+        tokens = self._share_tokens(rm, [rm.last.get(s.seq_id, 0) for s in seqs])
         for s, token in zip(seqs, tokens, strict=True):
             s.tokens = [token]
 
@@ -398,6 +397,10 @@ class Worker:
             self.torch.cuda.empty_cache()
         log.info("unloaded %s", msg.model_id)
         return Ack()
+
+
+def _multistep_row(s: SeqInput) -> bool:  # one token to feed, a plain sample: no mask, no logprobs
+    return s.sample and len(s.tokens) == 1 and s.allowed is None and s.sampling.logprobs < 0
 
 
 def _groups(lengths: list[int], budget: int) -> list[list[int]]:

@@ -179,12 +179,13 @@ class Scheduler:
         workers and one reply for up to ``decode_steps`` tokens of each sequence. Only when the step
         is the whole running batch decoding and nothing waits (a newcomer's prompt would wait for
         the forwards), no sequence follows a grammar or wants logprobs (the leader needs each token
-        before the next mask; logprobs travel per token), and every one may make that many more
+        before the next mask; logprobs travel per token) or is about to sample its first token (its
+        client waits for that one alone), and every one may make that many more
         tokens (``left``) and gets room for them without preempting anyone. The forwards together
         take about ``step_target_s`` at most, as the step clock predicts: a big batch's are few."""
         if self.waiting or not work or len(work) != len(self.running):
             return
-        if not all(w.decode and w.seq.constraint is None and w.seq.sampling.logprobs < 0 for w in work):
+        if not all(_multistep_ok(w) for w in work):
             return
         steps = min(decode_steps, *left)
         if self.step_target_s and self.clock.fixed_s:  # a newcomer waits for these forwards: keep them short
@@ -255,6 +256,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.blocks.register(seq.block_table, seq.tokens, seq.computed, seq.block_digests, seq.cache_salt)
         self.blocks.release(seq.block_table)
         self._free_slot(seq)  # its state is lost: it restarts at position 0, from a zeroed slot
         seq.computed = 0
@@ -312,3 +314,9 @@ class Scheduler:
             self.checkpoints.bind(w.save_to, digest)
         else:
             self.checkpoints.release(w.save_to)
+
+
+def _multistep_ok(w: Work) -> bool:
+    """Whether a step's work may run several forwards (``Scheduler._multi_step``)."""
+    seq = w.seq
+    return w.decode and seq.output_len > 0 and seq.constraint is None and seq.sampling.logprobs < 0

@@ -111,7 +111,7 @@ class Stepper:
                 continue
             if not sched.has_work():
                 continue
-            work = sched.plan(self.shared.cfg.engine.decode_steps)
+            work = sched.plan(self._decode_steps(model_id))
             if work:
                 self._step(state, work)
                 self._overlap(model_id, sched)
@@ -128,9 +128,13 @@ class Stepper:
             or self.embedder.count(model_id)
         ):
             return
-        work = sched.plan_ahead(running, self.shared.cfg.engine.decode_steps)
+        work = sched.plan_ahead(running, self._decode_steps(model_id))
         if work:
             self._step(state, work)
+
+    def _decode_steps(self, model_id: str) -> int:
+        """Forwards a step of decodes may run: one while an embedding batch waits for the model."""
+        return 1 if self.embedder.count(model_id) else self.shared.cfg.engine.decode_steps
 
     def _step(self, state: ModelState, work: list[Work]) -> None:
         """Send a step: the model's step in flight, or the overlapped one behind it."""
@@ -182,6 +186,8 @@ class Stepper:
         ran = 1 + len(more[0]) if result.more else 1
         self.schedulers[state.id].done([r[0] for r in rows], seconds, ran)  # an overlapped sequence may have ended
         for w, token, lp, err, later in rows:
+            if w.seq not in self.requests:
+                continue  # failed with a sibling choice earlier in this loop: its client has the Failure
             if w.seq.cancelled:
                 self.retire(w.seq)
                 continue
