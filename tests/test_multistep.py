@@ -172,7 +172,8 @@ def servers(tmp_path_factory, tiny_qwen3):
     made = []
     for steps in (1, 4):
         root = tmp_path_factory.mktemp(f"steps-{steps}")
-        extra = f"[engine]\nkv_cache_mb = 8\nmax_requests_per_client = 0\ndecode_steps = {steps}\n"
+        # step_target_ms = 0: no cap from the step clock, so a loaded machine cannot make them single
+        extra = f"[engine]\nkv_cache_mb = 8\nmax_requests_per_client = 0\ndecode_steps = {steps}\nstep_target_ms = 0\n"
         made.append(Server(root, tiny_models_toml(tiny_qwen3, "max_context = 1024"), extra))
     try:
         for srv in made:

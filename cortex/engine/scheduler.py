@@ -147,7 +147,7 @@ class Scheduler:
                 seq.cached_tokens, seq.admitted = seq.computed, True
             self.running.append(seq)
             budget -= self._chunk(seq, budget, work)
-        if decode_steps > 1:
+        if decode_steps > 1 and all(w.seq.output_len for w in work):  # a first token goes out alone
             self._multi_step(work, [w.seq.max_tokens - w.seq.output_len for w in work], decode_steps)
         return work
 
@@ -179,8 +179,7 @@ class Scheduler:
         workers and one reply for up to ``decode_steps`` tokens of each sequence. Only when the step
         is the whole running batch decoding and nothing waits (a newcomer's prompt would wait for
         the forwards), no sequence follows a grammar or wants logprobs (the leader needs each token
-        before the next mask; logprobs travel per token) or is about to sample its first token (its
-        client waits for that one alone), and every one may make that many more
+        before the next mask; logprobs travel per token), and every one may make that many more
         tokens (``left``) and gets room for them without preempting anyone. The forwards together
         take about ``step_target_s`` at most, as the step clock predicts: a big batch's are few."""
         if self.waiting or not work or len(work) != len(self.running):
@@ -319,4 +318,4 @@ class Scheduler:
 def _multistep_ok(w: Work) -> bool:
     """Whether a step's work may run several forwards (``Scheduler._multi_step``)."""
     seq = w.seq
-    return w.decode and seq.output_len > 0 and seq.constraint is None and seq.sampling.logprobs < 0
+    return w.decode and seq.constraint is None and seq.sampling.logprobs < 0
