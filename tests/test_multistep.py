@@ -13,9 +13,9 @@ import pytest
 from cortex.engine.blocks import BlockManager
 from cortex.engine.scheduler import Scheduler
 from rpc.messages import GenerateStep, LoadDenseShard, SamplingParams, SeqInput, StepResult
-from tests.conftest import Server, scrape, tiny_models_toml, value, wait_for
+from tests.conftest import scrape, value, wait_for
 from tests.test_engine import _seq
-from tests.test_overlap import _answers, _client
+from tests.test_overlap import _answers, _client, _kv_used, stops_and_cancels_as_the_reference_does, tiny_servers
 
 # -- the plan: when a step is several forwards ------------------------------------------------------
 
@@ -169,23 +169,9 @@ def test_a_multi_step_of_a_prompt_chunk_a_mask_or_logprobs_is_refused(worker):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, tiny_qwen3):
-    made = []
-    for steps in (1, 4):
-        root = tmp_path_factory.mktemp(f"steps-{steps}")
-        # step_target_ms = 0: no cap from the step clock, so a loaded machine cannot make them single
-        extra = f"[engine]\nkv_cache_mb = 8\nmax_requests_per_client = 0\ndecode_steps = {steps}\nstep_target_ms = 0\n"
-        made.append(Server(root, tiny_models_toml(tiny_qwen3, "max_context = 1024"), extra))
-    try:
-        for srv in made:
-            srv.wait_healthy()
-        yield made
-    finally:
-        for srv in made:
-            srv.stop()
-
-
-def _kv_used(srv: Server) -> float:
-    return value(scrape(srv.metrics_url), "cortex_kv_cache_blocks", model="tiny", state="used")
+    # step_target_ms = 0: no cap from the step clock, so a loaded machine cannot make them single
+    keys = ["decode_steps = 1\nstep_target_ms = 0", "decode_steps = 4\nstep_target_ms = 0"]
+    yield from tiny_servers(tmp_path_factory, tiny_qwen3, keys)
 
 
 def test_multi_steps_answer_exactly_what_single_steps_answer(servers):
@@ -216,18 +202,7 @@ def test_a_multi_step_stream_carries_every_token_once_and_its_usage(servers):
 
 def test_a_stop_string_inside_a_multi_step_or_a_client_gone_ends_the_same_and_frees_its_blocks(servers):
     single, multi = servers
-    ask = {"model": "tiny", "max_tokens": 40, "temperature": 0, "extra_body": {"ignore_eos": True}}
-    messages = [{"role": "user", "content": "Hello world"}]
-    full = _client(single).chat.completions.create(messages=messages, **ask).choices[0].message.content
-    stop = full[len(full) // 2 : len(full) // 2 + 2]
-    for srv in (single, multi):
-        r = _client(srv).chat.completions.create(messages=messages, stop=[stop], **ask)
-        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == full[: full.index(stop)]
-    with _client(multi).chat.completions.create(messages=messages, stream=True, **ask) as stream:
-        for i, _ in enumerate(stream):
-            if i == 2:
-                break  # the client goes away with a multi-step in flight
-    wait_for(lambda: _kv_used(multi) == 0, what="the cancelled stream's blocks free again")
+    stops_and_cancels_as_the_reference_does(single, multi, cancel_after=2)  # with a multi-step in flight
 
 
 def test_requests_arriving_during_multi_steps_all_complete(servers):

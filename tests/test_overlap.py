@@ -6,6 +6,7 @@ same stops, nothing held afterwards; only the device stops waiting for the leade
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -60,11 +61,16 @@ def test_no_step_goes_ahead_when_a_token_in_flight_decides_what_comes_next():
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, tiny_qwen3):
+    yield from tiny_servers(tmp_path_factory, tiny_qwen3, ["overlap_steps = true", "overlap_steps = false"])
+
+
+def tiny_servers(tmp_path_factory, model_dir, engine_keys: list[str]) -> Iterator[list[Server]]:
+    """One served tiny model per entry of ``engine_keys`` (more [engine] lines), all up at once."""
     made = []
-    for overlap in ("true", "false"):
-        root = tmp_path_factory.mktemp(f"overlap-{overlap}")
-        extra = f"[engine]\nkv_cache_mb = 8\nmax_requests_per_client = 0\noverlap_steps = {overlap}\n"
-        made.append(Server(root, tiny_models_toml(tiny_qwen3, "max_context = 1024"), extra))
+    for i, keys in enumerate(engine_keys):
+        root = tmp_path_factory.mktemp(f"engine-{i}")
+        extra = f"[engine]\nkv_cache_mb = 8\nmax_requests_per_client = 0\n{keys}\n"
+        made.append(Server(root, tiny_models_toml(model_dir, "max_context = 1024"), extra))
     try:
         for srv in made:
             srv.wait_healthy()
@@ -121,15 +127,21 @@ def test_overlapped_steps_answer_exactly_what_steps_in_turn_answer(servers):
 
 def test_a_stream_stopped_by_a_stop_string_or_cancelled_ends_the_same_and_frees_its_blocks(servers):
     on, off = servers
+    stops_and_cancels_as_the_reference_does(off, on, cancel_after=3)  # a step overlapped behind the running one
+
+
+def stops_and_cancels_as_the_reference_does(reference: Server, srv: Server, cancel_after: int) -> None:
+    """A stop string ends ``srv``'s answer where it ends ``reference``'s (greedy, the same text before
+    it); a client that goes away mid-stream leaves no KV block held on ``srv``."""
     ask = {"model": "tiny", "max_tokens": 40, "temperature": 0, "extra_body": {"ignore_eos": True}}
     messages = [{"role": "user", "content": "Hello world"}]
-    full = _client(off).chat.completions.create(messages=messages, **ask).choices[0].message.content
+    full = _client(reference).chat.completions.create(messages=messages, **ask).choices[0].message.content
     stop = full[len(full) // 2 : len(full) // 2 + 2]
-    for srv in (on, off):
-        r = _client(srv).chat.completions.create(messages=messages, stop=[stop], **ask)
+    for one in (srv, reference):
+        r = _client(one).chat.completions.create(messages=messages, stop=[stop], **ask)
         assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == full[: full.index(stop)]
-    with _client(on).chat.completions.create(messages=messages, stream=True, **ask) as stream:
+    with _client(srv).chat.completions.create(messages=messages, stream=True, **ask) as stream:
         for i, _ in enumerate(stream):
-            if i == 3:
-                break  # the client goes away mid-stream, with a step overlapped behind the running one
-    wait_for(lambda: _kv_used(on) == 0, what="the cancelled stream's blocks free again")
+            if i == cancel_after:
+                break
+    wait_for(lambda: _kv_used(srv) == 0, what="the cancelled stream's blocks free again")
