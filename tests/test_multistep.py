@@ -225,3 +225,36 @@ def test_requests_arriving_during_multi_steps_all_complete(servers):
     for t in threads:
         t.join(120)
     assert done == [True] * 6
+
+
+# -- the front: a Delta of several tokens ------------------------------------------------------------
+
+
+class _Generation:
+    """What ``generation.events`` reads of a request: its events, and whether it opens reasoning."""
+
+    reasoning = False
+
+    def __init__(self, *events):
+        self._events = events
+
+    def events(self, watch=None, keepalive_s=None):
+        yield from self._events
+
+
+def test_a_delta_of_several_tokens_is_one_event_and_its_reasoning_tokens_count_where_they_fell():
+    from cortex.api.generation import Done, Parts, events
+    from cortex.chat.output import Reasoning, Text
+    from rpc.engine import Delta, Finished
+
+    # tokens: "<think>", "x", "</think>", "\n\n", "y", "z" (the last three in one multi-step delta)
+    stream = _Generation(
+        Delta("r", "<think>x", 2, pieces=[7, 1]),
+        Delta("r", "</think>\n\nyz", 6, pieces=[8, 2, 1, 1]),
+        Finished("r", "length", 3, 6),
+    )
+    got = list(events(stream))
+    parts = [e.parts for e in got if isinstance(e, Parts)]
+    assert parts == [[Reasoning("x")], [Text("yz")]]  # "y" and "z": one part, one event
+    (done,) = [e for e in got if isinstance(e, Done)]
+    assert done.reasoning_tokens == 3  # <think>, x and </think>, as if each token came alone

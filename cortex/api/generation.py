@@ -15,7 +15,7 @@ import falcon
 
 from cortex.api.auth import key_id, presented_key
 from cortex.api.engine_client import ClientGone, Generation
-from cortex.chat.output import OutputParser, Part
+from cortex.chat.output import OutputParser, Part, Reasoning, Text
 from cortex.fleet.proxy import CLIENT, HOP
 from rpc.engine import Delta, Finished
 
@@ -84,12 +84,12 @@ def events(
         if ev is None:
             yield Ping()
         elif isinstance(ev, Delta):
-            p, parts = parser(ev.index), []
-            for text, tokens in _pieces(ev):
+            p, parts, pieces = parser(ev.index), [], _pieces(ev)
+            for text, tokens in pieces:
                 before = p.mode
                 parts += p.feed(text)
                 count(ev.index, tokens, "reasoning" in (before, p.mode))
-            yield Parts(ev.index, parts, ev.logprobs)
+            yield Parts(ev.index, _joined(parts) if len(pieces) > 1 else parts, ev.logprobs)
         elif isinstance(ev, Finished):
             p = parser(ev.index)
             count(ev.index, ev.completion_tokens, p.mode == "reasoning")
@@ -110,6 +110,17 @@ def _pieces(delta: Delta) -> list[tuple[str, int]]:
             out.append((delta.text[at : at + n], delta.completion_tokens - (last - k)))
         at += n
     return out or [(delta.text, delta.completion_tokens)]
+
+
+def _joined(parts: list[Part]) -> list[Part]:
+    """Neighbouring answer or reasoning texts as one part: a multi-step's tokens stay one event."""
+    out: list[Part] = []
+    for part in parts:
+        if out and type(part) is type(out[-1]) and isinstance(part, (Text, Reasoning)):
+            out[-1] = type(part)(out[-1].text + part.text)
+        else:
+            out.append(part)
+    return out
 
 
 def collect(gen: Generation, req: falcon.Request, tools: bool = False) -> list[Choice]:
