@@ -92,16 +92,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
-        """Forget a sequence (finished, cancelled or failed) and free its blocks, named first for
-        the prefix cache as far as its tokens are known (a multi-step's last forwards are named here)."""
-        if seq.block_table and seq.computed:
-            self.blocks.register(seq.block_table, seq.tokens, seq.computed, seq.block_digests, seq.cache_salt)
+        """Forget a sequence (finished, cancelled or failed) and free its blocks."""
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-        self.blocks.release(seq.block_table)
-        self._free_slot(seq)
+        self._let_go(seq)
 
     def fits(self, prompt_len: int) -> bool:
         """Whether a prompt of this length could ever be held, with the whole pool to itself."""
@@ -255,13 +251,22 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.register(seq.block_table, seq.tokens, seq.computed, seq.block_digests, seq.cache_salt)
-        self.blocks.release(seq.block_table)
-        self._free_slot(seq)  # its state is lost: it restarts at position 0, from a zeroed slot
+        self._let_go(seq)  # its state is lost: it restarts at position 0, from a zeroed slot
         seq.computed = 0
         seq.block_digests.clear()
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def _let_go(self, seq: Sequence) -> None:
+        """Free a sequence's blocks and state slot, its blocks named for the prefix cache first as
+        far as its tokens are known (a multi-step's last forwards are named only here or at the
+        next step's ``done``)."""
+        self._name_blocks(seq)
+        self.blocks.release(seq.block_table)
+        self._free_slot(seq)
+
+    def _name_blocks(self, seq: Sequence) -> None:
+        self.blocks.register(seq.block_table, seq.tokens, seq.computed, seq.block_digests, seq.cache_salt)
 
     def _free_slot(self, seq: Sequence) -> None:
         if seq.state_slot >= 0:
@@ -299,7 +304,7 @@ class Scheduler:
         for w in work:
             w.seq.computed = w.start + len(w.tokens) + ran - 1
             w.seq.computed_once = True
-            self.blocks.register(w.seq.block_table, w.seq.tokens, w.seq.computed, w.seq.block_digests, w.seq.cache_salt)
+            self._name_blocks(w.seq)
             if w.restore_from >= 0:
                 self.checkpoints.unpin(w.restore_from)
             if w.save_to >= 0:
