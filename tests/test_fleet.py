@@ -12,6 +12,7 @@ kills B.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from cortex.config import ConfigError, FleetConfig, GatewayConfig, PeerConfig, l
 from cortex.fleet.catalogue import merged
 from cortex.fleet.http import Pool
 from cortex.fleet.peers import Peers
-from cortex.fleet.proxy import CLIENT, FAILED_OVER, HOP, UPSTREAM, Proxy
+from cortex.fleet.proxy import CLIENT, FAILED_OVER, HOP, UPSTREAM, Proxy, Sent
 from cortex.fleet.router import placement, route
 from cortex.fleet.view import DeviceView, ModelView, NodeView, node_view
 from rpc.engine import Target
@@ -335,7 +336,7 @@ def test_a_stream_that_breaks_ends_with_the_dialects_error_event(dialect):
     reported = []
     proxy = Proxy("A", lambda endpoint, why: reported.append(endpoint), 2, 10, lambda req: "", lambda endpoint: None)
     conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
-    out = b"".join(proxy._chunks(conn, upstream, Target("B", url), dialect))
+    out = b"".join(proxy.chunks(Sent(Target("B", url), conn, upstream, []), dialect))
     assert out.startswith(first) and reported == [url]
     tail = out[len(first) :].decode()
     if dialect == "anthropic":
@@ -573,6 +574,47 @@ def test_count_tokens_is_forwarded(fleet):
     assert _ant(fleet.c).messages.count_tokens(model="solo", messages=HI).input_tokens == direct.input_tokens
 
 
+def test_on_one_keep_alive_connection_the_fast_path_and_the_ordinary_one_take_turns(fleet):
+    """Once C's front holds "tiny is on B" (cortex/fleet/routes.py), the next requests on the same
+    connection go to B as they came, before gunicorn parses them (cortex/fleet/relay.py): so a body
+    C would refuse itself is B's to refuse, in the same words. Requests the fast path does not take
+    (another path, a refused key, a model not in the cache) go through Falcon, on the same socket."""
+    body = {"model": "tiny", "messages": HI, "max_tokens": 4, "temperature": 0}
+    direct = _oai(fleet.b).chat.completions.create(**body).choices[0].message.content
+    conn = http.client.HTTPConnection("127.0.0.1", int(fleet.c.url.rsplit(":", 1)[1]), timeout=60)
+
+    def post(path: str, data: dict) -> http.client.HTTPResponse:
+        conn.request("POST", path, json.dumps(data), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.body = r.read()
+        return r
+
+    first = post("/v1/chat/completions", body)  # asks C's leader, which says B: now cached
+    sock = conn.sock
+    assert first.status == 200 and first.headers[UPSTREAM] == "B"
+    refused = post("/v1/chat/completions", {**body, "max_tokens": -1})
+    assert refused.status == 400 and refused.headers[UPSTREAM] == "B"  # B checked it: the fast path
+    assert json.loads(refused.body)["error"]["param"] == "max_tokens"
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().read() and post("/v1/chat/completions", body).status == 200
+    streamed = post("/v1/chat/completions", {**body, "stream": True})
+    assert streamed.headers["Transfer-Encoding"] == "chunked" and streamed.headers[UPSTREAM] == "B"
+    events = [json.loads(e[6:]) for e in streamed.body.decode().split("\n\n") if e.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == direct
+    post("/v1/chat/completions", body)
+    anth = post("/v1/messages", {**body, "stream": True})
+    assert anth.status == 200 and anth.body.rstrip().endswith(b'"type":"message_stop"}')
+    unknown = post("/v1/messages", {**body, "model": "nope"})  # not cached: the ordinary path's 404
+    assert unknown.status == 404 and UPSTREAM not in unknown.headers
+    assert json.loads(unknown.body)["error"]["type"] == "not_found_error"
+    assert conn.sock is sock  # one connection throughout
+    conn.close()
+    client = _oai(fleet.c)  # the SDK's pooled connection: its second request takes the fast path
+    for _ in range(2):
+        answer = client.chat.completions.with_raw_response.create(**body)
+        assert answer.headers[UPSTREAM] == "B" and answer.parse().choices[0].message.content == direct
+
+
 def test_a_model_that_becomes_resident_here_is_served_here_once_the_route_cache_bound_has_passed(fleet):
     """A's front reuses its leader's "resident on B" for a while (cortex/fleet/routes.py); once tiny
     is resident on A too, every request is A's own after at most that long, in each front worker."""
@@ -727,7 +769,7 @@ def test_a_relayed_answer_with_a_length_leaves_its_connection_for_the_next_reque
 
     def once() -> None:
         conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
-        outs.append(b"".join(proxy._chunks(conn, upstream, Target("B", url), None)))
+        outs.append(b"".join(proxy.chunks(Sent(Target("B", url), conn, upstream, []), None)))
 
     for k in range(4):
         if k % 2:
@@ -767,9 +809,9 @@ def test_a_streamed_answers_first_chunk_is_relayed_before_the_upstream_finishes(
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     proxy = Proxy("A", lambda endpoint, why: None, 2, 10, lambda req: "", lambda endpoint: None)
     conn, upstream = proxy.pool.request("POST", url, "/x", b"{}", {})
-    chunks = proxy._chunks(conn, upstream, Target("B", url), "openai")
+    chunks = proxy.chunks(Sent(Target("B", url), conn, upstream, []), "openai")
     assert next(chunks) == first and not finished.is_set()
     release.set()
-    assert b"".join(chunks) == second and finished.is_set()
+    assert b"".join(chunks) == second and finished.wait(5)
     assert proxy.pool._idle[url]  # read to its end marker: kept for the next request
     proxy.pool.close()

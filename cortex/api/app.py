@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import falcon
 
@@ -28,8 +27,9 @@ from cortex.api.openapi import OpenApiDocument
 from cortex.api.response_store import ResponseStore, StoredResponses
 from cortex.api.responses import Responses
 from cortex.fleet.proxy import ForwardTo, Proxy
+from cortex.fleet.relay import Relay
 from cortex.ops import logs
-from cortex.ops.reqlog import RequestLog
+from cortex.ops.reqlog import RequestLog, request_ref
 from cortex.ops.scrape import MetricsProxy
 
 ENV = "CORTEX_FRONT"
@@ -40,17 +40,22 @@ class RequestIds:
     does, and ``x-request-id``), whatever its status; a client's own ``x-request-id`` is kept."""
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        sent = req.get_header("x-request-id") or ""
-        ok = 0 < len(sent) <= 128 and sent.isascii() and sent.isprintable()
-        req.context.request_ref = sent if ok else f"req_{uuid.uuid4().hex[:24]}"
+        req.context.request_ref = request_ref(req.get_header("x-request-id"))
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
-        ref = req.context.get("request_ref") or f"req_{uuid.uuid4().hex[:24]}"
+        ref = req.context.get("request_ref") or request_ref(None)
         resp.set_header("request-id", ref)
         resp.set_header("x-request-id", ref)
 
 
-def create_app(settings: dict | None = None) -> falcon.App:
+class FrontApp(falcon.App):
+    """Falcon's app, carrying the fast path for forwarded requests that its gunicorn worker tries
+    before it parses a request (cortex/fleet/relay.py, cortex/api/serve.py); None: there is none."""
+
+    __slots__ = ("relay",)
+
+
+def create_app(settings: dict | None = None) -> FrontApp:
     s = settings or json.loads(os.environ[ENV])
     if settings is None:  # a gunicorn worker: its own log setup (gunicorn configures only its own loggers)
         logs.setup(s.get("log_level", "INFO"), s.get("log_format", "text"))
@@ -64,7 +69,7 @@ def create_app(settings: dict | None = None) -> falcon.App:
     )
     requests = RequestLog(s.get("node", "cortex"), s.get("log_content", False))
     # the request log first: it also sees the requests the key check refuses
-    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[RequestIds(), requests, auth])
+    app = FrontApp(media_type=falcon.MEDIA_JSON, middleware=[RequestIds(), requests, auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     proxy = Proxy(
@@ -78,6 +83,8 @@ def create_app(settings: dict | None = None) -> falcon.App:
     app.add_error_handler(ForwardTo, proxy.handle)
     models = Models(engine)
     body, keepalive = s["max_body_bytes"], s.get("keepalive_s", 10.0)
+    # with log_content the log line carries the prompt, which only the ordinary path takes apart
+    app.relay = None if s.get("log_content") else Relay(proxy, engine.routes, auth, s.get("node", "cortex"), body)
     app.add_route("/v1/chat/completions", ChatCompletions(engine, body, keepalive))
     app.add_route("/v1/completions", Completions(engine, body, keepalive))
     app.add_route("/v1/embeddings", Embeddings(engine, body))

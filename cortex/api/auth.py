@@ -35,11 +35,15 @@ def key_id(key: str) -> str:
 
 
 def presented_key(req: falcon.Request) -> str | None:
-    header = req.get_header("Authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
+    return key_in(req.get_header("Authorization"), req.get_header("X-Api-Key"))
+
+
+def key_in(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key a request presents: ``Authorization: Bearer <key>``, else ``X-Api-Key``."""
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
         return value.strip() if scheme.lower() == "bearer" else None
-    return req.get_header("X-Api-Key")
+    return x_api_key
 
 
 def is_admin_path(path: str) -> bool:
@@ -122,15 +126,20 @@ class ApiKeys:
         self.peer_digest = peer_digest
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.from_peer = self.check(req.method, req.path, presented_key(req), req.get_header(HOP) is not None)
+
+    def check(self, method: str, path: str, key: str | None, hop: bool) -> bool:
+        """Whether a request with ``key`` (None: it presents none) may call ``path``: raises
+        ApiError (401, 403) when not; returns whether it comes from a peer leader. ``hop``: it
+        carries the hop header."""
         if self.path:
             self._follow_file()
-        req.context.from_peer = not self.digests and req.get_header(HOP) is not None
-        admin = is_admin_path(req.path)
-        if req.method == "OPTIONS" or req.path == LIVENESS or req.path in self.open_paths and not admin:
-            return
+        from_peer = not self.digests and hop
+        admin = is_admin_path(path)
+        if method == "OPTIONS" or path == LIVENESS or path in self.open_paths and not admin:
+            return from_peer
         if not self.digests and not (admin and self.admin_digests):
-            return  # admin keys alone protect the management API only
-        key = presented_key(req)
+            return from_peer  # admin keys alone protect the management API only
         if key is None:
             raise ApiError(
                 401,
@@ -140,7 +149,7 @@ class ApiKeys:
             )
         sent = digest(key).encode()
         if admin and _matches(sent, self.admin_digests):
-            return
+            return from_peer
         if not _matches(sent, self.digests + self.admin_digests):
             raise ApiError(401, "Incorrect API key provided.", "authentication_error", "invalid_api_key")
         if admin:
@@ -150,4 +159,4 @@ class ApiKeys:
                 "permission_error",
                 "admin_key_required",
             )
-        req.context.from_peer = bool(self.peer_digest) and hmac.compare_digest(sent, self.peer_digest)
+        return bool(self.peer_digest) and hmac.compare_digest(sent, self.peer_digest)

@@ -7,6 +7,8 @@ same envelope, so a client never sees a body in another shape.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from http import HTTPStatus
 
 import falcon
 
@@ -122,14 +124,47 @@ def bad_field(param: str, message: str) -> ApiError:
     return ApiError(400, message, "invalid_request_error", "invalid_value", param=param)
 
 
+def retry_headers(err: ApiError) -> list[tuple[str, str]]:
+    """What an error tells a client about retrying it: when (Retry-After), or never."""
+    headers = []
+    if err.retry_after is not None:
+        headers.append(("Retry-After", str(err.retry_after)))
+    if err.final or err.status in FINAL_STATUSES:
+        headers.append(("x-should-retry", "false"))
+    return headers
+
+
 def _render(req: falcon.Request, resp: falcon.Response, err: ApiError) -> None:
     resp.status = err.status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(err.body(dialect_of(req)))
-    if err.retry_after is not None:
-        resp.set_header("Retry-After", str(err.retry_after))
-    if err.final or err.status in FINAL_STATUSES:
-        resp.set_header("x-should-retry", "false")
+    for name, value in retry_headers(err):
+        resp.set_header(name, value)
+
+
+def phrase(status: int) -> str:
+    """The reason phrase of an HTTP status line."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a status without a registered phrase: the line may end after the code
+        return ""
+
+
+def whole_response(
+    err: ApiError, dialect: str, headers: Iterable[tuple[str, str]] = (), reason: str = "", close: bool = True
+) -> bytes:
+    """The error as a whole HTTP/1.1 response, for code that answers on the socket without Falcon
+    (gunicorn's own refusals, the forwarding fast path): the same envelope and retry headers."""
+    body = json.dumps(err.body(dialect)).encode()
+    fields = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *retry_headers(err), *headers]
+    if close:
+        fields.insert(0, ("Connection", "close"))
+    head = (
+        f"HTTP/1.1 {err.status} {reason or phrase(err.status)}\r\n"
+        + "".join(f"{n}: {v}\r\n" for n, v in fields)
+        + "\r\n"
+    )
+    return head.encode("latin-1") + body
 
 
 def handle_api_error(req, resp, err: ApiError, params) -> None:

@@ -151,10 +151,13 @@ def client_id(req: falcon.Request) -> str:
     forwarded = req.get_header(CLIENT)
     if forwarded and getattr(req.context, "from_peer", False):
         return forwarded
-    key = presented_key(req)
-    if key:
-        return key_id(key)  # the same for either dialect's header, and never the key itself
-    return "addr:" + (req.remote_addr or "")
+    return client_name(presented_key(req), req.remote_addr or "")
+
+
+def client_name(key: str | None, addr: str) -> str:
+    """A client by its API key's hash (the same for either dialect's header, and never the key
+    itself), else by its address."""
+    return key_id(key) if key else "addr:" + addr
 
 
 def forwarded(req: falcon.Request) -> bool:

@@ -11,7 +11,6 @@ Anthropic's for a ``/v1/messages`` path when the request got as far as its path,
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -20,7 +19,8 @@ from types import SimpleNamespace
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from cortex.api.errors import ApiError, dialect_of
+from cortex.api.errors import ApiError, dialect_of, whole_response
+from cortex.fleet.relay import Relay
 from rpc.process import die_with_parent
 
 _request = threading.local()  # the request gunicorn is refusing on this thread, when it parsed that far
@@ -32,12 +32,7 @@ def json_error(status: int, reason: str, message: str, path: str | None) -> byte
     code = reason.lower().replace(" ", "_") or None  # e.g. request_header_fields_too_large
     err = ApiError(status, message or reason, type_, code)
     dialect = dialect_of(SimpleNamespace(path=path)) if path else "openai"  # unknown before the path
-    body = json.dumps(err.body(dialect)).encode()
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+    return whole_response(err, dialect, reason=reason)
 
 
 def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -46,7 +41,35 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 
 
 class JsonErrorWorker(ThreadWorker):
-    """gunicorn's gthread worker, with its own error answers in JSON (see the module's doc)."""
+    """gunicorn's gthread worker, with its own error answers in JSON (see the module's doc), that
+    offers each next request of a keep-alive connection to the forwarding fast path first
+    (cortex/fleet/relay.py), before gunicorn's parser reads it."""
+
+    relay: Relay | None = None
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        # the fast path peeks at the request's bytes: never into a TLS stream
+        self.relay = None if self.cfg.is_ssl else getattr(self.wsgi, "relay", None)
+
+    def handle(self, conn):
+        # a connection that has carried a request, with nothing of the next one read yet
+        if (
+            self.relay is not None
+            and conn.initialized
+            and not conn.is_http2
+            and not conn.parser.unreader.buf.getvalue()
+        ):
+            may_keep = self.alive and self.cfg.keepalive and len(self.keepalived_conns) < self.max_keepalived
+            conn.sock.setblocking(True)
+            try:
+                kept = self.relay.take(conn.sock, conn.client[0] if conn.client else "", may_keep)
+            except Exception:  # never a worker's end: the client's connection is closed
+                self.log.exception("forwarding fast path failed")
+                return False
+            if kept is not None:
+                return kept
+        return super().handle(conn)
 
     def init_process(self) -> None:
         # gunicorn's Worker.handle_error writes its answer through util.write_error; in this process

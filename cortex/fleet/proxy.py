@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import falcon
@@ -72,6 +73,35 @@ class ForwardTo(Exception):
         self.tap: Callable[[int, str, bytes], None] | None = None
 
 
+@dataclass
+class Sent:
+    """A forwarded request that a target took: its connection, with the answer's head read."""
+
+    target: Target
+    conn: Connection
+    answer: Answer
+    failed: list[str]  # the nodes tried before it, which failed
+
+    @property
+    def is_sse(self) -> bool:
+        return (self.answer.header("content-type") or "").startswith("text/event-stream")
+
+    def head(self) -> tuple[int, list[tuple[str, str]], int | None]:
+        """The status, headers and length of the client's answer: the peer's, less the headers
+        that are the connection's, plus which node served it (and which failed first). The length
+        is the peer's when it said one (None: unknown until the end, so the body goes chunked):
+        the client learns the size as the peer said it, in one write, rather than a chunked body
+        and then its end marker (a second small write a client would wait for)."""
+        upstream = self.answer
+        headers = [(n, v) for n, v in upstream.headers if n.lower() not in _DROP and n.lower() != "content-encoding"]
+        headers.append((UPSTREAM, self.target.node))
+        if self.failed:
+            headers.append((FAILED_OVER, ", ".join(self.failed)))
+        length = upstream.header("content-length")
+        sized = length is not None and length.isdigit() and upstream.header("transfer-encoding") is None
+        return upstream.status, headers, int(length) if sized else None
+
+
 class Proxy:
     """One per front process; it keeps connections to peers open across requests (per thread)."""
 
@@ -103,11 +133,32 @@ class Proxy:
             raise ApiError(500, "cannot forward a request whose body was not kept", "server_error", None)
         if ex.patch:
             body = _patched(body, ex.patch)
-        targets = ex.forward.targets
+        sent = self.open(req.method, req.relative_uri, req.headers.items(), self.client_of(req), body, ex.forward)
+        status, headers, length = sent.head()
+        resp.status = status
+        for name, value in headers:
+            resp.set_header(name, value)
+        if length is not None:
+            resp.content_length = length
+        record = req.context.get("record")  # the request log's (cortex/ops/reqlog.py)
+        if record is not None:
+            record.node = sent.target.node  # counted for the node that served it
+        resp.stream = self.chunks(sent, dialect_of(req) if sent.is_sse else None, record, ex.tap)
+
+    def open(
+        self, method: str, uri: str, headers: Iterable[tuple[str, str]], client: str, body: bytes, forward: Forward
+    ) -> Sent:
+        """Send the client's request to the first of ``forward``'s targets that takes it: one that
+        cannot be reached, or answers 5xx before any byte of a body while another is left, is
+        reported and the next one tried. Raises ApiError (503) when none takes it."""
+        fields = {k: v for k, v in headers if k.lower() not in _DROP}
+        fields[HOP] = self.node
+        fields[CLIENT] = client
+        targets = forward.targets
         failed: list[str] = []
         for i, target in enumerate(targets):
             last = i == len(targets) - 1
-            sent = self._send(req, target, body)
+            sent = self._send(method, uri, fields, target, body)
             if sent is None:
                 failed.append(target.node)
                 continue
@@ -117,8 +168,7 @@ class Proxy:
                 self._refused(target, upstream.status)
                 failed.append(target.node)
                 continue
-            self._relay(req, resp, target, conn, upstream, failed, ex.tap)
-            return
+            return Sent(target, conn, upstream, failed)
         names = ", ".join(failed)
         raise ApiError(
             503,
@@ -128,17 +178,17 @@ class Proxy:
             retry_after=2,
         )
 
-    def _send(self, req: falcon.Request, target: Target, body: bytes) -> tuple[Connection, Answer] | None:
+    def _send(
+        self, method: str, uri: str, fields: dict[str, str], target: Target, body: bytes
+    ) -> tuple[Connection, Answer] | None:
         if target.model:
             body = _rename(body, target.model)
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in _DROP}
-        headers[HOP] = self.node
-        headers[CLIENT] = self.client_of(req)
+        headers = dict(fields)
         if target.key:
             headers["Authorization"] = f"Bearer {target.key}"
         # the pool adds Host, Content-Length and Accept-Encoding: identity (relayed byte for byte)
         try:
-            return self.pool.request(req.method, target.endpoint, req.relative_uri, body, headers)
+            return self.pool.request(method, target.endpoint, uri, body, headers)
         except PeerError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("forward to %s (%s) failed: %s", target.node, target.endpoint, reason)
@@ -156,39 +206,9 @@ class Proxy:
         self.forget(target.endpoint)
         self.report(target.endpoint, reason)
 
-    def _relay(
+    def chunks(
         self,
-        req: falcon.Request,
-        resp: falcon.Response,
-        target: Target,
-        conn: Connection,
-        upstream: Answer,
-        failed: list[str],
-        tap: Callable[[int, str, bytes], None] | None = None,
-    ) -> None:
-        resp.status = upstream.status
-        for name, value in upstream.headers:
-            if name.lower() not in _DROP and name.lower() != "content-encoding":
-                resp.set_header(name, value)
-        length = upstream.header("content-length")
-        if length is not None and length.isdigit() and upstream.header("transfer-encoding") is None:
-            # the client learns the size as the peer said it: one write, not a chunked body and
-            # then its end marker (a second small write a client would wait for)
-            resp.content_length = int(length)
-        resp.set_header(UPSTREAM, target.node)
-        if failed:
-            resp.set_header(FAILED_OVER, ", ".join(failed))
-        record = req.context.get("record")  # the request log's (cortex/ops/reqlog.py)
-        if record is not None:
-            record.node = target.node  # counted for the node that served it
-        is_sse = (upstream.header("content-type") or "").startswith("text/event-stream")
-        resp.stream = self._chunks(conn, upstream, target, dialect_of(req) if is_sse else None, record, tap)
-
-    def _chunks(
-        self,
-        conn: Connection,
-        upstream: Answer,
-        target: Target,
+        sent: Sent,
         sse_dialect: str | None,
         record: RequestRecord | None = None,
         tap: Callable[[int, str, bytes], None] | None = None,
@@ -197,6 +217,7 @@ class Proxy:
         Closing this generator (the client went away) closes the upstream connection, which
         cancels the request on the peer. With ``tap``, the whole answer is also kept and handed
         to it once it has all arrived."""
+        conn, upstream, target = sent.conn, sent.answer, sent.target
         ended_event = True
         ctype = upstream.header("content-type") or ""
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,13 @@ GENERATION_PATHS = {
     "/v1/messages/count_tokens": ("anthropic", "count_tokens"),  # the resource fills its record
 }
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody read the end
+
+
+def request_ref(sent: str | None) -> str:
+    """What names a request in its response (``request-id``, as Anthropic's API does, and
+    ``x-request-id``): the client's own ``x-request-id`` when it is short printable ASCII, else new."""
+    ok = sent is not None and 0 < len(sent) <= 128 and sent.isascii() and sent.isprintable()
+    return sent if ok else f"req_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
