@@ -9,6 +9,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -144,7 +145,7 @@ def chunked(events: list[bytes], end: bool = True) -> bytes:
     return out + (b"0\r\n\r\n" if end else b"")
 
 
-def relay_to(targets: list[Target], keys: list[str] = ()) -> tuple[Relay, list[str]]:
+def relay_to(targets: list[Target], keys: list[str] = (), max_body: int = 100) -> tuple[Relay, list[str]]:
     """A relay whose route cache sends ``tiny`` to ``targets``; the list fills with the endpoints
     reported to the leader as failed."""
     reported: list[str] = []
@@ -152,7 +153,7 @@ def relay_to(targets: list[Target], keys: list[str] = ()) -> tuple[Relay, list[s
     proxy = Proxy("A", lambda endpoint, why: reported.append(endpoint), 2, 10, lambda req: "", routes.forget)
     routes.learn("tiny", Forward("r", targets, "resident on B", valid_s=60), routes.epoch())
     auth = ApiKeys([digest(k) for k in keys], ["/health"])
-    return Relay(proxy, routes, auth, "A", 100), reported
+    return Relay(proxy, routes, auth, "A", max_body), reported
 
 
 def read_answer(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
@@ -201,6 +202,20 @@ def test_a_request_the_route_cache_sends_on_is_relayed_with_the_fleets_headers(p
     got = dict(_fields(head.encode()))
     assert got["authorization"] == "Bearer fleet-secret"  # the fleet's credential, never the client's
     assert got[HOP.lower()] == "A" and got[CLIENT.lower()] == key_id("k")
+    peer.close()
+
+
+def test_a_body_longer_than_the_first_look_is_taken_whole(pair):
+    client, server = pair
+    peer = Peer([sized(ANSWER)])
+    relay, _ = relay_to([Target("B", peer.url)], max_body=1 << 20)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 150_000}]}).encode()
+    threading.Thread(target=client.sendall, args=(request(body=body),), daemon=True).start()
+    deadline = time.monotonic() + 10
+    while len(server.recv(1 << 20, socket.MSG_PEEK)) < len(request(body=body)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert relay.take(server, "10.0.0.7", True) is True
+    assert read_answer(client)[2] == ANSWER and peer.requests[0][1] == body
     peer.close()
 
 

@@ -60,7 +60,7 @@ class JsonErrorWorker(ThreadWorker):
             and not conn.is_http2
             and not conn.parser.unreader.buf.getvalue()
         ):
-            may_keep = self.alive and self.cfg.keepalive and len(self.keepalived_conns) < self.max_keepalived
+            may_keep = bool(self.alive and self.cfg.keepalive) and len(self.keepalived_conns) < self.max_keepalived
             conn.sock.setblocking(True)
             try:
                 kept = self.relay.take(conn.sock, conn.client[0] if conn.client else "", may_keep)

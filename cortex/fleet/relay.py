@@ -50,7 +50,8 @@ from cortex.ops.reqlog import GENERATION_PATHS, RequestRecord, request_ref
 PATHS = {p.encode(): kind for p, kind in GENERATION_PATHS.items() if p != "/v1/responses"}
 MAX_HEAD = 16384  # gunicorn's own limits: a 4094-byte request line, 100 fields of 8190 bytes
 MAX_FIELDS = 100
-PEEK = 1 << 20  # what one peek may see: a larger request goes the ordinary way
+PEEK = 1 << 16  # what the first peek may see: most requests
+MAX_PEEK = 1 << 20  # what a second peek may see: a larger request goes the ordinary way
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a field name (RFC 9110 5.6.2)
 _VALUE = re.compile(rb"[\t\x20-\x7e]*")  # printable ASCII: nothing another parser could read otherwise
@@ -133,15 +134,22 @@ class Relay:
         self.proxy, self.routes, self.keys = proxy, routes, keys
         self.node, self.max_body = node, max_body
 
+    def _peek(self, sock: socket.socket) -> Plain | None:
+        """The request waiting on ``sock``, read without taking it, if it is one this path takes.
+        (A small first look: a buffer of MAX_PEEK bytes would cost its allocation every time.)"""
+        try:
+            data = sock.recv(PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if len(data) == PEEK and self.max_body > PEEK:
+                data = sock.recv(MAX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:  # nothing there yet, or the client is gone: the ordinary path sees to it
+            return None
+        return read_plain(data, self.max_body)
+
     def take(self, sock: socket.socket, addr: str, may_keep: bool) -> bool | None:
         """Forward the request waiting on ``sock`` and relay its answer, if this path takes it:
         then whether the connection may carry another request. None: declined, nothing read.
         ``may_keep``: whether the server would keep the connection after this request."""
-        try:
-            data = sock.recv(PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except OSError:  # nothing there yet, or the client is gone: the ordinary path sees to it
-            return None
-        plain = read_plain(data, self.max_body)
+        plain = self._peek(sock)
         if plain is None:
             return None
         key = key_in(plain.field(b"authorization"), plain.field(b"x-api-key"))
