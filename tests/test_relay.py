@@ -67,6 +67,8 @@ def test_a_plain_request_is_read_whole_and_the_next_one_left_alone():
         request(extra=f"{HOP}: B\r\n"),  # a peer's request: served here or failed, never forwarded
         request(extra=f"{CLIENT}: key:x\r\n"),
         request(body=b"x" * 101),  # over the body limit: the ordinary path's 413
+        request(extra="X_Cortex_Hop: B\r\n"),  # gunicorn drops names with "_": so does this path
+        request(extra=f"X-Long: {'a' * 8190}\r\n"),  # longer than gunicorn takes: its 431
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n\r\n",  # no length
         b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: +5\r\n\r\n{}xxx",
         b"POST  /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
@@ -84,6 +86,7 @@ def test_anything_less_plain_is_declined(raw):
         (b'["tiny"]', None),
         (b"{not json", None),
         (b'{"model": "tiny", "x": ' + b"[" * 200 + b"]" * 200 + b"}", None),  # deeper than the API reads
+        (b'{"model": "tiny", "messages": "\\ud800"}', None),  # a lone surrogate: the ordinary path's 400
         ('{"model": "caf\u00e9"}'.encode(), "caf\u00e9"),
     ],
 )
@@ -219,6 +222,20 @@ def test_a_body_longer_than_the_first_look_is_taken_whole(pair):
     peer.close()
 
 
+def test_the_peers_request_ids_give_way_to_this_nodes(pair):
+    client, server = pair
+    answer = sized(ANSWER).replace(b"\r\n\r\n", b"\r\nrequest-id: req_peer\r\nX-Request-Id: req_peer\r\n\r\n", 1)
+    peer = Peer([answer])
+    relay, _ = relay_to([Target("B", peer.url)])
+    client.sendall(request(extra="X-Request-Id: mine\r\n"))
+    assert relay.take(server, "10.0.0.7", True) is True
+    client.settimeout(10)
+    head = client.recv(65536).partition(b"\r\n\r\n")[0].lower()
+    assert head.count(b"request-id: ") == 2 and b"req_peer" not in head
+    assert b"\r\nrequest-id: mine" in head and b"\r\nx-request-id: mine" in head
+    peer.close()
+
+
 def test_a_stream_is_relayed_chunk_by_chunk_and_the_connection_goes_on(pair):
     client, server = pair
     events = [b'data: {"n":1}\n\n', b'data: {"n":2}\n\n', b"data: [DONE]\n\n"]
@@ -281,13 +298,45 @@ def test_a_refusing_peer_fails_over_to_the_next(pair):
     good.close()
 
 
-def test_an_answer_cut_short_closes_the_clients_connection(pair):
+@pytest.mark.parametrize(
+    "answer",
+    [sized(ANSWER)[:-5], chunked([ANSWER], end=False).replace(b"text/event-stream", b"application/json")],
+    ids=["sized", "chunked"],
+)
+def test_an_answer_cut_short_closes_the_clients_connection(pair, answer):
     client, server = pair
-    peer = Peer([sized(ANSWER)[:-5]])  # then it closes the connection
+    peer = Peer([answer])  # then it closes the connection
     relay, _ = relay_to([Target("B", peer.url)])
     client.sendall(request())
     assert relay.take(server, "10.0.0.7", True) is False  # only closing tells the client it is short
+    client.settimeout(10)
+    got = b""
+    while ANSWER[:-5] not in got:
+        got += client.recv(65536)
+    assert not got.endswith(b"0\r\n\r\n")  # no end marker for what did not end
     peer.close()
+
+
+def test_a_request_taken_always_gets_an_answer(pair, monkeypatch):
+    client, server = pair
+    relay, _ = relay_to([Target("B", "http://127.0.0.1:9")])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(relay.proxy, "open", broken)
+    client.sendall(request("/v1/messages"))
+    assert relay.take(server, "10.0.0.7", True) is True
+    status, _, body = read_answer(client)
+    assert status.startswith("HTTP/1.1 500") and json.loads(body)["type"] == "error"
+
+
+def test_with_nothing_forwarded_lately_nothing_is_read(pair):
+    client, server = pair
+    relay = Relay(Proxy("A", print, 2, 10, str, print), RouteCache(), ApiKeys([], []), "A", 100)
+    client.sendall(request())
+    assert relay.take(server, "10.0.0.7", True) is None
+    assert server.recv(65536, socket.MSG_PEEK) == request()
 
 
 @pytest.mark.parametrize(

@@ -60,16 +60,30 @@ class JsonErrorWorker(ThreadWorker):
             and not conn.is_http2
             and not conn.parser.unreader.buf.getvalue()
         ):
-            may_keep = bool(self.alive and self.cfg.keepalive) and len(self.keepalived_conns) < self.max_keepalived
-            conn.sock.setblocking(True)
-            try:
-                kept = self.relay.take(conn.sock, conn.client[0] if conn.client else "", may_keep)
-            except Exception:  # never a worker's end: the client's connection is closed
-                self.log.exception("forwarding fast path failed")
-                return False
+            kept = self._relay(conn)
             if kept is not None:
                 return kept
         return super().handle(conn)
+
+    def _relay(self, conn) -> bool | None:
+        """The fast path's turn, keeping gthread's books as ``handle_request`` does: None, it
+        declined; else whether the connection may carry another request."""
+        last = self.nr + 1 >= self.max_requests  # gunicorn's max_requests: this worker's last one
+        room = len(self.keepalived_conns) < self.max_keepalived
+        may_keep = bool(self.alive and self.cfg.keepalive) and room and not last
+        addr = conn.client[0] if isinstance(conn.client, (tuple, list)) else str(conn.client or "")
+        conn.sock.setblocking(True)
+        try:
+            kept = self.relay.take(conn.sock, addr, may_keep)
+        except Exception:  # never a worker's end: the client's connection is closed
+            self.log.exception("forwarding fast path failed")
+            return False
+        if kept is not None:
+            self.nr += 1
+            if last and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+        return kept
 
     def init_process(self) -> None:
         # gunicorn's Worker.handle_error writes its answer through util.write_error; in this process

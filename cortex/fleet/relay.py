@@ -34,6 +34,7 @@ Not taken: the Responses API (the front keeps its own copy of each response it f
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 from dataclasses import dataclass
@@ -46,19 +47,24 @@ from cortex.fleet.proxy import CLIENT, HOP, Proxy, Sent
 from cortex.fleet.routes import RouteCache
 from cortex.ops.reqlog import GENERATION_PATHS, RequestRecord, request_ref
 
+log = logging.getLogger("cortex.front")
+
 # the endpoints it takes, as bytes on the request line -> (dialect, endpoint) for the request log
 PATHS = {p.encode(): kind for p, kind in GENERATION_PATHS.items() if p != "/v1/responses"}
-MAX_HEAD = 16384  # gunicorn's own limits: a 4094-byte request line, 100 fields of 8190 bytes
-MAX_FIELDS = 100
+MAX_HEAD = 16384
+MAX_LINE, MAX_FIELD, MAX_FIELDS = 4094, 8190, 100  # gunicorn's own limits (a longer one is its 4xx)
 PEEK = 1 << 16  # what the first peek may see: most requests
 MAX_PEEK = 1 << 20  # what a second peek may see: a larger request goes the ordinary way
 
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a field name (RFC 9110 5.6.2)
+# a field name (RFC 9110 5.6.2) without "_": gunicorn drops those, so X_Cortex_Hop never reaches Falcon
+_TOKEN = re.compile(rb"[!#$%&'*+.^`|~0-9A-Za-z-]+")
+_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # "\\ud800" and the like, as JSON escapes them
 _VALUE = re.compile(rb"[\t\x20-\x7e]*")  # printable ASCII: nothing another parser could read otherwise
 # fields whose requests go the ordinary way: they change the framing or what the request asks of
 # this server, or they are the fleet's own (a request carrying them is a peer's, never forwarded)
 _DECLINE = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer", HOP.lower().encode()))
 _DECLINE |= {CLIENT.lower().encode()}
+_IDS = frozenset(("request-id", "x-request-id"))
 
 
 @dataclass
@@ -87,7 +93,7 @@ def read_plain(data: bytes, max_body: int) -> Plain | None:
     if end < 0:
         return None
     lines = data[:end].split(b"\r\n")
-    if lines[0].count(b" ") != 2 or len(lines) > MAX_FIELDS + 1:
+    if lines[0].count(b" ") != 2 or len(lines[0]) > MAX_LINE or len(lines) > MAX_FIELDS + 1:
         return None
     method, path, version = lines[0].split(b" ")
     if method != b"POST" or version != b"HTTP/1.1" or path not in PATHS:
@@ -96,7 +102,7 @@ def read_plain(data: bytes, max_body: int) -> Plain | None:
     headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+        if not colon or len(line) > MAX_FIELD or not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
             return None
         key, value = name.lower(), value.strip(b" \t")
         if key in fields or key in _DECLINE:
@@ -116,8 +122,10 @@ def read_plain(data: bytes, max_body: int) -> Plain | None:
 
 
 def model_of(body: bytes) -> str | None:
-    """The body's ``model`` when it is a JSON object the API could read, else None."""
-    if too_deep_at(body) is not None:
+    """The body's ``model`` when it is a JSON object the API could read, else None. A body with an
+    escaped surrogate is left to the ordinary path too: it refuses a lone one (cortex/api/rawbody.py)
+    and this path cannot tell one from a pair without reading every string."""
+    if too_deep_at(body) is not None or _SURROGATE.search(body):
         return None
     try:
         data = json.loads(body)
@@ -149,6 +157,8 @@ class Relay:
         """Forward the request waiting on ``sock`` and relay its answer, if this path takes it:
         then whether the connection may carry another request. None: declined, nothing read.
         ``may_keep``: whether the server would keep the connection after this request."""
+        if not len(self.routes):  # nothing forwarded lately (always so on a node serving alone)
+            return None
         plain = self._peek(sock)
         if plain is None:
             return None
@@ -175,7 +185,10 @@ class Relay:
         ids = [("request-id", ref), ("x-request-id", ref)]
         try:
             sent = self.proxy.open("POST", plain.path, plain.headers, client, plain.body, forward)
-        except ApiError as err:
+        except Exception as exc:  # the request is taken: it gets an answer whatever went wrong
+            if not isinstance(exc, ApiError):
+                log.exception("forwarding %s failed", plain.path)
+            err = exc if isinstance(exc, ApiError) else ApiError(500, "internal server error", "server_error", None)
             record.close(err.status)
             try:
                 sock.sendall(whole_response(err, dialect, ids, close=not keep))
@@ -197,6 +210,7 @@ class Relay:
         """Relay the peer's answer as it arrives: its head with the client's own headers, then its
         body (chunked when the peer said no length). Whether the connection may go on."""
         status, headers, length = sent.head()
+        headers = [(n, v) for n, v in headers if n.lower() not in _IDS]  # the peer's: this node's replace them
         bodyless = status in (204, 304)
         chunked = length is None and not bodyless
         framing = [("Content-Length", str(length))] if length is not None else []
@@ -211,9 +225,11 @@ class Relay:
                 relayed += len(piece)
                 sock.sendall(pending + (b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece))
                 pending = b""
-            sock.sendall(pending + (b"0\r\n\r\n" if chunked else b""))
-            # a sized body cut short by the peer cannot be mended: only closing says it is short
-            whole = length is None or relayed == length
+            # a body cut short by the peer cannot be mended: only closing says it is short (a
+            # stream's end is mended: it ended with the dialect's error event)
+            cut = not sent.answer.done and not sent.is_sse
+            sock.sendall(pending + (b"0\r\n\r\n" if chunked and not cut else b""))
+            whole = not cut and (length is None or relayed == length)
         except OSError:
             record.gone = True  # the client left; closing the chunks closes the peer's connection
         finally:
