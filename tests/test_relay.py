@@ -331,6 +331,17 @@ def test_a_request_taken_always_gets_an_answer(pair, monkeypatch):
     assert status.startswith("HTTP/1.1 500") and json.loads(body)["type"] == "error"
 
 
+def test_a_body_naming_no_cached_model_is_not_parsed(pair, monkeypatch):
+    client, server = pair
+    relay, _ = relay_to([Target("B", "http://127.0.0.1:9")])
+    parsed = []
+    monkeypatch.setattr("cortex.fleet.relay.model_of", lambda body: parsed.append(body))
+    raw = request(body=json.dumps({"model": "local-one", "messages": []}).encode())
+    client.sendall(raw)
+    assert relay.take(server, "10.0.0.7", True) is None and parsed == []
+    assert server.recv(65536, socket.MSG_PEEK) == raw
+
+
 def test_with_nothing_forwarded_lately_nothing_is_read(pair):
     client, server = pair
     relay = Relay(Proxy("A", print, 2, 10, str, print), RouteCache(), ApiKeys([], []), "A", 100)

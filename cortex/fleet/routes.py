@@ -84,6 +84,10 @@ class RouteCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def names(self) -> list[str]:
+        """The model names it holds answers for (some may have expired)."""
+        return list(self._entries)  # one C-level copy: no thread can change the dict half-way
+
     def _make_room(self) -> None:
         """Drop expired answers, or else the oldest one (the lock is held)."""
         now = self.clock()
