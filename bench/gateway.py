@@ -115,12 +115,27 @@ def two_leaders(threads: int = 0, route_cache_s: str = "", pin: bool = False) ->
             if time.monotonic() > deadline or a.poll() is not None or b.poll() is not None:
                 raise RuntimeError(f"the leaders did not come up; logs in {root}")
             time.sleep(0.5)
+        _settle([a.pid, b.pid])
         yield url_a, url_b, a.pid
     finally:
         for p in (a, b):
             p.send_signal(signal.SIGTERM)
         for p in (a, b):
             p.wait(20)
+
+
+def _settle(roots: list[int], quiet: float = 0.05, timeout_s: float = 90.0) -> None:
+    """Wait until the leaders' processes, together, use under ``quiet`` of a core for a second:
+    once a worker answers, its leader starts a spare worker (Python, torch, the kernels: seconds of
+    CPU) that would otherwise share the cores with the first runs measured."""
+    deadline = time.monotonic() + timeout_s
+    before = sum(_cpu_s(r) for r in roots)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = sum(_cpu_s(r) for r in roots)
+        if now - before < quiet:
+            return
+        before = now
 
 
 def _body(stream: bool, tokens: int = 4) -> dict:

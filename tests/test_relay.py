@@ -99,7 +99,8 @@ def test_the_model_is_read_only_from_a_body_the_api_could_read(body, model):
 
 class Peer:
     """A peer leader: an HTTP/1.1 server on loopback that records each request and answers it with
-    the next of ``answers`` (raw bytes), closing the connection once they are all sent."""
+    the next of ``answers`` (raw bytes; None: read it, then close without an answer), closing the
+    connection once they are all used."""
 
     def __init__(self, answers: list[bytes | None]):
         self.answers, self.requests = list(answers), []
@@ -126,7 +127,10 @@ class Peer:
                     continue
                 self.requests.append((head.decode(), rest[:length]))
                 data = rest[length:]
-                conn.sendall(self.answers.pop(0))
+                answer = self.answers.pop(0)
+                if answer is None:
+                    return
+                conn.sendall(answer)
 
     def close(self) -> None:
         self.sock.close()
@@ -208,18 +212,58 @@ def test_a_request_the_route_cache_sends_on_is_relayed_with_the_fleets_headers(p
     peer.close()
 
 
-def test_a_body_longer_than_the_first_look_is_taken_whole(pair):
+def test_a_request_over_64_kib_goes_the_ordinary_way(pair):
+    """The fast path's first half runs on the worker's main thread: it peeks at 64 KiB at most."""
     client, server = pair
-    peer = Peer([sized(ANSWER)])
-    relay, _ = relay_to([Target("B", peer.url)], max_body=1 << 20)
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 150_000}]}).encode()
-    threading.Thread(target=client.sendall, args=(request(body=body),), daemon=True).start()
+    relay, _ = relay_to([Target("B", "http://127.0.0.1:9")], max_body=1 << 20)
+    raw = request(body=json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 70_000}]}).encode())
+    threading.Thread(target=client.sendall, args=(raw,), daemon=True).start()
     deadline = time.monotonic() + 10
-    while len(server.recv(1 << 20, socket.MSG_PEEK)) < len(request(body=body)) and time.monotonic() < deadline:
+    while len(server.recv(1 << 20, socket.MSG_PEEK)) < len(raw) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert relay.take(server, "10.0.0.7", True) is True
-    assert read_answer(client)[2] == ANSWER and peer.requests[0][1] == body
+    assert relay.take(server, "10.0.0.7", True) is None
+    assert server.recv(1 << 20, socket.MSG_PEEK) == raw
+
+
+def _arrived(peer: Peer, n: int) -> bool:
+    deadline = time.monotonic() + 10
+    while len(peer.requests) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return len(peer.requests) >= n
+
+
+def test_the_request_is_on_its_way_to_the_peer_before_a_request_thread_takes_over(pair):
+    """``begin`` (the main thread) writes it to an idle pooled connection; ``finish`` relays."""
+    client, server = pair
+    peer = Peer([sized(ANSWER), sized(ANSWER)])
+    relay, _ = relay_to([Target("B", peer.url)])
+    client.sendall(request())
+    assert relay.take(server, "10.0.0.7", True) is True and read_answer(client)[2] == ANSWER  # pools it
+    client.sendall(request(extra="X-Request-Id: second\r\n"))
+    job = relay.begin(server, "10.0.0.7", True)
+    assert job is not None and job.early is not None and _arrived(peer, 2)
+    assert relay.finish(server, job) is True
+    _, fields, body = read_answer(client)
+    assert body == ANSWER and fields["request-id"] == "second"
     peer.close()
+
+
+def test_a_request_begun_on_a_connection_the_peer_then_drops_fails_over(pair):
+    client, server = pair
+    dropping = Peer([sized(ANSWER), None])  # answers one request, then closes on the next
+    good = Peer([sized(ANSWER)])
+    relay, reported = relay_to([Target("B", dropping.url), Target("C", good.url)])
+    client.sendall(request())
+    assert relay.take(server, "10.0.0.7", True) is True and read_answer(client)[2] == ANSWER
+    client.sendall(request())
+    job = relay.begin(server, "10.0.0.7", True)
+    assert job is not None and job.early is not None and _arrived(dropping, 2)
+    assert relay.finish(server, job) is True
+    _, fields, body = read_answer(client)
+    assert body == ANSWER and fields[UPSTREAM.lower()] == "C" and fields[FAILED_OVER.lower()] == "B"
+    assert reported == [dropping.url]
+    dropping.close()
+    good.close()
 
 
 def test_the_peers_request_ids_give_way_to_this_nodes(pair):

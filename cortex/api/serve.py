@@ -20,7 +20,7 @@ from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
 from cortex.api.errors import ApiError, dialect_of, whole_response
-from cortex.fleet.relay import Relay
+from cortex.fleet.relay import Job, Relay
 from rpc.process import die_with_parent
 
 _request = threading.local()  # the request gunicorn is refusing on this thread, when it parsed that far
@@ -43,7 +43,7 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 class JsonErrorWorker(ThreadWorker):
     """gunicorn's gthread worker, with its own error answers in JSON (see the module's doc), that
     offers each next request of a keep-alive connection to the forwarding fast path first
-    (cortex/fleet/relay.py), before gunicorn's parser reads it."""
+    (cortex/fleet/relay.py), on its main thread, before gunicorn's parser reads it."""
 
     relay: Relay | None = None
 
@@ -52,38 +52,48 @@ class JsonErrorWorker(ThreadWorker):
         # the fast path peeks at the request's bytes: never into a TLS stream
         self.relay = None if self.cfg.is_ssl else getattr(self.wsgi, "relay", None)
 
-    def handle(self, conn):
-        # a connection that has carried a request, with nothing of the next one read yet
-        if (
-            self.relay is not None
-            and conn.initialized
-            and not conn.is_http2
-            and not conn.parser.unreader.buf.getvalue()
-        ):
-            kept = self._relay(conn)
-            if kept is not None:
-                return kept
-        return super().handle(conn)
+    def on_client_socket_readable(self, conn, client) -> None:
+        """A kept-alive connection has its next request (the main thread): the fast path may take
+        it and start it on its way here, then a request thread relays the answer. Else gthread's
+        own way: a request thread parses and serves it."""
+        job = None
+        if self.relay is not None and not conn.is_http2 and not conn.parser.unreader.buf.getvalue():
+            job = self._begin(conn)
+        if job is None:
+            super().on_client_socket_readable(conn, client)
+            return
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        done = self.tpool.submit(self._finish, conn, job)
+        done.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
-    def _relay(self, conn) -> bool | None:
-        """The fast path's turn, keeping gthread's books as ``handle_request`` does: None, it
-        declined; else whether the connection may carry another request."""
-        last = self.nr + 1 >= self.max_requests  # gunicorn's max_requests: this worker's last one
+    def _begin(self, conn) -> Job | None:
+        # gunicorn's max_requests: this worker's last request closes its connection, as in
+        # handle_request, and so do a stopping worker and a full keep-alive list
+        last = self.nr + 1 >= self.max_requests
         room = len(self.keepalived_conns) < self.max_keepalived
         may_keep = bool(self.alive and self.cfg.keepalive) and room and not last
         addr = conn.client[0] if isinstance(conn.client, (tuple, list)) else str(conn.client or "")
-        conn.sock.setblocking(True)
         try:
-            kept = self.relay.take(conn.sock, addr, may_keep)
-        except Exception:  # never a worker's end: the client's connection is closed
+            job = self.relay.begin(conn.sock, addr, may_keep)
+        except Exception:  # a defect before the request was taken: gthread's own way serves it
             self.log.exception("forwarding fast path failed")
-            return False
-        if kept is not None:
+            return None
+        if job is not None:
             self.nr += 1
             if last and self.alive:
                 self.log.info("Autorestarting worker after current request.")
                 self.alive = False
-        return kept
+        return job
+
+    def _finish(self, conn, job: Job) -> bool:
+        """A request thread's part: the answer; whether the connection may carry another request."""
+        conn.sock.setblocking(True)
+        try:
+            return self.relay.finish(conn.sock, job)
+        except Exception:  # never a worker's end: the client's connection is closed
+            self.log.exception("forwarding fast path failed")
+            return False
 
     def init_process(self) -> None:
         # gunicorn's Worker.handle_error writes its answer through util.write_error; in this process

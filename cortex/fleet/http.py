@@ -197,6 +197,15 @@ class Connection:
         """Send a request; return its answer once the status line and headers are in. Raises
         ValueError for a request that would not be one request on the wire (a line break or
         space where none may be: a request smuggled into another), before anything is sent."""
+        data = self.encode(method, path, body, headers)
+        try:
+            self.sock.sendall(data)
+        except _SEND_FAILED as exc:
+            raise _Unsent(str(exc)) from exc
+        return Answer(self._rfile, method)
+
+    def encode(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> bytes:
+        """The request as it goes on the wire (ValueError: see ``request``)."""
         if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(path):
             raise ValueError(f"not a request line: {method[:20]!r} {path[:60]!r}")
         if any(not _TOKEN.fullmatch(k) or "\n" in v or "\r" in v or "\0" in v for k, v in headers.items()):
@@ -204,10 +213,26 @@ class Connection:
         fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         length = f"Content-Length: {len(body)}\r\n" if body is not None else ""
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{fields}{length}Accept-Encoding: identity\r\n\r\n"
+        return head.encode("latin-1") + (body or b"")
+
+    def send_now(self, data: bytes) -> int | None:
+        """Write what the socket takes of ``data`` without waiting: how many bytes (0: none yet),
+        or None when the peer has closed the connection (nothing was sent)."""
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
         try:
-            self.sock.sendall(head.encode("latin-1") + (body or b""))
-        except _SEND_FAILED as exc:
-            raise _Unsent(str(exc)) from exc
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return None
+        finally:
+            self.sock.settimeout(timeout)
+
+    def finish(self, rest: bytes, method: str) -> Answer:
+        """Write the rest of a request ``send_now`` began, and read its answer's head."""
+        if rest:
+            self.sock.sendall(rest)
         return Answer(self._rfile, method)
 
     def reusable(self) -> bool:
@@ -250,8 +275,9 @@ class Pool:
         self._lock = threading.Lock()
         self._tls: ssl.SSLContext | None = None
 
-    def _take(self, endpoint: str) -> Connection | None:
-        """The idle connection used last, if it can carry a request (see Connection.reusable)."""
+    def take_idle(self, endpoint: str) -> Connection | None:
+        """The idle connection used last, if it can carry a request (see Connection.reusable);
+        never waits."""
         while True:
             stale = []
             conn = None
@@ -291,7 +317,7 @@ class Pool:
     ) -> tuple[Connection, Answer]:
         """Send a request and read the status line and headers; the body is the caller's to read,
         then ``release`` (or close) the connection. Raises one of ``PeerError``."""
-        conn = self._take(endpoint)
+        conn = self.take_idle(endpoint)
         if conn is not None:
             try:
                 return conn, conn.request(method, path, body, headers)

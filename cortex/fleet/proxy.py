@@ -74,6 +74,14 @@ class ForwardTo(Exception):
 
 
 @dataclass
+class Early:
+    """A request begun on a pooled connection (``Proxy.start``): ``rest`` is still to be written."""
+
+    conn: Connection
+    rest: bytes
+
+
+@dataclass
 class Sent:
     """A forwarded request that a target took: its connection, with the answer's head read."""
 
@@ -146,19 +154,25 @@ class Proxy:
         resp.stream = self.chunks(sent, dialect_of(req) if sent.is_sse else None, record, ex.tap)
 
     def open(
-        self, method: str, uri: str, headers: Iterable[tuple[str, str]], client: str, body: bytes, forward: Forward
+        self,
+        method: str,
+        uri: str,
+        headers: Iterable[tuple[str, str]],
+        client: str,
+        body: bytes,
+        forward: Forward,
+        early: Early | None = None,
     ) -> Sent:
         """Send the client's request to the first of ``forward``'s targets that takes it: one that
         cannot be reached, or answers 5xx before any byte of a body while another is left, is
-        reported and the next one tried. Raises ApiError (503) when none takes it."""
-        fields = {k: v for k, v in headers if k.lower() not in _DROP}
-        fields[HOP] = self.node
-        fields[CLIENT] = client
+        reported and the next one tried. Raises ApiError (503) when none takes it. ``early``: the
+        request already begun on the first target (``start``)."""
+        fields = self._fields(headers, client)
         targets = forward.targets
         failed: list[str] = []
         for i, target in enumerate(targets):
             last = i == len(targets) - 1
-            sent = self._send(method, uri, fields, target, body)
+            sent = self._send(method, uri, fields, target, body, early if i == 0 else None)
             if sent is None:
                 failed.append(target.node)
                 continue
@@ -178,16 +192,57 @@ class Proxy:
             retry_after=2,
         )
 
-    def _send(
-        self, method: str, uri: str, fields: dict[str, str], target: Target, body: bytes
-    ) -> tuple[Connection, Answer] | None:
+    def start(
+        self, method: str, uri: str, headers: Iterable[tuple[str, str]], client: str, body: bytes, forward: Forward
+    ) -> Early | None:
+        """Begin the request on an idle pooled connection to the first target, writing what the
+        socket takes at once: never waits (the front's main thread calls it, so the request is on
+        its way before a request thread takes over). None when there is no idle connection or
+        it would not take a byte; ``open`` then does it all."""
+        target = forward.targets[0]
+        conn = self.pool.take_idle(target.endpoint)
+        if conn is None:
+            return None
+        try:
+            data = conn.encode(method, uri, *self._request_to(target, self._fields(headers, client), body))
+        except ValueError:  # not one request on the wire: ``open`` says so
+            conn.close()
+            return None
+        written = conn.send_now(data)
+        if not written:  # closed by the peer, or a full socket: a fresh start in ``open``
+            conn.close()
+            return None
+        return Early(conn, data[written:])
+
+    def _fields(self, headers: Iterable[tuple[str, str]], client: str) -> dict[str, str]:
+        """The client's header fields less the connection's and its credential, plus the hop's."""
+        fields = {k: v for k, v in headers if k.lower() not in _DROP}
+        fields[HOP] = self.node
+        fields[CLIENT] = client
+        return fields
+
+    @staticmethod
+    def _request_to(target: Target, fields: dict[str, str], body: bytes) -> tuple[bytes, dict[str, str]]:
+        """The body and headers as ``target`` gets them: its model name, its credential."""
         if target.model:
             body = _rename(body, target.model)
         headers = dict(fields)
         if target.key:
             headers["Authorization"] = f"Bearer {target.key}"
+        return body, headers
+
+    def _send(
+        self, method: str, uri: str, fields: dict[str, str], target: Target, body: bytes, early: Early | None
+    ) -> tuple[Connection, Answer] | None:
         # the pool adds Host, Content-Length and Accept-Encoding: identity (relayed byte for byte)
         try:
+            if early is not None:
+                try:
+                    return early.conn, early.conn.finish(early.rest, method)
+                except BaseException:
+                    early.conn.close()
+                    raise
+            body, headers = self._request_to(target, fields, body)
             return self.pool.request(method, target.endpoint, uri, body, headers)
         except PeerError as exc:
             reason = f"{type(exc).__name__}: {exc}"

@@ -7,12 +7,14 @@ the way back, and at one client that is the whole cost of the hop. Through gunic
 parser, the WSGI environ, Falcon, the middleware and a resource that validates the body, a
 forwarded request cost the gateway about 0.75 ms of CPU (cold caches: the gateway idles between
 requests), most of the hop's 1-1.4 ms; this path costs about a third of that (docs/benchmarks.md).
+Its first half runs on the worker's main thread as the connection turns readable, so the request
+is on its way to the peer before a request thread has even been woken (see ``Relay``).
 
 It takes only what it can read whole and plainly from the bytes that have arrived, and only peeks
 at them until it has decided:
 
 - a keep-alive connection's next request (the first request of a connection goes the ordinary way);
-- ``POST`` to a generation endpoint, exactly (no query), HTTP/1.1, the head at most 16 KiB;
+- ``POST`` to a generation endpoint, exactly (no query), HTTP/1.1, head and body at most 64 KiB;
 - header fields that are tokens with printable ASCII values, each name at most once, none that
   changes how the request is framed or handled (Transfer-Encoding, Expect, Upgrade, the fleet's
   own hop headers), a plain Content-Length within the body limit, and the whole body there;
@@ -43,9 +45,10 @@ from cortex.api.auth import ApiKeys, key_in
 from cortex.api.errors import ApiError, phrase, whole_response
 from cortex.api.generation import client_name
 from cortex.api.rawbody import too_deep_at
-from cortex.fleet.proxy import CLIENT, HOP, Proxy, Sent
+from cortex.fleet.proxy import CLIENT, HOP, Early, Proxy, Sent
 from cortex.fleet.routes import RouteCache
 from cortex.ops.reqlog import GENERATION_PATHS, RequestRecord, request_ref
+from rpc.engine import Forward
 
 log = logging.getLogger("cortex.front")
 
@@ -53,8 +56,9 @@ log = logging.getLogger("cortex.front")
 PATHS = {p.encode(): kind for p, kind in GENERATION_PATHS.items() if p != "/v1/responses"}
 MAX_HEAD = 16384
 MAX_LINE, MAX_FIELD, MAX_FIELDS = 4094, 8190, 100  # gunicorn's own limits (a longer one is its 4xx)
-PEEK = 1 << 16  # what the first peek may see: most requests
-MAX_PEEK = 1 << 20  # what a second peek may see: a larger request goes the ordinary way
+# the most it peeks at: a larger request goes the ordinary way (the peek and the body's parse run on
+# the worker's main thread, which must stay quick for every other connection)
+PEEK = 1 << 16
 
 # a field name (RFC 9110 5.6.2) without "_": gunicorn drops those, so X_Cortex_Hop never reaches Falcon
 _TOKEN = re.compile(rb"[!#$%&'*+.^`|~0-9A-Za-z-]+")
@@ -135,36 +139,41 @@ def model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
+@dataclass
+class Job:
+    """A request the fast path took: what the request thread needs to finish it."""
+
+    plain: Plain
+    forward: Forward
+    client: str
+    dialect: str
+    record: RequestRecord
+    ids: list[tuple[str, str]]  # request-id and x-request-id
+    keep: bool  # whether the connection may carry another request, as far as this one goes
+    early: Early | None  # the request already begun on the first target
+
+
 class Relay:
-    """One per front process, beside the Falcon app and sharing its proxy, route cache and keys."""
+    """One per front process, beside the Falcon app and sharing its proxy, route cache and keys.
+
+    In two halves: ``begin`` on the gunicorn worker's main thread when a keep-alive connection turns
+    readable (it never waits: it peeks, decides, takes the request and writes it to an idle pooled
+    connection to the peer), ``finish`` on a request thread (the answer, relayed as it arrives). So
+    the request is on its way to the peer before a request thread is even woken."""
 
     def __init__(self, proxy: Proxy, routes: RouteCache, keys: ApiKeys, node: str, max_body: int):
         self.proxy, self.routes, self.keys = proxy, routes, keys
-        self.node, self.max_body = node, max_body
-
-    def _peek(self, sock: socket.socket) -> Plain | None:
-        """The request waiting on ``sock``, read without taking it, if it is one this path takes.
-        (A small first look: a buffer of MAX_PEEK bytes would cost its allocation every time.)"""
-        try:
-            data = sock.recv(PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if len(data) == PEEK and self.max_body > PEEK:
-                data = sock.recv(MAX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except OSError:  # nothing there yet, or the client is gone: the ordinary path sees to it
-            return None
-        return read_plain(data, self.max_body)
-
-    def _may_name_a_cached_model(self, body: bytes) -> bool:
-        """False when the body surely names no model the cache holds, found without parsing it: a
-        node serving some models itself and forwarding others does not parse its own requests'
-        bodies twice. (A name written with JSON escapes is missed: that request goes the ordinary
-        way.) With many names cached, parsing is the cheaper test."""
-        names = self.routes.names()
-        return len(names) > 16 or any(b'"%s"' % name.encode() in body for name in names)
+        self.node, self.max_body = node, min(max_body, PEEK)
 
     def take(self, sock: socket.socket, addr: str, may_keep: bool) -> bool | None:
-        """Forward the request waiting on ``sock`` and relay its answer, if this path takes it:
-        then whether the connection may carry another request. None: declined, nothing read.
-        ``may_keep``: whether the server would keep the connection after this request."""
+        """``begin`` and ``finish`` in turn: None, declined; else whether the connection goes on."""
+        job = self.begin(sock, addr, may_keep)
+        return None if job is None else self.finish(sock, job)
+
+    def begin(self, sock: socket.socket, addr: str, may_keep: bool) -> Job | None:
+        """Take the request waiting on ``sock`` if this path takes it, and start it on its way;
+        None: declined, nothing read. ``may_keep``: whether the server would keep the connection
+        after this request. Never waits."""
         if not len(self.routes):  # nothing forwarded lately (always so on a node serving alone)
             return None
         plain = self._peek(sock)
@@ -179,42 +188,56 @@ class Relay:
         model = model_of(plain.body)
         ref = request_ref(plain.field(b"x-request-id"))
         forward = self.routes.lookup(model, ref) if model is not None else None
-        if forward is None:
+        if forward is None or not _take_bytes(sock, plain.size):
             return None
-        try:
-            _take_bytes(sock, plain.size)
-        except OSError:  # the client is gone
-            return False
-        keep = may_keep and not plain.wants_close
         dialect, endpoint = PATHS[plain.path.encode()]
         record = RequestRecord(dialect, endpoint, self.node)
         client = client_name(key, addr)
         record.submitted(ref, model, client, None)
         ids = [("request-id", ref), ("x-request-id", ref)]
+        job = Job(plain, forward, client, dialect, record, ids, may_keep and not plain.wants_close, None)
         try:
-            sent = self.proxy.open("POST", plain.path, plain.headers, client, plain.body, forward)
+            job.early = self.proxy.start("POST", plain.path, plain.headers, client, plain.body, forward)
+        except Exception:  # the request is taken: ``finish`` still answers it, starting afresh
+            log.exception("starting the forward of %s failed", plain.path)
+        return job
+
+    def finish(self, sock: socket.socket, job: Job) -> bool:
+        """Relay the peer's answer to the job's request (a blocking socket); whether the
+        connection may carry another request."""
+        plain, record, keep = job.plain, job.record, job.keep
+        try:
+            sent = self.proxy.open("POST", plain.path, plain.headers, job.client, plain.body, job.forward, job.early)
         except Exception as exc:  # the request is taken: it gets an answer whatever went wrong
             if not isinstance(exc, ApiError):
                 log.exception("forwarding %s failed", plain.path)
             err = exc if isinstance(exc, ApiError) else ApiError(500, "internal server error", "server_error", None)
             record.close(err.status)
             try:
-                sock.sendall(whole_response(err, dialect, ids, close=not keep))
+                sock.sendall(whole_response(err, job.dialect, job.ids, close=not keep))
             except OSError:
                 return False
             return keep
         record.node = sent.target.node
-        return self._answer(sock, sent, record, ids, keep, dialect)
+        return self._answer(sock, sent, job)
 
-    def _answer(
-        self,
-        sock: socket.socket,
-        sent: Sent,
-        record: RequestRecord,
-        ids: list[tuple[str, str]],
-        keep: bool,
-        dialect: str,
-    ) -> bool:
+    def _peek(self, sock: socket.socket) -> Plain | None:
+        """The request waiting on ``sock``, read without taking it, if it is one this path takes."""
+        try:
+            data = sock.recv(PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:  # nothing there yet, or the client is gone: the ordinary path sees to it
+            return None
+        return read_plain(data, self.max_body)
+
+    def _may_name_a_cached_model(self, body: bytes) -> bool:
+        """False when the body surely names no model the cache holds, found without parsing it: a
+        node serving some models itself and forwarding others does not parse its own requests'
+        bodies twice. (A name written with JSON escapes is missed: that request goes the ordinary
+        way.) With many names cached, parsing is the cheaper test."""
+        names = self.routes.names()
+        return len(names) > 16 or any(b'"%s"' % name.encode() in body for name in names)
+
+    def _answer(self, sock: socket.socket, sent: Sent, job: Job) -> bool:
         """Relay the peer's answer as it arrives: its head with the client's own headers, then its
         body (chunked when the peer said no length). Whether the connection may go on."""
         status, headers, length = sent.head()
@@ -223,10 +246,10 @@ class Relay:
         chunked = length is None and not bodyless
         framing = [("Content-Length", str(length))] if length is not None else []
         framing += [("Transfer-Encoding", "chunked")] if chunked else []
-        framing += [] if keep else [("Connection", "close")]
-        fields = "".join(f"{n}: {v}\r\n" for n, v in [*headers, *ids, *framing])
+        framing += [] if job.keep else [("Connection", "close")]
+        fields = "".join(f"{n}: {v}\r\n" for n, v in [*headers, *job.ids, *framing])
         pending = f"HTTP/1.1 {status} {phrase(status)}\r\n{fields}\r\n".encode("latin-1")
-        chunks = self.proxy.chunks(sent, dialect if sent.is_sse else None, record)
+        chunks = self.proxy.chunks(sent, job.dialect if sent.is_sse else None, job.record)
         relayed, whole = 0, False
         try:
             for piece in chunks:
@@ -239,19 +262,24 @@ class Relay:
             sock.sendall(pending + (b"0\r\n\r\n" if chunked and not cut else b""))
             whole = not cut and (length is None or relayed == length)
         except OSError:
-            record.gone = True  # the client left; closing the chunks closes the peer's connection
+            job.record.gone = True  # the client left; closing the chunks closes the peer's connection
         finally:
             chunks.close()
-            record.close(status)
-        return keep and whole
+            job.record.close(status)
+        return job.keep and whole
 
 
-def _take_bytes(sock: socket.socket, size: int) -> None:
-    """Read the ``size`` bytes a peek has seen (they are in the socket's buffer: no waiting)."""
+def _take_bytes(sock: socket.socket, size: int) -> bool:
+    """Read the ``size`` bytes a peek has seen (in the socket's buffer: no waiting); False when
+    they are not all there after all (the client is gone)."""
     view = memoryview(bytearray(size))
     got = 0
     while got < size:
-        n = sock.recv_into(view[got:], size - got)
+        try:
+            n = sock.recv_into(view[got:], size - got, socket.MSG_DONTWAIT)
+        except OSError:
+            n = 0
         if not n:
-            raise ConnectionResetError("the client closed the connection")
+            return False
         got += n
+    return True
