@@ -236,13 +236,16 @@ class Connection:
         return Answer(self._rfile, method)
 
     def reusable(self) -> bool:
-        """Whether this idle connection can carry another request: nothing waits to be read on it,
-        neither an end (the peer closed it) nor bytes the last answer left, which would be taken
-        for the next answer."""
+        """Whether this idle connection can carry another request: nothing has come on it since it
+        was given back ``drained``, neither an end (the peer closed it) nor stray bytes. (One
+        system call: this is on the way of every forwarded request.)"""
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return False
-        if select.select([self.sock], [], [], 0)[0]:
-            return False
+        return not select.select([self.sock], [], [], 0)[0]
+
+    def drained(self) -> bool:
+        """Whether nothing is left to read after an answer read to its end: bytes beyond it, in
+        the reader's buffer or the socket, would be taken for the next answer."""
         timeout = self.sock.gettimeout()
         self.sock.setblocking(False)  # the reader's buffer only: a non-blocking socket read finds nothing
         try:
@@ -339,8 +342,9 @@ class Pool:
             raise
 
     def release(self, endpoint: str, conn: Connection, answer: Answer) -> None:
-        """Keep the connection for the next request if its answer was read to the end."""
-        if not answer.done or answer.will_close:
+        """Keep the connection for the next request if its answer was read to the end and
+        nothing follows it."""
+        if not answer.done or answer.will_close or not conn.drained():
             conn.close()
             return
         extra = None

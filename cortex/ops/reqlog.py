@@ -15,8 +15,8 @@ client is named by a hash of its key, as the per-client limit names it).
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +43,7 @@ def request_ref(sent: str | None) -> str:
     """What names a request in its response (``request-id``, as Anthropic's API does, and
     ``x-request-id``): the client's own ``x-request-id`` when it is short printable ASCII, else new."""
     ok = sent is not None and 0 < len(sent) <= 128 and sent.isascii() and sent.isprintable()
-    return sent if ok else f"req_{uuid.uuid4().hex[:24]}"
+    return sent if ok else f"req_{os.urandom(12).hex()}"  # as random as uuid4's, without its object
 
 
 @dataclass
