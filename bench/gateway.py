@@ -1,7 +1,7 @@
 """What a routing hop costs: the same requests sent directly to leader B and through leader A.
 
     .venv/bin/python bench/gateway.py [--clients 1,16,64] [--requests 400] [--tokens 4]
-                                      [--route-cache-s 0,0.5 [--rounds 2]]
+                                      [--route-cache-s 0,0.5 [--rounds 2]] [--shared]
 
 B serves a tiny random Qwen3 (its compute is not what is measured); A is a device-less gateway with
 B as its only peer, so every request to A is forwarded. At each concurrency N, N clients each send
@@ -13,9 +13,11 @@ front) over the run divided by the requests sent to A, i.e. what a forwarded req
 (10 ms clock ticks per process: read it over a few hundred requests).
 
 Targets (issue 20): the hop adds under 1 ms at p50 with one client and under 5 ms at p50 with 64
-concurrent clients; each row at those concurrencies says whether it is met. Both leaders share
-this machine's cores, so under concurrency A's work also slows B: the "added" figure then includes
-what the gateway's CPU takes from the server it forwards to.
+concurrent clients; each row at those concurrencies says whether it is met. In a fleet the gateway
+and the peers it routes to are different hosts, so by default A runs on a core of its own and B
+and the clients on the others (``--pin``). With ``--shared`` they share every core, and under
+concurrency A's work also slows B: the "added" figure then includes what the gateway's CPU takes
+from the server it forwards to (on a 2-core machine, mostly that).
 
 ``--route-cache-s`` runs the whole measurement once per value, each with fresh leaders started with
 that ``[gateway] route_cache_s`` (how long A's front reuses its leader's routing answer; 0: it asks
@@ -220,10 +222,20 @@ def main() -> None:
         help="comma-separated [gateway] route_cache_s values, one run each (default: the default)",
     )
     p.add_argument("--rounds", type=int, default=1, help="times to run the --route-cache-s list")
-    p.add_argument(
+    cores = p.add_mutually_exclusive_group()
+    cores.add_argument(
         "--pin",
+        dest="pin",
         action="store_true",
-        help="the gateway (A) on the first core, B and the clients on the others: the gateway as a host of its own",
+        default=len(CORES) >= 2,
+        help="the gateway (A) on the first core, B and the clients on the others: the gateway as a host "
+        "of its own (the default with two cores or more)",
+    )
+    cores.add_argument(
+        "--shared",
+        dest="pin",
+        action="store_false",
+        help="A, B and the clients share every core: the hop then also counts the CPU A takes from B",
     )
     args = p.parse_args()
     cpu = "?"
