@@ -4,12 +4,16 @@ every way HTTP/1.1 frames a body, interim answers, and what a garbling or vanish
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import socket
+import ssl
 import threading
+from pathlib import Path
 
 import pytest
 
-from cortex.fleet.http import PeerError, PeerProtocolError, Pool
+from cortex.fleet.http import Connection, PeerError, PeerProtocolError, Pool
 from cortex.ops.logs import TextFormatter
 
 
@@ -17,8 +21,8 @@ class Canned:
     """A server that reads one request per answer and writes the next canned answer; it records what
     it received and closes after the answers marked ``close``."""
 
-    def __init__(self, answers: list[bytes], close_after: set[int] = frozenset()):
-        self.answers, self.close_after = answers, close_after
+    def __init__(self, answers: list[bytes], close_after: set[int] = frozenset(), tls: ssl.SSLContext | None = None):
+        self.answers, self.close_after, self.tls = answers, close_after, tls
         self.received: list[bytes] = []
         self.accepted = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -30,6 +34,8 @@ class Canned:
         while i < len(self.answers):
             try:
                 conn, _ = self.sock.accept()
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
             except OSError:
                 return
             self.accepted += 1
@@ -274,3 +280,39 @@ def test_the_text_log_line_writes_each_kind_of_field_as_before():
         'request id=chatcmpl-1 model="org/model name" status=200 ok=true ttft_ms=12.3 quote="a\\"b" eq="a=b"'
         ' empty="" tools=["x"]'
     )
+
+
+CERT = Path(__file__).parent / "data" / "localhost-cert.pem"  # self-signed, for localhost, test-only
+
+
+def test_a_tls_peers_connection_is_kept_for_the_next_request():
+    """An https peer's connection is pooled like any other: TLS's "nothing to read" when it is
+    given back is not taken for a broken connection."""
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(CERT, CERT.with_name("localhost-key.pem"))
+    peer = Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"] * 3, tls=server_tls)
+    pool = Pool(2, 5, tls=ssl.create_default_context(cafile=CERT))
+    endpoint = peer.url.replace("http://127.0.0.1", "https://localhost")
+    assert [pool.get(endpoint, "/", {}) for _ in range(3)] == [(200, b"ok")] * 3
+    assert peer.accepted == 1
+    peer.close()
+    pool.close()
+
+
+def test_a_connection_numbered_past_1023_is_checked_as_any_other(pool):
+    """select.select cannot watch descriptors past 1023; a busy front has that many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1600:
+        pytest.skip("this machine allows no descriptor past 1600")  # never so on Linux's defaults
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1600), hard))
+    a, b = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup2(a.fileno(), 1500))
+        assert Connection(high, "peer").reusable()  # nothing came
+        b.sendall(b"x")
+        assert not Connection(high, "peer").reusable()  # something came: not for a new request
+        high.close()
+    finally:
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

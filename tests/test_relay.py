@@ -266,6 +266,76 @@ def test_a_request_begun_on_a_connection_the_peer_then_drops_fails_over(pair):
     good.close()
 
 
+class ClosingIdle(Peer):
+    """A peer whose first connection answers one request, then closes as if idle too long while
+    the next request is still coming (small buffers: it arrives in pieces); later ones answer."""
+
+    def __init__(self):
+        super().__init__([sized(ANSWER)] * 3)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.connections = 0
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        self.connections += 1
+        if self.connections > 1:
+            return super()._serve_conn(conn)
+        with conn, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < len(BODY):
+                data += conn.recv(65536)
+            conn.sendall(self.answers.pop(0))
+            time.sleep(0.3)  # the next request starts arriving; then the idle close, unread
+
+
+def test_a_request_begun_on_a_connection_the_peer_closes_idle_goes_again_on_a_new_one(pair):
+    """As the ordinary path's pool does: the peer never had it whole, so it is not a failure."""
+    client, server = pair
+    peer = ClosingIdle()
+    relay, reported = relay_to([Target("B", peer.url)], max_body=1 << 16)
+    client.sendall(request())
+    assert relay.take(server, "10.0.0.7", True) is True and read_answer(client)[2] == ANSWER
+    pooled = relay.proxy.pool._idle[peer.url][-1][1]  # small buffers: the request goes in pieces
+    pooled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 62_000}]}).encode()
+    client.sendall(request(body=body))
+    job = relay.begin(server, "10.0.0.7", True)
+    assert job is not None and job.early is not None and job.early.rest  # begun, not all written
+    assert relay.finish(server, job) is True
+    assert read_answer(client)[2] == ANSWER and reported == [] and peer.connections == 2
+    assert peer.requests[-1][1] == body
+    peer.close()
+
+
+def test_with_no_request_thread_free_the_request_waits_unsent(pair):
+    client, server = pair
+    peer = Peer([sized(ANSWER), sized(ANSWER)])
+    relay, _ = relay_to([Target("B", peer.url)])
+    client.sendall(request())
+    assert relay.take(server, "10.0.0.7", True) is True and read_answer(client)[2] == ANSWER
+    client.sendall(request())
+    job = relay.begin(server, "10.0.0.7", True, may_start=False)
+    assert job is not None and job.early is None
+    time.sleep(0.1)
+    assert len(peer.requests) == 1  # nothing sent yet: a peer must not generate for nobody
+    assert relay.finish(server, job) is True and read_answer(client)[2] == ANSWER
+    peer.close()
+
+
+def test_a_target_that_knows_the_model_by_another_name_is_not_begun_early(pair):
+    """Renaming the model parses and rewrites the body: not on the main thread."""
+    client, server = pair
+    peer = Peer([sized(ANSWER), sized(ANSWER)])
+    relay, _ = relay_to([Target("B", peer.url, model="tiny-q8")])
+    client.sendall(request())
+    assert relay.take(server, "10.0.0.7", True) is True and read_answer(client)[2] == ANSWER
+    client.sendall(request())
+    job = relay.begin(server, "10.0.0.7", True)
+    assert job is not None and job.early is None
+    assert relay.finish(server, job) is True and read_answer(client)[2] == ANSWER
+    assert json.loads(peer.requests[-1][1])["model"] == "tiny-q8"
+    peer.close()
+
+
 def test_the_peers_request_ids_give_way_to_this_nodes(pair):
     client, server = pair
     answer = sized(ANSWER).replace(b"\r\n\r\n", b"\r\nrequest-id: req_peer\r\nX-Request-Id: req_peer\r\n\r\n", 1)
@@ -384,6 +454,22 @@ def test_a_body_naming_no_cached_model_is_not_parsed(pair, monkeypatch):
     client.sendall(raw)
     assert relay.take(server, "10.0.0.7", True) is None and parsed == []
     assert server.recv(65536, socket.MSG_PEEK) == raw
+
+
+def test_a_request_whose_early_start_fails_is_still_answered(pair, monkeypatch):
+    client, server = pair
+    peer = Peer([sized(ANSWER)])
+    relay, _ = relay_to([Target("B", peer.url)])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(relay.proxy, "start", broken)
+    client.sendall(request())
+    job = relay.begin(server, "10.0.0.7", True)
+    assert job is not None and job.early is None  # taken, then started afresh by the request thread
+    assert relay.finish(server, job) is True and read_answer(client)[2] == ANSWER
+    peer.close()
 
 
 def test_with_nothing_forwarded_lately_nothing_is_read(pair):

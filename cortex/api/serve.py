@@ -46,6 +46,15 @@ class JsonErrorWorker(ThreadWorker):
     (cortex/fleet/relay.py), on its main thread, before gunicorn's parser reads it."""
 
     relay: Relay | None = None
+    busy = 0  # requests handed to request threads and not yet finished (the main thread counts)
+
+    def enqueue_req(self, conn) -> None:
+        self.busy += 1
+        super().enqueue_req(conn)
+
+    def finish_request(self, conn, fs) -> None:
+        self.busy -= 1
+        super().finish_request(conn, fs)
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -64,6 +73,7 @@ class JsonErrorWorker(ThreadWorker):
             return
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
+        self.busy += 1
         done = self.tpool.submit(self._finish, conn, job)
         done.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
@@ -71,11 +81,11 @@ class JsonErrorWorker(ThreadWorker):
         # gunicorn's max_requests: this worker's last request closes its connection, as in
         # handle_request, and so do a stopping worker and a full keep-alive list
         last = self.nr + 1 >= self.max_requests
-        room = len(self.keepalived_conns) < self.max_keepalived
+        room = len(self.keepalived_conns) - 1 < self.max_keepalived  # this one is still on the list
         may_keep = bool(self.alive and self.cfg.keepalive) and room and not last
         addr = conn.client[0] if isinstance(conn.client, (tuple, list)) else str(conn.client or "")
         try:
-            job = self.relay.begin(conn.sock, addr, may_keep)
+            job = self.relay.begin(conn.sock, addr, may_keep, may_start=self.busy < self.cfg.threads)
         except Exception:  # a defect before the request was taken: gthread's own way serves it
             self.log.exception("forwarding fast path failed")
             return None

@@ -232,7 +232,10 @@ class Connection:
     def finish(self, rest: bytes, method: str) -> Answer:
         """Write the rest of a request ``send_now`` began, and read its answer's head."""
         if rest:
-            self.sock.sendall(rest)
+            try:
+                self.sock.sendall(rest)
+            except _SEND_FAILED as exc:  # the peer never had it whole
+                raise _Unsent(str(exc)) from exc
         return Answer(self._rfile, method)
 
     def reusable(self) -> bool:
@@ -241,7 +244,9 @@ class Connection:
         system call: this is on the way of every forwarded request.)"""
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return False
-        return not select.select([self.sock], [], [], 0)[0]
+        poller = select.poll()  # not select.select: it fails for descriptors past 1023
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)
 
     def drained(self) -> bool:
         """Whether nothing is left to read after an answer read to its end: bytes beyond it, in
@@ -250,6 +255,8 @@ class Connection:
         self.sock.setblocking(False)  # the reader's buffer only: a non-blocking socket read finds nothing
         try:
             return not self._rfile.peek(1)
+        except ssl.SSLWantReadError:  # TLS for "nothing there": its records are all read
+            return True
         except OSError:
             return False
         finally:
@@ -269,14 +276,22 @@ class Pool:
     turn, every thread kept a connection of its own to each peer, and each thread's first request
     to a peer paid for a new one.)"""
 
-    def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_idle: int = 256, idle_s: float = 4.0):
+    def __init__(
+        self,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_idle: int = 256,
+        idle_s: float = 4.0,
+        tls: ssl.SSLContext | None = None,
+    ):
+        """``tls``: how https peers are checked (None: the system's trusted authorities)."""
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
         # at most ``max_idle`` idle connections per endpoint; one idle longer than ``idle_s`` is not
         # reused (gunicorn, as cortex runs it, closes a keep-alive connection idle for 5 s)
         self.max_idle, self.idle_s = max_idle, idle_s
         self._idle: dict[str, list[tuple[float, Connection]]] = {}
         self._lock = threading.Lock()
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
 
     def take_idle(self, endpoint: str) -> Connection | None:
         """The idle connection used last, if it can carry a request (see Connection.reusable);
@@ -337,6 +352,19 @@ class Pool:
         conn = self._connect(endpoint)
         try:
             return conn, conn.request(method, path, body, headers)
+        except BaseException:
+            conn.close()
+            raise
+
+    def resume(self, conn: Connection, rest: bytes, method: str) -> Answer | None:
+        """The answer to a request ``Connection.send_now`` began on ``conn``, a connection this
+        pool gave out; None when the peer had closed it before taking the request whole (it
+        never had it: the caller sends it again, as ``request`` would, on a new connection)."""
+        try:
+            return conn.finish(rest, method)
+        except _Unsent:
+            conn.close()
+            return None
         except BaseException:
             conn.close()
             raise

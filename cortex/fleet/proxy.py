@@ -200,6 +200,8 @@ class Proxy:
         its way before a request thread takes over). None when there is no idle connection or
         it would not take a byte; ``open`` then does it all."""
         target = forward.targets[0]
+        if target.model:  # renaming the model parses and rewrites the body: not on that thread
+            return None
         conn = self.pool.take_idle(target.endpoint)
         if conn is None:
             return None
@@ -236,12 +238,9 @@ class Proxy:
     ) -> tuple[Connection, Answer] | None:
         # the pool adds Host, Content-Length and Accept-Encoding: identity (relayed byte for byte)
         try:
-            if early is not None:
-                try:
-                    return early.conn, early.conn.finish(early.rest, method)
-                except BaseException:
-                    early.conn.close()
-                    raise
+            answer = None if early is None else self.pool.resume(early.conn, early.rest, method)
+            if answer is not None:
+                return early.conn, answer
             body, headers = self._request_to(target, fields, body)
             return self.pool.request(method, target.endpoint, uri, body, headers)
         except PeerError as exc:

@@ -170,10 +170,11 @@ class Relay:
         job = self.begin(sock, addr, may_keep)
         return None if job is None else self.finish(sock, job)
 
-    def begin(self, sock: socket.socket, addr: str, may_keep: bool) -> Job | None:
+    def begin(self, sock: socket.socket, addr: str, may_keep: bool, may_start: bool = True) -> Job | None:
         """Take the request waiting on ``sock`` if this path takes it, and start it on its way;
         None: declined, nothing read. ``may_keep``: whether the server would keep the connection
-        after this request. Never waits."""
+        after this request; ``may_start``: whether a request thread is free to read the answer
+        (if not, the request waits for one unsent, as the ordinary path's would). Never waits."""
         if not len(self.routes):  # nothing forwarded lately (always so on a node serving alone)
             return None
         plain = self._peek(sock)
@@ -188,7 +189,7 @@ class Relay:
         model = model_of(plain.body)
         ref = request_ref(plain.field(b"x-request-id"))
         forward = self.routes.lookup(model, ref) if model is not None else None
-        if forward is None or not _take_bytes(sock, plain.size):
+        if forward is None:
             return None
         dialect, endpoint = PATHS[plain.path.encode()]
         record = RequestRecord(dialect, endpoint, self.node)
@@ -196,6 +197,11 @@ class Relay:
         record.submitted(ref, model, client, None)
         ids = [("request-id", ref), ("x-request-id", ref)]
         job = Job(plain, forward, client, dialect, record, ids, may_keep and not plain.wants_close, None)
+        # the last step that may decline: once the bytes are taken, the job is the request's only copy
+        if not _take_bytes(sock, plain.size):
+            return None  # the client went away half-way: the ordinary path reads its end
+        if not may_start:
+            return job
         try:
             job.early = self.proxy.start("POST", plain.path, plain.headers, client, plain.body, forward)
         except Exception:  # the request is taken: ``finish`` still answers it, starting afresh
