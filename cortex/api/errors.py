@@ -145,7 +145,7 @@ def _render(req: falcon.Request, resp: falcon.Response, err: ApiError) -> None:
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}  # looked up once: HTTPStatus(n) costs ~10 us cold
 
 
-def phrase(status: int) -> str:
+def _phrase(status: int) -> str:
     """The reason phrase of an HTTP status line ("" for a status without one: the line may end
     after the code)."""
     return _PHRASES.get(status, "")
@@ -160,12 +160,13 @@ def whole_response(
     fields = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *retry_headers(err), *headers]
     if close:
         fields.insert(0, ("Connection", "close"))
-    head = (
-        f"HTTP/1.1 {err.status} {reason or phrase(err.status)}\r\n"
-        + "".join(f"{n}: {v}\r\n" for n, v in fields)
-        + "\r\n"
-    )
-    return head.encode("latin-1") + body
+    return response_head(err.status, fields, reason) + body
+
+
+def response_head(status: int, fields: Iterable[tuple[str, str]], reason: str = "") -> bytes:
+    """An HTTP/1.1 status line and header fields, as written on a socket without Falcon."""
+    lines = "".join(f"{n}: {v}\r\n" for n, v in fields)
+    return f"HTTP/1.1 {status} {reason or _phrase(status)}\r\n{lines}\r\n".encode("latin-1")
 
 
 def handle_api_error(req, resp, err: ApiError, params) -> None:

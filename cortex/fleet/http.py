@@ -197,12 +197,7 @@ class Connection:
         """Send a request; return its answer once the status line and headers are in. Raises
         ValueError for a request that would not be one request on the wire (a line break or
         space where none may be: a request smuggled into another), before anything is sent."""
-        data = self.encode(method, path, body, headers)
-        try:
-            self.sock.sendall(data)
-        except _SEND_FAILED as exc:
-            raise _Unsent(str(exc)) from exc
-        return Answer(self._rfile, method)
+        return self.finish(self.encode(method, path, body, headers), method)
 
     def encode(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> bytes:
         """The request as it goes on the wire (ValueError: see ``request``)."""
@@ -230,7 +225,7 @@ class Connection:
             self.sock.settimeout(timeout)
 
     def finish(self, rest: bytes, method: str) -> Answer:
-        """Write the rest of a request ``send_now`` began, and read its answer's head."""
+        """Write the request, or the rest of one ``send_now`` began, and read its answer's head."""
         if rest:
             try:
                 self.sock.sendall(rest)

@@ -42,7 +42,7 @@ import socket
 from dataclasses import dataclass
 
 from cortex.api.auth import ApiKeys, key_in
-from cortex.api.errors import ApiError, phrase, whole_response
+from cortex.api.errors import ApiError, response_head, whole_response
 from cortex.api.generation import client_name
 from cortex.api.rawbody import too_deep_at
 from cortex.fleet.proxy import CLIENT, HOP, Early, Proxy, Sent
@@ -253,8 +253,7 @@ class Relay:
         framing = [("Content-Length", str(length))] if length is not None else []
         framing += [("Transfer-Encoding", "chunked")] if chunked else []
         framing += [] if job.keep else [("Connection", "close")]
-        fields = "".join(f"{n}: {v}\r\n" for n, v in [*headers, *job.ids, *framing])
-        pending = f"HTTP/1.1 {status} {phrase(status)}\r\n{fields}\r\n".encode("latin-1")
+        pending = response_head(status, [*headers, *job.ids, *framing])
         chunks = self.proxy.chunks(sent, job.dialect if sent.is_sse else None, job.record)
         relayed, whole = 0, False
         try:
